@@ -1,0 +1,1 @@
+"""Execution backends. Each imports its library (torch, onnxruntime, tensorrt) lazily."""
