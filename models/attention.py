@@ -1,0 +1,165 @@
+"""Attention as two parts merged by log-sum-exp: the document ("context") and the local tokens.
+
+For a query q, exact attention over keys C ∪ L equals
+
+    w = σ(lse_C(q) − lse_L(q)),   o = w·o_C(q) + (1 − w)·o_L(q)
+
+so the context part can be swapped for anything that returns (o_C, lse_C): exact attention over
+the document's cached keys (`ExactContextAttention`), or Nectar's fitted networks.
+
+Shapes: queries are grouped by KV head, `q: [B, Hkv, G, T, D]` (G = query heads per KV head),
+keys/values `[B, Hkv, S, D]`, outputs `o: [B, Hkv, G, T, D]` and `lse: [B, Hkv, G, T]` (fp32).
+Positions are absolute token indices; an invalid (padding) key has position `INVALID_POS`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+INVALID_POS = 1 << 30  # a key at this position is never visible (k_pos <= q_pos fails)
+_QUERY_CHUNK = 512  # query rows per block, bounds the [.., T, S] score matrix in long prefills
+
+
+class ContextAttention(Protocol):
+    """Attention of the local queries over the document of one layer."""
+
+    def __call__(self, q: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [B, Hkv, G, T, D], q_pos: [B, T] -> (o: [B, Hkv, G, T, D], lse: [B, Hkv, G, T] fp32)."""
+        ...
+
+
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal (and sliding-window) mask. q_pos: [B, T], k_pos: [B or 1, S] -> [B, 1, 1, T, S] bool."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    vis = kp <= qp
+    if window:
+        vis = vis & (qp - kp < window)
+    return vis[:, None, None]
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention with its log-normalizer.
+
+    q: [B, Hkv, G, T, D], k/v: [B|1, Hkv, S, D], mask: broadcastable to [B, Hkv, G, T, S] or None.
+    Returns o: [B, Hkv, G, T, D] (q's dtype) and lse: [B, Hkv, G, T] fp32. A query that sees no
+    key gets o = 0 and lse = -inf, so merging with it is a no-op.
+    """
+    s = torch.matmul(q, k[:, :, None].transpose(-1, -2)).float() * scale  # [B, Hkv, G, T, S]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, T]
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    o = torch.matmul(p.to(v.dtype), v[:, :, None])  # [B, Hkv, G, T, D]
+    return o, lse
+
+
+def chunked_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_with_lse` in blocks of query rows, with the mask built from positions."""
+    outs, lses = [], []
+    for t0 in range(0, q.shape[3], _QUERY_CHUNK):
+        qc, pc = q[:, :, :, t0 : t0 + _QUERY_CHUNK], q_pos[:, t0 : t0 + _QUERY_CHUNK]
+        mask = visibility(pc, k_pos, window) if causal or window else None
+        o, lse = attention_with_lse(qc, k, v, scale, mask)
+        outs.append(o)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=3), torch.cat(lses, dim=3)
+
+
+def merge_attention(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> torch.Tensor:
+    """Exact merge of two attention parts. o*: [..., T, D], lse*: [..., T] fp32 -> o: [..., T, D]."""
+    w = torch.sigmoid(lse1 - lse2)  # σ(lse1 − lse2) = exp(lse1 − logaddexp(lse1, lse2))
+    w = torch.where(torch.isneginf(lse1), torch.zeros_like(w), w)
+    w = torch.where(torch.isneginf(lse2) & ~torch.isneginf(lse1), torch.ones_like(w), w)
+    w = w[..., None]
+    return (w * o1.float() + (1 - w) * o2.float()).to(o1.dtype)
+
+
+class ExactContextAttention:
+    """Exact attention over the document's cached (post-RoPE) keys and values of one layer.
+
+    k, v: [1 or B, Hkv, n, D]; positions: [n] (0..n-1 for a document at the start).
+    `window` > 0 for sliding-window layers: a query at p sees document keys with p - k < window.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int, scale: float):
+        self.k, self.v, self.window, self.scale = k, v, window, scale
+        self.positions = positions[None]  # [1, n]
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def __call__(self, q: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Document keys all precede the local queries, so only a sliding window needs a mask.
+        return chunked_attention_with_lse(
+            q, self.k, self.v, self.scale, q_pos, self.positions, self.window, causal=False
+        )
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class LocalKV:
+    """Pre-allocated KV buffer of one layer for the local tokens (prompt + generated).
+
+    k, v: [B, Hkv, capacity, D]; pos: [B, capacity] with INVALID_POS in unused/padding slots.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch, capacity), INVALID_POS, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v: [B, Hkv, T, D]; pos: [B, T] (INVALID_POS marks padding)."""
+        t = k.shape[2]
+        if self.length + t > self.capacity:
+            self._grow(self.length + t)
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.pos[:, self.length : self.length + t] = pos
+        self.length += t
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], cap, old.shape[3])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        pos = self.pos.new_full((self.pos.shape[0], cap), INVALID_POS)
+        pos[:, : self.length] = self.pos[:, : self.length]
+        self.pos = pos
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.length
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
+
+
+def sdpa_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Local-only attention through SDPA (no lse needed when there is no context part).
+
+    q: [B, Hkv, G, T, D], k/v: [B, Hkv, S, D], mask: [B, 1, 1, T, S] -> o: [B, Hkv, G, T, D].
+    """
+    b, hkv, g, t, d = q.shape
+    qf = q.reshape(b, hkv * g, t, d)
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask[:, :, 0], scale=scale, enable_gqa=g > 1)
+    return o.view(b, hkv, g, t, d)
