@@ -49,7 +49,8 @@ def attention_with_lse(
     Returns o: [B, Hkv, G, T, D] (q's dtype) and lse: [B, Hkv, G, T] fp32. A query that sees no
     key gets o = 0 and lse = -inf, so merging with it is a no-op.
     """
-    s = torch.matmul(q, k[:, :, None].transpose(-1, -2)).float() * scale  # [B, Hkv, G, T, S]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q, k[:, :, None].transpose(-1, -2)).to(acc) * scale  # [B, Hkv, G, T, S]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, T]
@@ -83,8 +84,9 @@ def merge_attention(
     w = torch.sigmoid(lse1 - lse2)  # σ(lse1 − lse2) = exp(lse1 − logaddexp(lse1, lse2))
     w = torch.where(torch.isneginf(lse1), torch.zeros_like(w), w)
     w = torch.where(torch.isneginf(lse2) & ~torch.isneginf(lse1), torch.ones_like(w), w)
-    w = w[..., None]
-    return (w * o1.float() + (1 - w) * o2.float()).to(o1.dtype)
+    acc = torch.promote_types(o1.dtype, torch.float32)  # fp32 math for half inputs, fp64 stays fp64
+    w = w[..., None].to(acc)
+    return (w * o1.to(acc) + (1 - w) * o2.to(acc)).to(o1.dtype)
 
 
 class ExactContextAttention:

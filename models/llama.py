@@ -125,7 +125,7 @@ class Decoder(nn.Module):
         c = self.config
         return new_cache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, p.dtype, p.device, contexts, context_len)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the returned buffers are written to later
     def prefill_document(self, ids: torch.Tensor, chunk: int = 1024) -> KVCache:
         """ids: [1, n] -> a cache whose context part is the exact document KV (local part empty)."""
         n = ids.shape[1]

@@ -164,13 +164,13 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise NectarError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}: {e})") from None
-        arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        arr = np.array(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
         if shift and ours.endswith("norm.weight"):
             arr = arr - shift
         if permute and (".q_proj." in ours or ".k_proj." in ours):
             heads = cfg.num_heads if ".q_proj." in ours else cfg.num_kv_heads
             arr = _unpermute_qk(arr, heads)
-        state[ours] = torch.from_numpy(np.ascontiguousarray(arr))
+        state[ours] = torch.from_numpy(arr)
     return cfg, state
 
 

@@ -1,0 +1,60 @@
+"""A model + tokenizer + backend, ready to answer: what `nectar generate`, `ask` and `chat` drive.
+
+Prompts are built here (plain text or the model's chat template, multi-turn history kept);
+the backend holds whatever stands for the document (nothing, exact KV, or Nectar heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .generate import GenerationConfig, check_fits, stream_text
+
+
+@dataclass
+class ChatSession:
+    tokenizer: object  # nectar_runtime.tokenizer.TextTokenizer
+    backend: object  # a DecoderBackend
+    history: list[dict] = field(default_factory=list)
+
+    def prompt_ids(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+        """Token ids of the local part: the whole prompt, or the chat turns after the document."""
+        if not chat:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + self.history
+        messages = messages + [{"role": "user", "content": prompt}]
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    def stream(self, prompt: str, cfg: GenerationConfig, chat: bool = True, system: str | None = None) -> Iterator[str]:
+        ids = self.prompt_ids(prompt, chat, system)
+        check_fits(self.backend, len(ids))
+        answer = []
+        for piece in stream_text(self.backend, self.tokenizer, ids, cfg):
+            answer.append(piece)
+            yield piece
+        if chat:
+            self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(answer)}]
+
+    def reset(self) -> None:
+        self.history = []
+
+
+def open_torch_session(model: str | None, artifact: str | None = None, device: str = "cpu", dtype: str = "float32") -> ChatSession:
+    """Load a model (name, .gguf or HF dir; default model when None) on the torch backend."""
+    from .backends.torch_backend import TorchBackend, resolve_device
+    from .hub import resolve_model
+    from .tokenizer import load_tokenizer
+
+    device = resolve_device(device)
+    if artifact:
+        from nectar_export.artifact import open_artifact_session
+
+        return open_artifact_session(artifact, device=device, dtype=dtype)
+    import torch
+    from nectar_models.loading import load_model
+
+    path = resolve_model(model, pull_missing=True)
+    tok = load_tokenizer(path)
+    lm = load_model(path, dtype=getattr(torch, dtype), device=device)
+    return ChatSession(tok, TorchBackend(lm.model))

@@ -1,0 +1,108 @@
+"""The `nectar` command. Subcommands import their heavy libraries (torch, onnx) only when run.
+
+Bad input ends in one line on stderr (`nectar: ...`) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import NectarError
+from .generate import GenerationConfig
+from .sampling import SamplingConfig
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    d, s = GenerationConfig(), SamplingConfig()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate at most (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=s.temperature, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=s.top_k, help="keep the k most likely tokens, 0 = off (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=s.top_p, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument("--seed", type=int, default=s.seed, help="RNG seed for sampling (default: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is generated (repeatable)")
+
+
+def generation_config(a: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=a.max_new_tokens,
+        sampling=SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed),
+        stop_strings=tuple(a.stop),
+    )
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from .hub import pull
+
+    for name in a.names:
+        print(pull(name))
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .hub import list_models
+
+    for entry, path in list_models():
+        print(f"{entry.name:24s} {'pulled: ' + str(path) if path else 'not pulled (nectar pull ' + entry.name + ')'}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .chat_session import open_torch_session
+
+    session = open_torch_session(model=a.model, artifact=a.artifact, device=a.device, dtype=a.dtype)
+    for piece in session.stream(a.prompt, generation_config(a), chat=a.chat or bool(a.artifact), system=a.system):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nectar", description="Nectar: fitted document attention, export and runtime.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("pull", help="download models by name into the cache ($NECTAR_HOME or ~/.cache/nectar)")
+    p.add_argument("names", nargs="+", metavar="NAME", help="smollm2-135m-instruct, gemma3-270m")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("models", help="list the known model names and whether they are pulled")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="generate text with the torch backend, streaming to stdout")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--model", default=None, help="model name, .gguf file or HF directory (default smollm2-135m-instruct)")
+    p.add_argument("--artifact", default=None, help="a Nectar artifact directory: its document is answered from its heads")
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default %(default)s)")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NectarError as e:
+        print(f"nectar: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("nectar: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
+        if os.environ.get("NECTAR_DEBUG"):
+            raise
+        print(f"nectar: internal error: {type(e).__name__}: {e} (set NECTAR_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

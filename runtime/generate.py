@@ -1,0 +1,127 @@
+"""Generation as plain functions over a `DecoderBackend`: prefill, then one token per step.
+
+`generate_ids` drives a batch (left-padded prompts); `stream_text` turns one sequence into text
+pieces as they become complete UTF-8, stopping at EOS, a stop string, or max_new_tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends.base import PAD_POSITION, DecoderBackend
+from .errors import NectarError
+from .sampling import Sampler, SamplingConfig
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise NectarError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def check_fits(backend: DecoderBackend, prompt_len: int) -> None:
+    if prompt_len > backend.max_local_len:
+        raise NectarError(
+            f"prompt of {prompt_len} tokens does not fit: the model's window leaves room for "
+            f"{backend.max_local_len} local tokens after a document of {backend.context_len}; shorten the prompt"
+        )
+
+
+def generate_ids(
+    backend: DecoderBackend, prompts: list[list[int]], cfg: GenerationConfig, eos_ids: set[int]
+) -> Iterator[np.ndarray]:
+    """Yield the next token of every sequence, [B] int64, -1 once a sequence has finished (EOS).
+
+    Prompts of different lengths are left-padded; padding slots are never attended to.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise NectarError("empty prompt: give at least one token of input")
+    lengths = [len(p) for p in prompts]
+    t = max(lengths)
+    check_fits(backend, t)
+    steps = min(cfg.max_new_tokens, backend.max_local_len - t)
+    b = len(prompts)
+    ids = np.zeros((b, t), dtype=np.int64)
+    pos = np.full((b, t), PAD_POSITION, dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p) :] = p
+        pos[i, t - len(p) :] = backend.context_len + np.arange(len(p))
+    backend.reset(b, t + steps)
+    sampler = Sampler(cfg.sampling)
+    logits = backend.step(ids, pos)
+    next_pos = backend.context_len + np.array(lengths, dtype=np.int64)
+    done = np.zeros(b, dtype=bool)
+    eos = np.array(sorted(eos_ids), dtype=np.int64)
+    for i in range(steps):
+        tok = sampler(logits)
+        tok = np.where(done, -1, tok)
+        done |= np.isin(tok, eos)
+        yield tok
+        if done.all() or i == steps - 1:
+            return
+        logits = backend.step(np.maximum(tok, 0)[:, None], next_pos[:, None])
+        next_pos = next_pos + 1
+
+
+class StopMatcher:
+    """Holds back text that could still become a stop string; reports where one completed."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """Full text so far -> (text safe to show, stopped?)."""
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            return text[: min(hits)], True
+        return (text[: len(text) - self.hold] if self.hold else text), False
+
+    def final(self, text: str) -> str:
+        """Text to show once generation has ended: everything before the first stop string."""
+        hits = [text.find(s) for s in self.stops if s in text]
+        return text[: min(hits)] if hits else text
+
+
+def stream_text(
+    backend: DecoderBackend,
+    tokenizer,
+    prompt_ids: list[int],
+    cfg: GenerationConfig,
+    on_token: Callable[[int], None] | None = None,
+) -> Iterator[str]:
+    """Yield new text pieces of one generation (EOS and stop strings excluded).
+
+    tokenizer: needs `decode(ids, skip_special_tokens=True)` and `eos_token_ids`.
+    """
+    out: list[int] = []
+    shown = ""
+    matcher = StopMatcher(cfg.stop_strings)
+    stopped = False
+    for tok in generate_ids(backend, [prompt_ids], cfg, set(tokenizer.eos_token_ids)):
+        t = int(tok[0])
+        if t < 0 or t in tokenizer.eos_token_ids:
+            break
+        out.append(t)
+        if on_token:
+            on_token(t)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            continue
+        safe, stopped = matcher.cut(text)
+        if len(safe) > len(shown):
+            yield safe[len(shown) :]
+            shown = safe
+        if stopped:
+            return
+    final = matcher.final(tokenizer.decode(out, skip_special_tokens=True))
+    if len(final) > len(shown):
+        yield final[len(shown) :]
