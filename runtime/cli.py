@@ -51,8 +51,9 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from .chat_session import open_torch_session
 
+    cfg = generation_config(a)  # validate options before loading anything
     session = open_torch_session(model=a.model, artifact=a.artifact, device=a.device, dtype=a.dtype)
-    for piece in session.stream(a.prompt, generation_config(a), chat=a.chat or bool(a.artifact), system=a.system):
+    for piece in session.stream(a.prompt, cfg, chat=a.chat or bool(a.artifact), system=a.system):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -29,9 +29,10 @@ class GenerationConfig:
 
 def check_fits(backend: DecoderBackend, prompt_len: int) -> None:
     if prompt_len > backend.max_local_len:
+        doc = f" after the document's {backend.context_len}" if backend.context_len else ""
         raise NectarError(
             f"prompt of {prompt_len} tokens does not fit: the model's window leaves room for "
-            f"{backend.max_local_len} local tokens after a document of {backend.context_len}; shorten the prompt"
+            f"{backend.max_local_len} tokens{doc}; shorten the prompt"
         )
 
 
@@ -100,28 +101,26 @@ def stream_text(
 ) -> Iterator[str]:
     """Yield new text pieces of one generation (EOS and stop strings excluded).
 
-    tokenizer: needs `decode(ids, skip_special_tokens=True)` and `eos_token_ids`.
+    tokenizer: a `TextTokenizer` (decode, eos_token_ids); text is released only as complete UTF-8.
     """
-    out: list[int] = []
-    shown = ""
+    from .tokenizer import StreamDetokenizer
+
+    detok = StreamDetokenizer(tokenizer, skip_special_tokens=True)
     matcher = StopMatcher(cfg.stop_strings)
-    stopped = False
+    text, shown = "", 0
     for tok in generate_ids(backend, [prompt_ids], cfg, set(tokenizer.eos_token_ids)):
         t = int(tok[0])
         if t < 0 or t in tokenizer.eos_token_ids:
             break
-        out.append(t)
         if on_token:
             on_token(t)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-            continue
+        text += detok.push(t)
         safe, stopped = matcher.cut(text)
-        if len(safe) > len(shown):
-            yield safe[len(shown) :]
-            shown = safe
+        if len(safe) > shown:
+            yield safe[shown:]
+            shown = len(safe)
         if stopped:
             return
-    final = matcher.final(tokenizer.decode(out, skip_special_tokens=True))
-    if len(final) > len(shown):
-        yield final[len(shown) :]
+    final = matcher.final(text + detok.flush())
+    if len(final) > shown:
+        yield final[shown:]

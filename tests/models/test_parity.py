@@ -59,3 +59,16 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf):
     with torch.no_grad():
         want = ref(ids).logits
     assert (want - _ours(ours, ids)).abs().max().item() <= TOL
+
+
+@pytest.mark.real
+def test_gemma3_gguf_matches_transformers(gemma3_gguf):
+    """700 tokens: past the 512-token sliding window, so local and global layers both count."""
+    import transformers as T
+
+    ref = T.AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name, dtype=torch.float32).eval()
+    ours = load_model(gemma3_gguf).model
+    ids = torch.randint(0, 262144, (1, 700), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert (want - _ours(ours, ids)).abs().max().item() <= TOL

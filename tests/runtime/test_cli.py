@@ -1,0 +1,95 @@
+"""The `nectar` command end to end: --help everywhere, the first-run answer, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def nectar(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nectar_runtime.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nectar: "), r.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_help_on_every_subcommand():
+    from nectar_runtime.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"pull", "generate"} <= set(sub.choices)
+    for name in sub.choices:
+        r = nectar(name, "--help")
+        assert r.returncode == 0 and "usage: nectar " + name in r.stdout
+
+
+def test_unknown_model_name():
+    assert_one_line_error(nectar("generate", "--model", "no-such-model", "hi"), "unknown model 'no-such-model'")
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model")
+    assert_one_line_error(nectar("generate", "--model", str(bad), "hi"), str(bad))
+
+
+@pytest.mark.real
+def test_truncated_gguf(tmp_path, smollm2_gguf):
+    data = smollm2_gguf.read_bytes()
+    for cut in (1_000_000, len(data) - 100_000):  # in the header/vocabulary, and in the tensor data
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(data[:cut])
+        assert_one_line_error(nectar("generate", "--model", str(p), "hi"), str(p), "truncated")
+
+
+def test_unsupported_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    p = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(p), "mamba")
+    w.add_block_count(1)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    w.add_token_merges([])
+    w.add_tensor("token_embd.weight", np.zeros((2, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(nectar("generate", "--model", str(p), "hi"), "unsupported architecture 'mamba'")
+
+
+@pytest.mark.real
+def test_prompt_longer_than_window(smollm2_gguf):
+    r = nectar("generate", "--model", str(smollm2_gguf), "word " * 9000)
+    assert_one_line_error(r, "does not fit", "8192")
+
+
+def test_cuda_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert_one_line_error(nectar("generate", "--device", "cuda", "hi"), "no CUDA GPU")
+
+
+def test_bad_sampling_values():
+    assert_one_line_error(nectar("generate", "--top-p", "1.5", "hi"), "--top-p")
+
+
+@pytest.mark.real
+def test_first_run_answers_paris(smollm2_gguf):
+    r = nectar("generate", "--model", str(smollm2_gguf), "--chat", "What is the capital of France?", "--max-new-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout

@@ -1,0 +1,144 @@
+"""Generation: greedy parity with transformers on SmolLM2, sampling, stop strings, EOS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nectar_runtime.generate import GenerationConfig, StopMatcher, generate_ids, stream_text
+from nectar_runtime.sampling import Sampler, SamplingConfig
+
+PROMPTS = [  # answers longer than 64 tokens, so all 64 greedy steps are compared
+    "Write a short story about a robot learning to paint.",
+    "Explain how a compiler works, step by step.",
+    "List ten tips for writing clean Python code.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    from nectar_models.loading import load_model
+    from nectar_runtime.tokenizer import load_tokenizer
+
+    return load_model(smollm2_gguf).model, load_tokenizer(smollm2_gguf)
+
+
+@pytest.mark.real
+def test_greedy_64_tokens_identical_to_transformers(smollm2, smollm2_gguf):
+    import torch
+    import transformers as T
+
+    from nectar_runtime.backends.torch_backend import TorchBackend
+
+    model, tok = smollm2
+    ref = T.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    backend = TorchBackend(model)
+    cfg = GenerationConfig(max_new_tokens=64)
+    for prompt in PROMPTS:
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        ours = [int(t[0]) for t in generate_ids(backend, [ids], cfg, eos_ids=tok.eos_token_ids)]
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)
+        assert ours == out[0, len(ids):].tolist(), prompt
+        assert len(ours) == 64
+
+
+@pytest.mark.real
+def test_batch_with_left_padding_equals_one_by_one(smollm2):
+    from nectar_runtime.backends.torch_backend import TorchBackend
+
+    model, tok = smollm2
+    backend = TorchBackend(model)
+    cfg = GenerationConfig(max_new_tokens=12)
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    batched = np.stack(list(generate_ids(backend, prompts, cfg, eos_ids=set())), 1)
+    for i, p in enumerate(prompts):
+        single = np.stack(list(generate_ids(backend, [p], cfg, eos_ids=set())), 1)[0]
+        assert batched[i].tolist() == single.tolist()
+
+
+@pytest.mark.real
+def test_chat_answer_names_paris_and_stops_at_eos(smollm2):
+    from nectar_runtime.backends.torch_backend import TorchBackend
+
+    model, tok = smollm2
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    text = "".join(stream_text(TorchBackend(model), tok, ids, GenerationConfig(max_new_tokens=40)))
+    assert "Paris" in text
+    assert "<|im_end|>" not in text
+
+
+def test_sampler_seeded_is_reproducible_and_respects_top_k():
+    logits = np.random.default_rng(0).normal(size=(2, 50)).astype(np.float32)
+    cfg = SamplingConfig(temperature=0.8, top_k=3, seed=7)
+    a = [Sampler(cfg)(logits).tolist() for _ in range(1)]
+    s1, s2 = Sampler(cfg), Sampler(cfg)
+    draws1 = [s1(logits).tolist() for _ in range(20)]
+    draws2 = [s2(logits).tolist() for _ in range(20)]
+    assert draws1 == draws2 and a[0] == draws1[0]
+    top3 = np.argsort(-logits, axis=1)[:, :3]
+    for d in draws1:
+        assert d[0] in top3[0] and d[1] in top3[1]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float64))
+    s = Sampler(SamplingConfig(temperature=1.0, top_p=0.7, seed=0))
+    seen = {int(s(logits)[0]) for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_greedy_is_argmax():
+    logits = np.random.default_rng(1).normal(size=(3, 10))
+    assert Sampler(SamplingConfig())(logits).tolist() == logits.argmax(1).tolist()
+
+
+def test_stop_matcher_holds_back_partial_stop_strings():
+    m = StopMatcher(("STOP",))
+    assert m.cut("hello ST") == ("hello", False)
+    assert m.cut("hello STOP there") == ("hello ", True)
+    assert m.final("abc ST") == "abc ST"
+
+
+class _ScriptedBackend:
+    """Emits a fixed token sequence, whatever the input."""
+
+    context_len, max_local_len = 0, 100
+
+    def __init__(self, script, vocab=10):
+        self.script, self.vocab, self.i = script, vocab, 0
+
+    def reset(self, batch, capacity):
+        self.i = 0
+
+    def step(self, ids, positions):
+        out = np.zeros((ids.shape[0], self.vocab), dtype=np.float32)
+        out[:, self.script[min(self.i, len(self.script) - 1)]] = 1.0
+        self.i += 1
+        return out
+
+
+class _CharTokenizer:
+    eos_token_ids = {9}
+    alphabet = "abcdefgh "
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.alphabet[i] for i in ids if i != 9)
+
+
+def test_stream_stops_at_eos_and_stop_string_and_max_tokens():
+    tok = _CharTokenizer()
+    eos = "".join(stream_text(_ScriptedBackend([0, 1, 2, 9, 3]), tok, [1], GenerationConfig(max_new_tokens=10)))
+    assert eos == "abc"
+    stop = "".join(stream_text(_ScriptedBackend([0, 1, 8, 2, 3, 4]), tok, [1], GenerationConfig(max_new_tokens=10, stop_strings=("cd",))))
+    assert stop == "ab "
+    capped = "".join(stream_text(_ScriptedBackend([0, 1, 2, 3, 4]), tok, [1], GenerationConfig(max_new_tokens=2)))
+    assert capped == "ab"
+
+
+def test_prompt_beyond_window_is_refused():
+    from nectar_runtime.errors import NectarError
+
+    b = _ScriptedBackend([0])
+    with pytest.raises(NectarError, match="does not fit"):
+        list(generate_ids(b, [[1] * 101], GenerationConfig(), set()))
