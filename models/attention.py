@@ -49,14 +49,26 @@ def attention_with_lse(
     Returns o: [B, Hkv, G, T, D] (q's dtype) and lse: [B, Hkv, G, T] fp32. A query that sees no
     key gets o = 0 and lse = -inf, so merging with it is a no-op.
     """
+    b, hkv, g, t, d = q.shape
+    if b > 1 and k.shape[0] == 1 and mask is None:
+        # A document shared by the batch: fold the batch into the query rows so K and V are read
+        # once, not broadcast (which copies them B times per layer).
+        qf = q.permute(1, 0, 2, 3, 4).reshape(1, hkv, 1, b * g * t, d)
+        o, lse = attention_with_lse(qf, k, v, scale, None)
+        o = o.view(hkv, b, g, t, d).permute(1, 0, 2, 3, 4)
+        return o, lse.view(hkv, b, g, t).permute(1, 0, 2, 3)
     acc = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q, k[:, :, None].transpose(-1, -2)).to(acc) * scale  # [B, Hkv, G, T, S]
+    # The G query heads of a KV head are just more query rows: [B, Hkv, G*T, D] @ [B|1, Hkv, D, S]
+    # is one batched matmul over the keys as stored. (A [.., G, ..] broadcast against k[:, :, None]
+    # would make matmul materialise k and v G times over, a full copy of the cache every step.)
+    qf = q.reshape(b, hkv, g * t, d)
+    s = torch.matmul(qf, k.transpose(-1, -2)).view(b, hkv, g, t, -1)  # [B, Hkv, G, T, S]
+    s = s.to(acc) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, T]
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    o = torch.matmul(p.to(v.dtype), v[:, :, None])  # [B, Hkv, G, T, D]
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    o = torch.matmul(p.to(v.dtype).view(b, hkv, g * t, -1), v).view(b, hkv, g, t, d)  # [B, Hkv, G, T, D]
     return o, lse
 
 
@@ -81,11 +93,16 @@ def merge_attention(
     o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
 ) -> torch.Tensor:
     """Exact merge of two attention parts. o*: [..., T, D], lse*: [..., T] fp32 -> o: [..., T, D]."""
-    w = torch.sigmoid(lse1 - lse2)  # σ(lse1 − lse2) = exp(lse1 − logaddexp(lse1, lse2))
-    w = torch.where(torch.isneginf(lse1), torch.zeros_like(w), w)
-    w = torch.where(torch.isneginf(lse2) & ~torch.isneginf(lse1), torch.ones_like(w), w)
+    # σ(lse1 − lse2) = exp(lse1 − logaddexp(lse1, lse2)). It is already exact at one infinite
+    # side (σ(−inf) = 0, σ(+inf) = 1); only both −inf gives NaN (−inf − −inf): no key on either
+    # side, both o are 0, any w would do and 0 is taken.
+    w = torch.sigmoid(lse1 - lse2).nan_to_num_(nan=0.0)
     acc = torch.promote_types(o1.dtype, torch.float32)  # fp32 math for half inputs, fp64 stays fp64
-    w = w[..., None].to(acc)
+    w = w[..., None]
+    if w.dtype != acc:
+        w = w.to(acc)
+    if o1.dtype == acc and o2.dtype == acc:  # no casts to spend time on (fp32 / fp64)
+        return w * o1 + (1 - w) * o2
     return (w * o1.to(acc) + (1 - w) * o2.to(acc)).to(o1.dtype)
 
 

@@ -52,3 +52,12 @@ def test_document_as_context_part_equals_single_pass(name, tmp_path):
         last = [model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(60, 64)]
     got = torch.cat([local] + last, 1)
     assert (got - full[:, n:]).abs().max().item() <= 1e-5
+
+
+def test_shared_document_kv_across_a_batch_equals_per_sequence_attention():
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 2, 2, 4, 8, generator=g)
+    k, v = torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)
+    o, lse = attention_with_lse(q, k, v, 0.35, None)  # batch folded into query rows
+    o_ref, lse_ref = attention_with_lse(q, k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1), 0.35, None)
+    assert torch.allclose(o, o_ref, atol=1e-6) and torch.allclose(lse, lse_ref, atol=1e-6)
