@@ -1,0 +1,99 @@
+"""Query collection: run probe sequences after the document and record, per layer, every query
+with its exact targets over the document (o_ctx, lse_ctx) and its local log-normalizer lse_loc.
+
+Recording is a wrapper around each layer's context part (a hook in the kvpress sense): the model
+code is untouched. With `serve` (on-policy collection) the model is fed Nectar's prediction in
+every layer while the exact targets are still recorded, so later layers see the queries they
+will see at inference.
+
+Stored per layer l: q [N, Hkv, G, D], o [N, Hkv, G, D], lse [N, Hkv, G], lse_loc [N, Hkv, G]
+(fp32), N = all non-padding probe tokens; `probe_index[N]` says which probe each row came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from nectar_models.attention import INVALID_POS, attention_with_lse, visibility
+
+
+@dataclass
+class QuerySet:
+    q: list[torch.Tensor]
+    o: list[torch.Tensor]
+    lse: list[torch.Tensor]
+    lse_loc: list[torch.Tensor]
+    probe_index: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+
+    @property
+    def n(self) -> int:
+        return int(self.probe_index.shape[0])
+
+    def select(self, rows: torch.Tensor) -> "QuerySet":
+        pick = lambda xs: [x[rows] for x in xs]  # noqa: E731
+        return QuerySet(pick(self.q), pick(self.o), pick(self.lse), pick(self.lse_loc), self.probe_index[rows], self.positions[rows])
+
+
+class RecordingContext:
+    """Wraps one layer's exact context part; records (q, o_ctx, lse_ctx) of the valid rows."""
+
+    def __init__(self, exact, serve=None):
+        self.exact, self.serve = exact, serve
+        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, q: torch.Tensor, q_pos: torch.Tensor):
+        o, lse = self.exact(q, q_pos)
+        self.records.append((q.float(), o.float(), lse))
+        return self.serve(q, q_pos) if self.serve is not None else (o, lse)
+
+
+def _rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x: [B, Hkv, G, T, ...] -> [N_valid, Hkv, G, ...] for valid [B, T]."""
+    x = x.movedim(3, 1)  # [B, T, Hkv, G, ...]
+    return x[valid]
+
+
+@torch.no_grad()
+def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: list[list[int]],
+                    serve_contexts: list | None = None, batch_size: int = 8, progress: bool = True) -> QuerySet:
+    """Forward every probe (teacher-forced, batched with left padding) and record all layers."""
+    cfg = model.config
+    wrappers = [RecordingContext(c, s) for c, s in zip(doc_contexts, serve_contexts or [None] * len(doc_contexts))]
+    per_layer = [[[] for _ in range(4)] for _ in range(cfg.num_layers)]
+    probe_idx, positions = [], []
+    order = sorted(range(len(probes_ids)), key=lambda i: len(probes_ids[i]))
+    bar = tqdm(total=len(order), desc="collect queries", unit="probe", disable=not progress)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        t = max(len(probes_ids[i]) for i in idx)
+        ids = torch.zeros(len(idx), t, dtype=torch.long)
+        pos = torch.full((len(idx), t), INVALID_POS, dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = probes_ids[i]
+            ids[r, t - len(p) :] = torch.tensor(p)
+            pos[r, t - len(p) :] = context_len + torch.arange(len(p))
+        valid = pos != INVALID_POS
+        for w in wrappers:
+            w.records.clear()
+        cache = model.new_cache(len(idx), t, wrappers, context_len)
+        model(ids, pos, cache, last_only=True)
+        for layer, (w, lc) in enumerate(zip(wrappers, cache.layers)):
+            q, o, lse = (torch.cat(x, dim=3) for x in zip(*w.records))  # chunks of one forward
+            lk, lv, lpos = lc.local.view()
+            _, lse_loc = attention_with_lse(q, lk.float(), lv.float(), cfg.scale, visibility(pos, lpos, cfg.layer_windows[layer]))
+            for store, x in zip(per_layer[layer], (q, o, lse, lse_loc)):
+                store.append(_rows(x, valid))
+        probe_idx.append(torch.tensor(idx)[:, None].expand(-1, t)[valid])
+        positions.append(pos[valid])
+        bar.update(len(idx))
+    bar.close()
+    cat = lambda xs: torch.cat(xs, 0)  # noqa: E731
+    return QuerySet(
+        q=[cat(p[0]) for p in per_layer], o=[cat(p[1]) for p in per_layer],
+        lse=[cat(p[2]) for p in per_layer], lse_loc=[cat(p[3]) for p in per_layer],
+        probe_index=cat(probe_idx), positions=cat(positions),
+    )

@@ -1,0 +1,39 @@
+"""Fitting options as plain dataclasses, importable without torch (the CLI builds from them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+VARIANTS = ("mlp", "quadrature")
+ALLOCATIONS = ("uniform", "adaptive")
+WEIGHT_FLOOR = 0.02
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    variant: str = "mlp"
+    allocation: str = "uniform"
+    budget_fraction: float = 0.20  # of the document's fp16 KV bytes, unless budget_mb is set
+    budget_mb: float | None = None
+    steps: int = 1200
+    batch: int = 1024  # samples (query vectors) per module per step
+    lr: float = 2e-3
+    warmup: int = 50
+    weighting: str = "share"  # "share" | "none"
+    lse_weight: float = 0.5
+    probe_steps: int = 150  # short fit that decides the adaptive allocation
+    width_multiple: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}")
+        if self.weighting not in ("share", "none"):
+            raise ValueError("weighting must be 'share' or 'none'")
+        if self.steps < 1 or self.batch < 1 or self.lr <= 0:
+            raise ValueError("steps, batch and lr must be positive")
+        if not 0 < self.budget_fraction <= 4:
+            raise ValueError("budget_fraction must be in (0, 4]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,111 @@
+"""Collection, training and the artifact on a tiny random model (seconds, no real weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nectar_export.collect import collect_queries
+from nectar_export.config import FitConfig
+from nectar_export.fit import fit_heads, layer_errors
+from nectar_export.heads import HeadsSpec, NectarHeads, nectar_contexts
+from nectar_models.config import ModelConfig
+from nectar_models.llama import Decoder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position=512)
+    model = Decoder(cfg).eval()
+    doc = torch.randint(0, 64, (1, 80))
+    cache = model.prefill_document(doc)
+    g = torch.Generator().manual_seed(1)
+    probes = [torch.randint(0, 64, (int(torch.randint(5, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(24)]
+    return model, cache, probes
+
+
+def test_collected_targets_are_the_exact_document_attention(tiny):
+    model, cache, probes = tiny
+    qs = collect_queries(model, cache.contexts(), cache.context_len, probes[:5], progress=False)
+    assert qs.n == sum(len(p) for p in probes[:5])
+    ctx0 = cache.contexts()[0]
+    q = qs.q[0][:7]  # [N, Hkv, G, D]
+    o, lse = ctx0(q.permute(1, 2, 0, 3)[None], torch.zeros(1, 7, dtype=torch.long))
+    assert torch.allclose(o[0].permute(2, 0, 1, 3), qs.o[0][:7], atol=1e-5)
+    assert torch.allclose(lse[0].permute(2, 0, 1), qs.lse[0][:7], atol=1e-5)
+    assert int(qs.positions.min()) >= cache.context_len
+
+
+def _fit(tiny, **kw):
+    model, cache, probes = tiny
+    qs = collect_queries(model, cache.contexts(), cache.context_len, probes, progress=False)
+    held = qs.probe_index >= 20
+    cfg = model.config
+    spec_for = lambda w: HeadsSpec(kw.get("variant", "mlp"), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(w), cfg.scale)  # noqa: E731
+    fit_cfg = FitConfig(steps=kw.get("steps", 60), batch=256, seed=3, variant=kw.get("variant", "mlp"),
+                        allocation=kw.get("allocation", "uniform"), probe_steps=20)
+    res = fit_heads(qs.select(~held), qs.select(held), spec_for, 20_000, fit_cfg,
+                    [(c.k, c.v) for c in cache.contexts()], progress=False)
+    return res, qs.select(held)
+
+
+@pytest.mark.parametrize("variant", ["mlp", "quadrature"])
+def test_training_reduces_heldout_error(tiny, variant):
+    few, held = _fit(tiny, steps=2, variant=variant)
+    many, _ = _fit(tiny, steps=150, variant=variant)
+    e_few = sum(few.heldout["o_rel_error"])
+    e_many = sum(many.heldout["o_rel_error"])
+    assert e_many < 0.7 * e_few
+    assert layer_errors(many.heads, held)["o_rel_error"] == many.heldout["o_rel_error"]
+
+
+def test_fit_is_deterministic_given_a_seed(tiny):
+    a, _ = _fit(tiny, steps=10)
+    b, _ = _fit(tiny, steps=10)
+    for (k, x), (_, y) in zip(a.heads.state_dict().items(), b.heads.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_adaptive_allocation_runs_at_equal_budget(tiny):
+    res, _ = _fit(tiny, steps=5, allocation="adaptive")
+    assert res.allocation_probe is not None and res.heads.spec.total_params() <= 20_000
+
+
+def test_artifact_round_trip_and_base_model_check(tiny, tmp_path):
+    from nectar_export.artifact import load_heads, read_manifest, save_artifact
+    from nectar_runtime.errors import NectarError
+
+    res, _ = _fit(tiny, steps=5)
+    out = save_artifact(tmp_path / "art", res.heads, {"base_model": {"name": "tiny", "sha256": "ab" * 32}, "kv_bytes": 1}, "doc")
+    m = read_manifest(out)
+    assert m["format_version"] == 1 and m["spec"]["widths"] == list(res.widths)
+    heads = load_heads(out, m, "ab" * 32)
+    q = torch.randn(1, 2, 2, 3, 8)
+    pos = torch.zeros(1, 3, dtype=torch.long)
+    o1, _ = nectar_contexts(heads)[0](q, pos)
+    o0, _ = nectar_contexts(res.heads)[0](q, pos)
+    assert torch.allclose(o0, o1, atol=2e-2, rtol=1e-2)  # stored as fp16
+    with pytest.raises(NectarError, match="sha256"):
+        load_heads(out, m, "cd" * 32)
+    (out / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
+    with pytest.raises(NectarError, match="format_version"):
+        read_manifest(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temp dirs left behind
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from nectar_export import artifact
+
+    heads = NectarHeads(HeadsSpec("mlp", 1, 1, 8, (16,), 0.35))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError):
+        artifact.save_artifact(tmp_path / "art", heads, {}, "doc")
+    assert list(tmp_path.iterdir()) == []
