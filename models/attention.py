@@ -31,6 +31,11 @@ class ContextAttention(Protocol):
         ...
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention math runs in: fp32 for half types, else the dtype (fp64 stays fp64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.promote_types(dtype, torch.float32)
+
+
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Causal (and sliding-window) mask. q_pos: [B, T], k_pos: [B or 1, S] -> [B, 1, 1, T, S] bool."""
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
@@ -57,19 +62,37 @@ def attention_with_lse(
         o, lse = attention_with_lse(qf, k, v, scale, None)
         o = o.view(hkv, b, g, t, d).permute(1, 0, 2, 3, 4)
         return o, lse.view(hkv, b, g, t).permute(1, 0, 2, 3)
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc = _acc_dtype(q.dtype)
     # The G query heads of a KV head are just more query rows: [B, Hkv, G*T, D] @ [B|1, Hkv, D, S]
     # is one batched matmul over the keys as stored. (A [.., G, ..] broadcast against k[:, :, None]
     # would make matmul materialise k and v G times over, a full copy of the cache every step.)
-    qf = q.reshape(b, hkv, g * t, d)
-    s = torch.matmul(qf, k.transpose(-1, -2)).view(b, hkv, g, t, -1)  # [B, Hkv, G, T, S]
-    s = s.to(acc) * scale
+    # With matching batches it is a plain bmm over [B*Hkv, ...] views (fewer ops than matmul's
+    # broadcasting path: this runs twice per layer per decode step).
+    rows = g * t
+    if k.shape[0] == b:
+        s = torch.bmm(q.reshape(b * hkv, rows, d), k.reshape(b * hkv, -1, d).transpose(1, 2))
+    else:
+        s = torch.matmul(q.reshape(b, hkv, rows, d), k.transpose(-1, -2))
+    s = s.view(b, hkv, g, t, -1)  # [B, Hkv, G, T, S]
+    if s.dtype != acc:
+        s = s.to(acc)
+    # s is a fresh tensor: without autograd it is updated in place (no temporaries).
+    inplace = not s.requires_grad
+    s = s.mul_(scale) if inplace else s * scale
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s = s.masked_fill_(~mask, float("-inf")) if inplace else s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, T]
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    o = torch.matmul(p.to(v.dtype).view(b, hkv, g * t, -1), v).view(b, hkv, g, t, d)  # [B, Hkv, G, T, D]
-    return o, lse
+    # p = exp(s - lse); a row with no visible key has lse = -inf, and clamping it to the lowest
+    # finite value keeps its p at exp(-inf) = 0 (instead of NaN), so o = 0 there.
+    shift = lse.clamp_min(torch.finfo(acc).min).unsqueeze(-1)
+    p = s.sub_(shift).exp_() if inplace else torch.exp(s - shift)
+    if p.dtype != v.dtype:
+        p = p.to(v.dtype)
+    if v.shape[0] == b:
+        o = torch.bmm(p.view(b * hkv, rows, -1), v.reshape(b * hkv, -1, d))
+    else:
+        o = torch.matmul(p.view(b, hkv, rows, -1), v)
+    return o.view(b, hkv, g, t, d), lse  # o: [B, Hkv, G, T, D]
 
 
 def chunked_attention_with_lse(
@@ -77,6 +100,8 @@ def chunked_attention_with_lse(
     q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_with_lse` in blocks of query rows, with the mask built from positions."""
+    if q.shape[3] <= _QUERY_CHUNK:  # one block (every decode step): no slicing
+        return attention_with_lse(q, k, v, scale, visibility(q_pos, k_pos, window) if causal or window else None)
     outs, lses = [], []
     for t0 in range(0, q.shape[3], _QUERY_CHUNK):
         qc, pc = q[:, :, :, t0 : t0 + _QUERY_CHUNK], q_pos[:, t0 : t0 + _QUERY_CHUNK]
@@ -97,7 +122,7 @@ def merge_attention(
     # side (σ(−inf) = 0, σ(+inf) = 1); only both −inf gives NaN (−inf − −inf): no key on either
     # side, both o are 0, any w would do and 0 is taken.
     w = torch.sigmoid(lse1 - lse2).nan_to_num_(nan=0.0)
-    acc = torch.promote_types(o1.dtype, torch.float32)  # fp32 math for half inputs, fp64 stays fp64
+    acc = _acc_dtype(o1.dtype)  # fp32 math for half inputs, fp64 stays fp64
     w = w[..., None]
     if w.dtype != acc:
         w = w.to(acc)
@@ -129,6 +154,26 @@ class ExactContextAttention:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def select(self, index: torch.Tensor) -> "ExactContextAttention":
+        """The same layer's cache restricted to the document positions `index` (a 1-D index tensor)."""
+        return ExactContextAttention(
+            self.k[:, :, index], self.v[:, :, index], self.positions[0, index], self.window, self.scale
+        )
+
+
+class CompositeContext:
+    """Several context parts of one layer (e.g. exact template prefix + Nectar heads), merged by LSE."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __call__(self, q: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = self.parts[0](q, q_pos)
+        for part in self.parts[1:]:
+            o2, lse2 = part(q, q_pos)
+            o, lse = merge_attention(o, lse, o2, lse2), torch.logaddexp(lse, lse2)
+        return o, lse
 
 
 class LocalKV:

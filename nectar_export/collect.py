@@ -6,8 +6,12 @@ code is untouched. With `serve` (on-policy collection) the model is fed Nectar's
 every layer while the exact targets are still recorded, so later layers see the queries they
 will see at inference.
 
-Stored per layer l: q [N, Hkv, G, D], o [N, Hkv, G, D], lse [N, Hkv, G], lse_loc [N, Hkv, G]
-(fp32), N = all non-padding probe tokens; `probe_index[N]` says which probe each row came from.
+The document part is what the heads learn; the template prefix before it (system prompt, turn
+header: the same for every document) stays exact and counts, like the local tokens, as "the rest".
+
+Stored per layer l: q [N, Hkv, G, D], o [N, Hkv, G, D] and lse [N, Hkv, G] over the document,
+lse_loc [N, Hkv, G] over the rest (prefix + local tokens), fp32; N = all non-padding probe
+tokens; `probe_index[N]` says which probe each row came from.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from nectar_models.attention import INVALID_POS, attention_with_lse, visibility
+from nectar_models.attention import INVALID_POS, attention_with_lse, merge_attention, visibility
 
 
 @dataclass
@@ -39,16 +43,25 @@ class QuerySet:
 
 
 class RecordingContext:
-    """Wraps one layer's exact context part; records (q, o_ctx, lse_ctx) of the valid rows."""
+    """One layer's context part = exact prefix + document; records (q, o_doc, lse_doc, lse_prefix).
 
-    def __init__(self, exact, serve=None):
-        self.exact, self.serve = exact, serve
-        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    The model is served the exact document, or `serve` (Nectar heads) for on-policy collection.
+    """
+
+    def __init__(self, prefix, exact, serve=None):
+        self.prefix, self.exact, self.serve = prefix, exact, serve
+        self.records: list[tuple[torch.Tensor, ...]] = []
 
     def __call__(self, q: torch.Tensor, q_pos: torch.Tensor):
         o, lse = self.exact(q, q_pos)
-        self.records.append((q.float(), o.float(), lse))
-        return self.serve(q, q_pos) if self.serve is not None else (o, lse)
+        if self.prefix is not None:
+            o_p, lse_p = self.prefix(q, q_pos)
+        else:
+            o_p, lse_p = torch.zeros_like(o), torch.full_like(lse, float("-inf"))
+        self.records.append((q.float(), o.float(), lse, lse_p))
+        if self.serve is not None:
+            o, lse = self.serve(q, q_pos)
+        return merge_attention(o_p, lse_p, o, lse), torch.logaddexp(lse_p, lse)
 
 
 def _rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -59,10 +72,12 @@ def _rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: list[list[int]],
-                    serve_contexts: list | None = None, batch_size: int = 8, progress: bool = True) -> QuerySet:
+                    prefix_contexts: list | None = None, serve_contexts: list | None = None,
+                    batch_size: int = 8, progress: bool = True) -> QuerySet:
     """Forward every probe (teacher-forced, batched with left padding) and record all layers."""
     cfg = model.config
-    wrappers = [RecordingContext(c, s) for c, s in zip(doc_contexts, serve_contexts or [None] * len(doc_contexts))]
+    none = [None] * len(doc_contexts)
+    wrappers = [RecordingContext(p, c, s) for p, c, s in zip(prefix_contexts or none, doc_contexts, serve_contexts or none)]
     per_layer = [[[] for _ in range(4)] for _ in range(cfg.num_layers)]
     probe_idx, positions = [], []
     order = sorted(range(len(probes_ids)), key=lambda i: len(probes_ids[i]))
@@ -82,9 +97,10 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
         cache = model.new_cache(len(idx), t, wrappers, context_len)
         model(ids, pos, cache, last_only=True)
         for layer, (w, lc) in enumerate(zip(wrappers, cache.layers)):
-            q, o, lse = (torch.cat(x, dim=3) for x in zip(*w.records))  # chunks of one forward
+            q, o, lse, lse_p = (torch.cat(x, dim=3) for x in zip(*w.records))  # chunks of one forward
             lk, lv, lpos = lc.local.view()
             _, lse_loc = attention_with_lse(q, lk.float(), lv.float(), cfg.scale, visibility(pos, lpos, cfg.layer_windows[layer]))
+            lse_loc = torch.logaddexp(lse_loc, lse_p)  # the rest: local tokens + exact prefix
             for store, x in zip(per_layer[layer], (q, o, lse, lse_loc)):
                 store.append(_rows(x, valid))
         probe_idx.append(torch.tensor(idx)[:, None].expand(-1, t)[valid])

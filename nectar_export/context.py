@@ -39,8 +39,9 @@ def read_document(path: str | Path) -> str:
 class DocumentContext:
     """A document placed as context for one tokenizer's chat format.
 
-    context_ids: the n tokens that are prefilled (template prefix + document); turns after it are
-    built by `local_ids`. `chat` is False for models without a chat template.
+    context_ids: the n tokens that are prefilled: the template prefix (its first `prefix_len`
+    tokens: system prompt, user-turn header, BOS; the same for every document) then the document.
+    Turns after it are built by `local_ids`. `chat` is False for models without a chat template.
     """
 
     text: str
@@ -48,6 +49,7 @@ class DocumentContext:
     context_text: str
     context_ids: tuple[int, ...]
     chat: bool
+    prefix_len: int = 0
 
     @property
     def n(self) -> int:
@@ -58,20 +60,28 @@ def make_context(tokenizer, text: str, max_position: int, source: str = "documen
     """Place `text` as context; refuse a document that leaves fewer than `reserve` local positions."""
     chat = bool(tokenizer.chat_template)
     if chat:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text + _MARK}], add_generation_prompt=True)
-        if _MARK not in rendered:
-            raise NectarError("the chat template drops the user's message; cannot place the document")
-        context_text = rendered.split(_MARK)[0]
-        ids = tokenizer.encode(context_text, add_special_tokens=False)
+        def upto_mark(content: str) -> str:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            if _MARK not in rendered:
+                raise NectarError("the chat template drops the user's message; cannot place the document")
+            return rendered.split(_MARK)[0]
+
+        prefix_text, context_text = upto_mark(_MARK), upto_mark(text + _MARK)
+        if not context_text.startswith(prefix_text):
+            raise NectarError("the chat template renders the user turn's start differently with a document; cannot place it")
+        prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
+        body = tokenizer.encode(context_text[len(prefix_text) :], add_special_tokens=False)
     else:
         context_text = text
-        ids = tokenizer.encode(context_text, add_special_tokens=True)
+        prefix = [tokenizer.bos_token_id] if tokenizer.encode("a", add_special_tokens=True)[:1] == [tokenizer.bos_token_id] else []
+        body = tokenizer.encode(text, add_special_tokens=False)
+    ids = prefix + body
     if len(ids) + reserve > max_position:
         raise NectarError(
             f"{source}: the document is {len(ids)} tokens but the model's window is {max_position} "
             f"(with {reserve} kept for questions and answers); shorten the document"
         )
-    return DocumentContext(text, hashlib.sha256(text.encode()).hexdigest(), context_text, tuple(ids), chat)
+    return DocumentContext(text, hashlib.sha256(text.encode()).hexdigest(), context_text, tuple(ids), chat, len(prefix))
 
 
 def local_text(ctx: DocumentContext, tokenizer, turns: list[dict], add_generation_prompt: bool = True) -> str:

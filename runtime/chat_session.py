@@ -6,7 +6,7 @@ the backend holds whatever stands for the document (nothing, exact KV, or Nectar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .generate import GenerationConfig, check_fits, stream_text
@@ -17,14 +17,18 @@ class ChatSession:
     tokenizer: object  # nectar_runtime.tokenizer.TextTokenizer
     backend: object  # a DecoderBackend
     history: list[dict] = field(default_factory=list)
+    # turns -> local token ids; set for documents (the turns come after the document's context)
+    build_prompt: Callable[[list[dict]], list[int]] | None = None
 
     def prompt_ids(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:
         """Token ids of the local part: the whole prompt, or the chat turns after the document."""
+        turns = self.history + [{"role": "user", "content": prompt}]
+        if self.build_prompt is not None:
+            return self.build_prompt(turns)
         if not chat:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        messages = ([{"role": "system", "content": system}] if system else []) + self.history
-        messages = messages + [{"role": "user", "content": prompt}]
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     def stream(self, prompt: str, cfg: GenerationConfig, chat: bool = True, system: str | None = None) -> Iterator[str]:
         ids = self.prompt_ids(prompt, chat, system)
@@ -33,7 +37,7 @@ class ChatSession:
         for piece in stream_text(self.backend, self.tokenizer, ids, cfg):
             answer.append(piece)
             yield piece
-        if chat:
+        if chat or self.build_prompt is not None:
             self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(answer)}]
 
     def reset(self) -> None:
@@ -48,7 +52,7 @@ def open_torch_session(model: str | None, artifact: str | None = None, device: s
 
     device = resolve_device(device)
     if artifact:
-        from nectar_export.artifact import open_artifact_session
+        from nectar_export.pipeline import open_artifact_session
 
         return open_artifact_session(artifact, device=device, dtype=dtype)
     import torch

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
+    from nectar_export.cli import add_export_commands  # fit / ask / eval: the exporter's commands
+
+    add_export_commands(sub)
     return parser
 
 

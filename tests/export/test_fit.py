@@ -109,3 +109,31 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         artifact.save_artifact(tmp_path / "art", heads, {}, "doc")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exact_prefix_plus_heads_equal_to_full_context_when_heads_are_exact(tiny):
+    """Quadrature nodes = the document's own keys/values: prefix + heads reproduce full attention."""
+    from nectar_export.context import DocumentContext
+    from nectar_export.pipeline import nectar_with_prefix, split_prefix
+
+    model, cache, probes = tiny
+    cfg = model.config
+    ids = tuple(range(80))
+    doc_ids = torch.randint(0, 64, (1, 80), generator=torch.Generator().manual_seed(0))
+    full = model.prefill_document(doc_ids).contexts()
+    p = 6
+    ctx = DocumentContext("t", "s", "t", tuple(doc_ids[0].tolist()), True, prefix_len=p)
+    _, doc = split_prefix(full, p)
+    heads = NectarHeads(HeadsSpec("quadrature", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, (80 - p,) * cfg.num_layers, cfg.scale))
+    with torch.no_grad():
+        for layer, d in enumerate(doc):
+            gi, start = heads.layer_slot[layer]
+            heads.groups[gi].keys[start : start + cfg.num_kv_heads] = d.k[0]
+            heads.groups[gi].values[start : start + cfg.num_kv_heads] = d.v[0]
+            heads.groups[gi].bias[start : start + cfg.num_kv_heads] = 0
+    local = torch.tensor([probes[0]])
+    pos = 80 + torch.arange(local.shape[1])[None]
+    with torch.no_grad():
+        want = model(local, pos, model.new_cache(1, 64, full, 80))
+        got = model(local, pos, model.new_cache(1, 64, nectar_with_prefix(model, ctx, heads, "cpu"), 80))
+    assert len(ids) == 80 and (want - got).abs().max().item() < 1e-4

@@ -1,0 +1,141 @@
+"""`nectar fit`, `nectar ask`, `nectar eval`: argument definitions built from the config
+dataclasses' defaults (each default defined once). Heavy imports happen inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nectar_runtime.errors import NectarError
+
+from .config import ALLOCATIONS, VARIANTS, FitConfig
+
+
+def _fit_config(a: argparse.Namespace) -> FitConfig:
+    try:
+        return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
+                         budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed)
+    except ValueError as e:
+        raise NectarError(str(e)) from None
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    from .pipeline import fit_document, load_base
+    from .probes import ProbeConfig
+
+    fit_cfg = _fit_config(a)
+    probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
+    if not Path(a.document).is_file():
+        raise NectarError(f"{a.document}: no such document file")
+    import torch
+
+    torch.manual_seed(a.seed)
+    base = load_base(a.model, a.device)
+    fit_document(base, a.document, a.out, fit_cfg, probe_cfg, on_policy=a.on_policy, log=lambda s: print(s, file=sys.stderr))
+    print(a.out)
+    return 0
+
+
+def cmd_ask(a: argparse.Namespace) -> int:
+    from nectar_runtime.cli import generation_config
+
+    from .pipeline import open_artifact_session
+
+    cfg = generation_config(a)
+    session = open_artifact_session(a.artifact, device=a.device, model=a.model)
+    for piece in session.stream(a.question, cfg):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise NectarError(f"{p}: no such questions file")
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NectarError(f"{p}:{i}: not JSON ({e.msg}); one object per line with id, question, answer") from None
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str):
+            raise NectarError(f"{p}:{i}: needs a 'question' string (and 'id', 'answer')")
+        out.append({"id": q.get("id", f"q{i}"), "question": q["question"], "answer": q.get("answer", "")})
+    if not out:
+        raise NectarError(f"{p}: no questions")
+    return out
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import evaluate_methods, format_table
+    from .pipeline import open_artifact
+    from .streaming import streaming_contexts, streaming_tokens_for_bytes
+
+    questions = read_questions(a.questions)
+    oa = open_artifact(a.artifact, a.device, a.model)
+    model, cfg = oa.base.model, oa.base.config
+    full = model.prefill_document(torch.tensor([oa.ctx.context_ids], device=oa.base.device)).contexts()
+    art_bytes = (Path(a.artifact) / "heads.safetensors").stat().st_size
+    # Nectar also keeps the template prefix's exact KV: the StreamingLLM cache gets those bytes too.
+    keep = min(oa.ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + oa.ctx.prefix_len)
+    methods = {"full": full, "nectar": oa.contexts(), "none": None, "streaming": streaming_contexts(full, keep)}
+    result = evaluate_methods(model, oa.base.tokenizer, oa.ctx, methods, questions,
+                              max_answer_tokens=a.max_answer_tokens)
+    result["artifact_bytes"] = art_bytes
+    result["kv_bytes"] = oa.manifest["kv_bytes"]
+    result["streaming_tokens"] = keep
+    result["document"] = oa.manifest["document"]
+    result["heldout_attention"] = oa.manifest["metrics"]["heldout"]
+    print(format_table(result))
+    print(f"artifact {art_bytes / 1e6:.2f} MB = {100 * art_bytes / result['kv_bytes']:.1f}% of the fp16 KV "
+          f"({result['kv_bytes'] / 1e6:.2f} MB); streaming keeps {keep} of {oa.ctx.n} tokens")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def add_export_commands(sub) -> None:
+    from nectar_runtime.cli import add_sampling_args
+
+    d = FitConfig()
+    p = sub.add_parser("fit", help="fit Nectar heads for a document and write an artifact directory")
+    p.add_argument("document", metavar="DOC", help="UTF-8 text file")
+    p.add_argument("--model", default=None, help="model name, .gguf or HF directory (default smollm2-135m-instruct)")
+    p.add_argument("--out", required=True, metavar="ART", help="artifact directory to write")
+    p.add_argument("--variant", choices=VARIANTS, default=d.variant, help="(default %(default)s)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation, help="(default %(default)s)")
+    p.add_argument("--budget-mb", type=float, default=d.budget_mb, help="artifact size in MB (default: --budget-fraction of the document's fp16 KV bytes)")
+    p.add_argument("--budget-fraction", type=float, default=d.budget_fraction, help="(default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="(default %(default)s)")
+    p.add_argument("--position-span", type=int, default=1024, help="local positions the probes cover after the document (default %(default)s)")
+    p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("ask", help="answer a question from an artifact (the model comes from its manifest)")
+    p.add_argument("artifact", metavar="ART")
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--model", default=None, help="override the base model location (same weights required)")
+    p.add_argument("--device", default="cpu")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("eval", help="compare full context, Nectar, no document and StreamingLLM on questions")
+    p.add_argument("artifact", metavar="ART")
+    p.add_argument("--questions", required=True, metavar="Q.jsonl", help="lines of {id, question, answer}")
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    p.add_argument("--model", default=None, help="override the base model location (same weights required)")
+    p.add_argument("--max-answer-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)

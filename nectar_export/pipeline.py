@@ -1,0 +1,239 @@
+"""`nectar fit` end to end: model + document -> probes -> queries -> heads -> artifact.
+
+Stages are timed and shown with progress bars; the closing summary reports time per stage,
+artifact bytes against the document's fp16 KV bytes, and held-out attention error per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from nectar_runtime.errors import NectarError
+
+from .context import DocumentContext, make_context, read_document
+from .config import FitConfig
+from .fit import FitResult, fit_heads
+from .heads import HeadsSpec, NectarHeads, nectar_contexts
+from .streaming import kv_bytes
+
+
+@dataclass
+class Loaded:
+    """A base model ready for document work."""
+
+    lm: object  # nectar_models.loading.LoadedModel
+    tokenizer: object
+    name: str  # how the user named it (registry name or path)
+    device: str
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def config(self):
+        return self.lm.config
+
+
+def load_base(model: str | None, device: str = "cpu") -> Loaded:
+    from nectar_models.loading import load_model
+    from nectar_runtime.backends.torch_backend import resolve_device
+    from nectar_runtime.hub import DEFAULT_MODEL, resolve_model
+    from nectar_runtime.tokenizer import load_tokenizer
+
+    device = resolve_device(device)
+    path = resolve_model(model, pull_missing=True)
+    return Loaded(load_model(path, device=device), load_tokenizer(path), model or DEFAULT_MODEL, device)
+
+
+@dataclass
+class StageTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str, log=print):
+        log(f"[nectar fit] {name} …")
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t, 2)
+        log(f"[nectar fit] {name}: {self.seconds[name]:.1f} s")
+
+
+def document_context(base: Loaded, doc_path: str | Path) -> DocumentContext:
+    text = read_document(doc_path)
+    return make_context(base.tokenizer, text, base.config.max_position, source=str(doc_path))
+
+
+def split_prefix(contexts: list, prefix_len: int) -> tuple[list | None, list]:
+    """Per-layer exact contexts over [template prefix | document] -> (prefix parts, document parts)."""
+    n = contexts[0].length
+    doc = [c.select(torch.arange(prefix_len, n, device=c.k.device)) for c in contexts]
+    if prefix_len == 0:
+        return None, doc
+    return [c.select(torch.arange(0, prefix_len, device=c.k.device)) for c in contexts], doc
+
+
+def nectar_with_prefix(model, ctx: DocumentContext, heads: NectarHeads, device) -> list:
+    """What stands for the document at inference: exact template prefix (recomputed, tiny) + heads."""
+    from nectar_models.attention import CompositeContext
+
+    if ctx.prefix_len == 0:
+        return nectar_contexts(heads)
+    prefix = model.prefill_document(torch.tensor([ctx.context_ids[: ctx.prefix_len]], device=device)).contexts()
+    return [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads))]
+
+
+def spec_factory(cfg, variant: str):
+    return lambda widths: HeadsSpec(variant, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(widths), cfg.scale)
+
+
+def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[int, int]:
+    """(parameter budget, document fp16 KV bytes). Weights are stored as fp16 (2 bytes); the exact
+    template-prefix KV kept at inference is charged to the budget too."""
+    kvb = kv_bytes(ctx.n, model_cfg)
+    budget_bytes = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kvb
+    return int((budget_bytes - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kvb
+
+
+def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: FitConfig,
+                 probe_cfg, on_policy: bool = False, progress: bool = True, log=print) -> dict:
+    """Fit Nectar heads for one document and write the artifact. Returns the manifest."""
+    from .artifact import save_artifact
+    from .collect import collect_queries
+    from .probes import build_probes, probe_stats, split_probes
+
+    timer = StageTimer()
+    torch.manual_seed(fit_cfg.seed)
+    model, cfg = base.model, base.config
+    with timer.stage("prefill document", log):
+        ctx = document_context(base, doc_path)
+        cache = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device))
+        full = cache.contexts()
+        prefix, doc = split_prefix(full, ctx.prefix_len)
+    n_params, kvb = budget_params(ctx, cfg, fit_cfg)
+    if n_params < spec_factory(cfg, fit_cfg.variant)((fit_cfg.width_multiple,) * cfg.num_layers).total_params():
+        raise NectarError(f"budget of {2 * n_params / 1e6:.2f} MB is too small for the smallest heads; raise --budget-mb")
+    with timer.stage("build probes", log):
+        probes = build_probes(model, base.tokenizer, ctx, full, probe_cfg, progress=progress)
+        train_p, held_p = split_probes(probes, seed=fit_cfg.seed)
+    with timer.stage("collect queries", log):
+        qs = collect_queries(model, doc, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
+                             prefix_contexts=prefix, progress=progress)
+        held_rows = qs.probe_index >= len(train_p)
+        qs_train, qs_held = qs.select(~held_rows), qs.select(held_rows)
+        del qs
+    doc_kv = [(c.k, c.v) for c in doc]
+    with timer.stage("fit heads", log):
+        result = fit_heads(qs_train, qs_held, spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress)
+    on_policy_report = None
+    if on_policy:
+        with timer.stage("on-policy re-collection and refit", log):
+            result, on_policy_report = _refit_on_policy(base, ctx, prefix, doc, train_p, held_p, result, fit_cfg, progress)
+    manifest = {
+        "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,
+                       "format": base.lm.source_format},
+        "document": {"sha256": ctx.sha256, "n_tokens": ctx.n, "prefix_tokens": ctx.prefix_len, "chat": ctx.chat,
+                     "source": Path(doc_path).name},
+        "variant": fit_cfg.variant,
+        "allocation": fit_cfg.allocation,
+        "widths": list(result.widths),
+        "param_count": result.heads.spec.total_params(),
+        "kv_bytes": kvb,
+        "fit_config": fit_cfg.to_dict(),
+        "probe_config": asdict(probe_cfg),
+        "probes": {"train": probe_stats(train_p), "heldout": probe_stats(held_p)},
+        "metrics": {"heldout": result.heldout, "allocation_probe": result.allocation_probe,
+                    "train_loss_final": float(sum(result.train_curve[-20:]) / max(1, len(result.train_curve[-20:]))),
+                    "on_policy": on_policy_report},
+        "timings_s": timer.seconds,
+    }
+    with timer.stage("write artifact", log):
+        art = save_artifact(out, result.heads, manifest, ctx.text)
+    manifest["timings_s"] = timer.seconds
+    manifest["artifact_bytes"] = (Path(art) / "heads.safetensors").stat().st_size
+    log(fit_summary(manifest))
+    return manifest
+
+
+def _refit_on_policy(base, ctx, prefix, doc, train_p, held_p, first: FitResult, fit_cfg, progress):
+    """Re-collect queries with the first heads serving every layer, then refit from scratch."""
+    from .collect import collect_queries
+
+    serve = nectar_contexts(first.heads)
+    qs = collect_queries(base.model, doc, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
+                         prefix_contexts=prefix, serve_contexts=serve, progress=progress)
+    held_rows = qs.probe_index >= len(train_p)
+    n_params = first.heads.spec.total_params()
+    second = fit_heads(qs.select(~held_rows), qs.select(held_rows), spec_factory(base.config, fit_cfg.variant),
+                       n_params, fit_cfg, [(c.k, c.v) for c in doc], progress)
+    report = {"off_policy_heldout_o_rel_error_mean": _mean(first.heldout["o_rel_error"]),
+              "on_policy_heldout_o_rel_error_mean": _mean(second.heldout["o_rel_error"])}
+    return second, report
+
+
+def _mean(xs) -> float:
+    return float(sum(xs) / max(1, len(xs)))
+
+
+def fit_summary(m: dict) -> str:
+    err = m["metrics"]["heldout"]
+    worst = sorted(range(len(err["o_rel_error"])), key=lambda i: -err["o_rel_error"][i])[:3]
+    lines = [
+        "── nectar fit summary ──",
+        "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in m["timings_s"].items()),
+        f"artifact: {m['artifact_bytes'] / 1e6:.2f} MB = {100 * m['artifact_bytes'] / m['kv_bytes']:.1f}% of the "
+        f"document's fp16 KV cache ({m['kv_bytes'] / 1e6:.2f} MB, n = {m['document']['n_tokens']} tokens; "
+        f"the {m['document']['prefix_tokens']}-token template prefix stays exact)",
+        f"heads: {m['variant']}, {m['allocation']} widths {sorted(set(m['widths']))}, {m['param_count'] / 1e6:.2f} M params",
+        f"held-out attention error: o rel {_mean(err['o_rel_error']):.3f} (weighted {_mean(err['o_rel_error_weighted']):.3f}), "
+        f"lse abs {_mean(err['lse_abs_error']):.3f}; worst layers " + ", ".join(f"{i} ({err['o_rel_error'][i]:.3f})" for i in worst),
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------- using an artifact
+
+
+@dataclass
+class OpenArtifact:
+    base: Loaded
+    manifest: dict
+    ctx: DocumentContext
+    heads: NectarHeads
+
+    def contexts(self):
+        return nectar_with_prefix(self.base.model, self.ctx, self.heads, self.base.device)
+
+
+def open_artifact(art: str | Path, device: str = "cpu", model: str | None = None) -> OpenArtifact:
+    """Load the base model named in the manifest (or `model`), check its hash, load the heads."""
+    from .artifact import load_heads, read_manifest
+
+    m = read_manifest(art)
+    base = load_base(model or m["base_model"]["name"], device)
+    heads = load_heads(art, m, base.lm.weights_sha256, device)
+    text = (Path(art) / "document.txt").read_text(encoding="utf-8")
+    ctx = make_context(base.tokenizer, text, base.config.max_position, source=str(art))
+    if ctx.sha256 != m["document"]["sha256"] or ctx.n != m["document"]["n_tokens"]:
+        raise NectarError(f"{art}: document.txt does not match the manifest (sha256/tokens); the artifact is corrupt")
+    return OpenArtifact(base, m, ctx, heads)
+
+
+
+def open_artifact_session(art: str | Path, device: str = "cpu", dtype: str = "float32", model: str | None = None):
+    """A ChatSession answering from the artifact's heads: no document KV anywhere."""
+    from nectar_runtime.backends.torch_backend import TorchBackend
+    from nectar_runtime.chat_session import ChatSession
+
+    from .context import local_ids
+
+    oa = open_artifact(art, device, model)
+    if dtype != "float32":
+        oa.base.model.to(getattr(torch, dtype))
+    backend = TorchBackend(oa.base.model, oa.contexts(), oa.ctx.n)
+    return ChatSession(oa.base.tokenizer, backend, build_prompt=lambda turns: local_ids(oa.ctx, oa.base.tokenizer, turns))
