@@ -38,7 +38,8 @@ class QuerySet:
         return int(self.probe_index.shape[0])
 
     def select(self, rows: torch.Tensor) -> "QuerySet":
-        pick = lambda xs: [x[rows] for x in xs]  # noqa: E731
+        """rows: [N] bool or index tensor (CPU) -> the subset."""
+        pick = lambda xs: [x[rows.to(x.device)] for x in xs]  # noqa: E731
         return QuerySet(pick(self.q), pick(self.o), pick(self.lse), pick(self.lse_loc), self.probe_index[rows], self.positions[rows])
 
 
@@ -92,6 +93,8 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
             ids[r, t - len(p) :] = torch.tensor(p)
             pos[r, t - len(p) :] = context_len + torch.arange(len(p))
         valid = pos != INVALID_POS
+        dev = model.embed_tokens.weight.device
+        ids, pos, valid_dev = ids.to(dev), pos.to(dev), valid.to(dev)
         for w in wrappers:
             w.records.clear()
         cache = model.new_cache(len(idx), t, wrappers, context_len)
@@ -102,9 +105,9 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
             _, lse_loc = attention_with_lse(q, lk.float(), lv.float(), cfg.scale, visibility(pos, lpos, cfg.layer_windows[layer]))
             lse_loc = torch.logaddexp(lse_loc, lse_p)  # the rest: local tokens + exact prefix
             for store, x in zip(per_layer[layer], (q, o, lse, lse_loc)):
-                store.append(_rows(x, valid))
+                store.append(_rows(x, valid_dev))
         probe_idx.append(torch.tensor(idx)[:, None].expand(-1, t)[valid])
-        positions.append(pos[valid])
+        positions.append(pos[valid_dev].cpu())
         bar.update(len(idx))
     bar.close()
     cat = lambda xs: torch.cat(xs, 0)  # noqa: E731

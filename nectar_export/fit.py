@@ -82,7 +82,8 @@ def group_losses(heads: NectarHeads, gi: int, d: ModuleData, rows, weighting: st
 def train_heads(heads: NectarHeads, data: list[ModuleData], cfg: FitConfig, steps: int, desc: str = "train heads",
                 progress: bool = True) -> list[float]:
     """One optimisation over all modules of all groups (Adam, warmup + cosine). Returns loss curve."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same rows on CPU and GPU
+    dev = data[0].q.device
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -91,7 +92,7 @@ def train_heads(heads: NectarHeads, data: list[ModuleData], cfg: FitConfig, step
     curve = []
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for _ in bar:
-        rows = torch.randint(0, n_samples, (min(cfg.batch, n_samples),), generator=gen)
+        rows = torch.randint(0, n_samples, (min(cfg.batch, n_samples),), generator=gen).to(dev)
         total = 0.0
         for gi, d in enumerate(data):
             rel, lmse = group_losses(heads, gi, d, rows, cfg.weighting)
@@ -174,10 +175,11 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     num_layers = len(qs_train.q)
+    device = qs_train.q[0].device
     widths = uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)
     probe = None
     if cfg.allocation == "adaptive":
-        heads = NectarHeads(spec_for(widths))
+        heads = NectarHeads(spec_for(widths)).to(device)
         data = [ModuleData(qs_train, ls) for ls in heads.group_layers]
         init_statistics(heads, data, doc_kv)
         train_heads(heads, data, cfg, cfg.probe_steps, desc="allocation probe", progress=progress)
@@ -187,7 +189,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
         probe = {"uniform_widths": list(uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)),
                  "errors": errs[key]}
     torch.manual_seed(cfg.seed)
-    heads = NectarHeads(spec_for(widths))
+    heads = NectarHeads(spec_for(widths)).to(device)
     data = [ModuleData(qs_train, ls) for ls in heads.group_layers]
     init_statistics(heads, data, doc_kv)
     curve = train_heads(heads, data, cfg, cfg.steps, progress=progress)
