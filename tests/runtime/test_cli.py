@@ -93,3 +93,15 @@ def test_first_run_answers_paris(smollm2_gguf):
     r = nectar("generate", "--model", str(smollm2_gguf), "--chat", "What is the capital of France?", "--max-new-tokens", "16")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_runtime_and_cli_import_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import nectar_runtime.cli, nectar_runtime.generate, nectar_runtime.sampling, nectar_runtime.chat_session\n"
+        "import nectar_runtime.tokenizer, nectar_runtime.hub, nectar_runtime.backends.base\n"
+        "nectar_runtime.cli.build_parser()\n"
+        "print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
