@@ -1,0 +1,188 @@
+"""Nectar fidelity per manual and the quality-vs-artifact-size curve.
+
+    # fit + evaluate (GPU or CPU); probes and queries are built once per manual and reused for
+    # every (budget, allocation, variant) setting
+    python benchmarks/nectar_quality.py run --manuals ../shared/data/manuals --device cuda \
+        --budgets 0.05,0.1,0.2 --out-dir benchmarks/results/quality [--no-semantic]
+    # fill in semantic similarity from the stored answers (CPU, MiniLM), write docs + PNG
+    python benchmarks/nectar_quality.py report --out-dir benchmarks/results/quality
+
+Each setting's JSON record: manual, n_tokens, variant, allocation, budget_fraction,
+artifact_bytes, kv_bytes, methods {full, nectar, none, streaming: metrics}, answers, heldout
+per-layer errors, timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def probe_config(a):
+    from nectar_export.probes import ProbeConfig
+
+    if a.quick:  # smoke runs: a handful of probes
+        return ProbeConfig(seed=a.seed, batch_size=a.batch, templated_questions=4, model_questions=2, excerpts=2,
+                           chains=1, max_answer_tokens=24, min_position_span=128)
+    return ProbeConfig(seed=a.seed, batch_size=a.batch)
+
+
+def run(a: argparse.Namespace) -> None:
+    import torch
+
+    from nectar_export.collect import collect_queries
+    from nectar_export.config import FitConfig
+    from nectar_export.evaluate import evaluate_methods
+    from nectar_export.fit import fit_heads
+    from nectar_export.heads import nectar_contexts
+    from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
+                                        spec_factory, split_prefix)
+    from nectar_export.probes import build_probes, probe_stats, split_probes
+    from nectar_export.cli import read_questions
+    from nectar_export.streaming import streaming_contexts, streaming_tokens_for_bytes
+
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = load_base(a.model, a.device)
+    model, cfg = base.model, base.config
+    settings = [(float(b), alloc, "mlp", False) for b in a.budgets.split(",") for alloc in a.allocations.split(",")]
+    extra = [tuple(x.split(":")) for x in a.extra.split(",") if x]  # e.g. "0.2:uniform:quadrature:0"
+    settings += [(float(b), al, v, on == "1") for b, al, v, on in extra]
+    for doc in sorted(Path(a.manuals).glob("*.txt")):
+        if a.only and doc.stem not in a.only.split(","):
+            continue
+        t0 = time.time()
+        ctx = document_context(base, doc)
+        full = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device)).contexts()
+        prefix, docpart = split_prefix(full, ctx.prefix_len)
+        probes = build_probes(model, base.tokenizer, ctx, full, probe_config(a), progress=False)
+        train_p, held_p = split_probes(probes, seed=a.seed)
+        qs = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
+                             prefix_contexts=prefix, progress=False)
+        held_rows = qs.probe_index >= len(train_p)
+        qtr, qhe = qs.select(~held_rows), qs.select(held_rows)
+        t_probe = time.time() - t0
+        questions = read_questions(doc.with_suffix(".questions.jsonl"))
+        for budget, alloc, variant, on_policy in settings:
+            fcfg = FitConfig(variant=variant, allocation=alloc, budget_fraction=budget, steps=a.steps, seed=a.seed)
+            n_params, kvb = budget_params(ctx, cfg, fcfg)
+            t1 = time.time()
+            res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
+            if on_policy:
+                qs2 = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
+                                      prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads), progress=False)
+                res = fit_heads(qs2.select(~held_rows), qs2.select(held_rows), spec_factory(cfg, variant),
+                                n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
+            t_fit = time.time() - t1
+            art_bytes = 2 * res.heads.spec.total_params()  # fp16 on disk (+ a small safetensors header)
+            keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
+            methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device),
+                       "none": None, "streaming": streaming_contexts(full, keep)}
+            t2 = time.time()
+            r = evaluate_methods(model, base.tokenizer, ctx, methods, questions, progress=False, batch_size=a.batch,
+                                 embedder=None if a.semantic else False)
+            rec = {"manual": doc.stem, "n_tokens": ctx.n, "variant": variant, "allocation": alloc,
+                   "on_policy": on_policy, "budget_fraction": budget, "artifact_bytes": art_bytes, "kv_bytes": kvb,
+                   "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout,
+                   "probes": probe_stats(train_p), "timings_s": {"probes_and_queries": round(t_probe, 1),
+                   "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
+                   "device": a.device, "steps": a.steps, **r}
+            name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}.json"
+            (out_dir / name).write_text(json.dumps(rec, indent=1))
+            m = r["methods"]["nectar"]
+            print(f"{doc.stem:6s} {variant:10s} {alloc:8s} b={budget:<5g} on={int(on_policy)} "
+                  f"bytes={100 * art_bytes / kvb:5.1f}%  agree={m['agreement']:.3f} kl={m['kl']:.3f} "
+                  f"em={m['exact_match']:.2f} rouge={m['rouge_l']:.3f} | stream agree={r['methods']['streaming']['agreement']:.3f} "
+                  f"| fit {t_fit:.0f}s", flush=True)
+
+
+def report(a: argparse.Namespace) -> None:
+    from nectar_export.metrics import SemanticEmbedder, mean
+
+    out_dir = Path(a.out_dir)
+    recs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    emb = SemanticEmbedder()
+    for rec, p in zip(recs, sorted(out_dir.glob("*.json"))):
+        ans = rec["answers"]
+        for m, s in rec["methods"].items():
+            if s.get("semantic_similarity") is None:
+                s["semantic_similarity"] = mean(emb.similarity(ans[m], ans["full"]))
+        p.write_text(json.dumps(rec, indent=1))
+    write_docs(recs, a)
+
+
+def write_docs(recs: list[dict], a) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
+    lines = ["| manual | n | setting | bytes % of KV | method | " + " | ".join(cols) + " |",
+             "|---|---|---|---|---|" + "---|" * len(cols)]
+    for r in sorted(recs, key=lambda r: (r["manual"], r["variant"], r["allocation"], r["budget_fraction"], r["on_policy"])):
+        setting = f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}"
+        for m in ("nectar", "streaming", "none"):
+            s = r["methods"][m]
+            lines.append(f"| {r['manual']} | {r['n_tokens']} | {setting} | {100 * r['artifact_bytes'] / r['kv_bytes']:.1f} | {m} | "
+                         + " | ".join(f"{s[c]:.3f}" if s[c] is not None else "-" for c in cols) + " |")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("agreement", "kl")):
+        for manual in sorted({r["manual"] for r in recs}):
+            pts = sorted((100 * r["artifact_bytes"] / r["kv_bytes"], r["methods"]["nectar"][metric], r["methods"]["streaming"][metric])
+                         for r in recs if r["manual"] == manual and r["variant"] == "mlp" and r["allocation"] == "uniform" and not r["on_policy"])
+            if len(pts) < 2:
+                continue
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{manual} nectar")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=line.get_color(), alpha=0.6, label=f"{manual} streaming")
+        ax.set_xlabel("artifact bytes, % of the document's fp16 KV")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Nectar vs equal-bytes StreamingLLM (SmolLM2-135M-Instruct)")
+    fig.tight_layout()
+    img = ROOT / "docs" / "img" / "quality_vs_size.png"
+    img.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(img, dpi=110)
+    block = "\n".join(["<!-- quality:begin -->", f"Records: `{a.out_dir}` ({len(recs)} settings).", "",
+                       *lines, "", "![quality vs size](img/quality_vs_size.png)", "<!-- quality:end -->"])
+    doc = ROOT / "docs" / "results.md"
+    text = doc.read_text() if doc.exists() else "# Results\n\n<!-- quality:begin -->\n<!-- quality:end -->\n"
+    start, end = text.index("<!-- quality:begin -->"), text.index("<!-- quality:end -->") + len("<!-- quality:end -->")
+    doc.write_text(text[:start] + block + text[end:])
+    print(f"wrote {doc} and {img}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--manuals", default=str(ROOT.parent / "shared" / "data" / "manuals"))
+    r.add_argument("--only", default="", help="comma-separated manual names")
+    r.add_argument("--model", default=None)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--budgets", default="0.2")
+    r.add_argument("--allocations", default="uniform")
+    r.add_argument("--extra", default="", help="more settings: budget:allocation:variant:onpolicy, comma-separated")
+    r.add_argument("--steps", type=int, default=1200)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch", type=int, default=16, help="generation batch for probes and evaluation")
+    r.add_argument("--no-semantic", dest="semantic", action="store_false")
+    r.add_argument("--quick", action="store_true", help="tiny probe set (smoke test)")
+    r.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    r.set_defaults(func=run)
+    q = sub.add_parser("report")
+    q.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    q.set_defaults(func=report)
+    a = p.parse_args(argv)
+    a.func(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
