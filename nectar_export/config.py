@@ -12,7 +12,7 @@ WEIGHT_FLOOR = 0.02
 @dataclass(frozen=True)
 class FitConfig:
     variant: str = "mlp"
-    allocation: str = "uniform"
+    allocation: str = "adaptive"  # beat uniform on 6/6 manuals in KL (docs/results.md)
     budget_fraction: float = 0.20  # of the document's fp16 KV bytes, unless budget_mb is set
     budget_mb: float | None = None
     steps: int = 1200
