@@ -27,8 +27,9 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
     fit_cfg = _fit_config(a)
     probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
-    if not Path(a.document).is_file():
-        raise NectarError(f"{a.document}: no such document file")
+    from .context import read_document
+
+    read_document(a.document)  # empty / binary / non-UTF-8: refuse before loading the model
     import torch
 
     torch.manual_seed(a.seed)

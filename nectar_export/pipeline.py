@@ -110,8 +110,8 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     timer = StageTimer()
     torch.manual_seed(fit_cfg.seed)
     model, cfg = base.model, base.config
+    ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
     with timer.stage("prefill document", log):
-        ctx = document_context(base, doc_path)
         cache = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device))
         full = cache.contexts()
         prefix, doc = split_prefix(full, ctx.prefix_len)

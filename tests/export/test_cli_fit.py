@@ -1,0 +1,94 @@
+"""`nectar fit / ask / eval` on the real SmolLM2: a small end-to-end run and the bad-input paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.runtime.test_cli import assert_one_line_error, nectar
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory, smollm2_gguf):
+    """A quickly fitted artifact for a ~700-token excerpt (tiny probe set, few steps)."""
+    import torch
+
+    from nectar_export.config import FitConfig
+    from nectar_export.pipeline import fit_document, load_base
+    from nectar_export.probes import ProbeConfig
+
+    d = tmp_path_factory.mktemp("fit")
+    doc = d / "doc.txt"
+    doc.write_text(open(_manual()).read()[:3000])
+    torch.manual_seed(0)
+    base = load_base(str(smollm2_gguf))
+    probe_cfg = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1,
+                            max_answer_tokens=16, min_position_span=64, batch_size=8)
+    m = fit_document(base, doc, d / "art", FitConfig(steps=30, probe_steps=5), probe_cfg, progress=False, log=lambda s: None)
+    return d / "art", m
+
+
+def _manual() -> str:
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "manuals" / "sed.txt"
+    if not p.is_file():
+        pytest.skip("../shared/data/manuals not beside the checkout")
+    return str(p)
+
+
+@pytest.mark.real
+def test_fit_writes_a_complete_artifact(small_artifact):
+    art, m = small_artifact
+    assert sorted(p.name for p in art.iterdir()) == ["document.txt", "heads.safetensors", "manifest.json"]
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["document"]["n_tokens"] > 500 and man["artifact_bytes"] < man["kv_bytes"] * 0.25
+    assert len(man["metrics"]["heldout"]["o_rel_error"]) == 30
+    assert set(man["timings_s"]) >= {"prefill document", "build probes", "collect queries", "fit heads"}
+
+
+@pytest.mark.real
+def test_ask_and_eval_from_the_artifact(small_artifact, tmp_path):
+    art, _ = small_artifact
+    r = nectar("ask", str(art), "What does sed do?", "--max-new-tokens", "12")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    q = tmp_path / "q.jsonl"
+    q.write_text("\n".join(json.dumps({"id": f"q{i}", "question": t, "answer": "sed"}) for i, t in
+                           enumerate(["What is sed?", "How do I print only matching lines?"])))
+    out = tmp_path / "eval.json"
+    r = nectar("eval", str(art), "--questions", str(q), "--json", str(out), "--max-answer-tokens", "12", "--no-semantic")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"full", "nectar", "none", "streaming"}
+    for m in res["methods"].values():
+        assert {"agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy"} <= set(m)
+    assert res["methods"]["full"]["agreement"] == 1.0 and res["artifact_bytes"] > 0 and res["kv_bytes"] > 0
+
+
+@pytest.mark.real
+def test_artifact_refuses_a_different_base_model(small_artifact, tmp_path, gemma3_gguf):
+    art, _ = small_artifact
+    r = nectar("ask", str(art), "hi", "--model", str(gemma3_gguf))
+    assert_one_line_error(r, "sha256")
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"\x00\x01binary", "binary"), (b"caf\xe9 au lait", "UTF-8")])
+def test_fit_refuses_bad_documents(tmp_path, content, needle, smollm2_gguf):
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(content)
+    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "art"))
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "art").exists()
+
+
+def test_fit_refuses_a_document_beyond_the_window(tmp_path, smollm2_gguf):
+    doc = tmp_path / "big.txt"
+    doc.write_text("word " * 9000)
+    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "art"))
+    assert_one_line_error(r, "9", "8192")
+    assert not (tmp_path / "art").exists()
+
+
+def test_eval_and_ask_refuse_a_non_artifact(tmp_path):
+    assert_one_line_error(nectar("ask", str(tmp_path), "hi"), "not a Nectar artifact")
+    assert_one_line_error(nectar("eval", str(tmp_path / "nope"), "--questions", "x.jsonl"), "no such")
