@@ -308,8 +308,8 @@ def test_real_build_on_a_manual_piece(smollm2_gguf):
     text = GREP.read_text(encoding="utf-8")[:2600] if GREP.exists() else MAN  # ~670 tokens
     ctx = make_context(tok, text, model.config.max_position)
     contexts = model.prefill_document(torch.tensor([ctx.context_ids])).contexts()
-    cfg = ProbeConfig(templated_questions=6, model_questions=3, excerpts=3, chains=2, max_answer_tokens=40,
-                      max_question_tokens=32)
+    cfg = ProbeConfig(templated_questions=6, model_questions=3, excerpts=3, chains=2, max_answer_tokens=32,
+                      max_question_tokens=24, batch_size=8)  # ~20 s on 2 idle cores
     probes = build_probes(model, tok, ctx, contexts, cfg, progress=False)
     stats = probe_stats(probes)
     assert all(stats["per_kind"][k] > 0 for k in P.KINDS if k != "model_question"), stats
