@@ -74,6 +74,37 @@ def machine_info(threads: int) -> dict:
     }
 
 
+class CpuContention:
+    """CPU time other processes used while we ran: all busy CPU time (/proc/stat) minus our own.
+
+    Every number here assumes the cores are ours alone; load averages lag by minutes, this does not.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # all but idle and iowait
+        t = os.times()
+        return busy, t.user + t.system, time.monotonic()
+
+    def result(self) -> dict | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        other = max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
+        wall = end[2] - self.start[2]
+        cores = os.cpu_count() or 1
+        return {"other_processes_cpu_s": round(other, 2), "wall_s": round(wall, 1),
+                "other_processes_share_of_cores": round(other / (wall * cores), 4)}
+
+
 def load_tokens(gguf: Path) -> tuple[list[int], list[int], str]:
     """(document token ids, question token ids, which tokenizer) from the GGUF's tokenizer."""
     text = "".join(p.read_text(encoding="utf-8") for p in sorted(MANUALS.glob("*.txt")))
@@ -244,6 +275,9 @@ def docs_section(report: dict, png_rel: str) -> str:
     )
     verdict = ("**Verdict:** ours is not slower than transformers at every n" if all(verdict_ok)
                else "**Verdict:** ours is SLOWER than transformers at some n") + f" (ours/transformers decode tok/s: {ratios})."
+    ties = [n for n in sorted(res, key=int) if _overlap(res[n]["ours"], res[n]["transformers"])]
+    if ties:
+        verdict += (f" At n={', '.join(ties)} the two sides' per-run tok/s ranges overlap: a tie within run-to-run spread.")
     if not all(res[n]["tokens_equal"] for n in res):
         verdict += " Greedy tokens differ at some n."
     return "\n".join([
@@ -254,7 +288,8 @@ def docs_section(report: dict, png_rel: str) -> str:
         f"tokens of the manual excerpts, then a {cfg['question_tokens']}-token question, then 1 + {cfg['new_tokens']} "
         f"new tokens. Decode tok/s = {cfg['new_tokens']} / (time of last token - time of first token), one timestamp "
         f"per token in the same run on both sides (ours: each `generate_ids` yield; transformers: a `generate` "
-        f"streamer). Prefill = time to the first new token (ours: document prefill + question prefill). Median of "
+        f"streamer; chosen over generate(1 + G) - generate(1), which mixes the noise of two separate prefills "
+        f"into the decode time). Prefill = time to the first new token (ours: document prefill + question prefill). Median of "
         f"{cfg['repeats']} runs after one warm-up each.",
         "",
         "```",
@@ -262,7 +297,8 @@ def docs_section(report: dict, png_rel: str) -> str:
         "```",
         "",
         f"Machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch_version']} "
-        f"({info['torch_threads']} threads), transformers {info['transformers_version']}, Python {info['python_version']}.",
+        f"({info['torch_threads']} threads), transformers {info['transformers_version']}, Python {info['python_version']}. "
+        + _contention_text(report.get("contention")),
         "",
         *rows,
         "",
@@ -271,6 +307,19 @@ def docs_section(report: dict, png_rel: str) -> str:
         verdict,
         END,
     ])
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    ra, rb = a["runs"]["tokens_per_s"], b["runs"]["tokens_per_s"]
+    return min(ra) <= max(rb) and min(rb) <= max(ra)
+
+
+def _contention_text(c: dict | None) -> str:
+    if not c:
+        return "Other processes' CPU use during the run: not measured."
+    return (f"Other processes used {c['other_processes_cpu_s']:.1f} CPU-seconds during the {c['wall_s']:.0f} s run "
+            f"({100 * c['other_processes_share_of_cores']:.1f}% of the cores); ours and transformers alternate run by "
+            f"run, so any such disturbance falls on both.")
 
 
 def write_docs(path: Path, section: str) -> None:
@@ -326,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     log("loading transformers (gguf, float32)")
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
+    meter = CpuContention()
     log(f"warm-up (n={min(ns)}, both)")
     run_ours(ours, doc_all[: min(ns)], question, steps)
     run_hf(hf, doc_all[: min(ns)], question, steps)
@@ -351,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"n={n}: ours {o['tokens_per_s']:.1f} tok/s ({o['ms_per_token']:.1f} ms), transformers "
             f"{h['tokens_per_s']:.1f} tok/s ({h['ms_per_token']:.1f} ms), tokens equal: {equal}")
 
+    contention = meter.result()
+    if contention:
+        log(f"other processes used {contention['other_processes_cpu_s']:.1f} CPU-s during the run "
+            f"({100 * contention['other_processes_share_of_cores']:.1f}% of the cores)")
     cmd_args = [a for a in (argv if argv is not None else sys.argv[1:])]
     report = {
         "benchmark": "decode_cpu",
@@ -359,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_file": gguf.name,
         "dtype": "float32",
         "machine": info,
+        "contention": contention,
         "config": {"n": ns, "new_tokens": steps, "repeats": args.repeats, "question": QUESTION,
                    "question_tokens": len(question), "tokenizer": which,
                    "timing": "one timestamp per new token in the same run; tokens/s = G / (t_last - t_first); "

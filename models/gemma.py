@@ -23,8 +23,8 @@ class GemmaBlock(DecoderBlock):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.norm_offset)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.norm_offset)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, cache))
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache, tables: dict | None = None) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, cache, tables))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 

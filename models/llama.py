@@ -6,6 +6,8 @@ Attention is computed as local part + context part merged by log-sum-exp (attent
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
 
@@ -13,6 +15,13 @@ from .attention import attention_with_lse, chunked_attention_with_lse, merge_att
 from .cache import KVCache, LayerCache, new_cache
 from .config import ModelConfig
 from .layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@lru_cache(maxsize=None)
+def _shared_inv_freq(rope, head_dim: int) -> torch.Tensor:
+    """One fp32 inverse-frequency table per (RoPE config, head dim), shared by all layers using it."""
+    with torch.device("cpu"):
+        return rope_inv_freq(rope, head_dim)
 
 
 class Attention(nn.Module):
@@ -37,10 +46,20 @@ class Attention(nn.Module):
 
     def init_rope(self) -> None:
         """fp32 inverse frequencies; a plain attribute so `.to(dtype)` never rounds them."""
-        with torch.device("cpu"):
-            self.inv_freq = rope_inv_freq(self.rope, self.d)
+        self.inv_freq = _shared_inv_freq(self.rope, self.d)
 
-    def project_qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rope_tables(self, pos: torch.Tensor, device, tables: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `pos`; `tables` (one dict per forward pass) shares them between layers
+        that use the same RoPE table, so they are computed once per pass, not once per layer."""
+        key = id(self.inv_freq)
+        if tables is None or key not in tables:
+            cs = rope_cos_sin(self.inv_freq.to(device), pos.clamp(max=1 << 24))
+            if tables is None:
+                return cs
+            tables[key] = cs
+        return tables[key]
+
+    def project_qkv(self, x: torch.Tensor, pos: torch.Tensor, tables: dict | None = None):
         """x: [B, T, hidden], pos: [B, T] -> q: [B, Hkv, G, T, D], k, v: [B, Hkv, T, D] (post-RoPE)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B, H, T, D]
@@ -48,27 +67,37 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), pos.clamp(max=1 << 24))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = self.rope_tables(pos, x.device, tables)
+        # q and k through one RoPE call (element-wise, so bit-identical to two): fewer small ops.
+        q, k = apply_rope(torch.cat([q, k], dim=1), cos, sin).split([self.h, self.hkv], dim=1)
         # Query head h belongs to KV head h // G (HF's repeat_kv order).
         return q.view(b, self.hkv, self.g, t, self.d), k, v
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache, tables: dict | None = None) -> torch.Tensor:
         """x: [B, T, hidden], pos: [B, T] -> [B, T, hidden]; appends this step's k, v to cache.local."""
         b, t, _ = x.shape
-        q, k, v = self.project_qkv(x, pos)
+        q, k, v = self.project_qkv(x, pos, tables)
         cache.local.append(k, v, pos)
         lk, lv, lpos = cache.local.view()
         if cache.context is None:
             o = sdpa_local(q, lk, lv, visibility(pos, lpos, self.window), self.scale)
         else:
             if t == 1:
-                o_loc, lse_loc = attention_with_lse(q, lk, lv, self.scale, visibility(pos, lpos, self.window))
+                # The usual decode step: every local key is visible, so no mask to build or apply
+                # (checked on CPU only, where reading the flag back costs no device sync).
+                if not self.window and pos.device.type == "cpu" and bool((lpos <= pos).all()):
+                    vis = None
+                else:
+                    vis = visibility(pos, lpos, self.window)
+                o_loc, lse_loc = attention_with_lse(q, lk, lv, self.scale, vis)
             else:
                 o_loc, lse_loc = chunked_attention_with_lse(q, lk, lv, self.scale, pos, lpos, self.window)
             o_ctx, lse_ctx = cache.context(q, pos)
             o = merge_attention(o_ctx, lse_ctx, o_loc, lse_loc)
-        o = o.reshape(b, self.h, t, self.d).transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
+        if t == 1:  # [B, H, 1, D] and [B, 1, H, D] hold the same element order
+            o = o.reshape(b, 1, self.h * self.d)
+        else:
+            o = o.reshape(b, self.h, t, self.d).transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
         return self.o_proj(o)
 
 
@@ -82,8 +111,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.norm_offset)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), pos, cache)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache, tables: dict | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), pos, cache, tables)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,8 +143,9 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """ids, pos: [B, T] -> logits [B, T, V] fp32 ([B, 1, V] if last_only). Appends to the cache."""
         x = self.embed(ids)
+        tables: dict = {}  # RoPE cos/sin of this pass, shared by layers with the same table
         for block, lc in zip(self.layers, cache.layers):
-            x = block(x, pos, lc)
+            x = block(x, pos, lc, tables)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()

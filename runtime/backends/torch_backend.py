@@ -45,6 +45,9 @@ class TorchBackend:
         torch = self.torch
         dev = self.model.embed_tokens.weight.device
         pos = torch.from_numpy(np.where(positions == PAD_POSITION, INVALID_POS, positions)).to(dev)
-        with torch.no_grad():
+        # inference_mode, not just no_grad: no autograd or version-counter bookkeeping on the
+        # ~3k small ops of a decode step (~0.2 us each on CPU). The cache buffers are normal
+        # tensors (from reset) written in place here, which inference mode allows.
+        with torch.inference_mode():
             logits = self.model(torch.from_numpy(ids).to(dev), pos, self.cache, last_only=True)
         return logits[:, -1].cpu().numpy()
