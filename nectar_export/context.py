@@ -73,8 +73,10 @@ def make_context(tokenizer, text: str, max_position: int, source: str = "documen
         body = tokenizer.encode(context_text[len(prefix_text) :], add_special_tokens=False)
     else:
         context_text = text
-        prefix = [tokenizer.bos_token_id] if tokenizer.encode("a", add_special_tokens=True)[:1] == [tokenizer.bos_token_id] else []
         body = tokenizer.encode(text, add_special_tokens=False)
+        full = tokenizer.encode(text, add_special_tokens=True)
+        # whatever the tokenizer puts in front (BOS) is the prefix; an appended EOS is dropped
+        prefix = full[: full.index(body[0])] if body and body[0] in full else []
     ids = prefix + body
     if len(ids) + reserve > max_position:
         raise NectarError(
