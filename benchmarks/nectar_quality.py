@@ -149,7 +149,7 @@ def write_docs(recs: list[dict], a) -> None:
     img = ROOT / "docs" / "img" / "quality_vs_size.png"
     img.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(img, dpi=110)
-    block = "\n".join(["<!-- quality:begin -->", f"Records: `{a.out_dir}` ({len(recs)} settings).", "",
+    block = "\n".join(["<!-- quality:begin -->", f"Records: `{Path(a.out_dir).resolve().relative_to(ROOT) if Path(a.out_dir).resolve().is_relative_to(ROOT) else a.out_dir}` ({len(recs)} settings).", "",
                        *lines, "", "![quality vs size](img/quality_vs_size.png)", "<!-- quality:end -->"])
     doc = ROOT / "docs" / "results.md"
     text = doc.read_text() if doc.exists() else "# Results\n\n<!-- quality:begin -->\n<!-- quality:end -->\n"

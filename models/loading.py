@@ -7,7 +7,6 @@ be present exactly once with the expected shape, and no tensor may be left over.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +226,3 @@ def _hf_name(k: str) -> str:
         if k.startswith(p):
             return k[len(p) :]
     return k
-
-
-def model_info_json(lm: LoadedModel) -> str:
-    return json.dumps({"path": str(lm.path), "sha256": lm.weights_sha256, "config": json.loads(lm.config.to_json())})

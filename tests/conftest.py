@@ -18,17 +18,18 @@ def _pulled(name: str) -> Path | None:
         return None
 
 
+def _real_model(name: str) -> Path:
+    p = _pulled(name)
+    if p is None:
+        pytest.skip(f"{name} not available and `nectar pull {name}` failed")
+    return p
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    p = _pulled("smollm2-135m-instruct")
-    if p is None:
-        pytest.skip("SmolLM2 not available and `nectar pull smollm2-135m-instruct` failed")
-    return p
+    return _real_model("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> Path:
-    p = _pulled("gemma3-270m")
-    if p is None:
-        pytest.skip("Gemma 3 270M not available and `nectar pull gemma3-270m` failed")
-    return p
+    return _real_model("gemma3-270m")
