@@ -11,7 +11,7 @@ import numpy as np
 from nectar_runtime.backends.torch_backend import TorchBackend
 from nectar_runtime.generate import GenerationConfig, generate_ids
 
-from .context import DocumentContext, local_ids
+from nectar_runtime.document import DocumentContext, local_ids
 
 
 def generate_answers(

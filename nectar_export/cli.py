@@ -27,7 +27,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
     fit_cfg = _fit_config(a)
     probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
-    from .context import read_document
+    from nectar_runtime.document import read_document
 
     read_document(a.document)  # empty / binary / non-UTF-8: refuse before loading the model
     import torch

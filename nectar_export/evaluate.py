@@ -22,7 +22,7 @@ from nectar_models.attention import INVALID_POS
 from nectar_runtime.generate import GenerationConfig
 
 from .answering import decode_answers, generate_answers
-from .context import DocumentContext, local_ids
+from nectar_runtime.document import DocumentContext, local_ids
 from .metrics import SemanticEmbedder, exact_match, mean, qa_accuracy, rouge_l
 
 REFERENCE = "full"

@@ -15,7 +15,7 @@ import torch
 
 from nectar_runtime.errors import NectarError
 
-from .context import DocumentContext, make_context, read_document
+from nectar_runtime.document import DocumentContext, make_context, read_document
 from .config import FitConfig
 from .fit import FitResult, fit_heads
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
@@ -230,7 +230,7 @@ def open_artifact_session(art: str | Path, device: str = "cpu", dtype: str = "fl
     from nectar_runtime.backends.torch_backend import TorchBackend
     from nectar_runtime.chat_session import ChatSession
 
-    from .context import local_ids
+    from nectar_runtime.document import local_ids
 
     oa = open_artifact(art, device, model)
     if dtype != "float32":

@@ -37,7 +37,7 @@ from nectar_runtime.generate import GenerationConfig
 from nectar_runtime.sampling import SamplingConfig
 
 from .answering import decode_answers, generate_answers
-from .context import DocumentContext, local_ids
+from nectar_runtime.document import DocumentContext, local_ids
 from .doc_structure import STOPWORDS, DocStructure, OptionDef, extract_structure
 
 KINDS = ("templated", "model_question", "answer_greedy", "answer_sampled", "excerpt", "chain")

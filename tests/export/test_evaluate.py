@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nectar_export.context import local_ids, make_context
+from nectar_runtime.document import local_ids, make_context
 from nectar_export.evaluate import evaluate_methods, format_table, teacher_forced_logprobs
 from nectar_export.streaming import kv_bytes, streaming_contexts, streaming_tokens_for_bytes
 from nectar_models.config import ModelConfig

@@ -113,7 +113,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_exact_prefix_plus_heads_equal_to_full_context_when_heads_are_exact(tiny):
     """Quadrature nodes = the document's own keys/values: prefix + heads reproduce full attention."""
-    from nectar_export.context import DocumentContext
+    from nectar_runtime.document import DocumentContext
     from nectar_export.pipeline import nectar_with_prefix, split_prefix
 
     model, cache, probes = tiny

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from nectar_export import probes as P
-from nectar_export.context import make_context
+from nectar_runtime.document import make_context
 from nectar_export.doc_structure import extract_structure, find_options
 from nectar_export.probes import Probe, ProbeConfig, build_probes, probe_stats, question_key, split_probes
 

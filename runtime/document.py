@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from nectar_runtime.errors import NectarError
+from .errors import NectarError
 
 SEPARATOR = "\n\n"
 _MARK = "\u2063NECTAR_SPLIT\u2063"  # invisible separator: never appears in real text

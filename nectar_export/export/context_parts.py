@@ -1,0 +1,116 @@
+"""What stands for the document inside an exported graph, per layer: "context parts".
+
+One small abstraction with three implementations (taken from a model + artifact in torch, handed
+to the graph writer as numpy):
+
+- `BakedKV`: exact keys/values stored as constants. Their scores join the local tokens' scores in
+  one softmax. Used for the whole document (`--method full`), for the few template-prefix tokens
+  in front of it (`--method nectar`), and for quadrature heads (learned nodes + a bias per node:
+  a learned compact cache is attention over constants too).
+- `MLPHeads`: a Nectar target + score network, standardization folded into the weights, merged
+  with the exact part by log-sum-exp: w = σ(g(q) − lse_exact), o = w·f(q) + (1 − w)·o_exact.
+
+Shapes per layer: k/v `[Hkv, c, D]`, positions `[c]`, bias `[Hkv, 1, c]`; MLP weights are
+stacked over KV heads `[Hkv, ...]` and applied to queries grouped as `[B, Hkv, G*T, D]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BakedKV:
+    """Exact attention over constant keys/values. `positions` (absolute, for sliding-window
+    layers) may be None when every query sees every baked key; `bias` is added to the scores."""
+
+    name: str  # "document" | "prefix" | "nodes": part of the node/weight names
+    k: np.ndarray  # [Hkv, c, D], post-RoPE
+    v: np.ndarray  # [Hkv, c, D]
+    positions: np.ndarray | None = None  # [c] int64
+    bias: np.ndarray | None = None  # [Hkv, 1, c] fp32
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass(frozen=True)
+class MLPHeads:
+    """A layer's MLP heads with standardization folded in, as three fused matmuls per KV head:
+
+    z = q @ wa + ba            wa: [Hkv, D, h + hs + D]  ->  split (z_target|z_score, skip)
+    a = gelu(gelu(z) @ w2 + b2)   w2: [Hkv, h + hs, h + hs] (block-diagonal: target | score)
+    y = a @ w3 + b3            w3: [Hkv, h + hs, D + 1]   (block-diagonal)
+    f = y[..., :D] + skip,  g = y[..., D]
+    """
+
+    wa: np.ndarray
+    ba: np.ndarray  # [Hkv, 1, h + hs + D]
+    w2: np.ndarray
+    b2: np.ndarray  # [Hkv, 1, h + hs]
+    w3: np.ndarray
+    b3: np.ndarray  # [Hkv, 1, D + 1]
+
+    @property
+    def hidden(self) -> int:
+        return self.w2.shape[1]
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """Everything standing for the document in one layer."""
+
+    baked: tuple[BakedKV, ...] = ()
+    heads: MLPHeads | None = None
+
+
+def fold_mlp_heads(group, sel: slice) -> MLPHeads:
+    """Fold one layer's modules `sel` of an `MLPGroup` (torch) into an `MLPHeads` (fp64 math,
+    stored fp32): x = (q − μ)/σ enters the first layers, o_std/o_mean and l_std/l_mean the last."""
+    import torch
+
+    def t(name):
+        return getattr(group, name)[sel].detach().to(torch.float64).cpu().numpy()
+
+    q_mean, q_std = t("q_mean"), t("q_std")  # [M, 1, D], [M, 1, 1]
+    o_mean, o_std, l_mean, l_std = t("o_mean"), t("o_std"), t("l_mean"), t("l_std")  # [M,1,D],[M,1,1],[M,1],[M,1]
+    w1, b1, w2, b2, w3, b3, skip = (t(n) for n in ("w1", "b1", "w2", "b2", "w3", "b3", "skip"))
+    s1, sb1, s2, sb2, s3, sb3 = (t(n) for n in ("s1", "sb1", "s2", "sb2", "s3", "sb3"))
+    m, d, h = w1.shape
+    hs = s1.shape[2]
+
+    def standardize_in(w, b):  # (q − μ)/σ @ w + b = q @ (w/σ) + (b − (μ/σ) @ w)
+        return w / q_std, b - (q_mean / q_std) @ w
+
+    w1f, b1f = standardize_in(w1, b1)
+    s1f, sb1f = standardize_in(s1, sb1)
+    skf, skb = standardize_in(skip, np.zeros((m, 1, d)))
+    wa = np.concatenate([w1f, s1f, skf * o_std], axis=2)
+    ba = np.concatenate([b1f, sb1f, skb * o_std], axis=2)
+    w2bd = np.zeros((m, h + hs, h + hs))
+    w2bd[:, :h, :h], w2bd[:, h:, h:] = w2, s2
+    b2bd = np.concatenate([b2, sb2], axis=2)
+    w3bd = np.zeros((m, h + hs, d + 1))
+    w3bd[:, :h, :d], w3bd[:, h:, d:] = w3 * o_std, s3 * l_std[..., None]
+    b3bd = np.concatenate([b3 * o_std + o_mean, sb3 * l_std[..., None] + l_mean[..., None]], axis=2)
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    return MLPHeads(f32(wa), f32(ba), f32(w2bd), f32(b2bd), f32(w3bd), f32(b3bd))
+
+
+def quadrature_nodes(group, sel: slice) -> BakedKV:
+    """One layer's quadrature modules as baked KV with a per-node score bias."""
+    k = group.keys[sel].detach().float().cpu().numpy()
+    v = group.values[sel].detach().float().cpu().numpy()
+    bias = group.bias[sel].detach().float().cpu().numpy()  # [Hkv, 1, m]
+    return BakedKV("nodes", k, v, None, bias)
+
+
+def exact_kv(ctx_attention, name: str) -> BakedKV:
+    """An `ExactContextAttention` (batch 1) of one layer as baked KV."""
+    k = ctx_attention.k[0].detach().float().cpu().numpy()
+    v = ctx_attention.v[0].detach().float().cpu().numpy()
+    pos = ctx_attention.positions[0].detach().cpu().numpy().astype(np.int64) if ctx_attention.window else None
+    return BakedKV(name, k, v, pos)

@@ -1,0 +1,366 @@
+"""The decoder as one ONNX graph (standard ops, opset 17), with the document baked in as
+per-layer context parts (context_parts.py) — exact KV, or Nectar heads, never both.
+
+Graph interface (B batch, T new tokens, P past slots, S = P + T):
+
+    inputs   input_ids             [B, T] int64
+             position_ids          [B, T] int64   absolute; the first local token sits at n (the
+                                                  context length); padding rows may hold anything
+             attention_mask        [B, S] int64   1 = a real token in that past slot / new token
+             past_key_values.{i}.key|value [B, Hkv, P, D]  local tokens only, post-RoPE
+    outputs  logits                [B, 1, V] fp32 the last position's
+             present.{i}.key|value [B, Hkv, T, D]  this call's tokens only: the runtime writes
+                                                  them into its pre-allocated past buffers
+
+The past buffer may hold empty slots (mask 0) anywhere: key positions are rebuilt from the mask
+(n + cumsum − 1), so a fixed-capacity buffer is passed as is, no per-token reshaping or copying.
+One graph serves prefill (T > 1) and decode (T = 1).
+
+Node names: `/model/embed/*`, `/model/masks/*`, `/model/rope.{r}/*`, `/model/layers.{i}/{input_norm,
+attn,post_attn_norm,mlp}/*` (attention: `qkv_proj`, `qk_rope`, `scores`, `context.{part}`,
+`nectar_heads`, `merge`, `o_proj`), `/model/final_norm/*`, `/model/lm_head/MatMul`; weights
+`model.layers.{i}.attn.qkv_proj.weight` etc. (see docs/onnx.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from .context_parts import BakedKV, LayerContext, MLPHeads
+from .graph_builder import GraphBuilder, onnx_dtype
+
+NEG = -1e9  # additive mask value: finite, so a row with no visible key stays NaN-free
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Shapes and family flags the graph needs (a subset of nectar_models' ModelConfig)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    scale: float
+    layer_windows: tuple[int, ...]
+    layer_rope: tuple[int, ...]  # index into `inv_freqs` per layer
+    inv_freqs: tuple[np.ndarray, ...]  # [D/2] fp32 per RoPE table
+    context_len: int  # n: position of the first local token
+    qk_norm: bool
+    sandwich_norms: bool
+    embed_scale: float | None
+    activation: str  # "silu" | "gelu_tanh"
+    attention_bias: bool
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class LayerWeights:
+    """One layer, matmul weights as [in, out] (x @ W), norms with any offset folded in."""
+
+    input_norm: np.ndarray
+    qkv: np.ndarray  # [hidden, (Hq + 2 Hkv) D]
+    qkv_bias: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    o_proj: np.ndarray  # [Hq D, hidden]
+    post_attn_norm: np.ndarray
+    pre_ff_norm: np.ndarray | None  # sandwich (Gemma): pre/post feed-forward norms
+    post_ff_norm: np.ndarray | None
+    gate_up: np.ndarray  # [hidden, 2 I]
+    down: np.ndarray  # [I, hidden]
+
+
+@dataclass
+class DecoderWeights:
+    embed_t: np.ndarray  # [hidden, V]: the tied embedding, transposed (lookup = Gather axis 1)
+    lm_head: np.ndarray | None  # [hidden, V] when not tied
+    final_norm: np.ndarray
+    layers: list[LayerWeights]
+
+
+class DecoderGraphWriter:
+    """Writes the decoder into a GraphBuilder. `attention_op` (optional) replaces the standard-op
+    attention of each layer (e.g. by one custom `NectarAttention` node for TensorRT)."""
+
+    def __init__(self, spec: GraphSpec, weights: DecoderWeights, contexts: list[LayerContext],
+                 dtype=np.float32, attention_op=None):
+        self.s, self.w, self.ctx, self.dt = spec, weights, contexts, np.dtype(dtype)
+        self.b = GraphBuilder()
+        self.attention_op = attention_op or StandardAttention()
+
+    # ----------------------------------------------------------------- small helpers
+    def f32(self, x: str, name: str) -> str:
+        return x if self.dt == np.float32 else self.b.op("Cast", [x], name, to=TensorProto.FLOAT)
+
+    def to_dt(self, x: str, name: str) -> str:
+        return x if self.dt == np.float32 else self.b.op("Cast", [x], name, to=onnx_dtype(self.dt))
+
+    def rms_norm(self, x: str, w: np.ndarray, prefix: str, wname: str) -> str:
+        """Pow → ReduceMean → Add → Sqrt → Div → Mul: the pattern ORT fuses into one kernel."""
+        b = self.b
+        xf = self.f32(x, f"{prefix}/Cast_in")
+        sq = b.op("Pow", [xf, b.const(2.0, np.float32)], f"{prefix}/Pow")
+        ms = b.op("ReduceMean", [sq], f"{prefix}/ReduceMean", axes=[-1], keepdims=1)
+        rs = b.op("Sqrt", [b.op("Add", [ms, b.const(self.s.rms_eps, np.float32)], f"{prefix}/Add")], f"{prefix}/Sqrt")
+        y = b.op("Mul", [b.op("Div", [xf, rs], f"{prefix}/Div"), b.weight(wname, w.astype(np.float32))], f"{prefix}/Mul")
+        return self.to_dt(y, f"{prefix}/Cast_out")
+
+    def matmul(self, x: str, w: np.ndarray, prefix: str, wname: str) -> str:
+        return self.b.op("MatMul", [x, self.b.weight(wname, w.astype(self.dt))], f"{prefix}/MatMul")
+
+    def gelu_erf(self, x: str, prefix: str) -> str:
+        """x/2 (1 + erf(x/√2)): the exact GELU, as ORT's Gelu fusion expects it."""
+        b = self.b
+        e = b.op("Erf", [b.op("Div", [x, b.const(np.sqrt(2.0), np.float32)], f"{prefix}/Div")], f"{prefix}/Erf")
+        half = b.op("Mul", [x, b.const(0.5, np.float32)], f"{prefix}/Mul_half")
+        return b.op("Mul", [half, b.op("Add", [e, b.const(1.0, np.float32)], f"{prefix}/Add")], f"{prefix}/Mul")
+
+    def activation(self, x: str, prefix: str) -> str:
+        b = self.b
+        if self.s.activation == "silu":
+            return b.op("Mul", [x, b.op("Sigmoid", [x], f"{prefix}/Sigmoid")], f"{prefix}/Mul")
+        # tanh GELU: x/2 (1 + tanh(√(2/π) (x + 0.044715 x³)))
+        c = lambda v: b.const(v, self.dt)  # noqa: E731
+        x3 = b.op("Mul", [b.op("Mul", [x, x], f"{prefix}/Mul_sq"), x], f"{prefix}/Mul_cube")
+        inner = b.op("Add", [x, b.op("Mul", [x3, c(0.044715)], f"{prefix}/Mul_c")], f"{prefix}/Add_inner")
+        th = b.op("Tanh", [b.op("Mul", [inner, c(np.sqrt(2 / np.pi))], f"{prefix}/Mul_k")], f"{prefix}/Tanh")
+        half = b.op("Mul", [x, c(0.5)], f"{prefix}/Mul_half")
+        return b.op("Mul", [half, b.op("Add", [th, c(1.0)], f"{prefix}/Add_one")], f"{prefix}/Mul")
+
+    # ----------------------------------------------------------------- graph parts
+    def inputs(self) -> dict:
+        b, s = self.b, self.s
+        kv = onnx_dtype(self.dt)
+        io = {
+            "ids": b.input("input_ids", TensorProto.INT64, ["batch", "tokens"]),
+            "pos": b.input("position_ids", TensorProto.INT64, ["batch", "tokens"]),
+            "mask": b.input("attention_mask", TensorProto.INT64, ["batch", "past_plus_tokens"]),
+            "past": [],
+        }
+        for i in range(s.num_layers):
+            io["past"].append(tuple(
+                b.input(f"past_key_values.{i}.{kind}", kv, ["batch", s.num_kv_heads, "past", s.head_dim])
+                for kind in ("key", "value")
+            ))
+        return io
+
+    def masks(self, mask: str, pos: str) -> dict:
+        """Additive score masks [B, 1, G*T, S] for the local keys, one per distinct window, and
+        [B, 1, G*T, c] for baked keys with positions (sliding-window layers over a document)."""
+        b, s = self.b, self.s
+        p = "/model/masks"
+        kpos = b.op("Add", [b.op("CumSum", [mask, b.const(1)], f"{p}/CumSum"), b.const(s.context_len - 1)], f"{p}/key_positions")
+        qpos = b.op("Unsqueeze", [pos, b.const([-1])], f"{p}/query_positions")  # [B, T, 1]
+        diff = b.op("Sub", [qpos, b.op("Unsqueeze", [kpos, b.const([1])], f"{p}/Unsqueeze_k")], f"{p}/distance")  # [B,T,S]
+        real = b.op("Equal", [b.op("Unsqueeze", [mask, b.const([1])], f"{p}/Unsqueeze_m"), b.const(1)], f"{p}/real_key")
+        causal = b.op("And", [real, b.op("GreaterOrEqual", [diff, b.const(0)], f"{p}/causal")], f"{p}/visible")
+        out = {}
+        for window in sorted(set(s.layer_windows)):
+            vis = causal
+            if window:
+                vis = b.op("And", [causal, b.op("Less", [diff, b.const(window)], f"{p}/w{window}/Less")], f"{p}/w{window}/And")
+            out[("local", window)] = self._bias_from(vis, f"{p}/local_w{window}")
+        for li, c in enumerate(self.ctx):
+            for part in c.baked:
+                if part.positions is None or not s.layer_windows[li]:
+                    continue
+                key = (part.name, s.layer_windows[li])
+                if key in out:
+                    continue
+                pname = f"model.context.{part.name}.positions"
+                cp = pname if pname in b._names else b.weight(pname, part.positions.astype(np.int64))
+                d = b.op("Sub", [qpos, cp], f"{p}/{part.name}_w{key[1]}/distance")
+                vis = b.op("Less", [d, b.const(key[1])], f"{p}/{part.name}_w{key[1]}/Less")
+                out[key] = self._bias_from(vis, f"{p}/{part.name}_w{key[1]}")
+        return out
+
+    def _bias_from(self, vis: str, p: str) -> str:
+        """bool [B, T, K] -> fp32 additive bias [B, 1, G*T, K] (0 visible, NEG hidden)."""
+        b = self.b
+        bias = b.op("Where", [vis, b.const(0.0, np.float32), b.const(NEG, np.float32)], f"{p}/Where")
+        bias = b.op("Unsqueeze", [bias, b.const([1])], f"{p}/Unsqueeze")  # [B, 1, T, K]
+        return b.op("Tile", [bias, b.const([1, 1, self.s.group, 1])], f"{p}/Tile")  # rows g*T + t
+
+    def rope_tables(self, pos: str) -> list[tuple[str, str]]:
+        """cos, sin [B, 1, T, D] fp32 per RoPE table (NeoX layout: halves duplicated)."""
+        b = self.b
+        posf = b.op("Cast", [b.op("Unsqueeze", [pos, b.const([-1])], "/model/rope/Unsqueeze")], "/model/rope/Cast", to=TensorProto.FLOAT)
+        out = []
+        for r, inv in enumerate(self.s.inv_freqs):
+            p = f"/model/rope.{r}"
+            ang = b.op("Mul", [posf, b.weight(f"model.rope.{r}.inv_freq", inv.astype(np.float32))], f"{p}/Mul")  # [B,T,D/2]
+            ang = b.op("Unsqueeze", [b.op("Concat", [ang, ang], f"{p}/Concat", axis=-1), b.const([1])], f"{p}/Unsqueeze")
+            out.append((b.op("Cos", [ang], f"{p}/Cos"), b.op("Sin", [ang], f"{p}/Sin")))
+        return out
+
+    def embed(self, ids: str) -> str:
+        b, p = self.b, "/model/embed"
+        # The embedding is stored once, transposed [hidden, V], and shared with the tied LM head.
+        e = b.op("Gather", [b.weight("model.embed_tokens.weight_t", self.w.embed_t.astype(self.dt)), ids], f"{p}/Gather", axis=1)
+        x = b.op("Transpose", [e], f"{p}/Transpose", perm=[1, 2, 0])  # [H, B, T] -> [B, T, H]
+        if self.s.embed_scale:
+            x = b.op("Mul", [x, b.const(self.s.embed_scale, self.dt)], f"{p}/Mul_scale")
+        return x
+
+    def layer(self, i: int, x: str, io: dict, masks: dict, ropes: list, presents: list) -> str:
+        s, w, b = self.s, self.w.layers[i], self.b
+        p, wn = f"/model/layers.{i}", f"model.layers.{i}"
+        h = self.rms_norm(x, w.input_norm, f"{p}/input_norm", f"{wn}.input_norm.weight")
+        q, k, v = self.qkv(i, h, ropes[s.layer_rope[i]])
+        pk, pv = io["past"][i]
+        presents.append((k, v))
+        k_loc = b.op("Concat", [pk, k], f"{p}/attn/past_key/Concat", axis=2)
+        v_loc = b.op("Concat", [pv, v], f"{p}/attn/past_value/Concat", axis=2)
+        o = self.attention_op(self, i, q, k_loc, v_loc, masks)  # [B, Hkv, G*T, D] fp32
+        o = self.to_dt(o, f"{p}/attn/Cast_o")
+        o = b.op("Reshape", [o, b.const([0, s.num_heads, -1, s.head_dim])], f"{p}/attn/o_heads/Reshape")  # [B,Hq,T,D]
+        o = b.op("Transpose", [o], f"{p}/attn/o_heads/Transpose", perm=[0, 2, 1, 3])
+        o = b.op("Reshape", [o, b.const([0, 0, -1])], f"{p}/attn/o_flat/Reshape")
+        a = self.matmul(o, w.o_proj, f"{p}/attn/o_proj", f"{wn}.attn.o_proj.weight")
+        if s.sandwich_norms:
+            a = self.rms_norm(a, w.post_attn_norm, f"{p}/post_attn_norm", f"{wn}.post_attn_norm.weight")
+        x = b.op("Add", [x, a], f"{p}/attn_residual/Add")
+        pre = w.pre_ff_norm if s.sandwich_norms else w.post_attn_norm
+        h = self.rms_norm(x, pre, f"{p}/pre_ff_norm", f"{wn}.pre_ff_norm.weight")
+        gu = self.matmul(h, w.gate_up, f"{p}/mlp/gate_up_proj", f"{wn}.mlp.gate_up_proj.weight")
+        gate, up = b.op("Split", [gu, b.const([w.down.shape[0]] * 2)], f"{p}/mlp/Split", outputs=2, axis=-1)
+        m = b.op("Mul", [self.activation(gate, f"{p}/mlp/act"), up], f"{p}/mlp/Mul")
+        m = self.matmul(m, w.down, f"{p}/mlp/down_proj", f"{wn}.mlp.down_proj.weight")
+        if s.sandwich_norms:
+            m = self.rms_norm(m, w.post_ff_norm, f"{p}/post_ff_norm", f"{wn}.post_ff_norm.weight")
+        return b.op("Add", [x, m], f"{p}/mlp_residual/Add")
+
+    def qkv(self, i: int, h: str, rope: tuple[str, str]) -> tuple[str, str, str]:
+        """-> q [B, Hkv, G*T, D] fp32 (post-RoPE, unscaled), k, v [B, Hkv, T, D] (kv dtype)."""
+        s, w, b = self.s, self.w.layers[i], self.b
+        p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"
+        hq, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+        y = self.matmul(h, w.qkv, f"{p}/qkv_proj", f"{wn}.attn.qkv_proj.weight")
+        if w.qkv_bias is not None:
+            y = b.op("Add", [y, b.weight(f"{wn}.attn.qkv_proj.bias", w.qkv_bias.astype(self.dt))], f"{p}/qkv_proj/Add")
+        y = b.op("Reshape", [y, b.const([0, 0, hq + 2 * hkv, d])], f"{p}/qkv_heads/Reshape")
+        y = b.op("Transpose", [y], f"{p}/qkv_heads/Transpose", perm=[0, 2, 1, 3])  # [B, Hq+2Hkv, T, D]
+        qk, v = b.op("Split", [y, b.const([hq + hkv, hkv])], f"{p}/qk_v/Split", outputs=2, axis=1)
+        qk = self.f32(qk, f"{p}/qk/Cast")
+        if s.qk_norm:
+            q_, k_ = b.op("Split", [qk, b.const([hq, hkv])], f"{p}/qk_norm/Split", outputs=2, axis=1)
+            q_ = self.rms_norm(q_, w.q_norm, f"{p}/q_norm", f"{wn}.attn.q_norm.weight")
+            k_ = self.rms_norm(k_, w.k_norm, f"{p}/k_norm", f"{wn}.attn.k_norm.weight")
+            qk = b.op("Concat", [q_, k_], f"{p}/qk_norm/Concat", axis=1)
+            qk = self.f32(qk, f"{p}/qk_norm/Cast")
+        cos, sin = rope
+        x1, x2 = b.op("Split", [qk, b.const([d // 2, d // 2])], f"{p}/qk_rope/Split", outputs=2, axis=-1)
+        rot = b.op("Concat", [b.op("Neg", [x2], f"{p}/qk_rope/Neg"), x1], f"{p}/qk_rope/Concat", axis=-1)
+        qk = b.op("Add", [b.op("Mul", [qk, cos], f"{p}/qk_rope/Mul_cos"), b.op("Mul", [rot, sin], f"{p}/qk_rope/Mul_sin")],
+                  f"{p}/qk_rope/Add")
+        q, k = b.op("Split", [qk, b.const([hq, hkv])], f"{p}/q_k/Split", outputs=2, axis=1)
+        q = b.op("Reshape", [q, b.const([0, hkv, -1, d])], f"{p}/q_groups/Reshape")  # [B, Hkv, G*T, D]
+        return q, self.to_dt(k, f"{p}/k/Cast"), v
+
+    def build(self, graph_name: str = "nectar_decoder"):
+        s, b = self.s, self.b
+        io = self.inputs()
+        masks = self.masks(io["mask"], io["pos"])
+        ropes = self.rope_tables(io["pos"])
+        x = self.embed(io["ids"])
+        presents: list = []
+        for i in range(s.num_layers):
+            x = self.layer(i, x, io, masks, ropes, presents)
+        last = b.op("Slice", [x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])], "/model/last_token/Slice")
+        h = self.rms_norm(last, self.w.final_norm, "/model/final_norm", "model.norm.weight")
+        if self.w.lm_head is None:
+            logits = b.op("MatMul", [h, "model.embed_tokens.weight_t"], "/model/lm_head/MatMul")
+        else:
+            logits = self.matmul(h, self.w.lm_head, "/model/lm_head", "model.lm_head.weight")
+        logits = b.op("Cast", [logits], "/model/logits/Cast", to=TensorProto.FLOAT) if self.dt != np.float32 else logits
+        b.nodes.append(_identity(logits, "logits"))
+        b.output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab_size])
+        kv = onnx_dtype(self.dt)
+        for i, (k, v) in enumerate(presents):
+            for kind, t in (("key", k), ("value", v)):
+                b.nodes.append(_identity(t, f"present.{i}.{kind}"))
+                b.output(f"present.{i}.{kind}", kv, ["batch", s.num_kv_heads, "tokens", s.head_dim])
+        return b.model(graph_name)
+
+
+def _identity(src: str, dst: str):
+    from onnx import helper
+
+    return helper.make_node("Identity", [src], [dst], name=f"/model/outputs/{dst}/Identity")
+
+
+class StandardAttention:
+    """Attention of one layer in standard ONNX ops: the baked parts' and the local keys' scores
+    in one softmax (exact), then — for Nectar — the LSE merge with the MLP heads' prediction."""
+
+    def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_loc: str, v_loc: str, masks: dict) -> str:
+        s, b, ctx = wr.s, wr.b, wr.ctx[i]
+        p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"
+        window = s.layer_windows[i]
+        qs = b.op("Mul", [q, b.const(s.scale, np.float32)], f"{p}/q_scale/Mul")
+        scores, values = [], []
+        for part in ctx.baked:
+            pp, pw = f"{p}/context.{part.name}", f"{wn}.context.{part.name}"
+            kt = b.weight(f"{pw}.key_t", np.ascontiguousarray(part.k.transpose(0, 2, 1), dtype=np.float32))  # [Hkv, D, c]
+            sc = b.op("MatMul", [qs, kt], f"{pp}/scores/MatMul")  # [B, Hkv, G*T, c]
+            if part.bias is not None:
+                sc = b.op("Add", [sc, b.weight(f"{pw}.bias", part.bias.astype(np.float32))], f"{pp}/bias/Add")
+            if part.positions is not None and window:
+                sc = b.op("Add", [sc, masks[(part.name, window)]], f"{pp}/mask/Add")
+            scores.append(sc)
+            values.append(b.weight(f"{pw}.value", part.v.astype(np.float32)))  # [Hkv, c, D]
+        kt = b.op("Transpose", [wr.f32(k_loc, f"{p}/k_local/Cast")], f"{p}/k_local/Transpose", perm=[0, 1, 3, 2])
+        sc = b.op("MatMul", [qs, kt], f"{p}/scores/MatMul")  # [B, Hkv, G*T, S]
+        scores.append(b.op("Add", [sc, masks[("local", window)]], f"{p}/scores/mask/Add"))
+        values.append(wr.f32(v_loc, f"{p}/v_local/Cast"))
+        allsc = scores[0] if len(scores) == 1 else b.op("Concat", scores, f"{p}/scores/Concat", axis=-1)
+        if ctx.heads is None:
+            probs = b.op("Softmax", [allsc], f"{p}/Softmax", axis=-1)
+        else:
+            lse = b.op("ReduceLogSumExp", [allsc], f"{p}/ReduceLogSumExp", axes=[-1], keepdims=1)
+            probs = b.op("Exp", [b.op("Sub", [allsc, lse], f"{p}/probs/Sub")], f"{p}/probs/Exp")
+        o = _weighted_values(b, p, probs, values, [part.length for part in ctx.baked])
+        if ctx.heads is None:
+            return o
+        f, g = mlp_heads(b, f"{p}/nectar_heads", f"{wn}.nectar_heads", q, ctx.heads, wr.gelu_erf)
+        wgt = b.op("Sigmoid", [b.op("Sub", [g, lse], f"{p}/merge/Sub")], f"{p}/merge/Sigmoid")
+        delta = b.op("Mul", [wgt, b.op("Sub", [f, o], f"{p}/merge/Sub_o")], f"{p}/merge/Mul")
+        return b.op("Add", [o, delta], f"{p}/merge/Add")  # w·f + (1 − w)·o
+
+
+def _weighted_values(b: GraphBuilder, p: str, probs: str, values: list[str], baked_lengths: list[int]) -> str:
+    """Σ_parts probs[..., part] @ V_part, without concatenating the (possibly large) baked V."""
+    if not baked_lengths:
+        return b.op("MatMul", [probs, values[0]], f"{p}/pv/MatMul")
+    parts = b.op("Split", [probs, b.op("Concat", [b.const(baked_lengths), b.op(
+        "Sub", [b.op("Slice", [b.op("Shape", [probs], f"{p}/probs/Shape"), b.const([-1]), b.const([2 ** 62]), b.const([0])],
+                     f"{p}/probs/Slice"), b.const([sum(baked_lengths)])], f"{p}/probs/local_len")], f"{p}/probs/split_sizes", axis=0)],
+        f"{p}/probs/Split", outputs=len(values), axis=-1)
+    o = None
+    for j, (pr, val) in enumerate(zip(parts, values)):
+        term = b.op("MatMul", [pr, val], f"{p}/pv.{j}/MatMul")
+        o = term if o is None else b.op("Add", [o, term], f"{p}/pv.{j}/Add")
+    return o
+
+
+def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -> tuple[str, str]:
+    """q [B, Hkv, G*T, D] -> f [B, Hkv, G*T, D], g [B, Hkv, G*T, 1] (three fused matmuls)."""
+    d = heads.b3.shape[-1] - 1
+    hidden = heads.hidden
+    z = b.op("Add", [b.op("MatMul", [q, b.weight(f"{wn}.wa", heads.wa)], f"{p}/in/MatMul"), b.weight(f"{wn}.ba", heads.ba)], f"{p}/in/Add")
+    z, skip = b.op("Split", [z, b.const([hidden, d])], f"{p}/in/Split", outputs=2, axis=-1)
+    a = gelu(z, f"{p}/act1")
+    a = b.op("Add", [b.op("MatMul", [a, b.weight(f"{wn}.w2", heads.w2)], f"{p}/mid/MatMul"), b.weight(f"{wn}.b2", heads.b2)], f"{p}/mid/Add")
+    a = gelu(a, f"{p}/act2")
+    y = b.op("Add", [b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul"), b.weight(f"{wn}.b3", heads.b3)], f"{p}/out/Add")
+    f, g = b.op("Split", [y, b.const([d, 1])], f"{p}/out/Split", outputs=2, axis=-1)
+    return b.op("Add", [f, skip], f"{p}/skip/Add"), g

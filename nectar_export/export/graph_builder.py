@@ -1,0 +1,83 @@
+"""A small ONNX graph builder with deterministic names (in the manner of onnxruntime-genai's).
+
+Every node is named by its place in the model, `/model/layers.3/attn/qk_rope/Mul`, and its
+first output is `<node name>/output_0`; initializers are named like the weights they hold
+(`model.layers.3.attn.qkv_proj.weight`). The same model and options give the same graph, byte
+for byte, so bundles diff cleanly and node names can be quoted in docs and profiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+_NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.bool_): TensorProto.BOOL,
+}
+
+
+def onnx_dtype(dtype) -> int:
+    return _NP_TO_ONNX[np.dtype(dtype)]
+
+
+class GraphBuilder:
+    """Accumulates nodes, initializers and graph inputs/outputs; `model()` assembles them."""
+
+    def __init__(self, opset: int = OPSET):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.custom_domains: dict[str, int] = {}
+        self._names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+
+    def _claim(self, name: str) -> str:
+        if name in self._names:
+            raise ValueError(f"duplicate name in graph: {name}")
+        self._names.add(name)
+        return name
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(self._claim(name), elem_type, shape))
+        return name
+
+    def output(self, name: str, elem_type: int, shape: list) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """An initializer holding `array` (a weight; saved as external data when large)."""
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), self._claim(name)))
+        return name
+
+    def const(self, array, dtype=np.int64) -> str:
+        """A small constant (shape vectors, axes, scalars), shared when the same value recurs."""
+        a = np.asarray(array, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            label = "_".join(str(x) for x in a.ravel()[:8]).replace("-", "m").replace(".", "p")
+            self._consts[key] = self.weight(f"/const/{a.dtype.name}/{list(a.shape)}/{label}/{len(self._consts)}", a)
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> str | list[str]:
+        """Add node `name` (its path in the model, e.g. '/model/layers.0/attn/Softmax');
+        returns its output name, or a list of them when `outputs` > 1."""
+        outs = [f"{name}/output_{i}" for i in range(outputs)]
+        for o in outs:
+            self._claim(o)
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._claim(name), domain=domain or None, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, v) for d, v in sorted(self.custom_domains.items())]
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="nectar", doc_string=doc)
+        m.ir_version = 9  # readable by ONNX Runtime >= 1.16 (JetPack 6 ships 1.16+)
+        return m
