@@ -1,0 +1,217 @@
+"""Triton source of the Nectar kernels (imported only by triton_nectar's launchers: it imports
+triton at module level). Semantics: kernels/reference.py; launchers and shapes: triton_nectar.py."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _online_block(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One block of an online softmax: s [R, S] fp32 scores (-inf = masked), v [S, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _layer_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, start_ptr, w_ptr, b_ptr, o_ptr, scratch_ptr, po_ptr, pl_ptr,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, sw, sb, R_TOTAL, NSPLIT, scale,
+    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MODE: tl.constexpr,
+    H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, H_PAD: tl.constexpr, HS_PAD: tl.constexpr,
+    IEEE: tl.constexpr, W_IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rb = tl.program_id(1)
+    b = pid // HKV
+    j = pid % HKV
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # row = g * T + t
+    rmask = r < G * T
+    g = r // T
+    t = r % T
+    d = tl.arange(0, D)
+    q_offs = b * sqb + (j * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=rmask[:, None], other=0.0)  # [R, D] input dtype
+    qf = q.to(tl.float32)
+
+    # ---- exact attention over the local keys kv_start <= s <= kv_len - T + t
+    kv_len = tl.load(len_ptr + b)
+    kv_start = tl.load(start_ptr + b)
+    last = kv_len - T + t
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    s_idx = tl.arange(0, BLOCK_S)
+    lo = (kv_start // BLOCK_S) * BLOCK_S
+    for s0 in range(lo, kv_len, BLOCK_S):
+        ks = s0 + s_idx
+        kin = (ks < kv_len) & (ks >= kv_start)
+        k = tl.load(k_ptr + b * skb + j * skh + ks[:, None] * sks + d[None, :], mask=kin[:, None], other=0.0)
+        v = tl.load(v_ptr + b * svb + j * svh + ks[:, None] * svs + d[None, :], mask=kin[:, None], other=0.0)
+        s = _dot(q.to(k.dtype), tl.trans(k), IEEE) * scale
+        vis = kin[None, :] & (ks[None, :] <= last[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_i, l_i, acc = _online_block(s, v, m_i, l_i, acc, IEEE)
+    o_loc = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    lse_loc = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+
+    # ---- the document part: (f, lse_ctx)
+    wrow = w_ptr + j * sw
+    brow = b_ptr + j * sb
+    if MODE == 0:  # mlp, nectar_export.heads.MLPGroup
+        OFF_W2 = D * H
+        OFF_W3 = OFF_W2 + H * H
+        OFF_SKIP = OFF_W3 + H * D
+        OFF_S1 = OFF_SKIP + D * D
+        OFF_S2 = OFF_S1 + D * HS
+        OFF_S3 = OFF_S2 + HS * HS
+        OFF_B2 = H
+        OFF_B3 = 2 * H
+        OFF_SB1 = 2 * H + D
+        OFF_SB2 = OFF_SB1 + HS
+        OFF_SB3 = OFF_SB2 + HS
+        OFF_QM = OFF_SB3 + 1
+        OFF_QS = OFF_QM + D
+        OFF_OM = OFF_QS + 1
+        OFF_OS = OFF_OM + D
+        OFF_LM = OFF_OS + 1
+        OFF_LS = OFF_LM + 1
+        wdt = w_ptr.dtype.element_ty
+        x = (qf - tl.load(brow + OFF_QM + d)[None, :]) / tl.load(brow + OFF_QS)
+        xw = x.to(wdt)
+        # layer 1: h1 = gelu(x W1 + b1), kept in this program's scratch rows [BLOCK_R, H_PAD]
+        scr = scratch_ptr + (pid * tl.num_programs(1) + rb) * BLOCK_R * H_PAD
+        rl = tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BH)
+        for k0 in range(0, H, BH):
+            cols = k0 + c
+            cm = cols < H
+            w1 = tl.load(wrow + d[:, None] * H + cols[None, :], mask=cm[None, :], other=0.0)
+            b1 = tl.load(brow + cols, mask=cm, other=0.0)
+            h1 = _gelu(_dot(xw, w1, W_IEEE) + b1[None, :])
+            tl.store(scr + rl[:, None] * H_PAD + cols[None, :], h1, mask=cm[None, :])
+        tl.debug_barrier()
+        # layers 2 and 3, column block by column block of h2
+        f = tl.zeros([BLOCK_R, D], tl.float32)
+        for j0 in range(0, H, BH):
+            cj = j0 + c
+            cjm = cj < H
+            acc2 = tl.zeros([BLOCK_R, BH], tl.float32)
+            for k0 in range(0, H, BH):
+                ck = k0 + c
+                ckm = ck < H
+                h1 = tl.load(scr + rl[:, None] * H_PAD + ck[None, :], mask=ckm[None, :], other=0.0)
+                w2 = tl.load(wrow + OFF_W2 + ck[:, None] * H + cj[None, :], mask=ckm[:, None] & cjm[None, :], other=0.0)
+                acc2 += _dot(h1.to(wdt), w2, W_IEEE)
+            h2 = _gelu(acc2 + tl.load(brow + OFF_B2 + cj, mask=cjm, other=0.0)[None, :])
+            w3 = tl.load(wrow + OFF_W3 + cj[:, None] * D + d[None, :], mask=cjm[:, None], other=0.0)
+            f += _dot(h2.to(wdt), w3, W_IEEE)
+        skip = tl.load(wrow + OFF_SKIP + d[:, None] * D + d[None, :])
+        f += _dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]
+        # score net: D -> HS -> HS -> 1
+        hc = tl.arange(0, HS_PAD)
+        hm = hc < HS
+        s1 = tl.load(wrow + OFF_S1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
+        sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
+        s2 = tl.load(wrow + OFF_S2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
+        sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + OFF_SB2 + hc, mask=hm, other=0.0)[None, :])
+        s3 = tl.load(wrow + OFF_S3 + hc, mask=hm, other=0.0).to(tl.float32)
+        gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + OFF_SB3)
+        f = f * tl.load(brow + OFF_OS) + tl.load(brow + OFF_OM + d)[None, :]
+        lse_ctx = gs * tl.load(brow + OFF_LS) + tl.load(brow + OFF_LM)
+    elif MODE == 1:  # quadrature: softmax attention over H learned nodes with a bias
+        wdt = w_ptr.dtype.element_ty
+        qw = q.to(wdt)
+        mq = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        lq = tl.zeros([BLOCK_R], tl.float32)
+        aq = tl.zeros([BLOCK_R, D], tl.float32)
+        for n0 in range(0, H, BLOCK_S):
+            nodes = n0 + s_idx
+            nm = nodes < H
+            kn = tl.load(wrow + nodes[:, None] * D + d[None, :], mask=nm[:, None], other=0.0)
+            vn = tl.load(wrow + H * D + nodes[:, None] * D + d[None, :], mask=nm[:, None], other=0.0)
+            bias = tl.load(brow + nodes, mask=nm, other=float("-inf"))
+            s = _dot(qw, tl.trans(kn), W_IEEE) * scale + bias[None, :]
+            mq, lq, aq = _online_block(s, vn, mq, lq, aq, W_IEEE)
+        f = aq / lq[:, None]
+        lse_ctx = mq + tl.log(lq)
+    else:  # partials of split-KV attention over the document (full-attention baseline)
+        rf = b * G * T + r  # folded row (b, g, t)
+        mp = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for sp in range(0, NSPLIT):
+            mp = tl.maximum(mp, tl.load(pl_ptr + (j * NSPLIT + sp) * R_TOTAL + rf, mask=rmask, other=float("-inf")))
+        m_safe = tl.where(mp == float("-inf"), 0.0, mp)
+        den = tl.zeros([BLOCK_R], tl.float32)
+        f = tl.zeros([BLOCK_R, D], tl.float32)
+        for sp in range(0, NSPLIT):
+            base = (j * NSPLIT + sp) * R_TOTAL + rf
+            ws = tl.exp(tl.load(pl_ptr + base, mask=rmask, other=float("-inf")) - m_safe)
+            f += ws[:, None] * tl.load(po_ptr + base[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+            den += ws
+        f = f / tl.where(den > 0, den, 1.0)[:, None]
+        lse_ctx = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
+
+    # ---- merge: w = σ(lse_ctx − lse_loc)
+    w = 1.0 / (1.0 + tl.exp(lse_loc - lse_ctx))
+    o = w[:, None] * f + (1.0 - w)[:, None] * o_loc
+    o_offs = b * sob + (j * G + g)[:, None] * soh + t[:, None] * sot + d[None, :]
+    tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _doc_partial_kernel(
+    q_ptr, k_ptr, v_ptr, po_ptr, pl_ptr, sqb, sqh, sqt, skh, sks, svh, svs, N, R_TOTAL, SPLIT_LEN, scale,
+    G: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Split-KV flash decoding: program (j, split, row block) reads its slice of KV head j's
+    document keys once for all B*G*T folded query rows (the document is shared by the batch)."""
+    j = tl.program_id(0)
+    sp = tl.program_id(1)
+    rb = tl.program_id(2)
+    nsplit = tl.num_programs(1)
+    rf = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rf < R_TOTAL
+    b = rf // (G * T)
+    g = (rf // T) % G
+    t = rf % T
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b[:, None] * sqb + (j * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :],
+                mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    lo = sp * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, N)
+    n_idx = tl.arange(0, BLOCK_N)
+    for s0 in range(lo, hi, BLOCK_N):
+        ks = s0 + n_idx
+        km = ks < hi
+        k = tl.load(k_ptr + j * skh + ks[:, None] * sks + d[None, :], mask=km[:, None], other=0.0)
+        v = tl.load(v_ptr + j * svh + ks[:, None] * svs + d[None, :], mask=km[:, None], other=0.0)
+        s = _dot(q.to(k.dtype), tl.trans(k), IEEE) * scale
+        s = tl.where(km[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_block(s, v, m_i, l_i, acc, IEEE)
+    base = (j * nsplit + sp) * R_TOTAL + rf
+    o = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(po_ptr + base[:, None] * D + d[None, :], o, mask=rmask[:, None])
+    tl.store(pl_ptr + base, lse, mask=rmask)

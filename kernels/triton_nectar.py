@@ -1,0 +1,162 @@
+"""The fused Nectar layer attention in Triton: for one layer and all heads in one launch,
+evaluate the Nectar heads (mlp or quadrature), exact attention over the local KV cache, and the
+log-sum-exp merge. Also the full-attention counterpart used as the baseline: split-KV flash
+decoding over a document KV shared by the batch, merged with the same local attention.
+
+`import triton` happens inside the launchers (lazily), so this module imports on CPU machines.
+Inputs fp16/bf16/fp32; all accumulation in fp32. Semantics: kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+
+MODES = {"mlp": 0, "quadrature": 1, "partials": 2}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _kernels():
+    """The Triton JIT functions (compiled on first launch); importing them imports triton."""
+    from . import _triton_src
+
+    return _triton_src._layer_kernel, _triton_src._doc_partial_kernel
+
+
+def _check(q, k_loc, v_loc, kv_len):
+    b, hq, t, d = q.shape
+    if k_loc.dim() != 4 or k_loc.shape[0] != b or k_loc.shape[3] != d or v_loc.shape != k_loc.shape:
+        raise ValueError(f"k_loc/v_loc must be [B, Hkv, S, D] matching q {tuple(q.shape)}, got {tuple(k_loc.shape)}")
+    if hq % k_loc.shape[1]:
+        raise ValueError("query heads must be a multiple of KV heads")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    if q.stride(3) != 1 or k_loc.stride(3) != 1 or v_loc.stride(3) != 1:
+        raise ValueError("q, k_loc, v_loc need a contiguous last (head-dim) axis")
+    if kv_len.shape != (b,):
+        raise ValueError("kv_len must be [B]")
+
+
+def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, width, scale, out,
+                  partials=None):
+    import torch
+
+    layer_kernel, _ = _kernels()
+    b, hq, t, d = q.shape
+    hkv = k_loc.shape[1]
+    g = hq // hkv
+    rows = g * t
+    block_r = min(64, max(16, _next_pow2(rows)))
+    n_rb = -(-rows // block_r)
+    if kv_start is None:
+        kv_start = torch.zeros_like(kv_len)
+    if out is None:
+        out = torch.empty_like(q)
+    ieee = q.dtype == torch.float32
+    h = hs = h_pad = hs_pad = 16
+    bh = 16
+    scratch = po = pl = q  # unused pointers in the other modes
+    r_total = nsplit = 1
+    if mode == 0:
+        from .weights import score_width
+
+        h, hs = width, score_width(width)
+        bh = 64 if d <= 64 else 32
+        h_pad = -(-h // bh) * bh
+        hs_pad = max(16, _next_pow2(hs))
+        scratch = torch.empty(b * hkv * n_rb * block_r * h_pad, device=q.device, dtype=torch.float32)
+    elif mode == 1:
+        h = width
+    else:
+        po, pl = partials
+        nsplit, r_total = pl.shape[1], pl.shape[2]
+    if heads_w is None:
+        heads_w = heads_b = q
+    w_ieee = heads_w.dtype == torch.float32
+    layer_kernel[(b * hkv, n_rb)](
+        q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, out, scratch, po, pl,
+        q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
+        v_loc.stride(0), v_loc.stride(1), v_loc.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads_w.stride(0), heads_b.stride(0), r_total, nsplit, float(scale),
+        HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32, MODE=mode,
+        H=h, HS=hs, BH=bh, H_PAD=h_pad, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def nectar_layer_attention(
+    q, k_loc, v_loc, kv_len, heads_w, heads_b, variant: str, width: int, scale: float,
+    kv_start=None, out=None,
+):
+    """Fused Nectar attention of one layer, all heads, one kernel launch.
+
+    q:        [B, Hq, T, D]  fp16/bf16/fp32, post-RoPE queries of the T newest tokens (T ≤ ~64);
+              query head h belongs to KV head h // (Hq / Hkv).
+    k_loc,
+    v_loc:    [B, Hkv, S, D] same dtype, the local KV cache (prompt + generated, post-RoPE); the
+              T query tokens' own keys are already written at slots kv_len − T .. kv_len − 1.
+    kv_len:   [B] int32, valid local slots per row (causal: token t sees slots ≤ kv_len − T + t).
+    kv_start: [B] int32 or None (zeros), first valid slot per row (left padding).
+    heads_w:  [Hkv, P_w] (fp32/bf16/fp16) and heads_b: [Hkv, P_b] fp32, this layer's packed
+              heads (kernels/weights.py: layout, pack_layer).
+    variant:  "mlp" | "quadrature"; width: the layer's hidden width H (mlp) or node count (quadrature).
+    scale:    the attention scale (usually D ** -0.5).
+    out:      optional [B, Hq, T, D] output buffer (any strides with a contiguous last axis).
+    Returns   o: [B, Hq, T, D] in q's dtype, o = σ(g − lse_loc)·f + (1 − σ(g − lse_loc))·o_loc.
+
+    All last axes must be contiguous; D a power of two ≥ 16. All math in fp32 (fp32 inputs use
+    IEEE fp32 dots; half inputs feed the tensor cores with fp32 accumulation).
+    """
+    _check(q, k_loc, v_loc, kv_len)
+    if variant not in ("mlp", "quadrature"):
+        raise ValueError(f"variant must be 'mlp' or 'quadrature', got {variant!r}")
+    if heads_w.shape[0] != k_loc.shape[1] or heads_b.shape[0] != k_loc.shape[1]:
+        raise ValueError("heads_w/heads_b need one row per KV head")
+    return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w.contiguous(), heads_b.contiguous(),
+                         MODES[variant], width, scale, out)
+
+
+def split_len_for(n: int, kv_heads: int, sms: int = 132) -> int:
+    """Keys per split: about two programs per SM over (KV heads × splits), at least 256 keys each."""
+    target = max(1, 2 * sms // kv_heads)
+    return max(256, _next_pow2(-(-n // target)))
+
+
+def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None = None):
+    """Split-KV flash decoding over a document KV shared by the batch.
+
+    q: [B, Hq, T, D]; k_doc, v_doc: [1, Hkv, N, D] (read once for all B*G*T query rows).
+    Returns (part_o [Hkv, NSPLIT, B*G*T, D] fp32, part_lse [Hkv, NSPLIT, B*G*T] fp32), rows
+    folded as (b, g, t); merge them with `full_layer_attention` (or torch.logsumexp).
+    """
+    import torch
+
+    _, partial_kernel = _kernels()
+    b, hq, t, d = q.shape
+    hkv, n = k_doc.shape[1], k_doc.shape[2]
+    g = hq // hkv
+    r_total = b * g * t
+    split_len = split_len or split_len_for(n, hkv)
+    nsplit = -(-n // split_len)
+    block_r = min(64, max(16, _next_pow2(r_total)))
+    po = torch.empty(hkv, nsplit, r_total, d, device=q.device, dtype=torch.float32)
+    pl = torch.empty(hkv, nsplit, r_total, device=q.device, dtype=torch.float32)
+    block_n = 64 if d <= 64 else 32
+    partial_kernel[(hkv, nsplit, -(-r_total // block_r))](
+        q, k_doc, v_doc, po, pl, q.stride(0), q.stride(1), q.stride(2), k_doc.stride(1), k_doc.stride(2),
+        v_doc.stride(1), v_doc.stride(2), n, r_total, split_len, float(scale),
+        G=g, T=t, D=d, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=3,
+    )
+    return po, pl
+
+
+def full_layer_attention(q, k_doc, v_doc, k_loc, v_loc, kv_len, scale: float, kv_start=None, out=None,
+                         split_len: int | None = None):
+    """Exact attention over [shared document | local tokens] for one layer: two launches
+    (split-KV partials over the document, then merge of the partials + local attention)."""
+    _check(q, k_loc, v_loc, kv_len)
+    parts = doc_attention_partials(q, k_doc, v_doc, scale, split_len)
+    return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, None, None, MODES["partials"], 0, scale, out, parts)

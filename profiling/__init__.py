@@ -1,0 +1,1 @@
+"""nectar_profiling: `nectar profile`, per-token decode latency of Nectar and full attention."""
