@@ -1,0 +1,77 @@
+"""The Triton kernels against the pure-torch reference on fresh random inputs.
+
+On a GPU (CUDA + triton): fp32, bf16 and fp16 at decode (T=1) and short prefill shapes.
+On CPU with triton installed: the same kernels through Triton's interpreter, fp32, tiny shapes.
+Skipped when triton is not importable."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:  # before triton is imported: the interpreter flag is read then
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from nectar_kernels.reference import local_attention_reference, nectar_layer_attention_reference  # noqa: E402
+from nectar_kernels.weights import random_layer  # noqa: E402
+
+DEV = "cuda" if GPU else "cpu"
+if not GPU:
+    from nectar_kernels.interpret import enable
+
+    enable()
+from nectar_kernels.triton_nectar import full_layer_attention, nectar_layer_attention  # noqa: E402
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if GPU else [torch.float32]
+# (B, Hq, Hkv, T, D, S, width)
+SHAPES = ([(1, 9, 3, 1, 64, 40, 176), (16, 32, 8, 1, 128, 70, 256), (2, 9, 3, 33, 64, 90, 96), (3, 8, 2, 64, 64, 130, 272)]
+          if GPU else [(2, 6, 2, 1, 32, 37, 48), (1, 4, 2, 5, 16, 20, 40)])
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _inputs(b, hq, hkv, t, d, s, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, hq, t, d, generator=g).to(DEV, dtype)
+    k = torch.randn(b, hkv, s, d, generator=g).to(DEV, dtype)
+    v = torch.randn(b, hkv, s, d, generator=g).to(DEV, dtype)
+    kv_len = torch.randint(t, s + 1, (b,), generator=g, dtype=torch.int32).to(DEV)
+    kv_start = torch.minimum(torch.randint(0, 4, (b,), generator=g, dtype=torch.int32).to(DEV), kv_len - t)
+    return q, k, v, kv_len, kv_start
+
+
+@pytest.mark.parametrize("variant", ["mlp", "quadrature"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_nectar_kernel_matches_reference(variant, dtype, shape):
+    b, hq, hkv, t, d, s, width = shape
+    for seed in range(2):  # fresh inputs each time
+        q, k, v, kv_len, kv_start = _inputs(b, hq, hkv, t, d, s, dtype, seed)
+        hw, hb = random_layer(variant, width, hkv, d, dtype=dtype, device=DEV, seed=seed + 7)
+        out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+        nectar_layer_attention(q, k, v, kv_len, hw, hb, variant, width, d**-0.5, kv_start=kv_start, out=out)
+        ref = nectar_layer_attention_reference(q, k, v, kv_len, hw, hb, variant, width, d**-0.5, kv_start,
+                                               compute_dtype=torch.float64)
+        assert not out.isnan().any()
+        assert _rel(out, ref) <= TOL[dtype], (_rel(out, ref), seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,t,n", [(1, 1, 300), (4, 1, 1000), (2, 3, 517)] if GPU else [(2, 1, 300), (1, 3, 70)])
+def test_full_attention_kernel_matches_exact(dtype, b, t, n):
+    hq, hkv, d, s = 6, 2, 64 if GPU else 32, 9
+    q, k, v, kv_len, _ = _inputs(b, hq, hkv, t, d, s, dtype, 3)
+    kd = torch.randn(1, hkv, n, d).to(DEV, dtype)
+    vd = torch.randn(1, hkv, n, d).to(DEV, dtype)
+    out = full_layer_attention(q, kd, vd, k, v, kv_len, d**-0.5, split_len=128)
+    kk = torch.cat([kd.expand(b, -1, -1, -1), k], 2)
+    vv = torch.cat([vd.expand(b, -1, -1, -1), v], 2)
+    ref, _ = local_attention_reference(q.double(), kk, vv, kv_len + n, torch.zeros_like(kv_len), d**-0.5)
+    assert _rel(out, ref) <= TOL[dtype]
