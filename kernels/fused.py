@@ -1,0 +1,68 @@
+"""Small fused ops of a decode step (RMSNorm, RoPE + KV-cache write, SiLU·up): one Triton
+launch each on CUDA, the same math in plain torch elsewhere (CPU). Triton is imported lazily."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [M, N] (contiguous rows), w: [N] fp32 (offset already added) -> [M, N] in x's dtype."""
+    if x.device.type != "cuda":
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+    from ._triton_fused import _rmsnorm_kernel
+
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    _rmsnorm_kernel[(x.shape[0],)](x, w, y, x.stride(0), y.stride(0), n, eps, BLOCK=_next_pow2(n),
+                                   num_warps=4 if n <= 2048 else 8)
+    return y
+
+
+def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, slot: torch.Tensor,
+               q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, hq: int, hkv: int) -> None:
+    """qkv: [B*T, (Hq + 2 Hkv) * D] (rows b*T + t), pos: [B, T] int, inv_freq: [D/2] fp32,
+    slot: [B] int32 first cache slot of this step. Writes RoPE'd q into q_out [B, Hq, T, D] and
+    RoPE'd k / plain v into k_cache / v_cache [B, Hkv, C, D] at slots slot[b] + t, except for
+    padding tokens (pos < 0), whose k/v are not written."""
+    b, _, t, d = q_out.shape
+    if qkv.device.type != "cuda":
+        x = qkv.view(b, t, hq + 2 * hkv, d)
+        ang = pos.clamp_min(0).float()[..., None] * inv_freq  # [B, T, D/2]
+        cos, sin = torch.cat([ang, ang], -1).cos()[:, :, None], torch.cat([ang, ang], -1).sin()[:, :, None]
+        qk = x[:, :, : hq + hkv].float()
+        x1, x2 = qk.chunk(2, dim=-1)
+        qk = (qk * cos + torch.cat([-x2, x1], -1) * sin).to(qkv.dtype)  # [B, T, Hq+Hkv, D]
+        q_out.copy_(qk[:, :, :hq].transpose(1, 2))
+        idx = (slot.long()[:, None] + torch.arange(t, device=qkv.device)[None])  # [B, T]
+        for i in range(b):
+            keep = pos[i] >= 0
+            k_cache[i, :, idx[i][keep]] = qk[i, keep, hq:].transpose(0, 1)
+            v_cache[i, :, idx[i][keep]] = x[i, keep, hq + hkv :].transpose(0, 1)
+        return
+    from ._triton_fused import _rope_store_kernel
+
+    _rope_store_kernel[(b * t, hq + 2 * hkv)](
+        qkv, pos, inv_freq, slot, q_out, k_cache, v_cache, qkv.stride(0),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), T=t, HQ=hq, HKV=hkv, D=d, num_warps=1,
+    )
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu: [M, 2I] = [gate | up] -> silu(gate) * up: [M, I]."""
+    n = gu.shape[-1] // 2
+    if gu.device.type != "cuda":
+        g, u = gu.float().split(n, dim=-1)
+        return (torch.nn.functional.silu(g) * u).to(gu.dtype)
+    from ._triton_fused import _silu_mul_kernel
+
+    y = gu.new_empty(gu.shape[0], n)
+    block = 1024
+    _silu_mul_kernel[(gu.shape[0], -(-n // block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
+    return y
