@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nectar_export.cli import add_export_commands
 
     add_export_commands(sub)
+    from nectar_profiling.cli import add_profile_command; add_profile_command(sub)  # nectar profile
     return parser
 
 

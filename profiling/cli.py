@@ -1,0 +1,72 @@
+"""`nectar profile`: argument definitions only (torch-free; the work is in profile.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from nectar_runtime.errors import NectarError
+
+from .shapes import DTYPES, SHAPES, ProfileConfig
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise NectarError(f"--{what} {text!r}: give comma-separated positive integers, e.g. 1024,8192") from None
+    if not vals or min(vals) < 1:
+        raise NectarError(f"--{what} {text!r}: give comma-separated positive integers, e.g. 1024,8192")
+    return vals
+
+
+def profile_config(a: argparse.Namespace) -> ProfileConfig:
+    if a.model and a.shape:
+        raise NectarError("give --model or --shape, not both")
+    shape = a.shape or (None if a.model else "smollm2-135m")
+    if shape is not None and shape not in SHAPES:
+        raise NectarError(f"--shape {shape!r}: known shapes are {', '.join(SHAPES)}")
+    dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
+    if dtype not in DTYPES:
+        raise NectarError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    methods = tuple(m.strip() for m in a.methods.split(","))
+    if not methods or any(m not in ("nectar", "full") for m in methods):
+        raise NectarError(f"--methods {a.methods!r}: use nectar, full or nectar,full")
+    if a.variant not in ("mlp", "quadrature"):
+        raise NectarError(f"--variant {a.variant!r}: use mlp or quadrature")
+    if a.steps < 100:
+        raise NectarError(f"--steps {a.steps}: at least 100 timed steps")
+    for name in ("warmup", "local_len", "width"):
+        if getattr(a, name) < (0 if name == "warmup" else 1):
+            raise NectarError(f"--{name.replace('_', '-')} must be positive")
+    return ProfileConfig(model=a.model, shape=shape, device=a.device, backend=a.backend, n=_int_list(a.n, "n"),
+                         batch=_int_list(a.batch, "batch"), dtype=dtype, methods=methods, variant=a.variant,
+                         width=a.width, local_len=a.local_len, steps=a.steps, warmup=a.warmup)
+
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    from .profile import run_profile
+
+    cfg = profile_config(a)  # validate everything before touching a device
+    run_profile(cfg, json_out=a.json, plot_out=a.plot)
+    return 0
+
+
+def add_profile_command(sub) -> None:
+    d = ProfileConfig()
+    p = sub.add_parser("profile", help="per-token decode latency of Nectar vs full attention on this device")
+    p.add_argument("--model", default=None, help="a model name, .gguf or HF dir (real weights; synthetic document KV and heads)")
+    p.add_argument("--shape", default=None, help=f"random weights of a known shape: {', '.join(SHAPES)} (default smollm2-135m)")
+    p.add_argument("--device", default=d.device, help="cpu or cuda (default %(default)s)")
+    p.add_argument("--backend", default=d.backend, help="torch (default) or ort (needs an ONNX bundle)")
+    p.add_argument("--n", default=",".join(map(str, d.n)), help="document lengths, comma-separated (default %(default)s)")
+    p.add_argument("--batch", default=",".join(map(str, d.batch)), help="batch sizes sharing the document (default %(default)s)")
+    p.add_argument("--dtype", default=None, help=f"{', '.join(DTYPES)} (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--methods", default=",".join(d.methods), help="nectar, full or both (default %(default)s)")
+    p.add_argument("--variant", default=d.variant, help="Nectar heads: mlp or quadrature (default %(default)s)")
+    p.add_argument("--width", type=int, default=d.width, help="Nectar head width (mlp) or nodes (quadrature) per layer (default %(default)s)")
+    p.add_argument("--local-len", type=int, default=d.local_len, help="local tokens already in the cache (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="timed decode steps per point, >= 100 (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (default %(default)s)")
+    p.add_argument("--json", required=True, metavar="OUT.json", help="write the records here")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="latency vs n plot (needs matplotlib)")
+    p.set_defaults(func=cmd_profile)
