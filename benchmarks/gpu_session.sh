@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# All GPU work of issue 5 in few device calls (see docs/benchmarks.md, section gpu-profile).
+#   stage probe: GPU tests + per-kernel breakdown + a short profile (no model file needed)
+#   stage setup: install, first half of the SmolLM2 GGUF (carry .carry/a and .whl)
+#   stage real:  second half (carry .carry/b): GPU fit timing, real-artifact parity, full profiles
+# Results go to $OUT (few files).
+set -uo pipefail
+stage=${1:?stage: probe|setup|real}
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+install() {
+  python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl
+  python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/gguf-*.whl
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+}
+case $stage in
+probe)
+  install
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  python3 -m pytest -q -x tests/kernels 2>&1 | tail -15 | tee "$OUT/tests.log"
+  python3 benchmarks/step_breakdown.py --shape smollm2-135m --n 1024 --batch 1 2>&1 | tee "$OUT/breakdown.log"
+  python3 benchmarks/step_breakdown.py --shape llama3-8b --n 131072 --batch 1 2>&1 | tee -a "$OUT/breakdown.log"
+  nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
+  nectar profile --shape llama3-8b --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/l8b.json" 2>&1 | tee -a "$OUT/profile.log"
+  ;;
+setup)
+  mkdir -p /root/parts && cp .carry/a/smol.part00 /root/parts/ && rm -rf /root/manuals && cp -r .carry/a/manuals /root/manuals
+  install
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  ;;
+real)
+  cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf || exit 1
+  python3 -c "import nectar_kernels" || install
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out /root/grep.nectar 2>&1 | grep -v "it/s\]" | tee "$OUT/fit.log"
+  cp /root/grep.nectar/manifest.json "$OUT/fit_manifest.json"
+  NECTAR_TEST_ARTIFACT=/root/grep.nectar NECTAR_TEST_MODEL=/root/smol.gguf NECTAR_TEST_QUESTIONS=/root/manuals/grep.questions.jsonl \
+    python3 -m pytest -q tests/kernels 2>&1 | tail -15 | tee "$OUT/tests.log"
+  mkdir -p "$OUT/res"
+  nectar profile --shape smollm2-135m --device cuda --n 1024,2048,4096,8192,16384,32768,65536,131072 --batch 1,16 \
+    --json "$OUT/res/smol.json" --plot "$OUT/res/smol.png" 2>&1 | tee "$OUT/profile.log"
+  nectar profile --shape llama3-8b --device cuda --n 1024,2048,4096,8192,16384,32768,65536,131072 --batch 1,16 \
+    --json "$OUT/res/l8b.json" --plot "$OUT/res/l8b.png" 2>&1 | tee -a "$OUT/profile.log"
+  ;;
+esac
