@@ -33,7 +33,6 @@ class ExportConfig:
     dtype: str = "fp32"
     quantize: str | None = None
     max_local_len: int = 4096
-    int4_block_size: int = 32
     check: bool = True  # run the exported graph against the torch backend before renaming it into place
 
     def __post_init__(self):
@@ -64,33 +63,12 @@ def build_decoder_proto(oa, cfg: ExportConfig, attention_op=None):
     return writer.build(f"nectar_{cfg.method}_decoder")
 
 
-def quantize_proto(proto, kind: str, block_size: int = 32):
-    """int4: MatMulNBits (block-wise, symmetric, int8 compute on CPU: accuracy_level 4);
-    int8: per-channel dynamic quantization (DynamicQuantizeLinear + MatMulInteger, standard ops).
-    Only 2-D weight matmuls are quantized (projections, MLP, LM head); Nectar heads and baked
-    KV (3-D, small) stay fp32."""
-    two_d = {t.name for t in proto.graph.initializer if len(t.dims) == 2}
-    targets = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in two_d]
-    if kind == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def quantize_proto(proto, kind: str):
+    """Weight-only int8/int4 (MatMulNBits) of the 2-D matmuls; see quantize.py."""
+    from .quantize import quantize_graph
 
-        qcfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
-        q = MatMulNBitsQuantizer(proto, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                 nodes_to_include=targets, algo_config=qcfg)
-        q.process()
-        return q.model.model
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
-        _save(proto, src)
-        excluded = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in targets]
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded,
-                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-        import onnx
-
-        return onnx.load(str(dst))  # reads the external data into memory before the temp dir goes
+    quantize_graph(proto, kind)
+    return proto
 
 
 def _save(proto, path: Path) -> None:
@@ -128,7 +106,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     proto = build_decoder_proto(oa, cfg, attention_op)
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
-        proto = quantize_proto(proto, cfg.quantize, cfg.int4_block_size)
+        proto = quantize_proto(proto, cfg.quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
