@@ -61,3 +61,18 @@ def _silu_mul_kernel(gu_ptr, y_ptr, s_row, sy, N, BLOCK: tl.constexpr):
     u = tl.load(gu_ptr + row * s_row + N + c, mask=m, other=0.0).to(tl.float32)
     y = g / (1.0 + tl.exp(-g)) * u
     tl.store(y_ptr + row * sy + c, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, sx, sd, sy, N, eps, BLOCK: tl.constexpr):
+    """x += delta (in place, the residual stream), then y = rmsnorm(x) * w; fp32 math."""
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    m = c < N
+    x = tl.load(x_ptr + row * sx + c, mask=m, other=0.0)
+    x = (x.to(tl.float32) + tl.load(d_ptr + row * sd + c, mask=m, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+    tl.store(x_ptr + row * sx + c, x, mask=m)
+    xf = x.to(tl.float32)
+    r = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
+    w = tl.load(w_ptr + c, mask=m, other=0.0)
+    tl.store(y_ptr + row * sy + c, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)

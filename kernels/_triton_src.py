@@ -31,28 +31,12 @@ def _online_block(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _layer_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, start_ptr, w_ptr, b_ptr, o_ptr, scratch_ptr, po_ptr, pl_ptr,
-    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, sw, sb, R_TOTAL, NSPLIT, scale,
-    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MODE: tl.constexpr,
-    H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, H_PAD: tl.constexpr, HS_PAD: tl.constexpr,
-    IEEE: tl.constexpr, W_IEEE: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rb = tl.program_id(1)
-    b = pid // HKV
-    j = pid % HKV
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # row = g * T + t
-    rmask = r < G * T
-    g = r // T
-    t = r % T
+def _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks, svb, svh, svs, scale,
+                     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Exact attention of rows q [R, D] (batch b, KV head j, tokens t) over the local keys
+    kv_start <= s <= kv_len - T + t -> (o_loc [R, D] fp32, lse_loc [R] fp32; -inf = no key)."""
     d = tl.arange(0, D)
-    q_offs = b * sqb + (j * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=rmask[:, None], other=0.0)  # [R, D] input dtype
-    qf = q.to(tl.float32)
-
-    # ---- exact attention over the local keys kv_start <= s <= kv_len - T + t
     kv_len = tl.load(len_ptr + b)
     kv_start = tl.load(start_ptr + b)
     last = kv_len - T + t
@@ -72,8 +56,40 @@ def _layer_kernel(
         m_i, l_i, acc = _online_block(s, v, m_i, l_i, acc, IEEE)
     o_loc = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
     lse_loc = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    return o_loc, lse_loc
 
-    # ---- the document part: (f, lse_ctx)
+
+@triton.jit
+def _layer_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, start_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, po_ptr, pl_ptr,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, sw, sb, R_TOTAL, NSPLIT, N_TILES, scale,
+    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MODE: tl.constexpr,
+    H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, NC: tl.constexpr, HS_PAD: tl.constexpr,
+    IEEE: tl.constexpr, W_IEEE: tl.constexpr,
+):
+    """Program (b * Hkv + j, row block, part z). Rows are (g, t) of batch b, KV head j.
+
+    mlp (MODE 0): the target net's hidden layer is split over NC = ceil(H / BH) programs; part
+    z < NC computes h2[:, z*BH:(z+1)*BH] (recomputing h1 block by block) and its share of the
+    output layer, part z = NC the skip path, the score net and the local attention. Shares are
+    summed into a zeroed fp32 workspace by atomics; the last part to finish (a counter) merges,
+    writes o, and zeroes its workspace tile again for the next launch.
+    quadrature / partials (MODES 1, 2): one part does everything."""
+    pid = tl.program_id(0)
+    rb = tl.program_id(1)
+    z = tl.program_id(2)
+    b = pid // HKV
+    j = pid % HKV
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # row = g * T + t
+    rmask = r < G * T
+    g = r // T
+    t = r % T
+    d = tl.arange(0, D)
+    q_offs = b * sqb + (j * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=rmask[:, None], other=0.0)  # [R, D] input dtype
+    qf = q.to(tl.float32)
+    o_offs = b * sob + (j * G + g)[:, None] * soh + t[:, None] * sot + d[None, :]
     wrow = w_ptr + j * sw
     brow = b_ptr + j * sb
     if MODE == 0:  # mlp, nectar_export.heads.MLPGroup
@@ -97,83 +113,97 @@ def _layer_kernel(
         wdt = w_ptr.dtype.element_ty
         x = (qf - tl.load(brow + OFF_QM + d)[None, :]) / tl.load(brow + OFF_QS)
         xw = x.to(wdt)
-        # layer 1: h1 = gelu(x W1 + b1), kept in this program's scratch rows [BLOCK_R, H_PAD]
-        scr = scratch_ptr + (pid * tl.num_programs(1) + rb) * BLOCK_R * H_PAD
+        tile = pid * tl.num_programs(1) + rb
         rl = tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BH)
-        for k0 in range(0, H, BH):
-            cols = k0 + c
-            cm = cols < H
-            w1 = tl.load(wrow + d[:, None] * H + cols[None, :], mask=cm[None, :], other=0.0)
-            b1 = tl.load(brow + cols, mask=cm, other=0.0)
-            h1 = _gelu(_dot(xw, w1, W_IEEE) + b1[None, :])
-            tl.store(scr + rl[:, None] * H_PAD + cols[None, :], h1, mask=cm[None, :])
-        tl.debug_barrier()
-        # layers 2 and 3, column block by column block of h2
-        f = tl.zeros([BLOCK_R, D], tl.float32)
-        for j0 in range(0, H, BH):
-            cj = j0 + c
+        acc_offs = tile * BLOCK_R * D + rl[:, None] * D + d[None, :]
+        aux = ws_ptr + N_TILES * (BLOCK_R * D + 1) + tile * BLOCK_R * (D + 2)
+        if z < NC:
+            c = tl.arange(0, BH)
+            cj = z * BH + c
             cjm = cj < H
             acc2 = tl.zeros([BLOCK_R, BH], tl.float32)
-            for k0 in range(0, H, BH):
+            for k0 in range(0, H, BH):  # h1 block by block, straight into layer 2
                 ck = k0 + c
                 ckm = ck < H
-                h1 = tl.load(scr + rl[:, None] * H_PAD + ck[None, :], mask=ckm[None, :], other=0.0)
+                w1 = tl.load(wrow + d[:, None] * H + ck[None, :], mask=ckm[None, :], other=0.0)
+                h1 = _gelu(_dot(xw, w1, W_IEEE) + tl.load(brow + ck, mask=ckm, other=0.0)[None, :])
                 w2 = tl.load(wrow + OFF_W2 + ck[:, None] * H + cj[None, :], mask=ckm[:, None] & cjm[None, :], other=0.0)
                 acc2 += _dot(h1.to(wdt), w2, W_IEEE)
             h2 = _gelu(acc2 + tl.load(brow + OFF_B2 + cj, mask=cjm, other=0.0)[None, :])
             w3 = tl.load(wrow + OFF_W3 + cj[:, None] * D + d[None, :], mask=cjm[:, None], other=0.0)
-            f += _dot(h2.to(wdt), w3, W_IEEE)
-        skip = tl.load(wrow + OFF_SKIP + d[:, None] * D + d[None, :])
-        f += _dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]
-        # score net: D -> HS -> HS -> 1
-        hc = tl.arange(0, HS_PAD)
-        hm = hc < HS
-        s1 = tl.load(wrow + OFF_S1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
-        sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
-        s2 = tl.load(wrow + OFF_S2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
-        sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + OFF_SB2 + hc, mask=hm, other=0.0)[None, :])
-        s3 = tl.load(wrow + OFF_S3 + hc, mask=hm, other=0.0).to(tl.float32)
-        gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + OFF_SB3)
-        f = f * tl.load(brow + OFF_OS) + tl.load(brow + OFF_OM + d)[None, :]
-        lse_ctx = gs * tl.load(brow + OFF_LS) + tl.load(brow + OFF_LM)
-    elif MODE == 1:  # quadrature: softmax attention over H learned nodes with a bias
-        wdt = w_ptr.dtype.element_ty
-        qw = q.to(wdt)
-        mq = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        lq = tl.zeros([BLOCK_R], tl.float32)
-        aq = tl.zeros([BLOCK_R, D], tl.float32)
-        for n0 in range(0, H, BLOCK_S):
-            nodes = n0 + s_idx
-            nm = nodes < H
-            kn = tl.load(wrow + nodes[:, None] * D + d[None, :], mask=nm[:, None], other=0.0)
-            vn = tl.load(wrow + H * D + nodes[:, None] * D + d[None, :], mask=nm[:, None], other=0.0)
-            bias = tl.load(brow + nodes, mask=nm, other=float("-inf"))
-            s = _dot(qw, tl.trans(kn), W_IEEE) * scale + bias[None, :]
-            mq, lq, aq = _online_block(s, vn, mq, lq, aq, W_IEEE)
-        f = aq / lq[:, None]
-        lse_ctx = mq + tl.log(lq)
-    else:  # partials of split-KV attention over the document (full-attention baseline)
-        rf = b * G * T + r  # folded row (b, g, t)
-        mp = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        for sp in range(0, NSPLIT):
-            mp = tl.maximum(mp, tl.load(pl_ptr + (j * NSPLIT + sp) * R_TOTAL + rf, mask=rmask, other=float("-inf")))
-        m_safe = tl.where(mp == float("-inf"), 0.0, mp)
-        den = tl.zeros([BLOCK_R], tl.float32)
-        f = tl.zeros([BLOCK_R, D], tl.float32)
-        for sp in range(0, NSPLIT):
-            base = (j * NSPLIT + sp) * R_TOTAL + rf
-            ws = tl.exp(tl.load(pl_ptr + base, mask=rmask, other=float("-inf")) - m_safe)
-            f += ws[:, None] * tl.load(po_ptr + base[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-            den += ws
-        f = f / tl.where(den > 0, den, 1.0)[:, None]
-        lse_ctx = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
-
-    # ---- merge: w = σ(lse_ctx − lse_loc)
-    w = 1.0 / (1.0 + tl.exp(lse_loc - lse_ctx))
-    o = w[:, None] * f + (1.0 - w)[:, None] * o_loc
-    o_offs = b * sob + (j * G + g)[:, None] * soh + t[:, None] * sot + d[None, :]
-    tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+            part = _dot(h2.to(wdt), w3, W_IEEE)
+        else:
+            skip = tl.load(wrow + OFF_SKIP + d[:, None] * D + d[None, :])
+            part = _dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]
+            # score net: D -> HS -> HS -> 1
+            hc = tl.arange(0, HS_PAD)
+            hm = hc < HS
+            s1 = tl.load(wrow + OFF_S1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
+            sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
+            s2 = tl.load(wrow + OFF_S2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
+            sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + OFF_SB2 + hc, mask=hm, other=0.0)[None, :])
+            s3 = tl.load(wrow + OFF_S3 + hc, mask=hm, other=0.0).to(tl.float32)
+            gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + OFF_SB3)
+            lse_ctx = gs * tl.load(brow + OFF_LS) + tl.load(brow + OFF_LM)
+            o_loc, lse_loc = _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks,
+                                              svb, svh, svs, scale, T, D, BLOCK_R, BLOCK_S, IEEE)
+            tl.store(aux + rl[:, None] * D + d[None, :], o_loc)
+            tl.store(aux + BLOCK_R * D + rl, lse_loc)
+            tl.store(aux + BLOCK_R * (D + 1) + rl, lse_ctx)
+        tl.atomic_add(ws_ptr + acc_offs, part, sem="relaxed")
+        tl.debug_barrier()
+        cnt_ptr = ws_ptr + N_TILES * BLOCK_R * D + tile
+        done = tl.atomic_add(cnt_ptr, 1.0, sem="acq_rel")
+        if done == NC:  # the last part of this tile: every share is in
+            f = tl.load(ws_ptr + acc_offs, cache_modifier=".cg")
+            o_loc = tl.load(aux + rl[:, None] * D + d[None, :], cache_modifier=".cg")
+            lse_loc = tl.load(aux + BLOCK_R * D + rl, cache_modifier=".cg")
+            lse_ctx = tl.load(aux + BLOCK_R * (D + 1) + rl, cache_modifier=".cg")
+            f = f * tl.load(brow + OFF_OS) + tl.load(brow + OFF_OM + d)[None, :]
+            w = 1.0 / (1.0 + tl.exp(lse_loc - lse_ctx))  # σ(lse_ctx − lse_loc)
+            o = w[:, None] * f + (1.0 - w)[:, None] * o_loc
+            tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+            tl.store(ws_ptr + acc_offs, tl.zeros([BLOCK_R, D], tl.float32))
+            tl.store(cnt_ptr, 0.0)
+    else:
+        o_loc, lse_loc = _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks,
+                                          svb, svh, svs, scale, T, D, BLOCK_R, BLOCK_S, IEEE)
+        s_idx = tl.arange(0, BLOCK_S)
+        if MODE == 1:  # quadrature: softmax attention over H learned nodes with a bias
+            wdt = w_ptr.dtype.element_ty
+            qw = q.to(wdt)
+            mq = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            lq = tl.zeros([BLOCK_R], tl.float32)
+            aq = tl.zeros([BLOCK_R, D], tl.float32)
+            for n0 in range(0, H, BLOCK_S):
+                nodes = n0 + s_idx
+                nm = nodes < H
+                kn = tl.load(wrow + nodes[:, None] * D + d[None, :], mask=nm[:, None], other=0.0)
+                vn = tl.load(wrow + H * D + nodes[:, None] * D + d[None, :], mask=nm[:, None], other=0.0)
+                bias = tl.load(brow + nodes, mask=nm, other=float("-inf"))
+                s = _dot(qw, tl.trans(kn), W_IEEE) * scale + bias[None, :]
+                mq, lq, aq = _online_block(s, vn, mq, lq, aq, W_IEEE)
+            f = aq / lq[:, None]
+            lse_ctx = mq + tl.log(lq)
+        else:  # partials of split-KV attention over the document (full-attention baseline)
+            rf = b * G * T + r  # folded row (b, g, t)
+            mp = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            for sp in range(0, NSPLIT):
+                mp = tl.maximum(mp, tl.load(pl_ptr + (j * NSPLIT + sp) * R_TOTAL + rf, mask=rmask, other=float("-inf")))
+            m_safe = tl.where(mp == float("-inf"), 0.0, mp)
+            den = tl.zeros([BLOCK_R], tl.float32)
+            f = tl.zeros([BLOCK_R, D], tl.float32)
+            for sp in range(0, NSPLIT):
+                base = (j * NSPLIT + sp) * R_TOTAL + rf
+                ws = tl.exp(tl.load(pl_ptr + base, mask=rmask, other=float("-inf")) - m_safe)
+                f += ws[:, None] * tl.load(po_ptr + base[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+                den += ws
+            f = f / tl.where(den > 0, den, 1.0)[:, None]
+            lse_ctx = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
+        # merge: w = σ(lse_ctx − lse_loc)
+        w = 1.0 / (1.0 + tl.exp(lse_loc - lse_ctx))
+        o = w[:, None] * f + (1.0 - w)[:, None] * o_loc
+        tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit

@@ -24,6 +24,21 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place (rounded to x's dtype, as `x + delta` would be), then rmsnorm(x) * w.
+    x, delta: [M, N]; w: [N] fp32 -> [M, N] in x's dtype. One launch on CUDA."""
+    if x.device.type != "cuda":
+        x.add_(delta)
+        return rmsnorm(x, w, eps)
+    from ._triton_fused import _add_rmsnorm_kernel
+
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    _add_rmsnorm_kernel[(x.shape[0],)](x, delta, w, y, x.stride(0), delta.stride(0), y.stride(0), n, eps,
+                                       BLOCK=_next_pow2(n), num_warps=4 if n <= 2048 else 8)
+    return y
+
+
 def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, slot: torch.Tensor,
                q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, hq: int, hkv: int) -> None:
     """qkv: [B*T, (Hq + 2 Hkv) * D] (rows b*T + t), pos: [B, T] int, inv_freq: [D/2] fp32,

@@ -38,8 +38,22 @@ def _check(q, k_loc, v_loc, kv_len):
         raise ValueError("kv_len must be [B]")
 
 
+def _row_block(rows: int) -> int:
+    # at most 32 rows a program: the fused kernel stays on mma.sync tiles (no 64-row wgmma tiles)
+    return min(32, max(16, _next_pow2(rows)))
+
+
+def workspace_numel(batch: int, q_heads: int, kv_heads: int, t: int, d: int) -> int:
+    """fp32 elements of the mlp kernel's workspace for q: [batch, q_heads, t, d] (see
+    nectar_layer_attention); the kernel leaves its first part zeroed again after each launch."""
+    rows = (q_heads // kv_heads) * t
+    block_r = _row_block(rows)
+    tiles = batch * kv_heads * (-(-rows // block_r))
+    return tiles * (block_r * d + 1) + tiles * block_r * (d + 2)
+
+
 def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, width, scale, out,
-                  partials=None):
+                  partials=None, workspace=None):
     import torch
 
     layer_kernel, _ = _kernels()
@@ -47,25 +61,31 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
     hkv = k_loc.shape[1]
     g = hq // hkv
     rows = g * t
-    block_r = min(64, max(16, _next_pow2(rows)))
+    block_r = _row_block(rows)
     n_rb = -(-rows // block_r)
     if kv_start is None:
         kv_start = torch.zeros_like(kv_len)
     if out is None:
         out = torch.empty_like(q)
     ieee = q.dtype == torch.float32
-    h = hs = h_pad = hs_pad = 16
-    bh = 16
-    scratch = po = pl = q  # unused pointers in the other modes
+    h = hs = hs_pad = 16
+    bh, nc = 16, 0
+    ws = po = pl = q  # unused pointers in the other modes
     r_total = nsplit = 1
     if mode == 0:
         from .weights import score_width
 
         h, hs = width, score_width(width)
-        bh = 64 if d <= 64 else 32
-        h_pad = -(-h // bh) * bh
+        bh = 64
+        nc = -(-h // bh)
         hs_pad = max(16, _next_pow2(hs))
-        scratch = torch.empty(b * hkv * n_rb * block_r * h_pad, device=q.device, dtype=torch.float32)
+        need = workspace_numel(b, hq, hkv, t, d)
+        if workspace is None:
+            ws = torch.zeros(need, device=q.device, dtype=torch.float32)
+        elif workspace.numel() < need or workspace.dtype != torch.float32:
+            raise ValueError(f"workspace: need {need} fp32 elements (workspace_numel), got {workspace.numel()}")
+        else:
+            ws = workspace
     elif mode == 1:
         h = width
     else:
@@ -74,13 +94,13 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
     if heads_w is None:
         heads_w = heads_b = q
     w_ieee = heads_w.dtype == torch.float32
-    layer_kernel[(b * hkv, n_rb)](
-        q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, out, scratch, po, pl,
+    layer_kernel[(b * hkv, n_rb, nc + 1)](
+        q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, out, ws, po, pl,
         q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
         v_loc.stride(0), v_loc.stride(1), v_loc.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads_w.stride(0), heads_b.stride(0), r_total, nsplit, float(scale),
+        heads_w.stride(0), heads_b.stride(0), r_total, nsplit, b * hkv * n_rb, float(scale),
         HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32, MODE=mode,
-        H=h, HS=hs, BH=bh, H_PAD=h_pad, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
+        H=h, HS=hs, BH=bh, NC=nc, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
         num_warps=4, num_stages=2,
     )
     return out
@@ -88,7 +108,7 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
 
 def nectar_layer_attention(
     q, k_loc, v_loc, kv_len, heads_w, heads_b, variant: str, width: int, scale: float,
-    kv_start=None, out=None,
+    kv_start=None, out=None, workspace=None,
 ):
     """Fused Nectar attention of one layer, all heads, one kernel launch.
 
@@ -104,6 +124,9 @@ def nectar_layer_attention(
     variant:  "mlp" | "quadrature"; width: the layer's hidden width H (mlp) or node count (quadrature).
     scale:    the attention scale (usually D ** -0.5).
     out:      optional [B, Hq, T, D] output buffer (any strides with a contiguous last axis).
+    workspace: optional zero-filled fp32 tensor of ≥ workspace_numel(B, Hq, Hkv, T, D) elements
+              (mlp only; reused across launches on one stream: the kernel re-zeroes it). None
+              allocates a zeroed one per call.
     Returns   o: [B, Hq, T, D] in q's dtype, o = σ(g − lse_loc)·f + (1 − σ(g − lse_loc))·o_loc.
 
     All last axes must be contiguous; D a power of two ≥ 16. All math in fp32 (fp32 inputs use
@@ -115,7 +138,7 @@ def nectar_layer_attention(
     if heads_w.shape[0] != k_loc.shape[1] or heads_b.shape[0] != k_loc.shape[1]:
         raise ValueError("heads_w/heads_b need one row per KV head")
     return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w.contiguous(), heads_b.contiguous(),
-                         MODES[variant], width, scale, out)
+                         MODES[variant], width, scale, out, workspace=workspace)
 
 
 def split_len_for(n: int, kv_heads: int, sms: int = 132) -> int:

@@ -5,10 +5,11 @@ Used for both methods alike, so their latencies compare like for like:
   decoding) merged with the local tokens' attention;
 - `nectar`: each layer's fitted heads, local attention and the merge in one Triton launch.
 
-Per layer a step is: RMSNorm (1 kernel) → fused q|k|v projection (1 GEMM) → RoPE + KV-cache write
-(1 kernel) → attention (1 kernel for Nectar, 2 for full attention) → o-projection with the
-residual added by the GEMM (addmm) → RMSNorm → fused gate|up GEMM → SiLU·up (1 kernel) →
-down-projection + residual (addmm). On CPU the same step runs through plain torch ops.
+Per layer a step is: residual add + RMSNorm (1 kernel) → fused q|k|v projection (1 GEMM) → RoPE +
+KV-cache write (1 kernel) → attention (1 kernel for Nectar, 2 for full attention) → o-projection
+(1 GEMM) → residual add + RMSNorm (1 kernel) → fused gate|up GEMM → SiLU·up (1 kernel) →
+down-projection (1 GEMM), whose output the next layer's first kernel adds to the residual.
+On CPU the same step runs through plain torch ops.
 
 Imported lazily (it imports torch): nothing in nectar_runtime imports it at module load.
 Supports LLaMA-family decoders without q/k norms or sliding windows (Llama 3, SmolLM2, Qwen2).
@@ -78,6 +79,7 @@ class FusedDecoder:
         self.inv_freq = inv_freq
         self.document = None
         self.context_len = 0
+        self._workspaces: dict = {}
         self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
 
     @property
@@ -161,19 +163,20 @@ class FusedDecoder:
         c = self.cfg
         b, t = ids.shape
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        from nectar_kernels.fused import rmsnorm, rope_store, silu_mul
+        from nectar_kernels.fused import add_rmsnorm, rmsnorm, rope_store, silu_mul
 
-        x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden]
+        x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden], the residual stream
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
         o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)  # o-proj reads [B*T, Hq*D]
+        delta = None  # the last sub-block's output, added to x by the next fused add + RMSNorm
         for i, lw in enumerate(self.layers):
-            h = rmsnorm(x, lw.ln1, c.rms_eps)
+            h = rmsnorm(x, lw.ln1, c.rms_eps) if delta is None else add_rmsnorm(x, delta, lw.ln1, c.rms_eps)
             qkv = F.linear(h, lw.wqkv, lw.bqkv)  # [B*T, (Hq + 2 Hkv) * D]
             rope_store(qkv, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i], hq, hkv)
             self.attention(i, q, st, o.transpose(1, 2))
-            x = torch.addmm(x, o.view(b * t, hq * d), lw.wo.t())  # residual + o-proj, one GEMM
-            h = rmsnorm(x, lw.ln2, c.rms_eps)
-            x = torch.addmm(x, silu_mul(F.linear(h, lw.wgu)), lw.wd.t())
+            h = add_rmsnorm(x, F.linear(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps)
+            delta = F.linear(silu_mul(F.linear(h, lw.wgu)), lw.wd)
+        x.add_(delta)
         last = x.view(b, t, hid)[:, -1].contiguous()
         return F.linear(rmsnorm(last, self.norm, c.rms_eps), self.lm_head).float()
 
@@ -189,12 +192,24 @@ class FusedDecoder:
 
             if kind == "nectar":
                 hw, hb, variant, width = self.document[1][i]
-                nectar_layer_attention(q, kl, vl, st.kv_len, hw, hb, variant, width, scale, st.kv_start, out=out)
+                nectar_layer_attention(q, kl, vl, st.kv_len, hw, hb, variant, width, scale, st.kv_start, out=out,
+                                       workspace=self._workspace(q, kl.shape[1]) if variant == "mlp" else None)
             else:
                 full_layer_attention(q, self.document[1][i], self.document[2][i], kl, vl, st.kv_len, scale,
                                      st.kv_start, out=out)
             return
         out.copy_(_cpu_attention(self.document, i, q, kl, vl, st, scale))
+
+    def _workspace(self, q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """The fused Nectar kernel's zeroed workspace, one per step shape, shared by all layers
+        (each launch leaves it zeroed; launches on one stream never overlap)."""
+        from nectar_kernels.triton_nectar import workspace_numel
+
+        key = tuple(q.shape)
+        if key not in self._workspaces:
+            self._workspaces[key] = torch.zeros(workspace_numel(q.shape[0], q.shape[1], kv_heads, q.shape[2], q.shape[3]),
+                                                device=q.device, dtype=torch.float32)
+        return self._workspaces[key]
 
 
 def _cpu_attention(document, i, q, kl, vl, st, scale):
