@@ -1,0 +1,182 @@
+"""`nectar export --format onnx` on the real SmolLM2 artifact, the bundle on ONNX Runtime against
+the torch backend, `nectar run`, and the bundle's bad-input paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import manual_path
+from tests.runtime.test_cli import assert_one_line_error, nectar
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="session")
+def bundles(small_artifact, tmp_path_factory):
+    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle
+
+    art, _ = small_artifact
+    d = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name, cfg in {"nectar": ExportConfig(), "full": ExportConfig(method="full"),
+                      "int8": ExportConfig(quantize="int8"), "int4": ExportConfig(quantize="int4")}.items():
+        out[name] = export_onnx_bundle(art, d / name, cfg, log=lambda s: None)
+    return art, out
+
+
+def _questions(k=3):
+    with open(manual_path().replace(".txt", ".questions.jsonl")) as f:
+        return [json.loads(line)["question"] for line in f][:k]
+
+
+def test_bundle_layout_and_manifest(bundles):
+    _, b = bundles
+    m = json.loads((b["nectar"] / "manifest.json").read_text())
+    assert sorted(p.name for p in b["nectar"].iterdir()) == sorted(
+        ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+         "chat_template.jinja", "document.txt"])
+    assert m["method"] == "nectar" and m["opset"] >= 17 and m["dtype"] == "fp32"
+    assert set(m["files"]) == {p.name for p in b["nectar"].iterdir()} - {"manifest.json"}
+    ins = [i["name"] for i in m["graph"]["inputs"]]
+    assert ins[:3] == ["input_ids", "position_ids", "attention_mask"] and "past_key_values.29.value" in ins
+    assert m["export_check"]["max_abs_logit_diff"] <= 1e-3
+    # no document KV anywhere in a Nectar bundle: its weights are the model + heads + 24 prefix tokens
+    full_bytes = (b["full"] / "model.onnx.data").stat().st_size
+    nectar_bytes = (b["nectar"] / "model.onnx.data").stat().st_size
+    doc_kv_fp32 = 2 * 30 * 3 * 64 * 4 * (m["context_len"] - m["document"]["prefix_tokens"])
+    assert full_bytes - nectar_bytes > 0.7 * doc_kv_fp32
+
+
+@pytest.mark.parametrize("method", ["nectar", "full"])
+def test_ort_matches_torch_over_64_greedy_tokens(bundles, method):
+    from nectar_export.export.bundle import compare_backends
+    from nectar_export.pipeline import open_artifact
+    from nectar_runtime.backends.ort_backend import OrtBackend
+    from nectar_runtime.backends.torch_backend import TorchBackend
+    from nectar_runtime.bundle import read_bundle
+    from nectar_runtime.document import local_ids
+    from nectar_runtime.generate import GenerationConfig, generate_ids
+
+    art, b = bundles
+    oa = open_artifact(art)
+    model = oa.base.model
+    if method == "full":
+        import torch
+
+        contexts = model.prefill_document(torch.tensor([list(oa.ctx.context_ids)])).contexts()
+    else:
+        contexts = oa.contexts()
+    ref = TorchBackend(model, contexts, oa.ctx.n)
+    ort_b = OrtBackend.from_bundle(read_bundle(b[method]), threads=2)
+    for q in _questions():
+        prompt = local_ids(oa.ctx, oa.base.tokenizer, [{"role": "user", "content": q}])
+        r = compare_backends(ref, ort_b, prompt, oa.ctx.n, 64)
+        assert r["max_abs_logit_diff"] <= 1e-3, (q, r)
+        cfg = GenerationConfig(max_new_tokens=64)
+        eos = set(oa.base.tokenizer.eos_token_ids)
+        a = [int(t[0]) for t in generate_ids(ref, [prompt], cfg, eos)]
+        c = [int(t[0]) for t in generate_ids(ort_b, [prompt], cfg, eos)]
+        assert a == c, q
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_bundles_track_fp32(bundles, kind):
+    m = json.loads((bundles[1][kind] / "manifest.json").read_text())
+    chk = m["export_check"]
+    assert m["quantize"] == kind and chk["top1_agreement"] >= 0.8 and chk["mean_kl"] < 0.05, chk
+    fp32 = (bundles[1]["nectar"] / "model.onnx.data").stat().st_size
+    assert (bundles[1][kind] / "model.onnx.data").stat().st_size < 0.6 * fp32
+
+
+def test_nectar_run_answers_from_the_full_bundle(bundles):
+    r = nectar("run", str(bundles[1]["full"]), "--chat", "What does sed stand for?", "--max-new-tokens", "24", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 5
+
+
+def test_nectar_chat_multi_turn_and_reset(bundles):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "nectar_runtime.cli", "chat", str(bundles[1]["full"]), "--max-new-tokens", "12",
+                        "--threads", "2"], input="What is sed?\nAnd grep?\n/reset\nHello\n/exit\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "(conversation cleared)" in r.stderr and r.stdout.count("> ") >= 4
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_bundles_give_one_line_errors(bundles, tmp_path):
+    src = bundles[1]["nectar"]
+    r = nectar("run", str(tmp_path), "--chat", "hi")
+    assert_one_line_error(r, "not a Nectar bundle")
+
+    b = _copy(src, tmp_path)
+    (b / "model.onnx.data").unlink()
+    assert_one_line_error(nectar("run", str(b), "--chat", "hi"), "model.onnx.data missing")
+
+    shutil.rmtree(b)
+    b = _copy(src, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["format_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(nectar("run", str(b), "--chat", "hi"), "format_version 99")
+
+    shutil.rmtree(b)
+    b = _copy(src, tmp_path)
+    with open(b / "model.onnx.data", "r+b") as f:  # flip one weight byte
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert_one_line_error(nectar("run", str(b), "--chat", "hi"), "model.onnx.data", "sha256")
+
+    assert_one_line_error(nectar("run", str(src), "--chat", "word " * 5000), "does not fit", "at most 4096")
+
+
+def test_export_refuses_bad_input(small_artifact, tmp_path):
+    art, _ = small_artifact
+    assert_one_line_error(nectar("export", str(tmp_path), "--out", str(tmp_path / "x")), "artifact")
+    assert_one_line_error(nectar("export", str(art), "--out", str(tmp_path / "x"), "--dtype", "fp16", "--quantize", "int4"), "quantize")
+    assert not (tmp_path / "x").exists()
+    assert not any(p.name.startswith(".x.") for p in tmp_path.iterdir())  # no temp dir left behind
+
+
+def test_failed_export_leaves_nothing(small_artifact, tmp_path, monkeypatch):
+    import nectar_export.export.bundle as bundle
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(bundle, "check_against_torch", boom)
+    with pytest.raises(RuntimeError):
+        bundle.export_onnx_bundle(small_artifact[0], tmp_path / "out", bundle.ExportConfig(), log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runtime_bundle_session_needs_no_torch_imports(bundles):
+    """The runtime path imports neither torch nor onnx (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from nectar_runtime.bundle_session import open_bundle_session\n"
+        "from nectar_runtime.generate import GenerationConfig\n"
+        f"s = open_bundle_session({str(bundles[1]['full'])!r}, threads=2)\n"
+        "print(''.join(s.stream('What is sed?', GenerationConfig(max_new_tokens=8))))\n"
+        "bad = [m for m in ('torch', 'onnx', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    _ = np  # numpy is the runtime's array type
