@@ -180,3 +180,30 @@ def test_runtime_bundle_session_needs_no_torch_imports(bundles):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     _ = np  # numpy is the runtime's array type
+
+
+@pytest.mark.slow
+def test_runtime_runs_a_bundle_in_a_venv_without_torch(bundles, tmp_path):
+    """A fresh virtual environment with only the runtime's dependencies (no torch, no onnx):
+    `nectar run` answers from a bundle, and the exporter's commands say what to install."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py, pip = venv / "bin" / "python", [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    deps = ["numpy", "tokenizers", "jinja2", "onnxruntime", "gguf", "tqdm"]
+    r = subprocess.run(pip + deps, capture_output=True, text=True, timeout=900)
+    if r.returncode:
+        pytest.skip(f"cannot install the runtime's dependencies from PyPI here: {r.stderr.strip()[-200:]}")
+    subprocess.run(pip + ["--no-deps", str(repo)], check=True, timeout=900, capture_output=True)
+    assert subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode != 0  # truly absent
+    r = subprocess.run([str(venv / "bin" / "nectar"), "run", str(bundles[1]["full"]), "--chat", "What is sed?",
+                        "--max-new-tokens", "16", "--threads", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 5
+    r = subprocess.run([str(venv / "bin" / "nectar"), "fit", str(repo / "README.md"), "--out", str(tmp_path / "a")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "nectar-attention[export]" in r.stderr and "Traceback" not in r.stderr
