@@ -114,10 +114,10 @@ def cmd_export(a: argparse.Namespace) -> int:
         from .export.bundle import export_onnx_bundle
 
         export_onnx_bundle(a.artifact, a.out, cfg, model=a.model, log=log)
-    else:
+    else:  # trt: engine + plugin graph; trt-onnx: the plugin graph alone (no TensorRT needed)
         from .export.trt import export_trt_bundle
 
-        export_trt_bundle(a.artifact, a.out, cfg, model=a.model, log=log)
+        export_trt_bundle(a.artifact, a.out, cfg, model=a.model, log=log, engine=a.format == "trt")
     print(a.out)
     return 0
 
@@ -163,7 +163,9 @@ def add_export_commands(sub) -> None:
 
     p = sub.add_parser("export", help="export an artifact as a deployable bundle (ONNX graph, or a TensorRT engine)")
     p.add_argument("artifact", metavar="ART")
-    p.add_argument("--format", choices=["onnx", "trt"], default="onnx", help="(default %(default)s)")
+    p.add_argument("--format", choices=["onnx", "trt", "trt-onnx"], default="onnx",
+                   help="onnx: ONNX Runtime bundle; trt: TensorRT engine with the NectarAttention plugin; "
+                        "trt-onnx: that plugin graph only (default %(default)s)")
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write (replaced atomically)")
     p.add_argument("--method", choices=["nectar", "full"], default="nectar",
                    help="nectar: heads stand for the document; full: the document's exact KV baked in (default %(default)s)")

@@ -24,6 +24,8 @@ def bundle_backend(bundle: Bundle, threads: int | None = None, provider: str | N
         from .backends.trt_backend import TrtBackend
 
         return TrtBackend.from_bundle(bundle)
+    if bundle.format == "trt-onnx":
+        raise NectarError(f"{bundle.path}: holds only the TensorRT plugin graph; build the engine with `nectar export --format trt` on the target")
     raise NectarError(f"{bundle.path}: unknown bundle format {bundle.format!r}; re-export the bundle")
 
 

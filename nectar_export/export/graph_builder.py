@@ -54,7 +54,7 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """An initializer holding `array` (a weight; saved as external data when large)."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), self._claim(name)))
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C", copy=True), self._claim(name)))  # keeps 0-d
         return name
 
     def const(self, array, dtype=np.int64) -> str:

@@ -207,3 +207,26 @@ def test_runtime_runs_a_bundle_in_a_venv_without_torch(bundles, tmp_path):
     r = subprocess.run([str(venv / "bin" / "nectar"), "fit", str(repo / "README.md"), "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "nectar-attention[export]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trt_formats_from_the_cli(small_artifact, tmp_path):
+    """trt-onnx writes the plugin graph (checked); trt needs TensorRT and says so when it is absent."""
+    import importlib.util
+
+    art, _ = small_artifact
+    r = nectar("export", str(art), "--format", "trt-onnx", "--out", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr
+    proto = onnx_load(tmp_path / "g" / "model.onnx")
+    assert sum(n.op_type == "NectarAttention" for n in proto.graph.node) == 30
+    assert_one_line_error(nectar("run", str(tmp_path / "g"), "--chat", "hi"), "TensorRT plugin graph")
+    if importlib.util.find_spec("tensorrt") is None:
+        assert_one_line_error(nectar("export", str(art), "--format", "trt", "--out", str(tmp_path / "e")), "TensorRT")
+        assert not (tmp_path / "e").exists()
+
+
+def onnx_load(path):
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    onnx.shape_inference.infer_shapes_path(str(path), str(path.with_name("inferred.onnx")))
+    return onnx.load(str(path), load_external_data=False)

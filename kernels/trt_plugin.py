@@ -1,0 +1,38 @@
+"""The TensorRT plugin `nectar::NectarAttention`: one layer's Nectar heads + exact local attention
++ log-sum-exp merge, served by the same Triton kernel the torch CUDA backend uses
+(triton_nectar.nectar_layer_attention), through TensorRT's Python plugin API (`tensorrt.plugin`,
+TensorRT >= 10.6). Importing this module registers the plugin; it needs tensorrt, torch and
+triton, and is imported only by the TensorRT exporter and backend.
+
+NOT RUN IN THIS REPOSITORY'S CI: TensorRT cannot be installed there. The node's semantics are
+tested against the torch model with the kernel's PyTorch reference (tests/export/test_trt_graph.py)
+and the kernel itself on an H100 (tests/kernels/test_triton.py).
+"""
+
+from __future__ import annotations
+
+import tensorrt.plugin as trtp
+
+PLUGIN = "nectar::NectarAttention"
+
+
+@trtp.register(PLUGIN)
+def nectar_attention_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, kv_len: trtp.TensorDesc,
+                          kv_start: trtp.TensorDesc, heads_w: trtp.TensorDesc, heads_b: trtp.TensorDesc,
+                          variant: str, width: int, scale: float) -> trtp.TensorDesc:
+    """o has q's shape and dtype: [B, Hq, T, D]."""
+    return q.like()
+
+
+@trtp.impl(PLUGIN)
+def nectar_attention_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, kv_len: trtp.Tensor,
+                          kv_start: trtp.Tensor, heads_w: trtp.Tensor, heads_b: trtp.Tensor,
+                          variant: str, width: int, scale: float, outputs: tuple[trtp.Tensor], stream: int) -> None:
+    import torch
+
+    from .triton_nectar import nectar_layer_attention
+
+    t = lambda x: torch.as_tensor(x, device="cuda")  # noqa: E731 (zero-copy views of TensorRT's buffers)
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        nectar_layer_attention(t(q), t(k), t(v), t(kv_len), t(heads_w), t(heads_b), variant, int(width), float(scale),
+                               kv_start=t(kv_start), out=t(outputs[0]))

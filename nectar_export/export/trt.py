@@ -1,0 +1,128 @@
+"""`nectar export ART --format trt`: the TensorRT engine, built from the graph of trt_graph.py
+with the `nectar::NectarAttention` plugin (kernels/trt_plugin.py).
+
+    --format trt-onnx   writes the plugin graph only (model.onnx + data; no TensorRT needed)
+    --format trt        also builds engine.plan (needs TensorRT >= 10.6 and a GPU: Jetson with
+                        JetPack 6.x, or a datacenter GPU) — NOT RUN in this repository's CI
+
+The engine's optimization profile covers batch 1 and up to max_local_len local tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from nectar_runtime import __version__
+from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+from nectar_runtime.errors import NectarError
+
+from .bundle import DTYPES, GRAPH_FILE, ExportConfig, _replace_dir, _save, graph_io
+
+ENGINE_FILE = "engine.plan"
+
+
+def require_tensorrt():
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise NectarError(
+            "--format trt needs TensorRT >= 10.6 (JetPack 6 on Jetson, or `pip install tensorrt` from NVIDIA's "
+            "index on a GPU machine); it is not installed here. `--format trt-onnx` writes the plugin graph alone"
+        ) from None
+    import tensorrt
+
+    return tensorrt
+
+
+def build_engine(proto, work: Path, max_local_len: int, fp16: bool = False) -> Path:
+    """Parse the plugin graph and build a serialized engine into `work/engine.plan`."""
+    trt = require_tensorrt()
+    import nectar_kernels.trt_plugin  # noqa: F401  (registers nectar::NectarAttention)
+
+    graph = work / "trt_build.onnx"
+    _save(proto, graph)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(graph)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise NectarError(f"TensorRT could not parse the Nectar graph: {errs[:300]}")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        shape = list(inp.shape)
+        if inp.name in ("input_ids", "position_ids"):
+            profile.set_shape(inp.name, (1, 1), (1, 1), (1, max_local_len))
+        elif inp.name == "attention_mask":
+            profile.set_shape(inp.name, (1, 1), (1, max_local_len // 2), (1, max_local_len))
+        else:  # past_key_values.*: [1, Hkv, past, D]
+            lo, opt, hi = ([1, shape[1], n, shape[3]] for n in (0, max_local_len // 2, max_local_len))
+            profile.set_shape(inp.name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise NectarError("TensorRT failed to build the engine (see its log above)")
+    out = work / ENGINE_FILE
+    out.write_bytes(bytes(plan))
+    graph.unlink()
+    (work / (graph.name + ".data")).unlink(missing_ok=True)
+    return out
+
+
+def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log=print, engine: bool = True) -> Path:
+    """Write a TensorRT bundle (engine + plugin graph), or with engine=False the plugin graph only."""
+    from nectar_export.pipeline import open_artifact
+
+    from .trt_graph import build_trt_proto
+
+    if cfg.method != "nectar":
+        raise NectarError("--format trt exports Nectar bundles; for --method full use --format onnx (TensorRT's ONNX parser takes it as is)")
+    if cfg.quantize:
+        raise NectarError("--quantize is for ONNX Runtime bundles; TensorRT engines here are fp32/fp16")
+    if engine:
+        require_tensorrt()  # fail before any work
+    t0 = time.perf_counter()
+    out = Path(out)
+    oa = open_artifact(art, model=model)
+    log(f"[nectar export] building the TensorRT plugin graph ({oa.base.config.num_layers} NectarAttention nodes) …")
+    proto = build_trt_proto(oa, DTYPES[cfg.dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _save(proto, tmp / GRAPH_FILE)
+        if engine:
+            log("[nectar export] building the TensorRT engine …")
+            build_engine(proto, tmp, min(cfg.max_local_len, oa.base.config.max_position - oa.ctx.n), fp16=cfg.dtype == "fp16")
+        oa.base.tokenizer.to_json(tmp)
+        if oa.base.tokenizer.chat_template:
+            (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
+        (tmp / "document.txt").write_text(oa.ctx.text, encoding="utf-8")
+        mcfg = oa.base.config
+        manifest = {
+            "kind": "nectar-bundle", "format": "trt" if engine else "trt-onnx", "format_version": BUNDLE_FORMAT_VERSION,
+            "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "method": "nectar", "dtype": cfg.dtype, "quantize": None, "opset": proto.opset_import[0].version,
+            "graph": {"file": ENGINE_FILE if engine else GRAPH_FILE, "onnx": GRAPH_FILE, **graph_io(proto),
+                      "custom_ops": ["nectar::NectarAttention"], "node_names": "docs/onnx.md#node-names"},
+            "context_len": oa.ctx.n, "max_local_len": min(cfg.max_local_len, mcfg.max_position - oa.ctx.n),
+            "batch": 1,
+            "model": {"family": mcfg.family, "num_layers": mcfg.num_layers, "num_kv_heads": mcfg.num_kv_heads,
+                      "head_dim": mcfg.head_dim, "vocab_size": mcfg.vocab_size, "max_position": mcfg.max_position},
+            "base_model": oa.manifest["base_model"], "document": oa.manifest["document"],
+        }
+        manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[nectar export] wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return out

@@ -1,0 +1,84 @@
+"""The decoder graph for TensorRT: each layer's context attention + local attention + merge is
+one `NectarAttention` node (domain `nectar`), served by the TensorRT plugin in
+kernels/trt_plugin.py, whose kernel is the Triton kernel of kernels/triton_nectar.py.
+
+    NectarAttention(q [B, Hq, T, D], k [B, Hkv, S, D], v [B, Hkv, S, D], kv_len [B] int32,
+                    kv_start [B] int32, heads_w [Hkv, P_w], heads_b [Hkv, P_b] fp32)
+        attributes: variant ("mlp" | "quadrature"), width (int), scale (float),
+                    plugin_namespace "nectar", plugin_version "1" (for TensorRT's ONNX parser)
+        -> o [B, Hq, T, D]
+
+k/v hold, in order, the template prefix's exact keys (a constant, a few tokens), the past local
+tokens and this call's tokens; kv_len = S, kv_start = 0: TensorRT bundles run one sequence
+(batch 1, no padding). Layers the kernel does not cover (sliding-window layers) keep the
+standard-op attention. The packed weight layout is kernels/weights.py's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from .decoder_graph import DecoderGraphWriter, StandardAttention
+
+DOMAIN = "nectar"
+
+
+class NectarAttentionOp:
+    """attention_op for DecoderGraphWriter emitting one NectarAttention node per layer."""
+
+    def __init__(self, heads, prefix_kv: list | None):
+        """heads: NectarHeads (torch); prefix_kv: per layer (k, v) numpy [Hkv, c, D] or None."""
+        self.heads, self.prefix_kv = heads, prefix_kv
+        self.fallback = StandardAttention()
+
+    def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_loc: str, v_loc: str, masks: dict) -> str:
+        from nectar_kernels.weights import pack_layer
+
+        s, b = wr.s, wr.b
+        if s.layer_windows[i]:
+            return self.fallback(wr, i, q, k_loc, v_loc, masks)
+        b.custom_domains[DOMAIN] = 1
+        p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"
+        qh = wr.to_dt(b.op("Reshape", [q, b.const([0, s.num_heads, -1, s.head_dim])], f"{p}/q_heads/Reshape"), f"{p}/q_heads/Cast")
+        k_all, v_all = k_loc, v_loc
+        if self.prefix_kv is not None and self.prefix_kv[i] is not None:
+            pk, pv = self.prefix_kv[i]
+            batch = b.op("Slice", [b.op("Shape", [k_loc], f"{p}/k_local/Shape"), b.const([0]), b.const([1]), b.const([0])], f"{p}/batch/Slice")
+            shape = b.op("Concat", [batch, b.const([pk.shape[0], pk.shape[1], pk.shape[2]])], f"{p}/prefix_shape/Concat", axis=0)
+            ek = b.op("Expand", [b.weight(f"{wn}.context.prefix.key", pk[None].astype(wr.dt)), shape], f"{p}/prefix_key/Expand")
+            ev = b.op("Expand", [b.weight(f"{wn}.context.prefix.value", pv[None].astype(wr.dt)), shape], f"{p}/prefix_value/Expand")
+            k_all = b.op("Concat", [ek, k_loc], f"{p}/key_all/Concat", axis=2)
+            v_all = b.op("Concat", [ev, v_loc], f"{p}/value_all/Concat", axis=2)
+        shp = b.op("Shape", [k_all], f"{p}/key_all/Shape")
+        s_len = b.op("Slice", [shp, b.const([2]), b.const([3]), b.const([0])], f"{p}/kv_len/Slice")
+        bsz = b.op("Slice", [shp, b.const([0]), b.const([1]), b.const([0])], f"{p}/kv_batch/Slice")
+        kv_len = b.op("Cast", [b.op("Expand", [s_len, bsz], f"{p}/kv_len/Expand")], f"{p}/kv_len/Cast", to=TensorProto.INT32)
+        kv_start = b.op("Mul", [kv_len, b.const(0, np.int32)], f"{p}/kv_start/Mul")
+        hw, hb, variant, width = pack_layer(self.heads, i)
+        o = b.op("NectarAttention", [qh, k_all, v_all, kv_len, kv_start,
+                                     b.weight(f"{wn}.nectar_heads.packed_w", hw.cpu().numpy().astype(np.float32)),
+                                     b.weight(f"{wn}.nectar_heads.packed_b", hb.cpu().numpy().astype(np.float32))],
+                 f"{p}/NectarAttention", domain=DOMAIN, variant=variant, width=int(width), scale=float(s.scale),
+                 plugin_namespace=DOMAIN, plugin_version="1")
+        o = wr.f32(o, f"{p}/NectarAttention/Cast")
+        return b.op("Reshape", [o, b.const([0, s.num_kv_heads, -1, s.head_dim])], f"{p}/o_groups/Reshape")
+
+
+def build_trt_proto(oa, dtype=np.float32):
+    """The TensorRT-flavoured decoder graph of an opened artifact (method nectar)."""
+    from .decoder_graph import DecoderGraphWriter
+    from .from_model import decoder_weights, graph_spec, nectar_contexts_for_export
+
+    model = oa.base.model
+    contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads)
+    # the prefix joins the local KV inside the NectarAttention node, so layers served by the
+    # plugin get it as (k, v) and their baked parts are dropped; fallback layers keep theirs
+    prefix_kv = []
+    for i, c in enumerate(contexts):
+        pre = next((p for p in c.baked if p.name == "prefix"), None)
+        prefix_kv.append(None if pre is None else (pre.k, pre.v))
+    writer = DecoderGraphWriter(graph_spec(model, oa.ctx.n), decoder_weights(model), contexts, dtype,
+                                attention_op=NectarAttentionOp(oa.heads, prefix_kv))
+    return writer.build("nectar_trt_decoder")
+

@@ -1,0 +1,96 @@
+"""The TensorRT-flavoured graph: one NectarAttention node per layer (custom domain), checked by
+onnx.checker and shape inference, and executed end to end by ONNX's reference evaluator with
+the kernel's PyTorch reference standing in for the TensorRT plugin — same logits as the torch
+model. Building and running a real engine needs TensorRT (skipped where it is not installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tests.export.test_onnx_graph import N_CTX, PREFIX, _Ctx, _random_heads
+from tests.models.tiny import save_tiny
+
+
+class _Artifact:  # the fields of an OpenArtifact build_trt_proto reads
+    def __init__(self, model, ids, heads):
+        self.base = type("Base", (), {"model": model})()
+        self.ctx, self.heads = _Ctx(ids, PREFIX), heads
+
+
+def _nectar_attention_op():
+    from onnx.reference.op_run import OpRun
+
+    class NectarAttention(OpRun):
+        op_domain = "nectar"
+
+        def _run(self, q, k, v, kv_len, kv_start, hw, hb, variant=None, width=None, scale=None,
+                 plugin_namespace=None, plugin_version=None):
+            from nectar_kernels.reference import nectar_layer_attention_reference
+
+            t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731 (writable copies)
+            variant = variant.decode() if isinstance(variant, bytes) else variant
+            o = nectar_layer_attention_reference(t(q), t(k), t(v), t(kv_len), t(hw), t(hb), variant, int(width),
+                                                 float(scale), kv_start=t(kv_start), compute_dtype=torch.float64)
+            return (o.numpy().astype(q.dtype),)
+
+    return NectarAttention
+
+
+@pytest.mark.parametrize("variant", ["mlp", "quadrature"])
+def test_trt_graph_checks_and_matches_the_torch_model(tmp_path, variant):
+    from onnx.reference import ReferenceEvaluator
+
+    from nectar_export.export.trt_graph import build_trt_proto
+    from nectar_export.heads import nectar_contexts
+    from nectar_models.attention import CompositeContext
+    from nectar_models.loading import load_model
+    from nectar_runtime.backends.torch_backend import TorchBackend
+
+    model = load_model(save_tiny("llama", tmp_path / "m", seed=11)).model
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (N_CTX,), generator=torch.Generator().manual_seed(12))
+    heads = _random_heads(cfg, variant, 13)
+    proto = build_trt_proto(_Artifact(model, ids.tolist(), heads))
+    onnx.checker.check_model(proto)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    ops = [n for n in proto.graph.node if n.op_type == "NectarAttention"]
+    assert len(ops) == cfg.num_layers and all(n.domain == "nectar" for n in ops)
+    assert {o.domain for o in inferred.opset_import} == {"", "nectar"}
+
+    prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
+    ref = TorchBackend(model, [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads))], N_CTX)
+    ref.reset(1, 32)
+    ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op()])
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers) for k in ("key", "value")}
+    toks, pos, total = np.array([[3, 1, 4, 1, 5]]), N_CTX + np.arange(5)[None], 0
+    for _ in range(4):
+        want = ref.step(toks, pos)
+        total += toks.shape[1]
+        outs = ev.run(None, {"input_ids": toks, "position_ids": pos, "attention_mask": np.ones((1, total), np.int64), **past})
+        got = outs[0][:, -1]
+        assert np.abs(got - want).max() < 1e-4
+        names = [o.name for o in proto.graph.output]
+        for name, val in zip(names[1:], outs[1:]):
+            key = name.replace("present", "past_key_values")
+            past[key] = np.concatenate([past[key], val], axis=2)
+        toks, pos = want.argmax(-1)[:, None], pos[:, -1:] + 1
+
+
+def test_trt_engine_builds_and_runs(tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (it needs NVIDIA's package index and a GPU)")
+    pytest.importorskip("torch").cuda.is_available() or pytest.skip("TensorRT needs a CUDA GPU")
+    from nectar_export.export.trt import build_engine
+
+    from nectar_models.loading import load_model
+
+    model = load_model(save_tiny("llama", tmp_path / "m", seed=14)).model
+    ids = torch.randint(0, model.config.vocab_size, (N_CTX,)).tolist()
+    heads = _random_heads(model.config, "mlp", 15)
+    from nectar_export.export.trt_graph import build_trt_proto
+
+    plan = build_engine(build_trt_proto(_Artifact(model, ids, heads)), tmp_path, max_local_len=64)
+    assert plan.stat().st_size > 0
