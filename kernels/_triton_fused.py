@@ -76,3 +76,60 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, sx, sd, sy, N, eps, BLOCK: t
     r = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
     w = tl.load(w_ptr + c, mask=m, other=0.0)
     tl.store(y_ptr + row * sy + c, (xf * r * w).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, M, N, K, sx, sd, sxo, sw, sy, eps,
+                 ADD: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """y = f(x) @ W[cols]^T for a few rows (decode): f = [x + delta] -> [RMSNorm * nw]; with GLU,
+    W = [gate; up] (2N rows) and y = silu(f(x) Wg^T) * (f(x) Wu^T). Program 0 of each row block
+    writes x + delta to xo (the new residual stream). fp32 accumulation."""
+    pn = tl.program_id(0)
+    pm = tl.program_id(1)
+    rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < M
+    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < N
+    kc = tl.arange(0, BK)
+    wdt = w_ptr.dtype.element_ty
+    r = tl.full([BLOCK_M], 1.0, tl.float32)
+    if NORM:
+        ss = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + kc
+            m2 = rm[:, None] & (kk < K)[None, :]
+            xk = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=m2, other=0.0)
+            if ADD:
+                xk = (xk.to(tl.float32) + tl.load(d_ptr + rows[:, None] * sd + kk[None, :], mask=m2, other=0.0).to(tl.float32)).to(xk.dtype)
+            xf = xk.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+        r = tl.rsqrt(ss / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + kc
+        km = kk < K
+        m2 = rm[:, None] & km[None, :]
+        xk = tl.load(x_ptr + rows[:, None] * sx + kk[None, :], mask=m2, other=0.0)
+        if ADD:
+            xk = (xk.to(tl.float32) + tl.load(d_ptr + rows[:, None] * sd + kk[None, :], mask=m2, other=0.0).to(tl.float32)).to(xk.dtype)
+            if pn == 0:
+                tl.store(xo_ptr + rows[:, None] * sxo + kk[None, :], xk, mask=m2)
+        if NORM:
+            xk = xk.to(tl.float32) * r[:, None] * tl.load(nw_ptr + kk, mask=km, other=0.0)[None, :]
+        xk = xk.to(wdt)
+        wk = tl.load(w_ptr + cols[:, None] * sw + kk[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
+        else:
+            acc += tl.dot(xk, tl.trans(wk))
+        if GLU:
+            wu = tl.load(w_ptr + (N + cols)[:, None] * sw + kk[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+            if IEEE:
+                acc_u += tl.dot(xk, tl.trans(wu), input_precision="ieee")
+            else:
+                acc_u += tl.dot(xk, tl.trans(wu))
+    if GLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & cm[None, :])

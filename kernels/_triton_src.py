@@ -65,16 +65,16 @@ def _layer_kernel(
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, sw, sb, R_TOTAL, NSPLIT, N_TILES, scale,
     HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MODE: tl.constexpr,
-    H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, NC: tl.constexpr, HS_PAD: tl.constexpr,
+    H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, HS_PAD: tl.constexpr,
     IEEE: tl.constexpr, W_IEEE: tl.constexpr,
 ):
     """Program (b * Hkv + j, row block, part z). Rows are (g, t) of batch b, KV head j.
 
     mlp (MODE 0): the target net's hidden layer is split over NC = ceil(H / BH) programs; part
     z < NC computes h2[:, z*BH:(z+1)*BH] (recomputing h1 block by block) and its share of the
-    output layer, part z = NC the skip path, the score net and the local attention. Shares are
-    summed into a zeroed fp32 workspace by atomics; the last part to finish (a counter) merges,
-    writes o, and zeroes its workspace tile again for the next launch.
+    output layer, part z = NC the skip path and the score net, part z = NC + 1 the local
+    attention. Shares are summed into a zeroed fp32 workspace by atomics; the last part to finish
+    (a counter) merges, writes o, and zeroes its workspace tile again for the next launch.
     quadrature / partials (MODES 1, 2): one part does everything."""
     pid = tl.program_id(0)
     rb = tl.program_id(1)
@@ -119,42 +119,46 @@ def _layer_kernel(
         aux = ws_ptr + N_TILES * (BLOCK_R * D + 1) + tile * BLOCK_R * (D + 2)
         if z < NC:
             c = tl.arange(0, BH)
+            ck0 = tl.arange(0, BK)
             cj = z * BH + c
             cjm = cj < H
             acc2 = tl.zeros([BLOCK_R, BH], tl.float32)
-            for k0 in range(0, H, BH):  # h1 block by block, straight into layer 2
-                ck = k0 + c
+            for k0 in range(0, H, BK):  # h1 block by block, straight into layer 2
+                ck = k0 + ck0
                 ckm = ck < H
                 w1 = tl.load(wrow + d[:, None] * H + ck[None, :], mask=ckm[None, :], other=0.0)
-                h1 = _gelu(_dot(xw, w1, W_IEEE) + tl.load(brow + ck, mask=ckm, other=0.0)[None, :])
                 w2 = tl.load(wrow + OFF_W2 + ck[:, None] * H + cj[None, :], mask=ckm[:, None] & cjm[None, :], other=0.0)
+                h1 = _gelu(_dot(xw, w1, W_IEEE) + tl.load(brow + ck, mask=ckm, other=0.0)[None, :])
                 acc2 += _dot(h1.to(wdt), w2, W_IEEE)
-            h2 = _gelu(acc2 + tl.load(brow + OFF_B2 + cj, mask=cjm, other=0.0)[None, :])
             w3 = tl.load(wrow + OFF_W3 + cj[:, None] * D + d[None, :], mask=cjm[:, None], other=0.0)
+            h2 = _gelu(acc2 + tl.load(brow + OFF_B2 + cj, mask=cjm, other=0.0)[None, :])
             part = _dot(h2.to(wdt), w3, W_IEEE)
-        else:
+        elif z == NC:
             skip = tl.load(wrow + OFF_SKIP + d[:, None] * D + d[None, :])
-            part = _dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]
-            # score net: D -> HS -> HS -> 1
             hc = tl.arange(0, HS_PAD)
             hm = hc < HS
             s1 = tl.load(wrow + OFF_S1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
-            sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
             s2 = tl.load(wrow + OFF_S2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
+            part = _dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]
+            # score net: D -> HS -> HS -> 1
+            sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
             sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + OFF_SB2 + hc, mask=hm, other=0.0)[None, :])
             s3 = tl.load(wrow + OFF_S3 + hc, mask=hm, other=0.0).to(tl.float32)
             gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + OFF_SB3)
             lse_ctx = gs * tl.load(brow + OFF_LS) + tl.load(brow + OFF_LM)
+            tl.store(aux + BLOCK_R * (D + 1) + rl, lse_ctx)
+        else:  # z == NC + 1: the local attention, in parallel with the heads
             o_loc, lse_loc = _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks,
                                               svb, svh, svs, scale, T, D, BLOCK_R, BLOCK_S, IEEE)
             tl.store(aux + rl[:, None] * D + d[None, :], o_loc)
             tl.store(aux + BLOCK_R * D + rl, lse_loc)
-            tl.store(aux + BLOCK_R * (D + 1) + rl, lse_ctx)
-        tl.atomic_add(ws_ptr + acc_offs, part, sem="relaxed")
+            part = tl.zeros([BLOCK_R, D], tl.float32)
+        if z <= NC:
+            tl.atomic_add(ws_ptr + acc_offs, part, sem="relaxed")
         tl.debug_barrier()
         cnt_ptr = ws_ptr + N_TILES * BLOCK_R * D + tile
         done = tl.atomic_add(cnt_ptr, 1.0, sem="acq_rel")
-        if done == NC:  # the last part of this tile: every share is in
+        if done == NC + 1:  # the last part of this tile: every share is in
             f = tl.load(ws_ptr + acc_offs, cache_modifier=".cg")
             o_loc = tl.load(aux + rl[:, None] * D + d[None, :], cache_modifier=".cg")
             lse_loc = tl.load(aux + BLOCK_R * D + rl, cache_modifier=".cg")

@@ -81,3 +81,42 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(gu.shape[0], -(-n // block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
     return y
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
+         eps: float = 1e-6, x_out: torch.Tensor | None = None, glu: bool = False, backend: str = "auto") -> torch.Tensor:
+    """A few-row matmul with its prologue and epilogue fused (one launch; for decode steps of
+    small models, where each separate launch costs more than the bytes it moves).
+
+    x: [M, K]; w: [N, K] (or [2N, K] = [gate; up] with glu); delta: [M, K] added to x first (the
+    residual), written to x_out [M, K]; norm_w: [K] fp32, RMSNorm after the add; glu: y =
+    silu(x Wg^T) * (x Wu^T). Returns y: [M, N] in x's dtype. backend: "auto" (Triton on CUDA,
+    torch elsewhere) | "triton" | "torch"."""
+    n = w.shape[0] // 2 if glu else w.shape[0]
+    use_triton = backend == "triton" or (backend == "auto" and x.device.type == "cuda")
+    if not use_triton:
+        h = x
+        if delta is not None:
+            h = x + delta
+            x_out.copy_(h)
+        if norm_w is not None:
+            hf = h.float()
+            h = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * norm_w).to(x.dtype)
+        y = torch.nn.functional.linear(h, w)
+        if glu:
+            g, u = y.float().split(n, dim=-1)
+            return (torch.nn.functional.silu(g) * u).to(x.dtype)
+        return y
+    from ._triton_fused import _gemv_kernel
+
+    m, k = x.shape
+    y = x.new_empty(m, n)
+    block_m, block_n = 16, 16
+    d = delta if delta is not None else x
+    xo = x_out if x_out is not None else x
+    _gemv_kernel[(-(-n // block_n), -(-m // block_m))](
+        x, d, norm_w if norm_w is not None else x, xo, w, y, m, n, k, x.stride(0), d.stride(0), xo.stride(0),
+        w.stride(0), y.stride(0), eps, ADD=delta is not None, NORM=norm_w is not None, GLU=glu,
+        BLOCK_M=block_m, BLOCK_N=block_n, BK=min(256, _next_pow2(k)), IEEE=w.dtype == torch.float32, num_warps=4,
+    )
+    return y

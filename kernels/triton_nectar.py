@@ -69,7 +69,7 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         out = torch.empty_like(q)
     ieee = q.dtype == torch.float32
     h = hs = hs_pad = 16
-    bh, nc = 16, 0
+    bh, bk, nc, parts = 16, 16, 0, 1
     ws = po = pl = q  # unused pointers in the other modes
     r_total = nsplit = 1
     if mode == 0:
@@ -77,7 +77,9 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
 
         h, hs = width, score_width(width)
         bh = 64
+        bk = 128 if heads_w.element_size() <= 2 and h > 64 else 64
         nc = -(-h // bh)
+        parts = nc + 2
         hs_pad = max(16, _next_pow2(hs))
         need = workspace_numel(b, hq, hkv, t, d)
         if workspace is None:
@@ -94,13 +96,13 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
     if heads_w is None:
         heads_w = heads_b = q
     w_ieee = heads_w.dtype == torch.float32
-    layer_kernel[(b * hkv, n_rb, nc + 1)](
+    layer_kernel[(b * hkv, n_rb, parts)](
         q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, out, ws, po, pl,
         q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
         v_loc.stride(0), v_loc.stride(1), v_loc.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads_w.stride(0), heads_b.stride(0), r_total, nsplit, b * hkv * n_rb, float(scale),
         HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32, MODE=mode,
-        H=h, HS=hs, BH=bh, NC=nc, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
+        H=h, HS=hs, BH=bh, BK=bk, NC=nc, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
         num_warps=4, num_stages=2,
     )
     return out

@@ -9,6 +9,9 @@ Per layer a step is: residual add + RMSNorm (1 kernel) → fused q|k|v projectio
 KV-cache write (1 kernel) → attention (1 kernel for Nectar, 2 for full attention) → o-projection
 (1 GEMM) → residual add + RMSNorm (1 kernel) → fused gate|up GEMM → SiLU·up (1 kernel) →
 down-projection (1 GEMM), whose output the next layer's first kernel adds to the residual.
+For small models (hidden ≤ SMALL_HIDDEN) on CUDA the projections are fused Triton GEMVs instead:
+[add + RMSNorm + q|k|v] → RoPE + KV write → attention → o-proj → [add + RMSNorm + gate|up + SiLU·up]
+→ down-proj: 6 launches a layer for Nectar (7 for full attention).
 On CPU the same step runs through plain torch ops.
 
 Imported lazily (it imports torch): nothing in nectar_runtime imports it at module load.
@@ -27,6 +30,7 @@ from ..errors import NectarError
 from .base import PAD_POSITION
 
 MAX_PREFILL_CHUNK = 64  # the fused Nectar kernel is built for short local prefills
+SMALL_HIDDEN = 1024  # hidden sizes up to this take the fused-GEMV path on CUDA
 
 
 @dataclass
@@ -80,6 +84,10 @@ class FusedDecoder:
         self.document = None
         self.context_len = 0
         self._workspaces: dict = {}
+        # Small models are launch-bound: their projections run as fused Triton GEMVs (norm, residual
+        # add, SiLU·up inside; 6 launches a layer for Nectar). Larger ones keep cuBLAS, which
+        # streams big weights closer to the bandwidth limit.
+        self.small_model = cfg.hidden_size <= SMALL_HIDDEN and not cfg.attention_bias
         self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
 
     @property
@@ -163,19 +171,31 @@ class FusedDecoder:
         c = self.cfg
         b, t = ids.shape
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        from nectar_kernels.fused import add_rmsnorm, rmsnorm, rope_store, silu_mul
+        from nectar_kernels.fused import add_rmsnorm, gemv, rmsnorm, rope_store, silu_mul
 
         x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden], the residual stream
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
         o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)  # o-proj reads [B*T, Hq*D]
+        small = self.small_model and x.device.type == "cuda"
+        other = torch.empty_like(x) if small else None  # the residual stream ping-pongs between x and other
         delta = None  # the last sub-block's output, added to x by the next fused add + RMSNorm
         for i, lw in enumerate(self.layers):
-            h = rmsnorm(x, lw.ln1, c.rms_eps) if delta is None else add_rmsnorm(x, delta, lw.ln1, c.rms_eps)
-            qkv = F.linear(h, lw.wqkv, lw.bqkv)  # [B*T, (Hq + 2 Hkv) * D]
+            if small:  # add + RMSNorm + q|k|v in one launch
+                qkv = gemv(x, lw.wqkv, delta, lw.ln1, c.rms_eps, other)
+                if delta is not None:
+                    x, other = other, x
+            else:
+                h = rmsnorm(x, lw.ln1, c.rms_eps) if delta is None else add_rmsnorm(x, delta, lw.ln1, c.rms_eps)
+                qkv = F.linear(h, lw.wqkv, lw.bqkv)  # [B*T, (Hq + 2 Hkv) * D]
             rope_store(qkv, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i], hq, hkv)
             self.attention(i, q, st, o.transpose(1, 2))
-            h = add_rmsnorm(x, F.linear(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps)
-            delta = F.linear(silu_mul(F.linear(h, lw.wgu)), lw.wd)
+            if small:  # o-proj; then add + RMSNorm + gate|up + SiLU·up in one launch; down-proj
+                a = gemv(x, lw.wgu, gemv(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps, other, glu=True)
+                x, other = other, x
+                delta = gemv(a, lw.wd)
+            else:
+                h = add_rmsnorm(x, F.linear(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps)
+                delta = F.linear(silu_mul(F.linear(h, lw.wgu)), lw.wd)
         x.add_(delta)
         last = x.view(b, t, hid)[:, -1].contiguous()
         return F.linear(rmsnorm(last, self.norm, c.rms_eps), self.lm_head).float()

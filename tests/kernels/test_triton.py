@@ -95,3 +95,26 @@ def test_mlp_workspace_is_reused_and_left_zeroed():
     block_r = _row_block(rows)
     tiles = b * hkv * -(-rows // block_r)
     assert (ws[: tiles * (block_r * d + 1)] == 0).all()  # accumulators and counters zeroed again
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,n,add,norm,glu", [(1, 576, 960, True, True, False), (16, 576, 1536, True, True, True),
+                                                (3, 1536, 576, False, False, False), (2, 70, 18, True, True, True)])
+def test_fused_gemv_matches_torch(dtype, m, k, n, add, norm, glu):
+    from nectar_kernels.fused import gemv
+
+    if not GPU and k > 100:
+        pytest.skip("interpreter: small shapes only")
+    g = torch.Generator(device="cpu").manual_seed(m + k)
+    x = torch.randn(m, k, generator=g).to(DEV, dtype)
+    w = (torch.randn(2 * n if glu else n, k, generator=g) * k**-0.5).to(DEV, dtype)
+    d = torch.randn(m, k, generator=g).to(DEV, dtype) if add else None
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEV) if norm else None
+    xo_t = torch.full((m, k), float("nan"), device=DEV, dtype=dtype)
+    xo_r = torch.empty_like(xo_t)
+    got = gemv(x, w, d, nw, 1e-5, xo_t if add else None, glu, backend="triton")
+    want = gemv(x.double(), w.double(), None if d is None else d.double(), None if nw is None else nw.double(), 1e-5,
+                xo_r.double() if add else None, glu, backend="torch")
+    assert _rel(got, want) <= TOL[dtype]
+    if add:
+        assert torch.equal(xo_t, x + d)  # the new residual stream, rounded as x + delta is
