@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All GPU work of issue 5 in few device calls (see docs/benchmarks.md, section gpu-profile).
 #   stage probe: GPU tests + per-kernel breakdown + a short profile (no model file needed)
+#   stage sweep: launch parameters of the fused kernels (benchmarks/kernel_sweep.py)
 #   stage setup: install, first half of the SmolLM2 GGUF (carry .carry/a and .whl)
 #   stage real:  second half (carry .carry/b): GPU fit timing, real-artifact parity, full profiles
 # Results go to $OUT (few files).
@@ -22,6 +23,11 @@ probe)
   python3 benchmarks/step_breakdown.py --shape llama3-8b --n 131072 --batch 1 2>&1 | tee -a "$OUT/breakdown.log"
   nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
   nectar profile --shape llama3-8b --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/l8b.json" 2>&1 | tee -a "$OUT/profile.log"
+  ;;
+sweep)
+  install
+  python3 benchmarks/kernel_sweep.py 2>&1 | tee "$OUT/sweep.log"
+  nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1 --steps 100 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
   ;;
 setup)
   mkdir -p /root/parts && cp .carry/a/smol.part00 /root/parts/ && rm -rf /root/manuals && cp -r .carry/a/manuals /root/manuals

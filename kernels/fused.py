@@ -83,8 +83,13 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return y
 
 
+# Launch parameters of the fused GEMV (benchmarks/kernel_sweep.py times alternatives).
+GEMV_TUNING = {"block_n": 16, "block_k": 1024, "num_warps": 4}
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
-         eps: float = 1e-6, x_out: torch.Tensor | None = None, glu: bool = False, backend: str = "auto") -> torch.Tensor:
+         eps: float = 1e-6, x_out: torch.Tensor | None = None, glu: bool = False, backend: str = "auto",
+         tuning: dict | None = None) -> torch.Tensor:
     """A few-row matmul with its prologue and epilogue fused (one launch; for decode steps of
     small models, where each separate launch costs more than the bytes it moves).
 
@@ -111,12 +116,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, no
 
     m, k = x.shape
     y = x.new_empty(m, n)
-    block_m, block_n = 16, 16
+    tune = {**GEMV_TUNING, **(tuning or {})}
+    block_m, block_n = 16, tune["block_n"]
     d = delta if delta is not None else x
     xo = x_out if x_out is not None else x
     _gemv_kernel[(-(-n // block_n), -(-m // block_m))](
         x, d, norm_w if norm_w is not None else x, xo, w, y, m, n, k, x.stride(0), d.stride(0), xo.stride(0),
         w.stride(0), y.stride(0), eps, ADD=delta is not None, NORM=norm_w is not None, GLU=glu,
-        BLOCK_M=block_m, BLOCK_N=block_n, BK=min(256, _next_pow2(k)), IEEE=w.dtype == torch.float32, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BK=min(tune["block_k"], _next_pow2(k)), IEEE=w.dtype == torch.float32, num_warps=tune["num_warps"],
     )
     return y

@@ -52,8 +52,13 @@ def workspace_numel(batch: int, q_heads: int, kv_heads: int, t: int, d: int) -> 
     return tiles * (block_r * d + 1) + tiles * block_r * (d + 2)
 
 
+# Launch parameters of the mlp kernel (block_h: hidden columns per part, block_k: h1 block,
+# num_warps, num_stages); benchmarks/kernel_sweep.py times alternatives.
+MLP_TUNING = {"block_h": 64, "block_k": 128, "num_warps": 4, "num_stages": 2}
+
+
 def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, width, scale, out,
-                  partials=None, workspace=None):
+                  partials=None, workspace=None, tuning=None):
     import torch
 
     layer_kernel, _ = _kernels()
@@ -76,8 +81,9 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         from .weights import score_width
 
         h, hs = width, score_width(width)
-        bh = 64
-        bk = 128 if heads_w.element_size() <= 2 and h > 64 else 64
+        tune = {**MLP_TUNING, **(tuning or {})}
+        bh = tune["block_h"]
+        bk = tune["block_k"] if heads_w.element_size() <= 2 and h > 64 else 64
         nc = -(-h // bh)
         parts = nc + 2
         hs_pad = max(16, _next_pow2(hs))
@@ -103,14 +109,14 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         heads_w.stride(0), heads_b.stride(0), r_total, nsplit, b * hkv * n_rb, float(scale),
         HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32, MODE=mode,
         H=h, HS=hs, BH=bh, BK=bk, NC=nc, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
-        num_warps=4, num_stages=2,
+        num_warps=tune["num_warps"] if mode == 0 else 4, num_stages=tune["num_stages"] if mode == 0 else 2,
     )
     return out
 
 
 def nectar_layer_attention(
     q, k_loc, v_loc, kv_len, heads_w, heads_b, variant: str, width: int, scale: float,
-    kv_start=None, out=None, workspace=None,
+    kv_start=None, out=None, workspace=None, tuning: dict | None = None,
 ):
     """Fused Nectar attention of one layer, all heads, one kernel launch.
 
@@ -129,6 +135,7 @@ def nectar_layer_attention(
     workspace: optional zero-filled fp32 tensor of ≥ workspace_numel(B, Hq, Hkv, T, D) elements
               (mlp only; reused across launches on one stream: the kernel re-zeroes it). None
               allocates a zeroed one per call.
+    tuning:   optional overrides of MLP_TUNING (launch parameters; results do not depend on them).
     Returns   o: [B, Hq, T, D] in q's dtype, o = σ(g − lse_loc)·f + (1 − σ(g − lse_loc))·o_loc.
 
     All last axes must be contiguous; D a power of two ≥ 16. All math in fp32 (fp32 inputs use
@@ -140,7 +147,7 @@ def nectar_layer_attention(
     if heads_w.shape[0] != k_loc.shape[1] or heads_b.shape[0] != k_loc.shape[1]:
         raise ValueError("heads_w/heads_b need one row per KV head")
     return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w.contiguous(), heads_b.contiguous(),
-                         MODES[variant], width, scale, out, workspace=workspace)
+                         MODES[variant], width, scale, out, workspace=workspace, tuning=tuning)
 
 
 def split_len_for(n: int, kv_heads: int, sms: int = 132) -> int:
