@@ -37,26 +37,30 @@ class BakedKV:
         return self.k.shape[1]
 
 
+GELU_ONE = 0.8413447460685429  # gelu(1) = Φ(1), the constant unit's activation
+
+
 @dataclass(frozen=True)
 class MLPHeads:
     """A layer's MLP heads with standardization folded in, as three fused matmuls per KV head:
 
-    z = q @ wa + ba            wa: [Hkv, D, h + hs + D]  ->  split (z_target|z_score, skip)
-    a = gelu(gelu(z) @ w2 + b2)   w2: [Hkv, h + hs, h + hs] (block-diagonal: target | score)
-    y = a @ w3 + b3            w3: [Hkv, h + hs, D + 1]   (block-diagonal)
+    z = q @ wa + ba         wa: [Hkv, D, h + hs + 1 + D]  ->  split (z_target|z_score|1, skip)
+    a = gelu(gelu(z) @ w2)  w2: [Hkv, h + hs + 1, h + hs + 1] (block-diagonal: target | score | 1)
+    y = a @ w3              w3: [Hkv, h + hs + 1, D + 1]     (block-diagonal)
     f = y[..., :D] + skip,  g = y[..., D]
+
+    One hidden unit is constant (pre-activation 1, so gelu(1) after each layer): its weight rows
+    carry the next layer's biases, so layers 2 and 3 need no bias add.
     """
 
     wa: np.ndarray
-    ba: np.ndarray  # [Hkv, 1, h + hs + D]
+    ba: np.ndarray  # [Hkv, 1, h + hs + 1 + D]
     w2: np.ndarray
-    b2: np.ndarray  # [Hkv, 1, h + hs]
     w3: np.ndarray
-    b3: np.ndarray  # [Hkv, 1, D + 1]
 
     @property
     def hidden(self) -> int:
-        return self.w2.shape[1]
+        return self.w2.shape[1]  # h + hs + 1
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,18 @@ def fold_mlp_heads(group, sel: slice) -> MLPHeads:
     w1f, b1f = standardize_in(w1, b1)
     s1f, sb1f = standardize_in(s1, sb1)
     skf, skb = standardize_in(skip, np.zeros((m, 1, d)))
-    wa = np.concatenate([w1f, s1f, skf * o_std], axis=2)
-    ba = np.concatenate([b1f, sb1f, skb * o_std], axis=2)
-    w2bd = np.zeros((m, h + hs, h + hs))
-    w2bd[:, :h, :h], w2bd[:, h:, h:] = w2, s2
-    b2bd = np.concatenate([b2, sb2], axis=2)
-    w3bd = np.zeros((m, h + hs, d + 1))
-    w3bd[:, :h, :d], w3bd[:, h:, d:] = w3 * o_std, s3 * l_std[..., None]
-    b3bd = np.concatenate([b3 * o_std + o_mean, sb3 * l_std[..., None] + l_mean[..., None]], axis=2)
+    c = h + hs  # index of the constant unit
+    wa = np.concatenate([w1f, s1f, np.zeros((m, d, 1)), skf * o_std], axis=2)
+    ba = np.concatenate([b1f, sb1f, np.ones((m, 1, 1)), skb * o_std], axis=2)
+    w2bd = np.zeros((m, c + 1, c + 1))
+    w2bd[:, :h, :h], w2bd[:, h:c, h:c] = w2, s2
+    w2bd[:, c, :c] = np.concatenate([b2, sb2], axis=2)[:, 0] / GELU_ONE
+    w2bd[:, c, c] = 1.0 / GELU_ONE  # keeps the constant unit's pre-activation at 1
+    w3bd = np.zeros((m, c + 1, d + 1))
+    w3bd[:, :h, :d], w3bd[:, h:c, d:] = w3 * o_std, s3 * l_std[..., None]
+    w3bd[:, c, :] = np.concatenate([b3 * o_std + o_mean, sb3 * l_std[..., None] + l_mean[..., None]], axis=2)[:, 0] / GELU_ONE
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-    return MLPHeads(f32(wa), f32(ba), f32(w2bd), f32(b2bd), f32(w3bd), f32(b3bd))
+    return MLPHeads(f32(wa), f32(ba), f32(w2bd), f32(w3bd))
 
 
 def quadrature_nodes(group, sel: slice) -> BakedKV:
@@ -112,5 +118,5 @@ def exact_kv(ctx_attention, name: str) -> BakedKV:
     """An `ExactContextAttention` (batch 1) of one layer as baked KV."""
     k = ctx_attention.k[0].detach().float().cpu().numpy()
     v = ctx_attention.v[0].detach().float().cpu().numpy()
-    pos = ctx_attention.positions[0].detach().cpu().numpy().astype(np.int64) if ctx_attention.window else None
+    pos = ctx_attention.positions[0].detach().cpu().numpy().astype(np.int64)  # used by sliding-window layers only
     return BakedKV(name, k, v, pos)

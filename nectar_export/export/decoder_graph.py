@@ -33,6 +33,7 @@ from .context_parts import BakedKV, LayerContext, MLPHeads
 from .graph_builder import GraphBuilder, onnx_dtype
 
 NEG = -1e9  # additive mask value: finite, so a row with no visible key stays NaN-free
+INLINE_MAX = 256  # baked parts up to this many keys are joined to the local keys (the template prefix)
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,16 @@ class DecoderWeights:
 
 class DecoderGraphWriter:
     """Writes the decoder into a GraphBuilder. `attention_op` (optional) replaces the standard-op
-    attention of each layer (e.g. by one custom `NectarAttention` node for TensorRT)."""
+    attention of each layer (e.g. by one custom `NectarAttention` node for TensorRT); it is called
+    as op(writer, layer, q [B, Hkv, G*T, D] fp32, [past_k, new_k], [past_v, new_v], masks) -> o,
+    the local keys/values given as the pieces to concatenate along the sequence axis."""
 
     def __init__(self, spec: GraphSpec, weights: DecoderWeights, contexts: list[LayerContext],
                  dtype=np.float32, attention_op=None):
         self.s, self.w, self.ctx, self.dt = spec, weights, contexts, np.dtype(dtype)
         self.b = GraphBuilder()
         self.attention_op = attention_op or StandardAttention()
+        self._cache: dict = {}
 
     # ----------------------------------------------------------------- small helpers
     def f32(self, x: str, name: str) -> str:
@@ -154,8 +158,13 @@ class DecoderGraphWriter:
         return io
 
     def masks(self, mask: str, pos: str) -> dict:
-        """Additive score masks [B, 1, G*T, S] for the local keys, one per distinct window, and
-        [B, 1, G*T, c] for baked keys with positions (sliding-window layers over a document)."""
+        """Additive score masks, computed once per call and shared by the layers:
+
+        ("local", w): [B, 1, G*T, c_in + S] over the inlined baked keys (the template prefix, see
+        `inline_parts`) then the local keys, for window w (0 = global);
+        (part, w): [B, 1, G*T, c] for a separately scored baked part with positions in a
+        sliding-window layer (a whole document under --method full).
+        """
         b, s = self.b, self.s
         p = "/model/masks"
         kpos = b.op("Add", [b.op("CumSum", [mask, b.const(1)], f"{p}/CumSum"), b.const(s.context_len - 1)], f"{p}/key_positions")
@@ -163,25 +172,74 @@ class DecoderGraphWriter:
         diff = b.op("Sub", [qpos, b.op("Unsqueeze", [kpos, b.const([1])], f"{p}/Unsqueeze_k")], f"{p}/distance")  # [B,T,S]
         real = b.op("Equal", [b.op("Unsqueeze", [mask, b.const([1])], f"{p}/Unsqueeze_m"), b.const(1)], f"{p}/real_key")
         causal = b.op("And", [real, b.op("GreaterOrEqual", [diff, b.const(0)], f"{p}/causal")], f"{p}/visible")
+        inline = self.inline_parts()
         out = {}
         for window in sorted(set(s.layer_windows)):
             vis = causal
             if window:
                 vis = b.op("And", [causal, b.op("Less", [diff, b.const(window)], f"{p}/w{window}/Less")], f"{p}/w{window}/And")
+            if inline:  # the inlined keys: always visible, or by position in a sliding-window layer
+                if window and inline.positions is not None:
+                    pvis = b.op("Less", [b.op("Sub", [qpos, self.positions_init(inline)], f"{p}/{inline.name}_w{window}/distance"),
+                                         b.const(window)], f"{p}/{inline.name}_w{window}/Less")
+                else:
+                    pvis = b.op("Expand", [b.const(True, np.bool_), b.op("Concat", [self.shape_bt(), b.const([inline.length])],
+                                                                         f"{p}/{inline.name}_w{window}/shape", axis=0)],
+                                f"{p}/{inline.name}_w{window}/Expand")
+                vis = b.op("Concat", [pvis, vis], f"{p}/w{window}/inline/Concat", axis=-1)
             out[("local", window)] = self._bias_from(vis, f"{p}/local_w{window}")
         for li, c in enumerate(self.ctx):
             for part in c.baked:
-                if part.positions is None or not s.layer_windows[li]:
+                if (inline is not None and part.name == inline.name) or part.positions is None or not s.layer_windows[li]:
                     continue
                 key = (part.name, s.layer_windows[li])
                 if key in out:
                     continue
-                pname = f"model.context.{part.name}.positions"
-                cp = pname if pname in b._names else b.weight(pname, part.positions.astype(np.int64))
-                d = b.op("Sub", [qpos, cp], f"{p}/{part.name}_w{key[1]}/distance")
+                d = b.op("Sub", [qpos, self.positions_init(part)], f"{p}/{part.name}_w{key[1]}/distance")
                 vis = b.op("Less", [d, b.const(key[1])], f"{p}/{part.name}_w{key[1]}/Less")
                 out[key] = self._bias_from(vis, f"{p}/{part.name}_w{key[1]}")
         return out
+
+    def split_sizes(self, sizes: list[int | None], inline_len: int) -> str:
+        """The sizes input of a Split over [separate baked parts | inline + local | heads]; the
+        dynamic entry (None) is c_in + S. Computed once per distinct layout and shared."""
+        b = self.b
+        key = ("split", tuple(sizes), inline_len)
+        if key not in self._cache:
+            s_len = b.op("Slice", [b.op("Shape", ["attention_mask"], f"/model/split_sizes.{len(self._cache)}/Shape"),
+                                   b.const([1]), b.const([2]), b.const([0])], f"/model/split_sizes.{len(self._cache)}/Slice")
+            if inline_len:
+                s_len = b.op("Add", [s_len, b.const([inline_len])], f"/model/split_sizes.{len(self._cache)}/Add")
+            parts = [s_len if x is None else b.const([x]) for x in sizes]
+            self._cache[key] = b.op("Concat", parts, f"/model/split_sizes.{len(self._cache)}/Concat", axis=0)
+        return self._cache[key]
+
+    def positions_init(self, part: BakedKV) -> str:
+        name = f"model.context.{part.name}.positions"
+        return name if name in self.b._names else self.b.weight(name, part.positions.astype(np.int64))
+
+    def inline_parts(self) -> BakedKV | None:
+        """The baked part joined to the local keys (one matmul and one softmax with them): the
+        template prefix — a few tokens, present in every layer. Whole documents (--method full)
+        and quadrature nodes (with a bias) are scored separately, without copying them."""
+        first = [p for p in self.ctx[0].baked if p.name == "prefix"] if self.ctx else []
+        if not first or first[0].length > INLINE_MAX:
+            return None
+        if not all(any(p.name == "prefix" for p in c.baked) for c in self.ctx):
+            return None
+        return first[0]
+
+    def shape_bt(self) -> str:
+        """[B, T] of this call, computed once."""
+        if "/model/shape_bt/Shape/output_0" not in self.b._names:
+            self.b.op("Shape", ["input_ids"], "/model/shape_bt/Shape")
+        return "/model/shape_bt/Shape/output_0"
+
+    def batch_dim(self) -> str:
+        """[B] of this call, computed once."""
+        if "/model/batch/Slice/output_0" not in self.b._names:
+            self.b.op("Slice", [self.shape_bt(), self.b.const([0]), self.b.const([1]), self.b.const([0])], "/model/batch/Slice")
+        return "/model/batch/Slice/output_0"
 
     def _bias_from(self, vis: str, p: str) -> str:
         """bool [B, T, K] -> fp32 additive bias [B, 1, G*T, K] (0 visible, NEG hidden)."""
@@ -202,6 +260,15 @@ class DecoderGraphWriter:
             out.append((b.op("Cos", [ang], f"{p}/Cos"), b.op("Sin", [ang], f"{p}/Sin")))
         return out
 
+    def rotate_half(self, d: int) -> str:
+        """R [D, D] with x @ R = concat(−x[D/2:], x[:D/2]): products by ±1 and 0, so exact."""
+        r = np.zeros((d, d), np.float32)
+        h = d // 2
+        r[np.arange(h) + h, np.arange(h)] = -1.0
+        r[np.arange(h), np.arange(h) + h] = 1.0
+        name = f"model.rope.rotate_half_{d}"
+        return name if name in self.b._names else self.b.weight(name, r)
+
     def embed(self, ids: str) -> str:
         b, p = self.b, "/model/embed"
         # The embedding is stored once, transposed [hidden, V], and shared with the tied LM head.
@@ -218,9 +285,7 @@ class DecoderGraphWriter:
         q, k, v = self.qkv(i, h, ropes[s.layer_rope[i]])
         pk, pv = io["past"][i]
         presents.append((k, v))
-        k_loc = b.op("Concat", [pk, k], f"{p}/attn/past_key/Concat", axis=2)
-        v_loc = b.op("Concat", [pv, v], f"{p}/attn/past_value/Concat", axis=2)
-        o = self.attention_op(self, i, q, k_loc, v_loc, masks)  # [B, Hkv, G*T, D] fp32
+        o = self.attention_op(self, i, q, [pk, k], [pv, v], masks)  # [B, Hkv, G*T, D] fp32
         o = self.to_dt(o, f"{p}/attn/Cast_o")
         o = b.op("Reshape", [o, b.const([0, s.num_heads, -1, s.head_dim])], f"{p}/attn/o_heads/Reshape")  # [B,Hq,T,D]
         o = b.op("Transpose", [o], f"{p}/attn/o_heads/Transpose", perm=[0, 2, 1, 3])
@@ -258,8 +323,7 @@ class DecoderGraphWriter:
             qk = b.op("Concat", [q_, k_], f"{p}/qk_norm/Concat", axis=1)
             qk = self.f32(qk, f"{p}/qk_norm/Cast")
         cos, sin = rope
-        x1, x2 = b.op("Split", [qk, b.const([d // 2, d // 2])], f"{p}/qk_rope/Split", outputs=2, axis=-1)
-        rot = b.op("Concat", [b.op("Neg", [x2], f"{p}/qk_rope/Neg"), x1], f"{p}/qk_rope/Concat", axis=-1)
+        rot = b.op("MatMul", [qk, self.rotate_half(d)], f"{p}/qk_rope/rotate_half/MatMul")  # [-x2, x1], exactly
         qk = b.op("Add", [b.op("Mul", [qk, cos], f"{p}/qk_rope/Mul_cos"), b.op("Mul", [rot, sin], f"{p}/qk_rope/Mul_sin")],
                   f"{p}/qk_rope/Add")
         q, k = b.op("Split", [qk, b.const([hq, hkv])], f"{p}/q_k/Split", outputs=2, axis=1)
@@ -299,16 +363,22 @@ def _identity(src: str, dst: str):
 
 
 class StandardAttention:
-    """Attention of one layer in standard ONNX ops: the baked parts' and the local keys' scores
-    in one softmax (exact), then — for Nectar — the LSE merge with the MLP heads' prediction."""
+    """Attention of one layer in standard ONNX ops, as ONE softmax over: separately scored baked
+    parts (a whole document, quadrature nodes), the inlined prefix + local keys, and — for
+    Nectar MLP heads — one pseudo-key per query whose logit is g(q) and whose value is f(q).
+    Its softmax weight is exactly the merge weight σ(g − lse_exact), so
+    o = Σ p·V + p_g·f is the log-sum-exp merge, in one Softmax instead of lse/sigmoid algebra."""
 
-    def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_loc: str, v_loc: str, masks: dict) -> str:
+    def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_parts: list[str], v_parts: list[str], masks: dict) -> str:
         s, b, ctx = wr.s, wr.b, wr.ctx[i]
         p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"
         window = s.layer_windows[i]
+        inline = wr.inline_parts()
         qs = b.op("Mul", [q, b.const(s.scale, np.float32)], f"{p}/q_scale/Mul")
-        scores, values = [], []
+        scores, values, sizes = [], [], []
         for part in ctx.baked:
+            if inline is not None and part.name == inline.name:
+                continue
             pp, pw = f"{p}/context.{part.name}", f"{wn}.context.{part.name}"
             kt = b.weight(f"{pw}.key_t", np.ascontiguousarray(part.k.transpose(0, 2, 1), dtype=np.float32))  # [Hkv, D, c]
             sc = b.op("MatMul", [qs, kt], f"{pp}/scores/MatMul")  # [B, Hkv, G*T, c]
@@ -318,49 +388,53 @@ class StandardAttention:
                 sc = b.op("Add", [sc, masks[(part.name, window)]], f"{pp}/mask/Add")
             scores.append(sc)
             values.append(b.weight(f"{pw}.value", part.v.astype(np.float32)))  # [Hkv, c, D]
-        kt = b.op("Transpose", [wr.f32(k_loc, f"{p}/k_local/Cast")], f"{p}/k_local/Transpose", perm=[0, 1, 3, 2])
-        sc = b.op("MatMul", [qs, kt], f"{p}/scores/MatMul")  # [B, Hkv, G*T, S]
+            sizes.append(part.length)
+        if inline is not None:  # the prefix's keys/values in front of the local ones: one concat
+            part = next(x for x in ctx.baked if x.name == inline.name)
+            k_parts = [self._expanded(wr, f"{wn}.context.{part.name}.key", part.k, f"{p}/prefix_key", wr.dt)] + k_parts
+            v_parts = [self._expanded(wr, f"{wn}.context.{part.name}.value", part.v, f"{p}/prefix_value", wr.dt)] + v_parts
+        k_all = b.op("Concat", k_parts, f"{p}/key_all/Concat", axis=2)
+        v_all = b.op("Concat", v_parts, f"{p}/value_all/Concat", axis=2)
+        kt = b.op("Transpose", [wr.f32(k_all, f"{p}/key_all/Cast")], f"{p}/key_all/Transpose", perm=[0, 1, 3, 2])
+        vl = wr.f32(v_all, f"{p}/value_all/Cast")
+        sc = b.op("MatMul", [qs, kt], f"{p}/scores/MatMul")  # [B, Hkv, G*T, c_in + S]
         scores.append(b.op("Add", [sc, masks[("local", window)]], f"{p}/scores/mask/Add"))
-        values.append(wr.f32(v_loc, f"{p}/v_local/Cast"))
+        values.append(vl)
+        sizes.append(None)  # dynamic: c_in + S
+        f = None
+        if ctx.heads is not None:
+            f, g = mlp_heads(b, f"{p}/nectar_heads", f"{wn}.nectar_heads", q, ctx.heads, wr.gelu_erf)
+            scores.append(g)  # the pseudo-key's logit: g(q) ≈ lse_ctx(q)
+            sizes.append(1)
         allsc = scores[0] if len(scores) == 1 else b.op("Concat", scores, f"{p}/scores/Concat", axis=-1)
-        if ctx.heads is None:
-            probs = b.op("Softmax", [allsc], f"{p}/Softmax", axis=-1)
-        else:
-            lse = b.op("ReduceLogSumExp", [allsc], f"{p}/ReduceLogSumExp", axes=[-1], keepdims=1)
-            probs = b.op("Exp", [b.op("Sub", [allsc, lse], f"{p}/probs/Sub")], f"{p}/probs/Exp")
-        o = _weighted_values(b, p, probs, values, [part.length for part in ctx.baked])
-        if ctx.heads is None:
-            return o
-        f, g = mlp_heads(b, f"{p}/nectar_heads", f"{wn}.nectar_heads", q, ctx.heads, wr.gelu_erf)
-        wgt = b.op("Sigmoid", [b.op("Sub", [g, lse], f"{p}/merge/Sub")], f"{p}/merge/Sigmoid")
-        delta = b.op("Mul", [wgt, b.op("Sub", [f, o], f"{p}/merge/Sub_o")], f"{p}/merge/Mul")
-        return b.op("Add", [o, delta], f"{p}/merge/Add")  # w·f + (1 − w)·o
+        probs = b.op("Softmax", [allsc], f"{p}/Softmax", axis=-1)
+        if len(sizes) == 1:
+            return b.op("MatMul", [probs, values[0]], f"{p}/pv/MatMul")
+        parts = b.op("Split", [probs, wr.split_sizes(sizes, inline.length if inline else 0)], f"{p}/probs/Split",
+                     outputs=len(sizes), axis=-1)
+        o = None
+        for j, (pr, val) in enumerate(zip(parts, values)):
+            term = b.op("MatMul", [pr, val], f"{p}/pv.{j}/MatMul")
+            o = term if o is None else b.op("Add", [o, term], f"{p}/pv.{j}/Add")
+        if f is not None:
+            o = b.op("Add", [o, b.op("Mul", [parts[-1], f], f"{p}/merge/Mul")], f"{p}/merge/Add")  # + p_g · f(q)
+        return o
 
-
-def _weighted_values(b: GraphBuilder, p: str, probs: str, values: list[str], baked_lengths: list[int]) -> str:
-    """Σ_parts probs[..., part] @ V_part, without concatenating the (possibly large) baked V."""
-    if not baked_lengths:
-        return b.op("MatMul", [probs, values[0]], f"{p}/pv/MatMul")
-    parts = b.op("Split", [probs, b.op("Concat", [b.const(baked_lengths), b.op(
-        "Sub", [b.op("Slice", [b.op("Shape", [probs], f"{p}/probs/Shape"), b.const([-1]), b.const([2 ** 62]), b.const([0])],
-                     f"{p}/probs/Slice"), b.const([sum(baked_lengths)])], f"{p}/probs/local_len")], f"{p}/probs/split_sizes", axis=0)],
-        f"{p}/probs/Split", outputs=len(values), axis=-1)
-    o = None
-    for j, (pr, val) in enumerate(zip(parts, values)):
-        term = b.op("MatMul", [pr, val], f"{p}/pv.{j}/MatMul")
-        o = term if o is None else b.op("Add", [o, term], f"{p}/pv.{j}/Add")
-    return o
+    @staticmethod
+    def _expanded(wr: DecoderGraphWriter, name: str, array: np.ndarray, p: str, dtype=np.float32) -> str:
+        """A constant [Hkv, a, b] broadcast to [B, Hkv, a, b] (a copy of a few KB per layer)."""
+        b = wr.b
+        w = b.weight(name, np.ascontiguousarray(array[None], dtype=dtype))
+        shape = b.op("Concat", [wr.batch_dim(), b.const(list(array.shape))], f"{p}/shape/Concat", axis=0)
+        return b.op("Expand", [w, shape], f"{p}/Expand")
 
 
 def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -> tuple[str, str]:
     """q [B, Hkv, G*T, D] -> f [B, Hkv, G*T, D], g [B, Hkv, G*T, 1] (three fused matmuls)."""
-    d = heads.b3.shape[-1] - 1
-    hidden = heads.hidden
+    d = heads.w3.shape[-1] - 1
     z = b.op("Add", [b.op("MatMul", [q, b.weight(f"{wn}.wa", heads.wa)], f"{p}/in/MatMul"), b.weight(f"{wn}.ba", heads.ba)], f"{p}/in/Add")
-    z, skip = b.op("Split", [z, b.const([hidden, d])], f"{p}/in/Split", outputs=2, axis=-1)
-    a = gelu(z, f"{p}/act1")
-    a = b.op("Add", [b.op("MatMul", [a, b.weight(f"{wn}.w2", heads.w2)], f"{p}/mid/MatMul"), b.weight(f"{wn}.b2", heads.b2)], f"{p}/mid/Add")
-    a = gelu(a, f"{p}/act2")
-    y = b.op("Add", [b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul"), b.weight(f"{wn}.b3", heads.b3)], f"{p}/out/Add")
+    z, skip = b.op("Split", [z, b.const([heads.hidden, d])], f"{p}/in/Split", outputs=2, axis=-1)
+    a = gelu(b.op("MatMul", [gelu(z, f"{p}/act1"), b.weight(f"{wn}.w2", heads.w2)], f"{p}/mid/MatMul"), f"{p}/act2")
+    y = b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul")
     f, g = b.op("Split", [y, b.const([d, 1])], f"{p}/out/Split", outputs=2, axis=-1)
     return b.op("Add", [f, skip], f"{p}/skip/Add"), g

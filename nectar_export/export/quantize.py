@@ -51,6 +51,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
 
     4-bit weights use ORT's fast symmetric kernel (implicit zero point 8) plus an exact
     correction for the true per-block offset: x @ W = MatMulNBits(x) + blocksum(x) @ C with
+    blocksum(x) = x @ (block indicator [K, K/32]) and
     C[b, n] = s·(8 − z) per block b — one [K/32, N] fp32 matmul, 1/32 of the weight's size, whose
     block sums are shared by the matmuls reading the same input.
     """
@@ -64,7 +65,8 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
     done, new_nodes, drop, blocksums = {}, [], set(), {}
     for node in proto.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if w is None or len(w.dims) != 2 or w.dims[0] % BLOCK:
+        # model weights only ("...weight" / "...weight_t"): never the RoPE rotation or the heads
+        if w is None or len(w.dims) != 2 or w.dims[0] % BLOCK or not w.name.rsplit(".", 1)[-1].startswith("weight"):
             new_nodes.append(node)
             continue
         bits = 8 if kind == "int8" or "lm_head" in node.name else 4
@@ -77,11 +79,11 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
             new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level))
         else:
             x = node.input[0]
-            if x not in blocksums:
-                xb = helper.make_node("Reshape", [x, _shape_init(proto, k)], [f"{name}/blocks/output_0"], name=f"{name}/blocks/Reshape")
-                xs = helper.make_node("ReduceSum", [xb.output[0], _axes_init(proto)], [f"{name}/blocksum/output_0"],
-                                      name=f"{name}/blocksum/ReduceSum", keepdims=0)
-                new_nodes += [xb, xs]
+            if x not in blocksums:  # x @ Bk, Bk [K, K/32] the block indicator: one small matmul
+                ind = _const(proto, f"/quantize/const/block_indicator_{k}",
+                             np.repeat(np.eye(k // BLOCK, dtype=np.float32), BLOCK, axis=0))
+                xs = helper.make_node("MatMul", [x, ind], [f"{name}/blocksum/output_0"], name=f"{name}/blocksum/MatMul")
+                new_nodes.append(xs)
                 blocksums[x] = xs.output[0]
             corr = (scales * (8.0 - zeros)).reshape(n, k // BLOCK).T  # [K/32, N]
             extra.append(numpy_helper.from_array(np.ascontiguousarray(corr, np.float32), f"{base}.offset"))
@@ -108,14 +110,6 @@ def _nbits(x, base, with_zero, outputs, name, k, n, bits, accuracy_level):
     inputs = [x, base, f"{base}.scales"] + ([f"{base}.zero_points"] if with_zero else [])
     return helper.make_node("MatMulNBits", inputs, outputs, name=name, domain="com.microsoft",
                             K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level)
-
-
-def _shape_init(proto, k: int) -> str:
-    return _const(proto, f"/quantize/const/blocks_{k}", np.array([0, 0, k // BLOCK, BLOCK], np.int64))
-
-
-def _axes_init(proto) -> str:
-    return _const(proto, "/quantize/const/axis_last", np.array([-1], np.int64))
 
 
 def _const(proto, name: str, value: np.ndarray) -> str:

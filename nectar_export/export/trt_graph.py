@@ -32,24 +32,21 @@ class NectarAttentionOp:
         self.heads, self.prefix_kv = heads, prefix_kv
         self.fallback = StandardAttention()
 
-    def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_loc: str, v_loc: str, masks: dict) -> str:
+    def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_parts: list[str], v_parts: list[str], masks: dict) -> str:
         from nectar_kernels.weights import pack_layer
 
         s, b = wr.s, wr.b
         if s.layer_windows[i]:
-            return self.fallback(wr, i, q, k_loc, v_loc, masks)
+            return self.fallback(wr, i, q, k_parts, v_parts, masks)
         b.custom_domains[DOMAIN] = 1
         p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"
         qh = wr.to_dt(b.op("Reshape", [q, b.const([0, s.num_heads, -1, s.head_dim])], f"{p}/q_heads/Reshape"), f"{p}/q_heads/Cast")
-        k_all, v_all = k_loc, v_loc
         if self.prefix_kv is not None and self.prefix_kv[i] is not None:
             pk, pv = self.prefix_kv[i]
-            batch = b.op("Slice", [b.op("Shape", [k_loc], f"{p}/k_local/Shape"), b.const([0]), b.const([1]), b.const([0])], f"{p}/batch/Slice")
-            shape = b.op("Concat", [batch, b.const([pk.shape[0], pk.shape[1], pk.shape[2]])], f"{p}/prefix_shape/Concat", axis=0)
-            ek = b.op("Expand", [b.weight(f"{wn}.context.prefix.key", pk[None].astype(wr.dt)), shape], f"{p}/prefix_key/Expand")
-            ev = b.op("Expand", [b.weight(f"{wn}.context.prefix.value", pv[None].astype(wr.dt)), shape], f"{p}/prefix_value/Expand")
-            k_all = b.op("Concat", [ek, k_loc], f"{p}/key_all/Concat", axis=2)
-            v_all = b.op("Concat", [ev, v_loc], f"{p}/value_all/Concat", axis=2)
+            k_parts = [StandardAttention._expanded(wr, f"{wn}.context.prefix.key", pk, f"{p}/prefix_key", wr.dt)] + k_parts
+            v_parts = [StandardAttention._expanded(wr, f"{wn}.context.prefix.value", pv, f"{p}/prefix_value", wr.dt)] + v_parts
+        k_all = b.op("Concat", k_parts, f"{p}/key_all/Concat", axis=2)
+        v_all = b.op("Concat", v_parts, f"{p}/value_all/Concat", axis=2)
         shp = b.op("Shape", [k_all], f"{p}/key_all/Shape")
         s_len = b.op("Slice", [shp, b.const([2]), b.const([3]), b.const([0])], f"{p}/kv_len/Slice")
         bsz = b.op("Slice", [shp, b.const([0]), b.const([1]), b.const([0])], f"{p}/kv_batch/Slice")

@@ -1,0 +1,340 @@
+"""Decode speed of exported bundles on ONNX Runtime (CPU), against llama.cpp on the same GGUF.
+
+SmolLM2-135M-Instruct, greedy, 2 threads everywhere. Two documents: the first ~512 and ~7,000
+tokens of ../shared/data/manuals/*.txt (concatenated, sorted by name), placed as the opening of
+a user turn; the question after it is the same for every run.
+
+Per document:
+  * a Nectar artifact fitted with a FIXED budget (--budget-mb, the same for both documents, so
+    the heads are the same size: flatness is a property at fixed artifact size), and for the
+    long document also one at the default budget (20% of its fp16 KV) for reference. The fits
+    are deliberately short (tiny probe set, 30 steps): this benchmark times decoding, whose cost
+    depends on the heads' sizes, not on how well they were trained;
+  * bundles: nectar fp32 / int8 / int4, full (document KV baked in) fp32 / int4;
+  * llama.cpp (llama-cpp-python) on the same GGUF (Q4_1, embeddings Q8_0) and the same token ids
+    (document + question), flash attention off and on.
+Decode tokens/s = G / (t[last token] − t[first token]) over G greedy tokens after the prompt's
+prefill, median of --repeats runs. One ORT profile per long-document int4 bundle says which ops
+the time goes to.
+
+    python benchmarks/ort_decode.py                 # G = 64, 3 repeats (~25 min on 2 cores)
+    python benchmarks/ort_decode.py --quick         # smaller, for a smoke run
+
+Writes benchmarks/results/ort_decode.json, docs/img/ort_decode.png and the section of
+docs/benchmarks.md between `<!-- ort_decode:begin -->` and `<!-- ort_decode:end -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_cpu import CpuContention, machine_info, write_docs  # noqa: E402
+
+MANUALS = REPO.parent / "shared" / "data" / "manuals"
+MODEL = "smollm2-135m-instruct"
+QUESTION = "Which option prints only the lines that match, and how do I make the search case-insensitive?"
+BEGIN, END = "<!-- ort_decode:begin -->", "<!-- ort_decode:end -->"
+THREADS = 2
+
+
+def log(msg: str) -> None:
+    print(f"[ort_decode {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_documents(tok, work: Path, sizes: list[int]) -> dict[int, Path]:
+    """Documents whose context (template prefix + text) is about `n` tokens."""
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(MANUALS.glob("*.txt")))
+    ids = tok.encode(text, add_special_tokens=False)
+    out = {}
+    for n in sizes:
+        p = work / f"doc_{n}.txt"
+        p.write_text(tok.decode(ids[: n - 24]), encoding="utf-8")
+        out[n] = p
+    return out
+
+
+def fit_quick(base, doc: Path, out: Path, budget_mb: float | None) -> Path:
+    from nectar_export.config import FitConfig
+    from nectar_export.pipeline import fit_document
+    from nectar_export.probes import ProbeConfig
+
+    if (out / "manifest.json").is_file():
+        return out
+    probe = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1, max_answer_tokens=16,
+                        min_position_span=64, batch_size=8)
+    cfg = FitConfig(steps=30, probe_steps=5, budget_mb=budget_mb)
+    fit_document(base, doc, out, cfg, probe, progress=False, log=lambda s: None)
+    return out
+
+
+def export(art: Path, out: Path, **kw) -> Path:
+    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle
+
+    if not (out / "manifest.json").is_file():
+        export_onnx_bundle(art, out, ExportConfig(**kw), log=lambda s: None)
+    return out
+
+
+def time_bundle(bundle: Path, steps: int, repeats: int, profile_to: Path | None = None) -> dict:
+    """Timed runs; with `profile_to`, one more (untimed) pass with ORT's profiler on."""
+    out = _time_bundle(bundle, steps, repeats)
+    if profile_to is not None:
+        out["profile"] = _time_bundle(bundle, steps, 0, profile_to)["profile"]
+    return out
+
+
+def _time_bundle(bundle: Path, steps: int, repeats: int, profile_to: Path | None = None) -> dict:
+    from nectar_runtime.backends.ort_backend import OrtBackend, session_options
+    from nectar_runtime.bundle import read_bundle
+    from nectar_runtime.document import local_ids, make_context
+    from nectar_runtime.tokenizer import load_tokenizer
+
+    b = read_bundle(bundle)
+    tok = load_tokenizer(bundle)
+    ctx = make_context(tok, (bundle / "document.txt").read_text("utf-8"), b.manifest["model"]["max_position"], reserve=0)
+    prompt = local_ids(ctx, tok, [{"role": "user", "content": QUESTION}])
+    if profile_to is not None:
+        import onnxruntime as ort
+
+        so = session_options(THREADS)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_to / bundle.name)
+        be = OrtBackend(ort.InferenceSession(str(b.graph_path), so, providers=["CPUExecutionProvider"]), b.context_len, b.max_local_len)
+    else:
+        be = OrtBackend.from_bundle(b, threads=THREADS, provider="cpu")
+    runs, tokens = [], None
+    for r in range(repeats + 1):  # the first run warms up (and is the profiled one)
+        be.reset(1, len(prompt) + steps + 1)
+        pos = b.context_len + np.arange(len(prompt))[None]
+        t0 = time.perf_counter()
+        logits = be.step(np.array([prompt]), pos)
+        stamps, toks = [time.perf_counter()], []
+        for i in range(steps):
+            nxt = int(logits[0].argmax())
+            toks.append(nxt)
+            logits = be.step(np.array([[nxt]]), np.array([[b.context_len + len(prompt) + i]]))
+            stamps.append(time.perf_counter())
+        if r or not repeats:
+            runs.append({"prefill_s": stamps[0] - t0, "tokens_per_s": steps / (stamps[-1] - stamps[0]),
+                         "ms_per_token_median": 1000 * statistics.median(np.diff(stamps))})
+        tokens = toks
+    out = {"bundle": bundle.name, "n": b.context_len, "method": b.manifest["method"], "quantize": b.manifest["quantize"] or "fp32",
+           "bundle_bytes": sum(f.stat().st_size for f in bundle.iterdir()), "prompt_tokens": len(prompt),
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+           "ms_per_token_median": statistics.median(r["ms_per_token_median"] for r in runs),
+           "prefill_s": statistics.median(r["prefill_s"] for r in runs), "runs": runs, "greedy_tokens": tokens,
+           "export_check": b.manifest.get("export_check"), "artifact": b.manifest.get("artifact")}
+    if profile_to is not None:
+        out["profile"] = op_profile(be.session.end_profiling(), steps)
+    return out
+
+
+def op_profile(trace_file: str, steps: int) -> dict:
+    """ms per decode token by op type. Runs come in groups of 1 prefill + `steps` decode steps;
+    node events inside a prefill run's time window are left out."""
+    events = json.loads(Path(trace_file).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    prefill = [w for i, w in enumerate(runs) if i % (steps + 1) == 0]
+    decode_runs = len(runs) - len(prefill)
+    by_op: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            if not any(lo <= e["ts"] <= hi for lo, hi in prefill):
+                by_op[e["args"].get("op_name", "?")] += e["dur"] / 1000.0
+    total = sum(by_op.values()) or 1.0
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:10]
+    return {"decode_runs": decode_runs, "ms_per_token_by_op": {k: round(v / max(1, decode_runs), 3) for k, v in top},
+            "share_by_op": {k: round(v / total, 3) for k, v in top},
+            "node_ms_per_token": round(total / max(1, decode_runs), 3)}
+
+
+def time_llama_cpp(gguf: Path, ids: list[int], steps: int, repeats: int, flash: bool) -> dict:
+    from llama_cpp import Llama
+    import llama_cpp
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + steps + 16, n_threads=THREADS, n_threads_batch=THREADS,
+                n_batch=512, flash_attn=flash, verbose=False)
+    runs, toks = [], []
+    for r in range(repeats + 1):
+        llm.reset()
+        stamps, toks = [], []
+        t0 = time.perf_counter()
+        for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            toks.append(t)
+            if len(toks) == steps + 1:
+                break
+        if r:
+            runs.append({"prefill_s": stamps[0] - t0, "tokens_per_s": steps / (stamps[-1] - stamps[0]),
+                         "ms_per_token_median": 1000 * statistics.median(np.diff(stamps))})
+    return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, flash_attn={'on' if flash else 'off'})",
+            "n": None, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "ms_per_token_median": statistics.median(r["ms_per_token_median"] for r in runs),
+            "prefill_s": statistics.median(r["prefill_s"] for r in runs), "runs": runs, "greedy_tokens": toks[:steps + 1]}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series = defaultdict(list)
+    for r in report["bundles"]:
+        if r.get("budget") == "fixed" or r["method"] == "full":
+            series[f"{r['method']} {r['quantize']} (ORT)"].append((r["n"], r["tokens_per_s"]))
+    for r in report["llama_cpp"]:
+        series[r["engine"].split(" (")[0] + (" +FA" if "flash_attn=on" in r["engine"] else "")].append((r["n"], r["tokens_per_s"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if "llama" in name else "-", label=name)
+    ax.set_xlabel("document tokens n")
+    ax.set_ylabel("decode tokens/s (2 threads)")
+    ax.set_xscale("log")
+    ax.set_title("SmolLM2-135M decode after a document, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+
+
+def docs_section(report: dict, png_rel: str) -> str:
+    lines = [BEGIN, "## Bundles on ONNX Runtime vs llama.cpp (CPU decode)", "",
+             f"Command: `python benchmarks/ort_decode.py{report['argv']}` — {report['machine']['cpu_model']}, "
+             f"{THREADS} threads, onnxruntime {report['onnxruntime']}, {report['date']}. "
+             f"Other processes used {100 * (report['contention'] or {}).get('other_processes_share_of_cores', 0):.1f}% of the cores during the run.",
+             "", "| engine / bundle | n | bundle MB | decode tok/s | ms/token (median) | prefill s | check vs torch fp32 |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(report["bundles"], key=lambda r: (r["n"], r["method"], r["quantize"])):
+        chk = r.get("export_check") or {}
+        c = f"top-1 {chk.get('top1_agreement', float('nan')):.3f}, KL {chk.get('mean_kl', float('nan')):.4f}" if chk else ""
+        label = f"{r['method']} {r['quantize']}" + (f" (heads {r['heads_mb']:.1f} MB, {r['budget']})" if r["method"] == "nectar" else "")
+        lines.append(f"| {label} | {r['n']} | {r['bundle_bytes'] / 1e6:.0f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ms_per_token_median']:.2f} | {r['prefill_s']:.2f} | {c} |")
+    for r in report["llama_cpp"]:
+        lines.append(f"| {r['engine']} | {r['n']} | {report['gguf_mb']:.0f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ms_per_token_median']:.2f} | {r['prefill_s']:.2f} | |")
+    lines += ["", f"![decode tok/s vs n]({png_rel})", ""]
+    t = report["targets"]
+    lines += ["Targets (issue 4):", ""]
+    for k, v in t.items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "Where decode time goes (ORT profile, ms per decode token by op type, long document):", ""]
+    for r in report["bundles"]:
+        if "profile" in r:
+            ops = ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["ms_per_token_by_op"].items())
+            lines.append(f"- {r['method']} {r['quantize']} n={r['n']}: {ops}")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def targets(report: dict) -> dict:
+    def find(n, method, q, budget="fixed"):
+        for r in report["bundles"]:
+            if r["n"] == n and r["method"] == method and r["quantize"] == q and (method == "full" or r.get("budget") == budget):
+                return r["tokens_per_s"]
+        return float("nan")
+
+    lo, hi = report["sizes"]
+    lcpp = {(r["n"], "flash_attn=on" in r["engine"]): r["tokens_per_s"] for r in report["llama_cpp"]}
+    out = {}
+    a, b = find(lo, "nectar", "int4"), find(hi, "nectar", "int4")
+    out["Nectar int4 flat: |tok/s(n=%d) / tok/s(n=%d) − 1| ≤ 10%%" % (hi, lo)] = f"{100 * abs(b / a - 1):.1f}% ({a:.1f} → {b:.1f}) — {'met' if abs(b / a - 1) <= 0.10 else 'missed'}"
+    a32, b32 = find(lo, "nectar", "fp32"), find(hi, "nectar", "fp32")
+    out["Nectar fp32 flat"] = f"{100 * abs(b32 / a32 - 1):.1f}% ({a32:.1f} → {b32:.1f}) — {'met' if abs(b32 / a32 - 1) <= 0.10 else 'missed'}"
+    f_lo, f_hi = find(lo, "full", "fp32"), find(hi, "full", "fp32")
+    out["full fp32 slows down"] = f"{f_lo:.1f} → {f_hi:.1f} tok/s ({100 * (f_hi / f_lo - 1):+.0f}%)"
+    for q in ("int8", "int4"):
+        r_lo = find(lo, "nectar", q) / a32
+        out[f"Nectar {q} ≥ 2× fp32 (n={lo})"] = f"{r_lo:.2f}× — {'met' if r_lo >= 2 else 'missed'}"
+    best_hi = max(lcpp.get((hi, False), 0), lcpp.get((hi, True), 0))
+    out[f"Nectar int4 ≥ 2× llama.cpp at n={hi}"] = f"{b:.1f} vs {best_hi:.1f} (best of FA off/on) = {b / best_hi:.2f}× — {'met' if b >= 2 * best_hi else 'missed'}"
+    l_lo = lcpp.get((lo, False), float("nan"))
+    out[f"Nectar int4 within 1.2× of llama.cpp at n={lo}"] = f"{a:.1f} vs {l_lo:.1f} = {a / l_lo:.2f}× — {'met' if a * 1.2 >= l_lo else 'missed'}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="512,7000")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-mb", type=float, default=4.0, help="fixed Nectar artifact size for the flatness rows")
+    ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "ort_decode"))
+    ap.add_argument("--quick", action="store_true", help="steps 16, repeats 1, no default-budget artifact")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ort_decode.json"))
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.steps, a.repeats = 16, 1
+    sizes = [int(s) for s in a.sizes.split(",")]
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    import onnxruntime
+
+    from nectar_export.pipeline import load_base
+    from nectar_runtime.hub import resolve_model
+
+    gguf = resolve_model(MODEL, pull_missing=True)
+    base = load_base(MODEL)
+    docs = make_documents(base.tokenizer, work, sizes)
+    contention = CpuContention()
+    report = {"argv": (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(), "sizes": sizes,
+              "date": time.strftime("%Y-%m-%d"), "machine": machine_info(THREADS), "onnxruntime": onnxruntime.__version__,
+              "gguf_mb": gguf.stat().st_size / 1e6, "bundles": [], "llama_cpp": [], "budget_mb": a.budget_mb}
+    prof_dir = work / "profiles"
+    prof_dir.mkdir(exist_ok=True)
+    for n in sizes:
+        arts = {"fixed": fit_quick(base, docs[n], work / f"art_{n}_fixed", a.budget_mb)}
+        if n == max(sizes) and not a.quick:
+            arts["default"] = fit_quick(base, docs[n], work / f"art_{n}_default", None)
+        plan = [("fixed", "nectar", None), ("fixed", "nectar", "int8"), ("fixed", "nectar", "int4"),
+                ("fixed", "full", None), ("fixed", "full", "int4")] + ([("default", "nectar", "int4")] if "default" in arts else [])
+        for budget, method, q in plan:
+            name = f"{method}_{q or 'fp32'}_{n}" + (f"_{budget}" if method == "nectar" else "")
+            log(f"bundle {name}: export + timing")
+            bdir = export(arts[budget], work / name, method=method, quantize=q)
+            prof = prof_dir if (n == max(sizes) and q == "int4" and budget == "fixed") else None
+            r = time_bundle(bdir, a.steps, a.repeats, prof)
+            r["budget"] = budget
+            art_m = json.loads((arts[budget] / "manifest.json").read_text())
+            r["heads_mb"] = art_m["artifact_bytes"] / 1e6
+            report["bundles"].append(r)
+            log(f"  {r['tokens_per_s']:.1f} tok/s")
+        from nectar_runtime.document import local_ids, make_context
+
+        ctx = make_context(base.tokenizer, docs[n].read_text("utf-8"), base.config.max_position, reserve=0)
+        ids = list(ctx.context_ids) + local_ids(ctx, base.tokenizer, [{"role": "user", "content": QUESTION}])
+        for flash in (False, True):
+            log(f"llama.cpp n={n} flash={flash}")
+            r = time_llama_cpp(gguf, ids, a.steps, a.repeats, flash)
+            r["n"] = ctx.n
+            report["llama_cpp"].append(r)
+            log(f"  {r['tokens_per_s']:.1f} tok/s")
+    report["contention"] = contention.result()
+    report["sizes"] = sorted({r["n"] for r in report["bundles"]})
+    report["targets"] = targets(report)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    png = REPO / "docs" / "img" / "ort_decode.png"
+    plot(report, png)
+    write_docs(REPO / "docs" / "benchmarks.md", docs_section(report, "img/ort_decode.png"))
+    for k, v in report["targets"].items():
+        print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
