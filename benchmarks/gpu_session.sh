@@ -41,7 +41,7 @@ real)
   /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out /root/grep.nectar 2>&1 | grep -v "it/s\]" | tee "$OUT/fit.log"
   cp /root/grep.nectar/manifest.json "$OUT/fit_manifest.json"
   NECTAR_TEST_ARTIFACT=/root/grep.nectar NECTAR_TEST_MODEL=/root/smol.gguf NECTAR_TEST_QUESTIONS=/root/manuals/grep.questions.jsonl \
-    python3 -m pytest -q tests/kernels 2>&1 | tail -15 | tee "$OUT/tests.log"
+    python3 -m pytest -q tests/kernels/test_real_artifact.py tests/kernels/test_fused_decoder.py 2>&1 | tail -15 | tee "$OUT/tests.log"
   mkdir -p "$OUT/res"
   nectar profile --shape smollm2-135m --device cuda --n 1024,2048,4096,8192,16384,32768,65536,131072 --batch 1,16 \
     --json "$OUT/res/smol.json" --plot "$OUT/res/smol.png" 2>&1 | tee "$OUT/profile.log"

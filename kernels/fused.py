@@ -84,7 +84,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 # Launch parameters of the fused GEMV (benchmarks/kernel_sweep.py times alternatives).
-GEMV_TUNING = {"block_n": 16, "block_k": 1024, "num_warps": 4}
+GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,

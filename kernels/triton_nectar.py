@@ -54,7 +54,7 @@ def workspace_numel(batch: int, q_heads: int, kv_heads: int, t: int, d: int) -> 
 
 # Launch parameters of the mlp kernel (block_h: hidden columns per part, block_k: h1 block,
 # num_warps, num_stages); benchmarks/kernel_sweep.py times alternatives.
-MLP_TUNING = {"block_h": 64, "block_k": 128, "num_warps": 4, "num_stages": 2}
+MLP_TUNING = {"block_h": 32, "block_k": 128, "num_warps": 4, "num_stages": 2}
 
 
 def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, width, scale, out,
