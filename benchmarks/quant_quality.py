@@ -1,0 +1,124 @@
+"""int8 / int4 bundles against their fp32 bundle: next-token top-1 agreement and mean
+KL(fp32 ‖ quantized), teacher-forced over the fp32 bundle's greedy answers (≤ 64 tokens) to
+manual questions. All on ONNX Runtime (CPU), so only quantization differs.
+
+    python benchmarks/quant_quality.py --bundles benchmarks/work/ort_decode --questions 12
+
+Uses the bundles benchmarks/ort_decode.py wrote (`{method}_{fp32,int8,int4}_{n}[_fixed]`), and
+the questions of the manual the document starts with. Writes benchmarks/results/quant_quality.json
+and the section of docs/results.md between `<!-- quant_quality:begin -->` / `<!-- quant_quality:end -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_cpu import write_docs  # noqa: E402
+
+MANUALS = REPO.parent / "shared" / "data" / "manuals"
+BEGIN, END = "<!-- quant_quality:begin -->", "<!-- quant_quality:end -->"
+
+
+def session(bundle: Path):
+    from nectar_runtime.bundle_session import open_bundle_session
+
+    return open_bundle_session(bundle, threads=2)
+
+
+def greedy_answer(sess, question: str, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy answer ids) from the reference bundle."""
+    from nectar_runtime.generate import GenerationConfig, generate_ids
+
+    prompt = sess.prompt_ids(question, chat=True)
+    eos = set(sess.tokenizer.eos_token_ids)
+    out = []
+    for t in generate_ids(sess.backend, [prompt], GenerationConfig(max_new_tokens=max_tokens), eos):
+        if t[0] < 0 or int(t[0]) in eos:
+            break
+        out.append(int(t[0]))
+    return prompt, out
+
+
+def teacher_forced_logprobs(backend, context_len: int, prompt: list[int], answer: list[int]) -> np.ndarray:
+    """log-probabilities [len(answer), V] of each answer token's position, decode step by step."""
+    backend.reset(1, len(prompt) + len(answer) + 1)
+    logits = backend.step(np.array([prompt]), context_len + np.arange(len(prompt))[None])
+    rows = []
+    for i, tok in enumerate(answer):
+        lg = np.asarray(logits[0], np.float64)
+        rows.append(lg - np.logaddexp.reduce(lg))
+        logits = backend.step(np.array([[tok]]), np.array([[context_len + len(prompt) + i]]))
+    return np.array(rows)
+
+
+def compare(ref_bundle: Path, other: Path, questions: list[str], max_tokens: int) -> dict:
+    ref, oth = session(ref_bundle), session(other)
+    n = ref.backend.context_len
+    agree, kls, tokens = [], [], 0
+    for q in questions:
+        prompt, ans = greedy_answer(ref, q, max_tokens)
+        if not ans:
+            continue
+        a = teacher_forced_logprobs(ref.backend, n, prompt, ans)
+        b = teacher_forced_logprobs(oth.backend, n, prompt, ans)
+        agree += list(a.argmax(-1) == b.argmax(-1))
+        kls += list((np.exp(a) * (a - b)).sum(-1))
+        tokens += len(ans)
+    return {"agreement": float(np.mean(agree)), "kl": float(np.mean(kls)), "tokens": tokens, "questions": len(questions)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundles", default=str(REPO / "benchmarks" / "work" / "ort_decode"))
+    ap.add_argument("--questions", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quant_quality.json"))
+    a = ap.parse_args(argv)
+    root = Path(a.bundles)
+    first_manual = sorted(MANUALS.glob("*.txt"))[0]
+    qs = [json.loads(x)["question"] for x in first_manual.with_suffix(".questions.jsonl").read_text().splitlines() if x.strip()]
+    qs = qs[: a.questions]
+    rows = []
+    for ref in sorted(root.glob("*_fp32_*")):
+        if not (ref / "manifest.json").is_file():
+            continue
+        for kind in ("int8", "int4"):
+            other = ref.with_name(ref.name.replace("_fp32_", f"_{kind}_"))
+            if not (other / "manifest.json").is_file():
+                continue
+            t0 = time.perf_counter()
+            r = compare(ref, other, qs, a.max_tokens)
+            m = json.loads((ref / "manifest.json").read_text())
+            r.update(method=m["method"], quantize=kind, n=m["context_len"], reference=ref.name,
+                     bundle_mb=sum(f.stat().st_size for f in other.iterdir()) / 1e6,
+                     fp32_mb=sum(f.stat().st_size for f in ref.iterdir()) / 1e6, seconds=round(time.perf_counter() - t0, 1))
+            print(json.dumps(r), file=sys.stderr)
+            rows.append(r)
+    report = {"date": time.strftime("%Y-%m-%d"), "manual": first_manual.name, "argv": " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    lines = [BEGIN, "## Quantized bundles against fp32 (ONNX Runtime)", "",
+             f"Command: `python benchmarks/quant_quality.py {report['argv']}`. Teacher-forced over the fp32 bundle's greedy "
+             f"answers (≤ {a.max_tokens} tokens) to the first {len(qs)} questions of {first_manual.name} (the documents start "
+             "with it); the Nectar rows use the short-fit artifacts of benchmarks/ort_decode.py (quantization error only: "
+             "both sides have the same heads).", "",
+             "| method | n | quantize | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | answer tokens | bundle MB (fp32 MB) |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["n"], r["quantize"])):
+        lines.append(f"| {r['method']} | {r['n']} | {r['quantize']} | {r['agreement']:.3f} | {r['kl']:.4f} | {r['tokens']} | "
+                     f"{r['bundle_mb']:.0f} ({r['fp32_mb']:.0f}) |")
+    lines += ["", END]
+    write_docs(REPO / "docs" / "results.md", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
