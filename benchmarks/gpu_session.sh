@@ -29,6 +29,16 @@ sweep)
   python3 benchmarks/kernel_sweep.py 2>&1 | tee "$OUT/sweep.log"
   nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1 --steps 100 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
   ;;
+partials)
+  install
+  python3 benchmarks/kernel_sweep.py --partials 2>&1 | grep -v OutOfResources | tee "$OUT/sweep_partials.log"
+  ;;
+smol)
+  python3 -c "import nectar_kernels" || install
+  mkdir -p "$OUT/res"
+  nectar profile --shape smollm2-135m --device cuda --n 1024,2048,4096,8192,16384,32768,65536,131072 --batch 1,16 \
+    --json "$OUT/res/smol.json" 2>&1 | tee "$OUT/profile.log"
+  ;;
 setup)
   mkdir -p /root/parts && cp .carry/a/smol.part00 /root/parts/ && rm -rf /root/manuals && cp -r .carry/a/manuals /root/manuals
   install

@@ -1,7 +1,8 @@
 """Time launch parameters of the fused Nectar kernel and the fused GEMV at the profile shapes
 (CUDA-graph replays of 20 launches via triton.testing.do_bench_cudagraph). Prints the best.
 
-    python benchmarks/kernel_sweep.py
+    python benchmarks/kernel_sweep.py              # fused Nectar kernel + fused GEMVs
+    python benchmarks/kernel_sweep.py --partials   # split-KV full-attention kernel
 """
 
 from __future__ import annotations
@@ -27,7 +28,38 @@ def bench(fn) -> float:
     return do_bench_cudagraph(twenty, rep=50) / 20 * 1e3  # us per launch
 
 
+def sweep_partials() -> None:
+    """The split-KV full-attention kernel at n = 128K, batch 1 and 16 (G query heads per KV head)."""
+    from nectar_kernels.triton_nectar import doc_attention_partials
+
+    dt = torch.bfloat16
+    n = 131072
+    for name, (hq, hkv, d) in {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}.items():
+        kd = torch.randn(1, hkv, n, d, device="cuda", dtype=dt)
+        vd = torch.randn_like(kd)
+        for b in (1, 16):
+            q = torch.randn(b, hq, 1, d, device="cuda", dtype=dt)
+            res = []
+            for pps, bn, nw, ns in itertools.product((2, 4, 8), (32, 64, 128), (4, 8), (2, 3, 4)):
+                tune = {"programs_per_sm": pps, "block_n": bn, "num_warps": nw, "num_stages": ns}
+                try:
+                    us = bench(lambda: doc_attention_partials(q, kd, vd, d**-0.5, tuning=tune))
+                except Exception as e:
+                    print(f"  {name} b={b} {tune}: {type(e).__name__}")
+                    continue
+                res.append((us, tune))
+            res.sort(key=lambda r: r[0])
+            gbs = 2 * hkv * n * d * 2 / (res[0][0] * 1e-6) / 1e9
+            print(f"split-KV {name} b={b} n={n}: best {res[0][0]:.1f} us ({gbs:.0f} GB/s of KV) {res[0][1]}")
+            for us, tune in res[:3]:
+                print(f"   {us:7.1f} us {tune}")
+
+
 def main() -> None:
+    import sys
+
+    if "--partials" in sys.argv:
+        return sweep_partials()
     dt = torch.bfloat16
     for name, (hq, hkv, d) in {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}.items():
         b, t, s, width = 1, 1, 65, 256

@@ -150,13 +150,18 @@ def nectar_layer_attention(
                          MODES[variant], width, scale, out, workspace=workspace, tuning=tuning)
 
 
-def split_len_for(n: int, kv_heads: int, sms: int = 132) -> int:
-    """Keys per split: about two programs per SM over (KV heads × splits), at least 256 keys each."""
-    target = max(1, 2 * sms // kv_heads)
+def split_len_for(n: int, kv_heads: int, sms: int = 132, programs_per_sm: int = 2) -> int:
+    """Keys per split: about `programs_per_sm` programs per SM over (KV heads × splits), at least
+    256 keys each."""
+    target = max(1, programs_per_sm * sms // kv_heads)
     return max(256, _next_pow2(-(-n // target)))
 
 
-def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None = None):
+# Launch parameters of the split-KV kernel (benchmarks/kernel_sweep.py --partials times alternatives).
+PARTIAL_TUNING = {"programs_per_sm": 2, "block_n": None, "num_warps": 4, "num_stages": 3}
+
+
+def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None = None, tuning: dict | None = None):
     """Split-KV flash decoding over a document KV shared by the batch.
 
     q: [B, Hq, T, D]; k_doc, v_doc: [1, Hkv, N, D] (read once for all B*G*T query rows).
@@ -170,25 +175,26 @@ def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None 
     hkv, n = k_doc.shape[1], k_doc.shape[2]
     g = hq // hkv
     r_total = b * g * t
-    split_len = split_len or split_len_for(n, hkv)
+    tune = {**PARTIAL_TUNING, **(tuning or {})}
+    split_len = split_len or split_len_for(n, hkv, programs_per_sm=tune["programs_per_sm"])
     nsplit = -(-n // split_len)
     block_r = min(64, max(16, _next_pow2(r_total)))
     po = torch.empty(hkv, nsplit, r_total, d, device=q.device, dtype=torch.float32)
     pl = torch.empty(hkv, nsplit, r_total, device=q.device, dtype=torch.float32)
-    block_n = 64 if d <= 64 else 32
+    block_n = tune["block_n"] or (64 if d <= 64 else 32)
     partial_kernel[(hkv, nsplit, -(-r_total // block_r))](
         q, k_doc, v_doc, po, pl, q.stride(0), q.stride(1), q.stride(2), k_doc.stride(1), k_doc.stride(2),
         v_doc.stride(1), v_doc.stride(2), n, r_total, split_len, float(scale),
         G=g, T=t, D=d, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=3,
+        num_warps=tune["num_warps"], num_stages=tune["num_stages"],
     )
     return po, pl
 
 
 def full_layer_attention(q, k_doc, v_doc, k_loc, v_loc, kv_len, scale: float, kv_start=None, out=None,
-                         split_len: int | None = None):
+                         split_len: int | None = None, tuning: dict | None = None):
     """Exact attention over [shared document | local tokens] for one layer: two launches
     (split-KV partials over the document, then merge of the partials + local attention)."""
     _check(q, k_loc, v_loc, kv_len)
-    parts = doc_attention_partials(q, k_doc, v_doc, scale, split_len)
+    parts = doc_attention_partials(q, k_doc, v_doc, scale, split_len, tuning)
     return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, None, None, MODES["partials"], 0, scale, out, parts)
