@@ -322,11 +322,13 @@ def _contention_text(c: dict | None) -> str:
             f"run, so any such disturbance falls on both.")
 
 
-def write_docs(path: Path, section: str) -> None:
+def write_docs(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the part of `path` between the markers `begin` and `end` by `section` (which
+    carries the markers itself), or append it when the markers are not there yet."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2))
     png = REPO / "docs" / "img" / "ort_decode.png"
     plot(report, png)
-    write_docs(REPO / "docs" / "benchmarks.md", docs_section(report, "img/ort_decode.png"))
+    write_docs(REPO / "docs" / "benchmarks.md", docs_section(report, "img/ort_decode.png"), BEGIN, END)
     for k, v in report["targets"].items():
         print(f"{k}: {v}")
     return 0

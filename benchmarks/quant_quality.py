@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['method']} | {r['n']} | {r['quantize']} | {r['agreement']:.3f} | {r['kl']:.4f} | {r['tokens']} | "
                      f"{r['bundle_mb']:.0f} ({r['fp32_mb']:.0f}) |")
     lines += ["", END]
-    write_docs(REPO / "docs" / "results.md", "\n".join(lines))
+    write_docs(REPO / "docs" / "results.md", "\n".join(lines), BEGIN, END)
     return 0
 
 

@@ -93,10 +93,11 @@ class OrtBackend:
         b, h, d = batch, self.kv_heads, self.head_dim
         self.batch, self.capacity, self.length = b, capacity, 0
         self.past = [np.zeros((b, h, capacity, d), self.kv_dtype) for _ in range(2 * self.layers)]
-        self.filled = np.zeros((b, capacity), np.int64)  # 1 where a past slot holds a real token
-        # decode-step buffers, bound once: ids, positions, mask = [filled | 1], outputs
+        # decode-step buffers, bound once: ids, positions, outputs, and the mask: its first
+        # `capacity` columns say which past slots hold a real token, the last one the new token
         self.d_ids = np.zeros((b, 1), np.int64)
         self.d_pos = np.zeros((b, 1), np.int64)
+        self.d_real = np.zeros((b, 1), np.bool_)
         self.d_mask = np.zeros((b, capacity + 1), np.int64)
         self.d_logits = np.zeros((b, 1, self.vocab), np.float32)
         self.d_present = [np.zeros((b, h, 1, d), self.kv_dtype) for _ in range(2 * self.layers)]
@@ -132,20 +133,23 @@ class OrtBackend:
         b, t = ids.shape
         if self.length + t > self.capacity:
             raise NectarError(f"local tokens exceed the capacity of {self.capacity} given to reset()")
-        real = (positions != PAD_POSITION).astype(np.int64)
-        if t == 1:
-            self.d_ids[:] = ids
-            self.d_pos[:] = np.where(real == 1, positions, 0)
-            self.d_mask[:, : self.capacity] = self.filled
-            self.d_mask[:, self.capacity :] = real
+        if t == 1:  # the decode loop: in-place writes into bound buffers, no allocation
+            np.copyto(self.d_ids, ids)
+            np.not_equal(positions, PAD_POSITION, out=self.d_real)
+            np.maximum(positions, 0, out=self.d_pos)
+            self.d_mask[:, self.capacity] = self.d_real[:, 0]
             self.session.run_with_iobinding(self._bind)
-            presents, logits = self.d_present, self.d_logits
-        else:
-            presents, logits = self._run_prefill(ids, np.where(real == 1, positions, 0), real)
+            for buf, new in zip(self.past, self.d_present):
+                buf[:, :, self.length] = new[:, :, 0]
+            self.d_mask[:, self.length] = self.d_real[:, 0]
+            self.length += 1
+            return self.d_logits[:, -1]
+        real = (positions != PAD_POSITION).astype(np.int64)
+        presents, logits = self._run_prefill(ids, np.where(real == 1, positions, 0), real)
         s = slice(self.length, self.length + t)
         for buf, new in zip(self.past, presents):
             buf[:, :, s] = new
-        self.filled[:, s] = real
+        self.d_mask[:, s] = real
         self.length += t
         return logits[:, -1]
 
@@ -156,7 +160,7 @@ class OrtBackend:
         b, t = ids.shape
         io = self.session.io_binding()
         ov = ort.OrtValue.ortvalue_from_numpy
-        mask = np.concatenate([self.filled, real], axis=1)
+        mask = np.concatenate([self.d_mask[:, : self.capacity], real], axis=1)
         keep = [ov(np.ascontiguousarray(ids, np.int64)), ov(np.ascontiguousarray(pos, np.int64)), ov(mask)]
         for name, v in zip(("input_ids", "position_ids", "attention_mask"), keep):
             io.bind_ortvalue_input(name, v)

@@ -140,3 +140,31 @@ def test_quantized_graph_runs_and_stays_close(tmp_path, kind):
     # random 64-wide weights are far from any quantization grid: a loose bound, still failing on
     # a wrong packing order or a dropped offset (those give KL >> 1)
     assert r["mean_kl"] < 0.05, r
+
+
+def test_decode_steps_allocate_nothing_per_token(tmp_path):
+    """After reset and the prompt, a decode step writes into bound buffers: nothing the backend
+    allocates (numpy arrays included: tracemalloc sees numpy's allocator) grows with the number
+    of steps. ONNX Runtime's own binding code is not ours to count."""
+    import tracemalloc
+
+    from nectar_models.loading import load_model
+
+    model = load_model(save_tiny("llama", tmp_path / "m", seed=16)).model
+    _, ort_b, _ = _backends(model, "nectar", seed=17)
+    ort_b.reset(1, 80)
+    ort_b.step(np.array([[1, 2, 3]]), N_CTX + np.arange(3)[None])
+    tok, pos = np.array([[4]]), np.array([[N_CTX + 3]])
+    for _ in range(3):  # warm up
+        ort_b.step(tok, pos)
+        pos += 1
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for _ in range(60):
+        ort_b.step(tok, pos)
+        pos += 1
+    stats = tracemalloc.take_snapshot().compare_to(before, "filename")
+    tracemalloc.stop()
+    ours = [s for s in stats if s.traceback[0].filename.endswith("ort_backend.py")]
+    grown = sum(s.size_diff for s in ours)
+    assert grown <= 256, [(str(s.traceback), s.size_diff, s.count_diff) for s in ours]  # one returned view object
