@@ -183,6 +183,17 @@ def time_llama_cpp(gguf: Path, ids: list[int], steps: int, repeats: int, flash: 
             "prefill_s": statistics.median(r["prefill_s"] for r in runs), "runs": runs, "greedy_tokens": toks[:steps + 1]}
 
 
+def time_optimum(python: str, model: str, ids: list[int], steps: int, repeats: int, work: Path) -> dict:
+    import subprocess
+
+    f = work / "optimum_ids.json"
+    f.write_text(json.dumps(ids))
+    r = subprocess.run([python, str(Path(__file__).with_name("optimum_decode.py")), "--model", model, "--ids", str(f),
+                        "--steps", str(steps), "--repeats", str(repeats), "--threads", str(THREADS)],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -195,7 +206,8 @@ def plot(report: dict, path: Path) -> None:
         if r.get("budget") == "fixed" or r["method"] == "full":
             series[f"{r['method']} {r['quantize']} (ORT)"].append((r["n"], r["tokens_per_s"]))
     for r in report["llama_cpp"]:
-        series[r["engine"].split(" (")[0] + (" +FA" if "flash_attn=on" in r["engine"] else "")].append((r["n"], r["tokens_per_s"]))
+        name = "optimum full fp32 (ORT)" if r["engine"].startswith("optimum") else r["engine"].split(" (")[0]
+        series[name + (" +FA" if "flash_attn=on" in r["engine"] else "")].append((r["n"], r["tokens_per_s"]))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if "llama" in name else "-", label=name)
@@ -224,7 +236,8 @@ def docs_section(report: dict, png_rel: str) -> str:
         lines.append(f"| {label} | {r['n']} | {r['bundle_bytes'] / 1e6:.0f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_token_median']:.2f} | {r['prefill_s']:.2f} | {c} |")
     for r in report["llama_cpp"]:
-        lines.append(f"| {r['engine']} | {r['n']} | {report['gguf_mb']:.0f} | {r['tokens_per_s']:.1f} | "
+        mb = report["gguf_mb"] if r["engine"].startswith("llama.cpp") else report.get("optimum_mb", float("nan"))
+        lines.append(f"| {r['engine']} | {r['n']} | {mb:.0f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_token_median']:.2f} | {r['prefill_s']:.2f} | |")
     lines += ["", f"![decode tok/s vs n]({png_rel})", ""]
     t = report["targets"]
@@ -248,7 +261,7 @@ def targets(report: dict) -> dict:
         return float("nan")
 
     lo, hi = report["sizes"]
-    lcpp = {(r["n"], "flash_attn=on" in r["engine"]): r["tokens_per_s"] for r in report["llama_cpp"]}
+    lcpp = {(r["n"], "flash_attn=on" in r["engine"]): r["tokens_per_s"] for r in report["llama_cpp"] if r["engine"].startswith("llama.cpp")}
     out = {}
     a, b = find(lo, "nectar", "int4"), find(hi, "nectar", "int4")
     out["Nectar int4 flat: |tok/s(n=%d) / tok/s(n=%d) − 1| ≤ 10%%" % (hi, lo)] = f"{100 * abs(b / a - 1):.1f}% ({a:.1f} → {b:.1f}) — {'met' if abs(b / a - 1) <= 0.10 else 'missed'}"
@@ -275,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "ort_decode"))
     ap.add_argument("--quick", action="store_true", help="steps 16, repeats 1, no default-budget artifact")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ort_decode.json"))
+    ap.add_argument("--optimum-python", default=None, help="python of an environment with optimum-onnx (see optimum_decode.py)")
+    ap.add_argument("--optimum-model", default=None, help="optimum's ONNX export of the full model")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.repeats = 16, 1
@@ -293,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"argv": (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(), "sizes": sizes,
               "date": time.strftime("%Y-%m-%d"), "machine": machine_info(THREADS), "onnxruntime": onnxruntime.__version__,
               "gguf_mb": gguf.stat().st_size / 1e6, "bundles": [], "llama_cpp": [], "budget_mb": a.budget_mb}
+    if a.optimum_model:
+        report["optimum_mb"] = sum(f.stat().st_size for f in Path(a.optimum_model).iterdir() if f.is_file()) / 1e6
     prof_dir = work / "profiles"
     prof_dir.mkdir(exist_ok=True)
     for n in sizes:
@@ -316,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = make_context(base.tokenizer, docs[n].read_text("utf-8"), base.config.max_position, reserve=0)
         ids = list(ctx.context_ids) + local_ids(ctx, base.tokenizer, [{"role": "user", "content": QUESTION}])
+        if a.optimum_python and a.optimum_model:
+            log(f"optimum n={n}")
+            r = time_optimum(a.optimum_python, a.optimum_model, ids, a.steps, a.repeats, work)
+            r["n"] = ctx.n
+            report["llama_cpp"].append(r)
+            log(f"  {r['tokens_per_s']:.1f} tok/s")
         for flash in (False, True):
             log(f"llama.cpp n={n} flash={flash}")
             r = time_llama_cpp(gguf, ids, a.steps, a.repeats, flash)

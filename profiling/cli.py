@@ -40,7 +40,8 @@ def profile_config(a: argparse.Namespace) -> ProfileConfig:
             raise NectarError(f"--{name.replace('_', '-')} must be positive")
     return ProfileConfig(model=a.model, shape=shape, device=a.device, backend=a.backend, n=_int_list(a.n, "n"),
                          batch=_int_list(a.batch, "batch"), dtype=dtype, methods=methods, variant=a.variant,
-                         width=a.width, local_len=a.local_len, steps=a.steps, warmup=a.warmup)
+                         width=a.width, local_len=a.local_len, steps=a.steps, warmup=a.warmup,
+                         bundles=tuple(a.bundle), threads=a.threads)
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
@@ -67,6 +68,9 @@ def add_profile_command(sub) -> None:
     p.add_argument("--local-len", type=int, default=d.local_len, help="local tokens already in the cache (default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="timed decode steps per point, >= 100 (default %(default)s)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (default %(default)s)")
+    p.add_argument("--bundle", action="append", default=[], metavar="DIR",
+                   help="--backend ort: an exported bundle to time (repeatable; its method and n come from it)")
+    p.add_argument("--threads", type=int, default=None, help="--backend ort: CPU threads (default: all cores)")
     p.add_argument("--json", required=True, metavar="OUT.json", help="write the records here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="latency vs n plot (needs matplotlib)")
     p.set_defaults(func=cmd_profile)

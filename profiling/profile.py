@@ -24,9 +24,9 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _ort_backend(cfg: ProfileConfig):
-    # Hook for the ONNX Runtime bundle runner (nectar_runtime.ort_*): register its factory here.
-    raise NectarError("--backend ort needs an exported ONNX bundle, which `nectar profile` cannot load yet; "
-                      "use --backend torch")
+    from .ort_runner import OrtRunner  # numpy + onnxruntime only
+
+    return OrtRunner(cfg)
 
 
 class TorchRunner:
@@ -210,13 +210,13 @@ def run_profile(cfg: ProfileConfig, json_out: str | Path, plot_out: str | Path |
     log(f"[nectar profile] measured copy bandwidth {runner.bandwidth() / 1e9:.0f} GB/s")
     records = []
     log(f"{'method':7s} {'batch':>5s} {'n':>7s} {'median ms':>10s} {'p90 ms':>8s} {'floor ms':>8s} {'tok/s':>9s} {'peak MiB':>9s}")
-    for n in cfg.n:
-        for batch in cfg.batch:
-            for method in cfg.methods:
-                r = runner.measure(method, batch, n)
-                records.append(r)
-                log(f"{method:7s} {batch:5d} {n:7d} {r['latency_ms_median']:10.3f} {r['latency_ms_p90']:8.3f} "
-                    f"{r['floor_ms']:8.3f} {r['tokens_per_s']:9.1f} {r['peak_mem_bytes'] / 2**20:9.0f}")
+    # a runner may decide its own points (the ORT runner: one per bundle and batch size)
+    points = runner.points() if hasattr(runner, "points") else [(m, b, n) for n in cfg.n for b in cfg.batch for m in cfg.methods]
+    for method, batch, n in points:
+        r = runner.measure(method, batch, n)
+        records.append(r)
+        log(f"{method:7s} {batch:5d} {n:7d} {r['latency_ms_median']:10.3f} {r['latency_ms_p90']:8.3f} "
+            f"{r['floor_ms']:8.3f} {r['tokens_per_s']:9.1f} {r['peak_mem_bytes'] / 2**20:9.0f}")
     out = {"meta": {"device": runner.device_name(), "backend": cfg.backend, "bandwidth_bytes_per_s": runner.bandwidth(),
                     "notes": runner.notes, "command": "nectar " + " ".join(sys.argv[1:]) if sys.argv else "",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

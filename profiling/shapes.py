@@ -36,3 +36,5 @@ class ProfileConfig:
     local_len: int = 64
     steps: int = 200
     warmup: int = 20
+    bundles: tuple[str, ...] = ()  # --backend ort: exported bundles to time (each brings its method and n)
+    threads: int | None = None  # --backend ort: CPU threads (default: all cores)

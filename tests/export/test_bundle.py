@@ -230,3 +230,16 @@ def onnx_load(path):
     onnx.checker.check_model(str(path))
     onnx.shape_inference.infer_shapes_path(str(path), str(path.with_name("inferred.onnx")))
     return onnx.load(str(path), load_external_data=False)
+
+
+def test_nectar_profile_on_ort_bundles(bundles, tmp_path):
+    out = tmp_path / "p.json"
+    r = nectar("profile", "--backend", "ort", "--bundle", str(bundles[1]["nectar"]), "--bundle", str(bundles[1]["full"]),
+               "--batch", "1,2", "--steps", "100", "--warmup", "2", "--local-len", "8", "--threads", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    recs = json.loads(out.read_text())["records"]
+    assert {(x["method"], x["batch"]) for x in recs} == {("nectar", 1), ("nectar", 2), ("full", 1), ("full", 2)}
+    keys = {"method", "backend", "device", "dtype", "shape", "batch", "n", "local_len", "latency_ms_median",
+            "latency_ms_p90", "tokens_per_s", "peak_mem_bytes", "floor_ms"}
+    assert all(keys <= set(x) and x["backend"] == "ort" and x["latency_ms_p90"] >= x["latency_ms_median"] > 0 for x in recs)
+    assert_one_line_error(nectar("profile", "--backend", "ort", "--json", str(out)), "--bundle")
