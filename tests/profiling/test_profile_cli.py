@@ -26,7 +26,7 @@ def test_profile_cpu_tiny(tmp_path, capsys):
     for r in recs:
         assert KEYS <= r.keys()
         assert 0 < r["latency_ms_median"] <= r["latency_ms_p90"]
-        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["latency_ms_median"], rel=1e-3)
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["latency_ms_median"], rel=1e-2, abs=0.06)
         assert r["floor_ms"] > 0 and r["peak_mem_bytes"] > 0 and r["local_len"] == 8
     # the full-attention floor grows with n (the document KV is read every step); Nectar's does not
     floor = {(r["method"], r["n"]): r["floor_ms"] for r in recs if r["batch"] == 1}
@@ -42,7 +42,7 @@ def test_profile_cpu_tiny(tmp_path, capsys):
     (["--batch", "-1"], "comma-separated positive integers"),
     (["--dtype", "int8"], "--dtype"),
     (["--steps", "10"], "at least 100"),
-    (["--backend", "ort"], "needs an exported ONNX bundle"),
+    (["--backend", "ort"], "--bundle"),  # ort profiles exported bundles only
     (["--backend", "tensorrt"], "use one of"),
     (["--model", "x.gguf", "--shape", "tiny"], "not both"),
     (["--methods", "sparse"], "--methods"),
