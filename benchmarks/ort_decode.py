@@ -269,7 +269,7 @@ def targets(report: dict) -> dict:
     out["Nectar fp32 flat"] = f"{100 * abs(b32 / a32 - 1):.1f}% ({a32:.1f} → {b32:.1f}) — {'met' if abs(b32 / a32 - 1) <= 0.10 else 'missed'}"
     f_lo, f_hi = find(lo, "full", "fp32"), find(hi, "full", "fp32")
     out["full fp32 slows down"] = f"{f_lo:.1f} → {f_hi:.1f} tok/s ({100 * (f_hi / f_lo - 1):+.0f}%)"
-    for q in ("int8", "int4"):
+    for q in ("int8", "int4", "int4-rtn"):
         r_lo = find(lo, "nectar", q) / a32
         out[f"Nectar {q} ≥ 2× fp32 (n={lo})"] = f"{r_lo:.2f}× — {'met' if r_lo >= 2 else 'missed'}"
     best_hi = max(lcpp.get((hi, False), 0), lcpp.get((hi, True), 0))
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         arts = {"fixed": fit_quick(base, docs[n], work / f"art_{n}_fixed", a.budget_mb)}
         if n == max(sizes) and not a.quick:
             arts["default"] = fit_quick(base, docs[n], work / f"art_{n}_default", None)
-        plan = [("fixed", "nectar", None), ("fixed", "nectar", "int8"), ("fixed", "nectar", "int4"),
+        plan = [("fixed", "nectar", None), ("fixed", "nectar", "int8"), ("fixed", "nectar", "int4"), ("fixed", "nectar", "int4-rtn"),
                 ("fixed", "full", None), ("fixed", "full", "int4")] + ([("default", "nectar", "int4")] if "default" in arts else [])
         for budget, method, q in plan:
             name = f"{method}_{q or 'fp32'}_{n}" + (f"_{budget}" if method == "nectar" else "")

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     for ref in sorted(root.glob("*_fp32_*")):
         if not (ref / "manifest.json").is_file():
             continue
-        for kind in ("int8", "int4"):
+        for kind in ("int8", "int4", "int4-rtn"):
             other = ref.with_name(ref.name.replace("_fp32_", f"_{kind}_"))
             if not (other / "manifest.json").is_file():
                 continue

@@ -23,7 +23,7 @@ from nectar_runtime.errors import NectarError
 
 METHODS = ("nectar", "full")
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
-QUANTIZE = ("int8", "int4")
+QUANTIZE = ("int8", "int4", "int4-rtn")
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 
 

@@ -1,16 +1,20 @@
 """Weight-only quantization of a decoder graph: 2-D weight MatMuls -> `MatMulNBits` (ONNX Runtime's
-com.microsoft op; CPU, CUDA and DirectML kernels).
+com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per block), asymmetric.
 
-Block-wise asymmetric quantization along the input dimension with *float* zero points:
-w ≈ (q − z) · s per block of 32 inputs. A GGUF Q4_1 weight (w = d·q + m per block of 32 along
-the input, the SmolLM2 file's format) lies exactly on such a grid — s = d, z = −m/d — so an int4
-bundle of a Q4_1 model holds the very weights llama.cpp runs, not a second rounding of them.
+    int4        transformer matmuls at 4 bits, the LM head at 8 bits (the GGUF, too, keeps its tied
+                embedding at Q8_0), with float zero points: a GGUF Q4_1 weight (w = d·q + m per
+                block of 32 inputs) lies exactly on the grid (q − z)·s with z = −m/d, so the bundle
+                holds the very weights llama.cpp runs. ORT's fast kernel takes only integer zero
+                points, so the graph uses its symmetric kernel plus the exact per-block offset as
+                a small matmul: x·W = MatMulNBits(x) + (x·Bk)·C (Bk the [K, K/32] block
+                indicator, C [K/32, N]; the block sums are shared by matmuls reading one input)
+    int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (~30% faster than
+                int4 on a 2-core CPU), but for weights that are already 4-bit (a Q4_1 GGUF) a
+                second rounding, with a visible quality cost (docs/results.md)
+    int8        every 2-D matmul at 8 bits (integer zero points: within half a step of a Q4_1
+                grid point, 1/32 of a Q4_1 step)
 
-    int4: transformer matmuls at 4 bits; the LM head at 8 bits (as the GGUF keeps its tied
-          embedding at Q8_0: the LM head is the one matmul whose error reaches the logits directly)
-    int8: every 2-D matmul at 8 bits
-
-Nectar heads and baked KV (3-D, small) stay fp32. `accuracy_level` 4 lets ORT's CPU kernels
+Nectar heads, baked KV and the RoPE rotation stay fp32. `accuracy_level` 4 lets ORT's CPU kernels
 quantize activations to int8 per block and use integer dot products.
 """
 
@@ -22,10 +26,14 @@ from onnx import helper, numpy_helper
 BLOCK = 32
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """w: [K, N] (x @ w) -> packed [N, K/block, block*bits/8] uint8, scales [N*K/block] fp32,
-    zero points [N*K/block] (fp32 at 4 bits; uint8 at 8 bits, as ORT's CPU kernel requires), with
-    w ≈ (q − z) · s."""
+KINDS = ("int8", "int4", "int4-rtn")
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero: bool = False):
+    """w: [K, N] (x @ w) -> (packed [N, K/block, block*bits/8] uint8, scales [N*K/block] fp32,
+    zero points), w ≈ (q − z) · s. Zero points: fp32 [N*K/block] with `float_zero` (4 bits only),
+    else integers as ORT packs them — uint8 [N*K/block] at 8 bits, two per byte at 4 bits
+    ([N, ceil(K/block / 2)], low nibble first)."""
     k, n = w.shape
     if k % block:
         raise ValueError(f"K={k} is not a multiple of the block size {block}")
@@ -34,28 +42,34 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK) -> tuple[np
     lo, hi = wb.min(-1), wb.max(-1)
     scale = (hi - lo) / levels
     scale = np.where(scale > 0, scale, 1.0)  # a constant block: any scale, q = 0, z = −lo/s
+    if bits not in (4, 8) or (float_zero and bits != 4):
+        raise ValueError("bits must be 4 or 8; float zero points only at 4 bits")
     zero = -lo / scale
-    if bits == 8:  # integer zero point: the grid shifts by < half a step
+    if not float_zero:  # integer zero point: the grid shifts by < half a step
         zero = np.clip(np.rint(zero), 0, levels)
     q = np.clip(np.rint(wb / scale[..., None] + zero[..., None]), 0, levels).astype(np.uint8)
-    if bits == 4:
-        return (np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4)), scale.astype(np.float32).ravel(),
-                zero.astype(np.float32).ravel())
+    scale = scale.astype(np.float32).ravel()
     if bits == 8:
-        return np.ascontiguousarray(q), scale.astype(np.float32).ravel(), zero.astype(np.uint8).ravel()
-    raise ValueError("bits must be 4 or 8")
+        return np.ascontiguousarray(q), scale, zero.astype(np.uint8).ravel()
+    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
+    if float_zero:
+        return packed, scale, zero.astype(np.float32).ravel()
+    z = zero.astype(np.uint8)
+    if z.shape[1] % 2:
+        z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+    return packed, scale, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
 
 
 def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place; returns {node name: bits}.
 
-    4-bit weights use ORT's fast symmetric kernel (implicit zero point 8) plus an exact
+    int4: 4-bit weights use ORT's fast symmetric kernel (implicit zero point 8) plus an exact
     correction for the true per-block offset: x @ W = MatMulNBits(x) + blocksum(x) @ C with
     blocksum(x) = x @ (block indicator [K, K/32]) and
     C[b, n] = s·(8 − z) per block b — one [K/32, N] fp32 matmul, 1/32 of the weight's size, whose
     block sums are shared by the matmuls reading the same input.
     """
-    if kind not in ("int4", "int8"):
+    if kind not in KINDS:
         raise ValueError(kind)
     inits = {t.name: t for t in proto.graph.initializer}
     users: dict[str, int] = {}
@@ -71,10 +85,11 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
             continue
         bits = 8 if kind == "int8" or "lm_head" in node.name else 4
         k, n = w.dims
-        packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits)
+        exact = kind == "int4" and bits == 4
+        packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits, float_zero=exact)
         base, name = f"{w.name}.q{bits}", node.name.replace("/MatMul", f"/MatMulNBits{bits}")
         extra = [numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales")]
-        if bits == 8:
+        if not exact:
             extra.append(numpy_helper.from_array(zeros, f"{base}.zero_points"))
             new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level))
         else:

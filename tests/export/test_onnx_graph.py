@@ -120,14 +120,14 @@ def test_blockwise_int4_reproduces_a_q4_1_grid_exactly():
     q[..., 0], q[..., 1] = 0, 15
     d, m = rng.random((n, k // 32, 1)) * 0.05 + 1e-3, rng.standard_normal((n, k // 32, 1)) * 0.1
     w = (q * d + m).reshape(n, k).T.astype(np.float32)
-    packed, scales, zeros = quantize_blockwise(w, 4)
+    packed, scales, zeros = quantize_blockwise(w, 4, float_zero=True)
     lo, hi = packed & 0xF, packed >> 4
     qq = np.stack([lo, hi], -1).reshape(n, k // 32, 32).astype(np.float64)
     back = ((qq - zeros.reshape(n, -1, 1)) * scales.reshape(n, -1, 1)).reshape(n, k).T
     assert np.abs(back - w).max() < 1e-6
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-rtn"])
 def test_quantized_graph_runs_and_stays_close(tmp_path, kind):
     from nectar_models.loading import load_model
 
