@@ -91,8 +91,8 @@ class CpuContention:
             return None
         hz = os.sysconf("SC_CLK_TCK")
         busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # all but idle and iowait
-        t = os.times()
-        return busy, t.user + t.system, time.monotonic()
+        t = os.times()  # ours includes finished child processes (e.g. a benchmark subprocess)
+        return busy, t.user + t.system + t.children_user + t.children_system, time.monotonic()
 
     def result(self) -> dict | None:
         end = self._sample()

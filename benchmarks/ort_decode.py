@@ -14,10 +14,10 @@ Per document:
   * llama.cpp (llama-cpp-python) on the same GGUF (Q4_1, embeddings Q8_0) and the same token ids
     (document + question), flash attention off and on.
 Decode tokens/s = G / (t[last token] − t[first token]) over G greedy tokens after the prompt's
-prefill, median of --repeats runs. One ORT profile per long-document int4 bundle says which ops
+prefill, median of --repeats runs; bundles are timed round-robin. One ORT profile per long-document int4 bundle says which ops
 the time goes to.
 
-    python benchmarks/ort_decode.py                 # G = 64, 3 repeats (~25 min on 2 cores)
+    python benchmarks/ort_decode.py                 # G = 64, 5 round-robin repeats (~25 min on 2 cores)
     python benchmarks/ort_decode.py --quick         # smaller, for a smoke run
 
 Writes benchmarks/results/ort_decode.json, docs/img/ort_decode.png and the section of
@@ -85,58 +85,74 @@ def export(art: Path, out: Path, **kw) -> Path:
     return out
 
 
-def time_bundle(bundle: Path, steps: int, repeats: int, profile_to: Path | None = None) -> dict:
-    """Timed runs; with `profile_to`, one more (untimed) pass with ORT's profiler on."""
-    out = _time_bundle(bundle, steps, repeats)
-    if profile_to is not None:
-        out["profile"] = _time_bundle(bundle, steps, 0, profile_to)["profile"]
-    return out
+class BundleTimer:
+    """One bundle on ORT (2 threads), ready to time greedy decoding after the question."""
 
+    def __init__(self, bundle: Path, profile_to: Path | None = None):
+        from nectar_runtime.backends.ort_backend import OrtBackend, session_options
+        from nectar_runtime.bundle import read_bundle
+        from nectar_runtime.document import local_ids, make_context
+        from nectar_runtime.tokenizer import load_tokenizer
 
-def _time_bundle(bundle: Path, steps: int, repeats: int, profile_to: Path | None = None) -> dict:
-    from nectar_runtime.backends.ort_backend import OrtBackend, session_options
-    from nectar_runtime.bundle import read_bundle
-    from nectar_runtime.document import local_ids, make_context
-    from nectar_runtime.tokenizer import load_tokenizer
+        self.path, self.b = bundle, read_bundle(bundle)
+        tok = load_tokenizer(bundle)
+        ctx = make_context(tok, (bundle / "document.txt").read_text("utf-8"), self.b.manifest["model"]["max_position"], reserve=0)
+        self.prompt = local_ids(ctx, tok, [{"role": "user", "content": QUESTION}])
+        if profile_to is not None:
+            import onnxruntime as ort
 
-    b = read_bundle(bundle)
-    tok = load_tokenizer(bundle)
-    ctx = make_context(tok, (bundle / "document.txt").read_text("utf-8"), b.manifest["model"]["max_position"], reserve=0)
-    prompt = local_ids(ctx, tok, [{"role": "user", "content": QUESTION}])
-    if profile_to is not None:
-        import onnxruntime as ort
+            so = session_options(THREADS)
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_to / bundle.name)
+            self.be = OrtBackend(ort.InferenceSession(str(self.b.graph_path), so, providers=["CPUExecutionProvider"]),
+                                 self.b.context_len, self.b.max_local_len)
+        else:
+            self.be = OrtBackend.from_bundle(self.b, threads=THREADS, provider="cpu")
+        self.runs, self.tokens = [], None
 
-        so = session_options(THREADS)
-        so.enable_profiling = True
-        so.profile_file_prefix = str(profile_to / bundle.name)
-        be = OrtBackend(ort.InferenceSession(str(b.graph_path), so, providers=["CPUExecutionProvider"]), b.context_len, b.max_local_len)
-    else:
-        be = OrtBackend.from_bundle(b, threads=THREADS, provider="cpu")
-    runs, tokens = [], None
-    for r in range(repeats + 1):  # the first run warms up (and is the profiled one)
+    def run_once(self, steps: int, keep: bool = True) -> None:
+        be, n, prompt = self.be, self.b.context_len, self.prompt
         be.reset(1, len(prompt) + steps + 1)
-        pos = b.context_len + np.arange(len(prompt))[None]
         t0 = time.perf_counter()
-        logits = be.step(np.array([prompt]), pos)
+        logits = be.step(np.array([prompt]), n + np.arange(len(prompt))[None])
         stamps, toks = [time.perf_counter()], []
         for i in range(steps):
             nxt = int(logits[0].argmax())
             toks.append(nxt)
-            logits = be.step(np.array([[nxt]]), np.array([[b.context_len + len(prompt) + i]]))
+            logits = be.step(np.array([[nxt]]), np.array([[n + len(prompt) + i]]))
             stamps.append(time.perf_counter())
-        if r or not repeats:
-            runs.append({"prefill_s": stamps[0] - t0, "tokens_per_s": steps / (stamps[-1] - stamps[0]),
-                         "ms_per_token_median": 1000 * statistics.median(np.diff(stamps))})
-        tokens = toks
-    out = {"bundle": bundle.name, "n": b.context_len, "method": b.manifest["method"], "quantize": b.manifest["quantize"] or "fp32",
-           "bundle_bytes": sum(f.stat().st_size for f in bundle.iterdir()), "prompt_tokens": len(prompt),
-           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-           "ms_per_token_median": statistics.median(r["ms_per_token_median"] for r in runs),
-           "prefill_s": statistics.median(r["prefill_s"] for r in runs), "runs": runs, "greedy_tokens": tokens,
-           "export_check": b.manifest.get("export_check"), "artifact": b.manifest.get("artifact")}
-    if profile_to is not None:
-        out["profile"] = op_profile(be.session.end_profiling(), steps)
-    return out
+        if keep:
+            self.runs.append({"prefill_s": stamps[0] - t0, "tokens_per_s": steps / (stamps[-1] - stamps[0]),
+                              "ms_per_token_median": 1000 * statistics.median(np.diff(stamps))})
+        self.tokens = toks
+
+    def result(self) -> dict:
+        m, runs = self.b.manifest, self.runs
+        return {"bundle": self.path.name, "n": self.b.context_len, "method": m["method"], "quantize": m["quantize"] or "fp32",
+                "bundle_bytes": sum(f.stat().st_size for f in self.path.iterdir()), "prompt_tokens": len(self.prompt),
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                "ms_per_token_median": statistics.median(r["ms_per_token_median"] for r in runs),
+                "prefill_s": statistics.median(r["prefill_s"] for r in runs), "runs": runs, "greedy_tokens": self.tokens,
+                "export_check": m.get("export_check"), "artifact": m.get("artifact")}
+
+
+def time_bundles(paths: list[Path], steps: int, repeats: int, log=print) -> list[dict]:
+    """All bundles timed round-robin: run r of every bundle before run r + 1 of any, so a slow
+    spell of the machine falls on all of them alike (each first run warms up, untimed)."""
+    timers = [BundleTimer(p) for p in paths]
+    for t in timers:
+        t.run_once(steps, keep=False)
+    for r in range(repeats):
+        for t in timers:
+            t.run_once(steps)
+        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{t.path.name} {t.runs[-1]['tokens_per_s']:.0f}" for t in timers))
+    return [t.result() for t in timers]
+
+
+def profile_bundle(path: Path, steps: int, out_dir: Path) -> dict:
+    t = BundleTimer(path, out_dir)
+    t.run_once(steps)
+    return op_profile(t.be.session.end_profiling(), steps)
 
 
 def op_profile(trace_file: str, steps: int) -> dict:
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="512,7000")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-mb", type=float, default=4.0, help="fixed Nectar artifact size for the flatness rows")
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "ort_decode"))
     ap.add_argument("--quick", action="store_true", help="steps 16, repeats 1, no default-budget artifact")
@@ -312,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         report["optimum_mb"] = sum(f.stat().st_size for f in Path(a.optimum_model).iterdir() if f.is_file()) / 1e6
     prof_dir = work / "profiles"
     prof_dir.mkdir(exist_ok=True)
+    from nectar_runtime.document import local_ids, make_context
+
+    planned = []  # (path, budget, heads MB)
     for n in sizes:
         arts = {"fixed": fit_quick(base, docs[n], work / f"art_{n}_fixed", a.budget_mb)}
         if n == max(sizes) and not a.quick:
@@ -320,17 +339,17 @@ def main(argv: list[str] | None = None) -> int:
                 ("fixed", "full", None), ("fixed", "full", "int4")] + ([("default", "nectar", "int4")] if "default" in arts else [])
         for budget, method, q in plan:
             name = f"{method}_{q or 'fp32'}_{n}" + (f"_{budget}" if method == "nectar" else "")
-            log(f"bundle {name}: export + timing")
-            bdir = export(arts[budget], work / name, method=method, quantize=q)
-            prof = prof_dir if (n == max(sizes) and q == "int4" and budget == "fixed") else None
-            r = time_bundle(bdir, a.steps, a.repeats, prof)
-            r["budget"] = budget
-            art_m = json.loads((arts[budget] / "manifest.json").read_text())
-            r["heads_mb"] = art_m["artifact_bytes"] / 1e6
-            report["bundles"].append(r)
-            log(f"  {r['tokens_per_s']:.1f} tok/s")
-        from nectar_runtime.document import local_ids, make_context
-
+            log(f"bundle {name}")
+            planned.append((export(arts[budget], work / name, method=method, quantize=q), budget,
+                            json.loads((arts[budget] / "manifest.json").read_text())["artifact_bytes"] / 1e6))
+    log(f"timing {len(planned)} bundles round-robin, {a.repeats} runs of {a.steps} tokens each")
+    for (path, budget, heads_mb), r in zip(planned, time_bundles([p for p, _, _ in planned], a.steps, a.repeats, log)):
+        r["budget"], r["heads_mb"] = budget, heads_mb
+        big = max(sizes)
+        if path.name in (f"nectar_int4_{big}_fixed", f"nectar_int4-rtn_{big}_fixed", f"full_int4_{big}"):
+            r["profile"] = profile_bundle(path, a.steps, prof_dir)  # where the time goes (untimed pass)
+        report["bundles"].append(r)
+    for n in sizes:
         ctx = make_context(base.tokenizer, docs[n].read_text("utf-8"), base.config.max_position, reserve=0)
         ids = list(ctx.context_ids) + local_ids(ctx, base.tokenizer, [{"role": "user", "content": QUESTION}])
         if a.optimum_python and a.optimum_model:

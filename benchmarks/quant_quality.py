@@ -1,6 +1,7 @@
 """int8 / int4 bundles against their fp32 bundle: next-token top-1 agreement and mean
-KL(fp32 ‖ quantized), teacher-forced over the fp32 bundle's greedy answers (≤ 64 tokens) to
-manual questions. All on ONNX Runtime (CPU), so only quantization differs.
+KL(fp32 ‖ quantized), teacher-forced over the full-context fp32 bundle's greedy answers (≤ 64
+tokens) to manual questions — the same token sequences for every row. All on ONNX Runtime
+(CPU), so within a row only quantization differs.
 
     python benchmarks/quant_quality.py --bundles benchmarks/work/ort_decode --questions 12
 
@@ -59,12 +60,14 @@ def teacher_forced_logprobs(backend, context_len: int, prompt: list[int], answer
     return np.array(rows)
 
 
-def compare(ref_bundle: Path, other: Path, questions: list[str], max_tokens: int) -> dict:
-    ref, oth = session(ref_bundle), session(other)
+def compare(ref_bundle: Path, other: Path, questions: list[str], max_tokens: int, answers_from: Path) -> dict:
+    """Teacher-forced over the greedy answers of `answers_from` (the full-context fp32 bundle of
+    the same document): the same token sequences for every method, whatever its own answers."""
+    ref, oth, src = session(ref_bundle), session(other), session(answers_from)
     n = ref.backend.context_len
     agree, kls, tokens = [], [], 0
     for q in questions:
-        prompt, ans = greedy_answer(ref, q, max_tokens)
+        prompt, ans = greedy_answer(src, q, max_tokens)
         if not ans:
             continue
         a = teacher_forced_logprobs(ref.backend, n, prompt, ans)
@@ -95,8 +98,9 @@ def main(argv=None) -> int:
             if not (other / "manifest.json").is_file():
                 continue
             t0 = time.perf_counter()
-            r = compare(ref, other, qs, a.max_tokens)
             m = json.loads((ref / "manifest.json").read_text())
+            full = root / f"full_fp32_{ref.name.split('_')[2]}"
+            r = compare(ref, other, qs, a.max_tokens, full)
             r.update(method=m["method"], quantize=kind, n=m["context_len"], reference=ref.name,
                      bundle_mb=sum(f.stat().st_size for f in other.iterdir()) / 1e6,
                      fp32_mb=sum(f.stat().st_size for f in ref.iterdir()) / 1e6, seconds=round(time.perf_counter() - t0, 1))
@@ -106,8 +110,8 @@ def main(argv=None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2))
     lines = [BEGIN, "## Quantized bundles against fp32 (ONNX Runtime)", "",
-             f"Command: `python benchmarks/quant_quality.py {report['argv']}`. Teacher-forced over the fp32 bundle's greedy "
-             f"answers (≤ {a.max_tokens} tokens) to the first {len(qs)} questions of {first_manual.name} (the documents start "
+             f"Command: `python benchmarks/quant_quality.py {report['argv']}`. Teacher-forced over the full-context fp32 bundle's "
+             f"greedy answers (≤ {a.max_tokens} tokens) to the first {len(qs)} questions of {first_manual.name} (the documents start "
              "with it); the Nectar rows use the short-fit artifacts of benchmarks/ort_decode.py (quantization error only: "
              "both sides have the same heads).", "",
              "| method | n | quantize | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | answer tokens | bundle MB (fp32 MB) |",
