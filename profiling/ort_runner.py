@@ -39,10 +39,19 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def step_weight_bytes(graph: Path) -> int:
+def step_weight_bytes(graph: Path, manifest: dict) -> int:
     """Bytes of the initializers a decode step reads: all of them, except a table consumed only
-    by Gather (the token embedding of a bundle whose LM head has its own quantized copy)."""
-    import onnx
+    by Gather (the token embedding of a bundle whose LM head has its own quantized copy).
+    Without the onnx package (a runtime-only install): the weight file's size, less the fp32
+    embedding table of a quantized bundle."""
+    try:
+        import onnx
+    except ImportError:
+        size = (graph.parent / manifest["graph"]["weights"]).stat().st_size
+        m = manifest["model"]
+        if manifest.get("quantize") and m.get("hidden_size"):
+            size -= m["vocab_size"] * m["hidden_size"] * 4
+        return size
 
     m = onnx.load(str(graph), load_external_data=False)
     users: dict[str, set[str]] = {}
@@ -76,7 +85,8 @@ class OrtRunner:
             b = read_bundle(path)
             if b.format != "onnx":
                 raise NectarError(f"{path}: a {b.format} bundle; --backend ort takes ONNX bundles")
-            self.bundles.append((b, OrtBackend.from_bundle(b, threads=self.threads, provider="cpu"), step_weight_bytes(b.graph_path)))
+            self.bundles.append((b, OrtBackend.from_bundle(b, threads=self.threads, provider="cpu"),
+                                 step_weight_bytes(b.graph_path, b.manifest)))
         m = self.bundles[0][0].manifest
         self.shape = f"{m['base_model'].get('name', m['model']['family'])}"
         self.notes = (f"real weights and documents from {len(self.bundles)} bundle(s); onnxruntime CPU provider, "

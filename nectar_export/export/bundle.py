@@ -49,7 +49,7 @@ class ExportConfig:
 
 
 def build_decoder_proto(oa, cfg: ExportConfig, attention_op=None):
-    """(ModelProto, context_len) for an opened artifact (nectar_export.pipeline.OpenArtifact)."""
+    """The decoder ModelProto for an opened artifact (nectar_export.pipeline.OpenArtifact)."""
     from .decoder_graph import DecoderGraphWriter
     from .from_model import decoder_weights, full_contexts, graph_spec, nectar_contexts_for_export
 
@@ -64,7 +64,8 @@ def build_decoder_proto(oa, cfg: ExportConfig, attention_op=None):
 
 
 def quantize_proto(proto, kind: str):
-    """Weight-only int8/int4 (MatMulNBits) of the 2-D matmuls; see quantize.py."""
+    """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls, in place (returns `proto`);
+    see quantize.py."""
     from .quantize import quantize_graph
 
     quantize_graph(proto, kind)
@@ -131,7 +132,8 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             "context_len": oa.ctx.n,
             "max_local_len": max_local,
             "model": {"family": mcfg.family, "num_layers": mcfg.num_layers, "num_kv_heads": mcfg.num_kv_heads,
-                      "head_dim": mcfg.head_dim, "vocab_size": mcfg.vocab_size, "max_position": mcfg.max_position},
+                      "head_dim": mcfg.head_dim, "hidden_size": mcfg.hidden_size, "vocab_size": mcfg.vocab_size,
+                      "max_position": mcfg.max_position},
             "base_model": oa.manifest["base_model"],
             "document": oa.manifest["document"],
             "artifact": {"variant": oa.manifest["variant"], "widths": oa.manifest["widths"],
