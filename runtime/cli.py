@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nectar_export.cli import add_export_commands
 
     add_export_commands(sub)
-    from nectar_profiling.cli import add_profile_command; add_profile_command(sub)  # nectar profile
+    from nectar_profiling.cli import add_profile_command  # nectar profile (torch/ort runners imported when run)
+
+    add_profile_command(sub)
     return parser
 
 
