@@ -40,16 +40,13 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_ask(a: argparse.Namespace) -> int:
-    from nectar_runtime.cli import generation_config
+    from nectar_runtime.cli import generation_config, print_stream
 
     from .pipeline import open_artifact_session
 
     cfg = generation_config(a)
     session = open_artifact_session(a.artifact, device=a.device, model=a.model)
-    for piece in session.stream(a.question, cfg):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    print_stream(session.stream(a.question, cfg))
     return 0
 
 

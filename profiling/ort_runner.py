@@ -22,7 +22,7 @@ import numpy as np
 from nectar_runtime.errors import NectarError
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -94,7 +94,7 @@ class OrtRunner:
         self._bw = None
 
     def device_name(self) -> str:
-        return f"cpu: {_cpu_name()} ({self.threads} threads)"
+        return f"cpu: {cpu_name()} ({self.threads} threads)"
 
     def bandwidth(self) -> float:
         """Copy bandwidth (bytes read + written per second) of a 256 MiB numpy copy, best of 5."""

@@ -32,6 +32,14 @@ def generation_config(a: argparse.Namespace) -> GenerationConfig:
     )
 
 
+def print_stream(pieces) -> None:
+    """Write text pieces to stdout as they arrive, then a newline."""
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 def cmd_pull(a: argparse.Namespace) -> int:
     from .hub import pull
 
@@ -53,10 +61,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     cfg = generation_config(a)  # validate options before loading anything
     session = open_torch_session(model=a.model, artifact=a.artifact, device=a.device, dtype=a.dtype)
-    for piece in session.stream(a.prompt, cfg, chat=a.chat or bool(a.artifact), system=a.system):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    print_stream(session.stream(a.prompt, cfg, chat=a.chat or bool(a.artifact), system=a.system))
     return 0
 
 
@@ -65,10 +70,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     cfg = generation_config(a)
     session = open_bundle_session(a.bundle, threads=a.threads, provider=a.provider)
-    for piece in session.stream(a.chat, cfg):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    print_stream(session.stream(a.chat, cfg))
     return 0
 
 
@@ -94,12 +96,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         try:
-            for piece in session.stream(line, cfg):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            print_stream(session.stream(line, cfg))
         except NectarError as e:  # e.g. the conversation outgrew the bundle: say so, keep going
             print(f"\nnectar: {e} (type /reset to start over)", file=sys.stderr)
-        sys.stdout.write("\n")
 
 
 def add_bundle_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ result (max |Δlogit|, greedy agreement) is recorded in the manifest.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -20,6 +19,8 @@ import numpy as np
 from nectar_runtime import __version__
 from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 from nectar_runtime.errors import NectarError
+
+from ..artifact import replace_dir
 
 METHODS = ("nectar", "full")
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -147,24 +148,13 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
         manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                              for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"[nectar export] wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 CHECK_QUESTION = "Summarize the first section in one sentence."

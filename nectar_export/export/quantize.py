@@ -8,8 +8,8 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
                 points, so the graph uses its symmetric kernel plus the exact per-block offset as
                 a small matmul: x·W = MatMulNBits(x) + (x·Bk)·C (Bk the [K, K/32] block
                 indicator, C [K/32, N]; the block sums are shared by matmuls reading one input)
-    int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (~30% faster than
-                int4 on a 2-core CPU), but for weights that are already 4-bit (a Q4_1 GGUF) a
+    int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (168 vs 147 tok/s
+                for int4 on the 2-core CPU of docs/benchmarks.md), but for weights that are already 4-bit (a Q4_1 GGUF) a
                 second rounding, with a visible quality cost (docs/results.md)
     int8        every 2-D matmul at 8 bits (integer zero points: within half a step of a Q4_1
                 grid point, 1/32 of a Q4_1 step)

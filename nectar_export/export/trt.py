@@ -20,21 +20,21 @@ from nectar_runtime import __version__
 from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 from nectar_runtime.errors import NectarError
 
-from .bundle import DTYPES, GRAPH_FILE, ExportConfig, _replace_dir, _save, graph_io
+from ..artifact import replace_dir
+from .bundle import DTYPES, GRAPH_FILE, ExportConfig, _save, graph_io
 
 ENGINE_FILE = "engine.plan"
 
 
 def require_tensorrt():
+    """The tensorrt module, or a one-line error saying how to get it."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
         raise NectarError(
             "--format trt needs TensorRT >= 10.6 (JetPack 6 on Jetson, or `pip install tensorrt` from NVIDIA's "
             "index on a GPU machine); it is not installed here. `--format trt-onnx` writes the plugin graph alone"
         ) from None
-    import tensorrt
-
     return tensorrt
 
 
@@ -120,7 +120,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
         }
         manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
