@@ -49,14 +49,26 @@ class ExportConfig:
             raise NectarError("--max-local-len must be at least 16")
 
 
-def build_decoder_proto(oa, cfg: ExportConfig, attention_op=None):
-    """The decoder ModelProto for an opened artifact (nectar_export.pipeline.OpenArtifact)."""
+def torch_document_contexts(oa, method: str) -> list:
+    """What stands for the document in the torch model, per layer: its exact KV (prefilled once,
+    then shared by the graph and the export check) or the artifact's prefix + heads."""
+    if method == "full":
+        import torch
+
+        ids = torch.tensor([list(oa.ctx.context_ids)], device=oa.base.model.embed_tokens.weight.device)
+        return oa.base.model.prefill_document(ids).contexts()
+    return oa.contexts()
+
+
+def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attention_op=None):
+    """The decoder ModelProto for an opened artifact (nectar_export.pipeline.OpenArtifact);
+    `document_contexts` from `torch_document_contexts` (used by --method full)."""
     from .decoder_graph import DecoderGraphWriter
     from .from_model import decoder_weights, full_contexts, graph_spec, nectar_contexts_for_export
 
     model = oa.base.model
     if cfg.method == "full":
-        contexts = full_contexts(model, oa.ctx.context_ids)
+        contexts = full_contexts(document_contexts)
     else:
         contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads)
     writer = DecoderGraphWriter(graph_spec(model, oa.ctx.n), decoder_weights(model), contexts,
@@ -105,7 +117,8 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     mcfg = oa.base.config
     max_local = min(cfg.max_local_len, mcfg.max_position - oa.ctx.n)
     log(f"[nectar export] building the {cfg.method} graph ({mcfg.num_layers} layers, document n={oa.ctx.n}) …")
-    proto = build_decoder_proto(oa, cfg, attention_op)
+    document_contexts = torch_document_contexts(oa, cfg.method)
+    proto = build_decoder_proto(oa, cfg, document_contexts, attention_op)
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
         proto = quantize_proto(proto, cfg.quantize)
@@ -143,7 +156,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
         }
         if cfg.check:
             log("[nectar export] checking the graph against the torch backend …")
-            manifest["export_check"] = check_against_torch(oa, tmp / GRAPH_FILE, cfg.method)
+            manifest["export_check"] = check_against_torch(oa, tmp / GRAPH_FILE, document_contexts)
             log(f"[nectar export] check: {manifest['export_check']}")
         manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                              for f in sorted(tmp.iterdir()) if f.is_file()}
@@ -160,28 +173,17 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
 CHECK_QUESTION = "Summarize the first section in one sentence."
 
 
-def check_against_torch(oa, graph: Path, method: str, new_tokens: int = 16) -> dict:
-    """Greedy decode with the torch backend, teacher-force the same tokens through the graph:
-    max |Δlogit| and top-1 agreement per step."""
+def check_against_torch(oa, graph: Path, document_contexts: list, new_tokens: int = 16) -> dict:
+    """Greedy decode with the torch backend over `document_contexts`, teacher-force the same
+    tokens through the graph: max |Δlogit|, top-1 agreement and KL per step."""
     from nectar_runtime.backends.ort_backend import OrtBackend
     from nectar_runtime.backends.torch_backend import TorchBackend
     from nectar_runtime.document import local_ids
 
-    model = oa.base.model
-    if method == "full":
-        contexts = model.prefill_document(_ids_tensor(oa.ctx.context_ids, model)).contexts()
-    else:
-        contexts = oa.contexts()
-    tb = TorchBackend(model, contexts, oa.ctx.n)
+    tb = TorchBackend(oa.base.model, document_contexts, oa.ctx.n)
     ob = OrtBackend.from_graph(graph, oa.ctx.n, oa.base.config.max_position - oa.ctx.n, threads=None)
     prompt = local_ids(oa.ctx, oa.base.tokenizer, [{"role": "user", "content": CHECK_QUESTION}])
     return compare_backends(tb, ob, prompt, oa.ctx.n, new_tokens)
-
-
-def _ids_tensor(ids, model):
-    import torch
-
-    return torch.tensor([list(ids)], device=model.embed_tokens.weight.device)
 
 
 def compare_backends(ref, other, prompt: list[int], context_len: int, new_tokens: int) -> dict:

@@ -71,11 +71,10 @@ def decoder_weights(model) -> DecoderWeights:
 
 
 @torch.no_grad()
-def full_contexts(model, context_ids) -> list[LayerContext]:
-    """The document's exact KV per layer (`--method full`)."""
-    ids = torch.tensor([list(context_ids)], device=model.embed_tokens.weight.device)
-    cache = model.prefill_document(ids)
-    return [LayerContext(baked=(exact_kv(c, "document"),)) for c in cache.contexts()]
+def full_contexts(document_contexts: list) -> list[LayerContext]:
+    """The document's exact KV per layer (`--method full`), from the torch model's
+    `ExactContextAttention` parts (`model.prefill_document(ids).contexts()`)."""
+    return [LayerContext(baked=(exact_kv(c, "document"),)) for c in document_contexts]
 
 
 @torch.no_grad()

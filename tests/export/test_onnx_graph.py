@@ -51,7 +51,7 @@ def _backends(model, method: str, variant: str = "mlp", seed: int = 0, dtype=np.
     ids = torch.randint(0, cfg.vocab_size, (N_CTX,), generator=torch.Generator().manual_seed(seed))
     if method == "full":
         torch_ctx = model.prefill_document(ids[None]).contexts()
-        parts = full_contexts(model, ids.tolist())
+        parts = full_contexts(torch_ctx)
     else:
         heads = _random_heads(cfg, variant, seed)
         prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
