@@ -216,7 +216,7 @@ class DecoderGraphWriter:
 
     def positions_init(self, part: BakedKV) -> str:
         name = f"model.context.{part.name}.positions"
-        return name if name in self.b._names else self.b.weight(name, part.positions.astype(np.int64))
+        return name if self.b.has(name) else self.b.weight(name, part.positions.astype(np.int64))
 
     def inline_parts(self) -> BakedKV | None:
         """The baked part joined to the local keys (one matmul and one softmax with them): the
@@ -231,13 +231,13 @@ class DecoderGraphWriter:
 
     def shape_bt(self) -> str:
         """[B, T] of this call, computed once."""
-        if "/model/shape_bt/Shape/output_0" not in self.b._names:
+        if not self.b.has("/model/shape_bt/Shape/output_0"):
             self.b.op("Shape", ["input_ids"], "/model/shape_bt/Shape")
         return "/model/shape_bt/Shape/output_0"
 
     def batch_dim(self) -> str:
         """[B] of this call, computed once."""
-        if "/model/batch/Slice/output_0" not in self.b._names:
+        if not self.b.has("/model/batch/Slice/output_0"):
             self.b.op("Slice", [self.shape_bt(), self.b.const([0]), self.b.const([1]), self.b.const([0])], "/model/batch/Slice")
         return "/model/batch/Slice/output_0"
 
@@ -267,7 +267,7 @@ class DecoderGraphWriter:
         r[np.arange(h) + h, np.arange(h)] = -1.0
         r[np.arange(h), np.arange(h) + h] = 1.0
         name = f"model.rope.rotate_half_{d}"
-        return name if name in self.b._names else self.b.weight(name, r)
+        return name if self.b.has(name) else self.b.weight(name, r)
 
     def embed(self, ids: str) -> str:
         b, p = self.b, "/model/embed"

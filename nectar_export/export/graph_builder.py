@@ -45,6 +45,10 @@ class GraphBuilder:
         self._names.add(name)
         return name
 
+    def has(self, name: str) -> bool:
+        """Whether a node output, input or initializer of this name exists (for values built once)."""
+        return name in self._names
+
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(self._claim(name), elem_type, shape))
         return name
