@@ -346,20 +346,12 @@ class DecoderGraphWriter:
         else:
             logits = self.matmul(h, self.w.lm_head, "/model/lm_head", "model.lm_head.weight")
         logits = b.op("Cast", [logits], "/model/logits/Cast", to=TensorProto.FLOAT) if self.dt != np.float32 else logits
-        b.nodes.append(_identity(logits, "logits"))
-        b.output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab_size])
+        b.output(b.rename(logits, "logits"), TensorProto.FLOAT, ["batch", 1, s.vocab_size])
         kv = onnx_dtype(self.dt)
         for i, (k, v) in enumerate(presents):
             for kind, t in (("key", k), ("value", v)):
-                b.nodes.append(_identity(t, f"present.{i}.{kind}"))
-                b.output(f"present.{i}.{kind}", kv, ["batch", s.num_kv_heads, "tokens", s.head_dim])
+                b.output(b.rename(t, f"present.{i}.{kind}"), kv, ["batch", s.num_kv_heads, "tokens", s.head_dim])
         return b.model(graph_name)
-
-
-def _identity(src: str, dst: str):
-    from onnx import helper
-
-    return helper.make_node("Identity", [src], [dst], name=f"/model/outputs/{dst}/Identity")
 
 
 class StandardAttention:

@@ -56,6 +56,20 @@ class GraphBuilder:
     def output(self, name: str, elem_type: int, shape: list) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
+    def rename(self, old: str, new: str) -> str:
+        """Give node output `old` the name `new` everywhere (graph outputs such as `present.0.key`
+        are then written by the node computing them, without an Identity node per output)."""
+        if old not in self._names or any(old == i.name for i in self.inputs) or any(old == t.name for t in self.initializers):
+            raise ValueError(f"rename: {old!r} is not a node output")
+        self._claim(new)
+        self._names.discard(old)
+        for node in self.nodes:
+            for seq in (node.input, node.output):
+                for j, x in enumerate(seq):
+                    if x == old:
+                        seq[j] = new
+        return new
+
     def weight(self, name: str, array: np.ndarray) -> str:
         """An initializer holding `array` (a weight; saved as external data when large)."""
         self.initializers.append(numpy_helper.from_array(np.array(array, order="C", copy=True), self._claim(name)))  # keeps 0-d
