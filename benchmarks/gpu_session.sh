@@ -6,7 +6,7 @@
 #   stage real:  second half (carry .carry/b): GPU fit timing, real-artifact parity, full profiles
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|setup|real}
+stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -23,6 +23,16 @@ probe)
   python3 benchmarks/step_breakdown.py --shape llama3-8b --n 131072 --batch 1 2>&1 | tee -a "$OUT/breakdown.log"
   nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
   nectar profile --shape llama3-8b --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/l8b.json" 2>&1 | tee -a "$OUT/profile.log"
+  ;;
+kern)  # kernel-level check after a kernel change: GPU tests, per-kernel breakdown (PDL on/off), short profile
+  install
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  python3 -m pytest -q -x -p no:timeout tests/kernels/test_triton.py tests/kernels/test_fused_decoder.py -k "${TESTS_K:-}" 2>&1 | tail -15 | tee "$OUT/tests.log"
+  python3 benchmarks/step_breakdown.py --shape smollm2-135m --n 1024 --batch 1 2>&1 | tee "$OUT/breakdown.log"
+  NECTAR_PDL=0 python3 benchmarks/step_breakdown.py --shape smollm2-135m --n 1024 --batch 1 --methods nectar 2>&1 | tee -a "$OUT/breakdown.log"
+  nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
+  python3 benchmarks/step_breakdown.py --shape smollm2-135m --n 131072 --batch 1 --methods full 2>&1 | tee -a "$OUT/breakdown.log"
+  python3 benchmarks/step_sweep.py 2>&1 | tee "$OUT/step_sweep.log"
   ;;
 sweep)
   install

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from ._triton_pdl import pdl_enter, prefetch_rows
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, sx, sy, N, eps, BLOCK: tl.constexpr):
@@ -80,17 +82,38 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, sx, sd, sy, N, eps, BLOCK: t
 
 @triton.jit
 def _gemv_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, M, N, K, sx, sd, sxo, sw, sy, eps,
-                 ADD: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """y = f(x) @ W[cols]^T for a few rows (decode): f = [x + delta] -> [RMSNorm * nw]; with GLU,
-    W = [gate; up] (2N rows) and y = silu(f(x) Wg^T) * (f(x) Wu^T). Program 0 of each row block
-    writes x + delta to xo (the new residual stream). fp32 accumulation."""
+                 pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                 ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
+                 T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    """y = f(x) @ W[cols]^T for a few rows (decode): f = [x + delta] -> [RMSNorm * nw]. Epilogues:
+    EPI 0: store y. EPI 1 (GLU): W = [gate; up] (2N rows), y = silu(f(x) Wg^T) * (f(x) Wu^T).
+    EPI 2 (RoPE): W = the fused q|k|v projection, rows r = b*T + t; RoPE (rotate-half, fp32) on q
+    and k heads, q stored to q_out[b, h, t], k/v to the cache at slot[b] + t unless pos < 0; the
+    rotate-half partner of column c comes from a second dot with W's row c ± D/2 (each program
+    owns BLOCK_N columns of one head, so any D ≥ 16 works). Program 0 of each row block writes
+    x + delta to xo (the new residual stream). fp32 accumulation."""
     pn = tl.program_id(0)
     pm = tl.program_id(1)
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < M
     cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < N
+    if EPI == 1:
+        cols2 = N + cols  # the up rows
+    elif EPI == 2:
+        head = (pn * BLOCK_N) // D
+        rot = head < HQ + HKV  # q and k heads are rotated, v heads are not
+        i = cols % D
+        cols2 = head * D + (i + D // 2) % D  # rotate-half partner rows
+    else:
+        cols2 = cols
+    if PREFETCH:  # weights do not depend on the previous kernel: stream them into L2 meanwhile
+        prefetch_rows(w_ptr, pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
+        if EPI == 1:
+            prefetch_rows(w_ptr, N + pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
+    pdl_enter(PDL)
     kc = tl.arange(0, BK)
     wdt = w_ptr.dtype.element_ty
     r = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -106,7 +129,7 @@ def _gemv_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, M, N, K, sx, sd, sx
             ss += tl.sum(xf * xf, 1)
         r = tl.rsqrt(ss / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + kc
         km = kk < K
@@ -124,12 +147,103 @@ def _gemv_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, M, N, K, sx, sd, sx
             acc += tl.dot(xk, tl.trans(wk), input_precision="ieee")
         else:
             acc += tl.dot(xk, tl.trans(wk))
-        if GLU:
-            wu = tl.load(w_ptr + (N + cols)[:, None] * sw + kk[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+        if EPI != 0:
+            m_2 = cm[:, None] & km[None, :]
+            if EPI == 2:
+                m_2 = m_2 & rot
+            w2 = tl.load(w_ptr + cols2[:, None] * sw + kk[None, :], mask=m_2, other=0.0)
             if IEEE:
-                acc_u += tl.dot(xk, tl.trans(wu), input_precision="ieee")
+                acc2 += tl.dot(xk, tl.trans(w2), input_precision="ieee")
             else:
-                acc_u += tl.dot(xk, tl.trans(wu))
-    if GLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
-    tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & cm[None, :])
+                acc2 += tl.dot(xk, tl.trans(w2))
+    if EPI == 2:
+        _rope_epilogue(acc, acc2, rows, rm, i, head, pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
+                       sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, T, HQ, HKV, D)
+    else:
+        if EPI == 1:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc2
+        tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=rm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _rope_epilogue(acc, acc2, rows, rm, i, head, pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
+                   sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                   T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    """acc [M, BN]: columns i of head `head` of the q|k|v projection; acc2: their rotate-half
+    partners. Rotates q/k (fp32, positions clamped at 0) and scatters to q_out / the KV cache."""
+    b = rows // T
+    t = rows % T
+    p = tl.load(pos_ptr + rows, mask=rm, other=-1)
+    ang = tl.maximum(p, 0).to(tl.float32)[:, None] * tl.load(inv_ptr + i % (D // 2))[None, :]
+    sign = tl.where(i < D // 2, -1.0, 1.0)[None, :]
+    y = acc * tl.cos(ang) + sign * acc2 * tl.sin(ang)
+    if head < HQ:
+        dst = q_ptr + b[:, None] * sqb + head * sqh + t[:, None] * sqt + i[None, :]
+        tl.store(dst, y.to(q_ptr.dtype.element_ty), mask=rm[:, None])
+    else:
+        keep = (rm & (p >= 0))[:, None]
+        slot = tl.load(slot_ptr + b, mask=rm, other=0) + t
+        if head < HQ + HKV:
+            dst = k_ptr + b[:, None] * skb + (head - HQ) * skh + slot[:, None] * sks + i[None, :]
+            tl.store(dst, y.to(k_ptr.dtype.element_ty), mask=keep)
+        else:
+            dst = v_ptr + b[:, None] * svb + (head - HQ - HKV) * svh + slot[:, None] * svs + i[None, :]
+            tl.store(dst, acc.to(v_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, sxo, sw, sy, eps,
+                     pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
+                     ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
+                     T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    """_gemv_kernel for one row per program (decode at batch ≤ 4): the whole K axis is one tile
+    (BK ≥ K), so every weight and x load is in flight at once, and the product is a plain fp32
+    multiply + sum (no tensor-core layout shuffles through shared memory). Same prologue,
+    epilogues and rounding as _gemv_kernel (f(x) rounded to W's dtype before the product)."""
+    pn = tl.program_id(0)
+    row = tl.program_id(1)
+    rows = row + tl.arange(0, 1)
+    rm = rows >= 0
+    cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < N
+    if EPI == 1:
+        cols2 = N + cols
+    elif EPI == 2:
+        head = (pn * BLOCK_N) // D
+        rot = head < HQ + HKV
+        i = cols % D
+        cols2 = head * D + (i + D // 2) % D
+    else:
+        cols2 = cols
+    if PREFETCH:
+        prefetch_rows(w_ptr, pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
+        if EPI == 1:
+            prefetch_rows(w_ptr, N + pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
+    pdl_enter(PDL)
+    kk = tl.arange(0, BK)
+    km = kk < K
+    wm = cm[:, None] & km[None, :]
+    w = tl.load(w_ptr + cols[:, None] * sw + kk[None, :], mask=wm, other=0.0)
+    if EPI == 1:
+        w2 = tl.load(w_ptr + cols2[:, None] * sw + kk[None, :], mask=wm, other=0.0)
+    elif EPI == 2:
+        w2 = tl.load(w_ptr + cols2[:, None] * sw + kk[None, :], mask=wm & rot, other=0.0)
+    x = tl.load(x_ptr + row * sx + kk, mask=km, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(d_ptr + row * sd + kk, mask=km, other=0.0).to(tl.float32)).to(x.dtype)
+        if pn == 0:
+            tl.store(xo_ptr + row * sxo + kk, x, mask=km)
+    xf = x.to(tl.float32)
+    if NORM:
+        xf = xf * tl.rsqrt(tl.sum(xf * xf, 0) / K + eps) * tl.load(nw_ptr + kk, mask=km, other=0.0)
+    xf = xf.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    acc = tl.sum(w.to(tl.float32) * xf, 1)[None, :]  # [1, BLOCK_N]
+    if EPI == 2:
+        acc2 = tl.sum(w2.to(tl.float32) * xf, 1)[None, :]
+        _rope_epilogue(acc, acc2, rows, rm, i, head, pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
+                       sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, T, HQ, HKV, D)
+    else:
+        if EPI == 1:
+            acc = acc / (1.0 + tl.exp(-acc)) * tl.sum(w2.to(tl.float32) * xf, 1)[None, :]
+        tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=cm[None, :])

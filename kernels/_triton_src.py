@@ -4,6 +4,8 @@ triton at module level). Semantics: kernels/reference.py; launchers and shapes: 
 import triton
 import triton.language as tl
 
+from ._triton_pdl import pdl_enter, prefetch_l2
+
 
 @triton.jit
 def _gelu(x):
@@ -66,7 +68,8 @@ def _layer_kernel(
     HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, MODE: tl.constexpr,
     H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, HS_PAD: tl.constexpr,
-    IEEE: tl.constexpr, W_IEEE: tl.constexpr,
+    IEEE: tl.constexpr, W_IEEE: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    W_BYTES: tl.constexpr = 2,
 ):
     """Program (b * Hkv + j, row block, part z). Rows are (g, t) of batch b, KV head j.
 
@@ -81,6 +84,9 @@ def _layer_kernel(
     z = tl.program_id(2)
     b = pid // HKV
     j = pid % HKV
+    if PREFETCH:  # the heads never depend on the previous kernel: part z warms its share of row j
+        _prefetch_share(w_ptr, j, z, tl.num_programs(2), sw * W_BYTES, HKV)
+    pdl_enter(PDL)
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # row = g * T + t
     rmask = r < G * T
     g = r // T
@@ -211,10 +217,21 @@ def _layer_kernel(
 
 
 @triton.jit
+def _prefetch_share(w_ptr, j, z, parts, row_bytes, HKV: tl.constexpr):
+    """Prefetch share z of `parts` of row j (row_bytes bytes) of the packed heads into L2, aligned
+    to 16 bytes inside the tensor (a few bytes at its very end may be left out)."""
+    chunk = (row_bytes + parts - 1) // parts
+    lo = (j * row_bytes + z * chunk) // 16 * 16
+    hi = tl.minimum((j * row_bytes + (z + 1) * chunk + 15) // 16 * 16, (HKV * row_bytes) // 16 * 16)
+    if hi > lo:
+        prefetch_l2(w_ptr.to(tl.int64) + lo, hi - lo)
+
+
+@triton.jit
 def _doc_partial_kernel(
     q_ptr, k_ptr, v_ptr, po_ptr, pl_ptr, sqb, sqh, sqt, skh, sks, svh, svs, N, R_TOTAL, SPLIT_LEN, scale,
     G: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Split-KV flash decoding: program (j, split, row block) reads its slice of KV head j's
     document keys once for all B*G*T folded query rows (the document is shared by the batch)."""
@@ -222,6 +239,7 @@ def _doc_partial_kernel(
     sp = tl.program_id(1)
     rb = tl.program_id(2)
     nsplit = tl.num_programs(1)
+    pdl_enter(PDL)
     rf = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rf < R_TOTAL
     b = rf // (G * T)

@@ -85,6 +85,10 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 # Launch parameters of the fused GEMV (benchmarks/kernel_sweep.py times alternatives).
 GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
+# Decode rows (M ≤ 4, K ≤ 4096) take the one-row-per-program kernel: the whole K axis
+# in one tile, 8 weight rows a program (more programs in flight than 16-row tensor-core tiles).
+ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_K = 4, 4096
+ROW_TUNING = {"block_n": 8, "weights_per_thread": 64, "min_warps": 4}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
@@ -112,17 +116,68 @@ def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, no
             g, u = y.float().split(n, dim=-1)
             return (torch.nn.functional.silu(g) * u).to(x.dtype)
         return y
+    return _launch_gemv(x, w, n, delta, norm_w, eps, x_out, 1 if glu else 0, tuning)
+
+
+def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None):
+    """The Triton GEMV (kernels/_triton_fused.py: _gemv_kernel); rope = (pos, inv_freq, slot, q_out,
+    k_cache, v_cache, hq, hkv) for epilogue 2. Returns y [M, n] (epilogues 0/1) or None."""
     from ._triton_fused import _gemv_kernel
+    from .launch import can_prefetch, pdl_enabled, pdl_options
 
     m, k = x.shape
-    y = x.new_empty(m, n)
     tune = {**GEMV_TUNING, **(tuning or {})}
     block_m, block_n = 16, tune["block_n"]
     d = delta if delta is not None else x
     xo = x_out if x_out is not None else x
+    pdl = pdl_enabled(x)
+    if rope is None:
+        y = x.new_empty(m, n)
+        pos = inv = slot = qo = kc = vc = y  # unused pointers
+        sq = sk = sv = (0, 0, 0)
+        t, hq, hkv, hd = 1, 1, 1, 16
+    else:
+        pos, inv, slot, qo, kc, vc, hq, hkv = rope
+        y = x  # unused: the epilogue scatters into q_out and the cache
+        t, hd = qo.shape[2], qo.shape[3]
+        sq, sk, sv = (qo.stride(0), qo.stride(1), qo.stride(2)), kc.stride()[:3], vc.stride()[:3]
+    prefetch = pdl and w.stride(1) == 1 and w.stride(0) == k and can_prefetch(w, k)
+    if m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K:
+        from ._triton_fused import _gemv_row_kernel
+
+        bk, bn = _next_pow2(k), ROW_TUNING["block_n"]
+        per_warp = 32 * ROW_TUNING["weights_per_thread"]  # the tile stays in registers
+        warps = min(16, max(ROW_TUNING["min_warps"], _next_pow2(bn * bk * (2 if epi else 1) // per_warp)))
+        _gemv_row_kernel[(-(-n // bn), m)](
+            x, d, norm_w if norm_w is not None else x, xo, w, y, n, k, x.stride(0), d.stride(0), xo.stride(0),
+            w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv,
+            ADD=delta is not None, NORM=norm_w is not None, EPI=epi, BLOCK_N=bn, BK=bk, PDL=pdl, PREFETCH=prefetch,
+            W_BYTES=w.element_size(), T=t, HQ=hq, HKV=hkv, D=hd, num_warps=warps, **pdl_options(pdl),
+        )
+        return None if rope is not None else y
     _gemv_kernel[(-(-n // block_n), -(-m // block_m))](
         x, d, norm_w if norm_w is not None else x, xo, w, y, m, n, k, x.stride(0), d.stride(0), xo.stride(0),
-        w.stride(0), y.stride(0), eps, ADD=delta is not None, NORM=norm_w is not None, GLU=glu,
-        BLOCK_M=block_m, BLOCK_N=block_n, BK=min(tune["block_k"], _next_pow2(k)), IEEE=w.dtype == torch.float32, num_warps=tune["num_warps"],
+        w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv,
+        ADD=delta is not None, NORM=norm_w is not None, EPI=epi, BLOCK_M=block_m, BLOCK_N=block_n,
+        BK=min(tune["block_k"], _next_pow2(k)), IEEE=w.dtype == torch.float32, PDL=pdl,
+        PREFETCH=prefetch, W_BYTES=w.element_size(),
+        T=t, HQ=hq, HKV=hkv, D=hd, num_warps=tune["num_warps"], **pdl_options(pdl),
     )
-    return y
+    return None if rope is not None else y
+
+
+def qkv_rope(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
+             x_out: torch.Tensor | None, pos: torch.Tensor, inv_freq: torch.Tensor, slot: torch.Tensor,
+             q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, hq: int, hkv: int,
+             backend: str = "auto") -> None:
+    """[x + delta → RMSNorm → q|k|v projection → RoPE → q_out and KV-cache write] in one launch:
+    `gemv(x, w, delta, norm_w, eps, x_out)` followed by `rope_store` (same arguments and shapes),
+    without the [M, (Hq + 2 Hkv) * D] intermediate. x: [B*T, K] rows b*T + t; pos: [B, T]
+    (contiguous); q_out: [B, Hq, T, D] with D a multiple of 16."""
+    d = q_out.shape[3]
+    if backend == "torch" or (backend == "auto" and x.device.type != "cuda") or d % 16:
+        qkv = gemv(x, w, delta, norm_w, eps, x_out, backend="torch" if x.device.type != "cuda" else backend)
+        rope_store(qkv, pos, inv_freq, slot, q_out, k_cache, v_cache, hq, hkv)
+        return
+    _launch_gemv(x, w, w.shape[0], delta, norm_w, eps, x_out, 2, tuning={"block_n": 16},
+                 rope=(pos.contiguous(), inv_freq, slot, q_out, k_cache, v_cache, hq, hkv))

@@ -102,6 +102,10 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
     if heads_w is None:
         heads_w = heads_b = q
     w_ieee = heads_w.dtype == torch.float32
+    from .launch import pdl_enabled, pdl_options
+
+    pdl = pdl_enabled(q)
+    prefetch = mode != 2 and pdl and heads_w.is_contiguous() and heads_w.data_ptr() % 16 == 0
     layer_kernel[(b * hkv, n_rb, parts)](
         q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, out, ws, po, pl,
         q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
@@ -110,6 +114,7 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32, MODE=mode,
         H=h, HS=hs, BH=bh, BK=bk, NC=nc, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
         num_warps=tune["num_warps"] if mode == 0 else 4, num_stages=tune["num_stages"] if mode == 0 else 2,
+        PDL=pdl, PREFETCH=prefetch, W_BYTES=heads_w.element_size(), **pdl_options(pdl),
     )
     return out
 
@@ -182,11 +187,14 @@ def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None 
     po = torch.empty(hkv, nsplit, r_total, d, device=q.device, dtype=torch.float32)
     pl = torch.empty(hkv, nsplit, r_total, device=q.device, dtype=torch.float32)
     block_n = tune["block_n"] or (64 if d <= 64 else 32)
+    from .launch import pdl_enabled, pdl_options
+
+    pdl = pdl_enabled(q)
     partial_kernel[(hkv, nsplit, -(-r_total // block_r))](
         q, k_doc, v_doc, po, pl, q.stride(0), q.stride(1), q.stride(2), k_doc.stride(1), k_doc.stride(2),
         v_doc.stride(1), v_doc.stride(2), n, r_total, split_len, float(scale),
         G=g, T=t, D=d, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-        num_warps=tune["num_warps"], num_stages=tune["num_stages"],
+        num_warps=tune["num_warps"], num_stages=tune["num_stages"], PDL=pdl, **pdl_options(pdl),
     )
     return po, pl
 

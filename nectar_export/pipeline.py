@@ -226,14 +226,33 @@ def open_artifact(art: str | Path, device: str = "cpu", model: str | None = None
 
 
 def open_artifact_session(art: str | Path, device: str = "cpu", dtype: str = "float32", model: str | None = None):
-    """A ChatSession answering from the artifact's heads: no document KV anywhere."""
-    from nectar_runtime.backends.torch_backend import TorchBackend
-    from nectar_runtime.chat_session import ChatSession
+    """A ChatSession answering from the artifact's heads: no document KV anywhere. On CUDA with
+    Triton the fused CUDA-graph step serves it (runtime/backends/cuda_graph.py); otherwise, or
+    for models it does not support, the torch backend (with a one-line notice on CUDA)."""
+    import sys
 
+    from nectar_runtime.chat_session import ChatSession
     from nectar_runtime.document import local_ids
 
     oa = open_artifact(art, device, model)
     if dtype != "float32":
         oa.base.model.to(getattr(torch, dtype))
-    backend = TorchBackend(oa.base.model, oa.contexts(), oa.ctx.n)
-    return ChatSession(oa.base.tokenizer, backend, build_prompt=lambda turns: local_ids(oa.ctx, oa.base.tokenizer, turns))
+    return ChatSession(oa.base.tokenizer, artifact_backend(oa, sys.stderr),
+                       build_prompt=lambda turns: local_ids(oa.ctx, oa.base.tokenizer, turns))
+
+
+def artifact_backend(oa: OpenArtifact, log=None):
+    """The fastest backend for an open artifact: CudaGraphBackend on CUDA when it supports the
+    model, else TorchBackend (decoder + NectarContext). `log`: a stream for the fallback notice."""
+    from nectar_runtime.backends.fast_path import fused_unavailable, notice
+    from nectar_runtime.backends.torch_backend import TorchBackend
+
+    if oa.base.model.embed_tokens.weight.device.type == "cuda":
+        reason = fused_unavailable(oa.base.model)
+        if reason is None:
+            from nectar_runtime.backends.cuda_graph import nectar_backend_from_artifact
+
+            return nectar_backend_from_artifact(oa)
+        if log is not None:
+            print(notice(reason), file=log)
+    return TorchBackend(oa.base.model, oa.contexts(), oa.ctx.n)

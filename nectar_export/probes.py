@@ -36,7 +36,7 @@ from nectar_runtime.errors import NectarError
 from nectar_runtime.generate import GenerationConfig
 from nectar_runtime.sampling import SamplingConfig
 
-from .answering import decode_answers, generate_answers
+from .answering import answer_backend, decode_answers, generate_answers
 from nectar_runtime.document import DocumentContext, local_ids
 from .doc_structure import STOPWORDS, DocStructure, OptionDef, extract_structure
 
@@ -462,6 +462,7 @@ class _Builder:
     cfg: ProbeConfig
     progress: bool
     rng: random.Random
+    backend: object = None  # one answering backend for every generation (answering.answer_backend)
 
     def probe(self, kind: str, question: str, turns: list[dict]) -> Probe:
         return Probe(kind, question_key(question), turns, local_ids(self.ctx, self.tokenizer, turns))
@@ -469,8 +470,10 @@ class _Builder:
     def generate(self, convs: list[list[dict]], max_tokens: int, sampling: SamplingConfig, desc: str) -> list[str]:
         """The next assistant turn of each conversation, batched, with the exact document."""
         with tqdm(total=len(convs), desc=desc, unit="conv", disable=not self.progress) as bar:
+            if self.backend is None:
+                self.backend = answer_backend(self.model, self.doc_contexts, self.ctx.n)
             ids = generate_answers(self.model, self.tokenizer, self.ctx, self.doc_contexts, convs,
-                                   GenerationConfig(max_tokens, sampling), self.cfg.batch_size, bar)
+                                   GenerationConfig(max_tokens, sampling), self.cfg.batch_size, bar, self.backend)
         return decode_answers(self.tokenizer, ids)
 
     def model_questions(self, st: DocStructure, seen: set[str]) -> tuple[list[Probe], list[str]]:

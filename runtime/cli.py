@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the known model names and whether they are pulled")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("generate", help="generate text with the torch backend, streaming to stdout")
+    p = sub.add_parser("generate", help="generate text, streaming to stdout (torch; with --artifact on CUDA the fused CUDA-graph step)")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--model", default=None, help="model name, .gguf file or HF directory (default smollm2-135m-instruct)")
     p.add_argument("--artifact", default=None, help="a Nectar artifact directory: its document is answered from its heads")

@@ -10,8 +10,10 @@ KV-cache write (1 kernel) → attention (1 kernel for Nectar, 2 for full attenti
 (1 GEMM) → residual add + RMSNorm (1 kernel) → fused gate|up GEMM → SiLU·up (1 kernel) →
 down-projection (1 GEMM), whose output the next layer's first kernel adds to the residual.
 For small models (hidden ≤ SMALL_HIDDEN) on CUDA the projections are fused Triton GEMVs instead:
-[add + RMSNorm + q|k|v] → RoPE + KV write → attention → o-proj → [add + RMSNorm + gate|up + SiLU·up]
-→ down-proj: 6 launches a layer for Nectar (7 for full attention).
+[add + RMSNorm + q|k|v + RoPE + KV write] → attention → o-proj → [add + RMSNorm + gate|up + SiLU·up]
+→ down-proj: 5 launches a layer for Nectar (6 for full attention), then [add + RMSNorm + LM head].
+On Hopper these launch with PDL (kernels/_triton_pdl.py): each kernel prefetches its weights into
+L2 while the previous one still runs, so the chain pays neither launch gaps nor cold weight reads.
 On CPU the same step runs through plain torch ops.
 
 Imported lazily (it imports torch): nothing in nectar_runtime imports it at module load.
@@ -31,6 +33,7 @@ from .base import PAD_POSITION
 
 MAX_PREFILL_CHUNK = 64  # the fused Nectar kernel is built for short local prefills
 SMALL_HIDDEN = 1024  # hidden sizes up to this take the fused-GEMV path on CUDA
+CAPACITY_QUANTUM = 128  # local cache slots are allocated in multiples of this (reuse across resets)
 
 
 @dataclass
@@ -171,7 +174,7 @@ class FusedDecoder:
         c = self.cfg
         b, t = ids.shape
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        from nectar_kernels.fused import add_rmsnorm, gemv, rmsnorm, rope_store, silu_mul
+        from nectar_kernels.fused import add_rmsnorm, gemv, qkv_rope, rmsnorm, rope_store, silu_mul
 
         x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden], the residual stream
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
@@ -180,14 +183,15 @@ class FusedDecoder:
         other = torch.empty_like(x) if small else None  # the residual stream ping-pongs between x and other
         delta = None  # the last sub-block's output, added to x by the next fused add + RMSNorm
         for i, lw in enumerate(self.layers):
-            if small:  # add + RMSNorm + q|k|v in one launch
-                qkv = gemv(x, lw.wqkv, delta, lw.ln1, c.rms_eps, other)
+            if small:  # add + RMSNorm + q|k|v + RoPE + KV-cache write in one launch
+                qkv_rope(x, lw.wqkv, delta, lw.ln1, c.rms_eps, other, pos, self.inv_freq, st.slot, q, st.k[i],
+                         st.v[i], hq, hkv)
                 if delta is not None:
                     x, other = other, x
             else:
                 h = rmsnorm(x, lw.ln1, c.rms_eps) if delta is None else add_rmsnorm(x, delta, lw.ln1, c.rms_eps)
                 qkv = F.linear(h, lw.wqkv, lw.bqkv)  # [B*T, (Hq + 2 Hkv) * D]
-            rope_store(qkv, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i], hq, hkv)
+                rope_store(qkv, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i], hq, hkv)
             self.attention(i, q, st, o.transpose(1, 2))
             if small:  # o-proj; then add + RMSNorm + gate|up + SiLU·up in one launch; down-proj
                 a = gemv(x, lw.wgu, gemv(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps, other, glu=True)
@@ -196,6 +200,11 @@ class FusedDecoder:
             else:
                 h = add_rmsnorm(x, F.linear(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps)
                 delta = F.linear(silu_mul(F.linear(h, lw.wgu)), lw.wd)
+        if small:  # last rows only: add + final RMSNorm + LM head in one launch (strided rows)
+            last = x.view(b, t, hid)[:, -1]
+            logits = gemv(last, self.lm_head, delta.view(b, t, hid)[:, -1], self.norm, c.rms_eps,
+                          other.view(b, t, hid)[:, -1])
+            return logits.float()
         x.add_(delta)
         last = x.view(b, t, hid)[:, -1].contiguous()
         return F.linear(rmsnorm(last, self.norm, c.rms_eps), self.lm_head).float()
@@ -287,8 +296,14 @@ class CudaGraphBackend:
         self.lengths = None
 
     def reset(self, batch: int, capacity: int) -> None:
-        self.state = self.dec.new_state(batch, capacity)
-        self.graph = None
+        """A new batch. The cache buffers and the captured graph are kept when the batch size is the
+        same and the capacity fits: nothing stale is read, since a row attends only to slots below
+        its kv_len, which the new batch writes before reading (the exact prefix slots are never
+        written). New buffers round the capacity up to CAPACITY_QUANTUM."""
+        st = self.state
+        if st is None or st.k.shape[1] != batch or st.capacity - st.length < capacity:
+            self.state = self.dec.new_state(batch, -(-capacity // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
+            self.graph = None
         self.lengths = None  # [B] slots used per row (host copy)
 
     def step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -319,6 +334,14 @@ class CudaGraphBackend:
     def _set_slots(self, lengths: np.ndarray, t: int) -> None:
         self.state.slot.copy_(torch.from_numpy(lengths.astype(np.int32)))
         self.state.kv_len.copy_(torch.from_numpy((lengths + t).astype(np.int32)))
+
+
+def full_backend(model, contexts: list, n: int) -> CudaGraphBackend:
+    """A nectar_models Decoder with the exact document KV (contexts[l].k / .v: [1, Hkv, n, D],
+    positions 0..n-1) served by the fused step: split-KV flash decoding over the document."""
+    dec = FusedDecoder.from_decoder(model)
+    dec.set_full_document([c.k for c in contexts], [c.v for c in contexts], n)
+    return CudaGraphBackend(dec)
 
 
 def nectar_backend_from_artifact(oa, dtype=None, weight_dtype=None) -> CudaGraphBackend:

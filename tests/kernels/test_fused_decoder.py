@@ -82,3 +82,34 @@ def test_unsupported_family_is_refused(tiny):
 
     with pytest.raises(NectarError, match="LLaMA-family"):
         FusedDecoder(tiny.config.with_(qk_norm=True), None, [], None, None, None)
+
+
+def test_backend_keeps_buffers_and_graph_across_batches(tiny):
+    """A second and third batch on one CudaGraphBackend (buffers and graph reused when the batch
+    size matches) give the logits a fresh torch backend gives."""
+    doc = torch.randint(0, 97, (1, 40), device=DEV)
+    contexts = tiny.prefill_document(doc).contexts()
+    from nectar_runtime.backends.cuda_graph import full_backend
+
+    fused = full_backend(tiny, contexts, 40)
+    for prompts in ([[5, 6, 7, 8, 9], [11, 12, 13]], [[20, 21], [30, 31, 32, 33, 34, 35, 36]], [[1, 2, 3], [4]]):
+        _compare(TorchBackend(tiny, contexts, 40), fused, prompts)
+    assert fused.state.k.shape[1] == 2
+
+
+def test_fast_path_reasons(tiny, monkeypatch):
+    from nectar_export.answering import answer_backend
+    from nectar_runtime.backends.fast_path import fused_unavailable
+
+    contexts = tiny.prefill_document(torch.randint(0, 97, (1, 8), device=DEV)).contexts()
+    if DEV == "cpu":
+        assert "not on a CUDA device" in fused_unavailable(tiny)
+        assert isinstance(answer_backend(tiny, contexts, 8), TorchBackend)
+    monkeypatch.setenv("NECTAR_BACKEND", "torch")
+    assert fused_unavailable(tiny) == "NECTAR_BACKEND=torch"
+    assert isinstance(answer_backend(tiny, contexts, 8), TorchBackend)
+    monkeypatch.delenv("NECTAR_BACKEND")
+    if DEV == "cuda":
+        assert fused_unavailable(tiny) is None
+        assert isinstance(answer_backend(tiny, contexts, 8), CudaGraphBackend)
+        assert isinstance(answer_backend(tiny, None, 8), TorchBackend)  # no document: the torch decoder

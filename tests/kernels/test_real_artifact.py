@@ -47,3 +47,32 @@ def test_fused_backend_same_greedy_tokens():
     # a left-padded batch decodes as each prompt alone
     a, b = _greedy(ref, prompts[:3], 16), _greedy(fused, prompts[:3], 16)
     assert (a == b).mean() >= 0.95
+
+
+def _cli(capsys, *argv) -> tuple[str, str]:
+    from nectar_runtime.cli import main
+
+    assert main(list(argv)) == 0
+    r = capsys.readouterr()
+    return r.out, r.err
+
+
+def test_cli_ask_and_generate_use_the_cuda_graph_step_with_torch_tokens(capsys, monkeypatch):
+    """`nectar ask ART --device cuda` and `nectar generate --artifact ART --device cuda` run on
+    the CUDA-graph fused step, and print the text the torch backend prints (greedy, 32 tokens)."""
+    from nectar_export.pipeline import open_artifact_session
+    from nectar_runtime.backends.cuda_graph import CudaGraphBackend
+
+    model = os.environ.get("NECTAR_TEST_MODEL")
+    over = ["--model", model] if model else []
+    assert isinstance(open_artifact_session(ART, device="cuda", model=model).backend, CudaGraphBackend)
+    opts = ["--device", "cuda", "--max-new-tokens", "32", "--temperature", "0"]
+    for q in QUESTIONS[:2]:
+        monkeypatch.delenv("NECTAR_BACKEND", raising=False)
+        fused_ask, err = _cli(capsys, "ask", ART, q, *opts, *over)
+        assert "falling back" not in err
+        fused_gen, _ = _cli(capsys, "generate", "--artifact", ART, q, *opts)
+        monkeypatch.setenv("NECTAR_BACKEND", "torch")
+        torch_ask, err = _cli(capsys, "ask", ART, q, *opts, *over)
+        assert "falling back to the torch backend" in err
+        assert fused_ask.strip() and fused_ask == torch_ask == fused_gen, (fused_ask, torch_ask, fused_gen)

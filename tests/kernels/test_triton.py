@@ -118,3 +118,39 @@ def test_fused_gemv_matches_torch(dtype, m, k, n, add, norm, glu):
     assert _rel(got, want) <= TOL[dtype]
     if add:
         assert torch.equal(xo_t, x + d)  # the new residual stream, rounded as x + delta is
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,t,hq,hkv,d,k", [(1, 1, 9, 3, 64, 576), (16, 1, 9, 3, 64, 576), (2, 5, 4, 2, 16, 64),
+                                             (2, 33, 32, 8, 128, 4096)] if GPU else [(2, 3, 4, 2, 16, 48), (1, 2, 4, 2, 16, 48)])
+def test_qkv_rope_matches_gemv_then_rope_store(dtype, b, t, hq, hkv, d, k):
+    """The fused [add + RMSNorm + q|k|v + RoPE + KV write] launch against the unfused torch pair,
+    with left padding (pos < 0: the cache slot must stay untouched)."""
+    from nectar_kernels.fused import qkv_rope
+
+    g = torch.Generator(device="cpu").manual_seed(b * 100 + t)
+    m, n = b * t, (hq + 2 * hkv) * d
+    x = torch.randn(m, k, generator=g).to(DEV, dtype)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(DEV, dtype)
+    dl = torch.randn(m, k, generator=g).to(DEV, dtype)
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEV)
+    pos = (torch.arange(t)[None] + 1000 * torch.arange(b)[:, None] + 7).to(DEV)
+    pos[0, : t // 2] = -1  # padding
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(DEV)
+    slot = torch.arange(b, dtype=torch.int32, device=DEV) + 2
+    cap = t + b + 4
+    outs = []
+    for backend in ("triton", "torch"):
+        dt = dtype if backend == "triton" else torch.float64
+        q = torch.full((b, hq, t, d), float("nan"), device=DEV, dtype=dt)
+        kc = torch.full((b, hkv, cap, d), 5.0, device=DEV, dtype=dt)
+        vc = torch.full((b, hkv, cap, d), 5.0, device=DEV, dtype=dt)
+        xo = torch.empty(m, k, device=DEV, dtype=dt)
+        qkv_rope(x.to(dt), w.to(dt), dl.to(dt), nw.to(dt) if dt == torch.float64 else nw, 1e-5, xo, pos, inv, slot, q, kc,
+                 vc, hq, hkv, backend=backend)
+        outs.append((q, kc, vc, xo))
+    (q, kc, vc, xo), (qr, kr, vr, xr) = outs
+    assert not q.isnan().any()
+    assert _rel(q, qr) <= TOL[dtype] and _rel(kc, kr) <= TOL[dtype] and _rel(vc, vr) <= TOL[dtype]
+    assert (kc[0, :, 2 : 2 + t // 2] == 5).all()  # padding tokens never written
+    assert torch.equal(xo, x + dl)

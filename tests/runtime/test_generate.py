@@ -142,3 +142,23 @@ def test_prompt_beyond_window_is_refused():
     b = _ScriptedBackend([0])
     with pytest.raises(NectarError, match="does not fit"):
         list(generate_ids(b, [[1] * 101], GenerationConfig(), set()))
+
+
+def test_top_p_fast_cut_equals_full_stable_sort():
+    """top_p_keep sorts only the largest candidates; the kept set (order, ties by index, the cut)
+    must equal the full stable sort's on any distribution, including ties and a missing nucleus."""
+    from nectar_runtime.sampling import top_p_keep
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(5, 400))
+        logits = rng.normal(size=n) * rng.uniform(0.1, 5)
+        if trial % 3 == 0:
+            logits = np.round(logits, 1)  # many exact ties
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        for top_p in (0.1, 0.5, 0.9, 0.95, 0.999999, 1 - 1e-15):
+            order = np.argsort(-p, kind="stable")
+            want = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+            for cands in (1, 3, 16, 1024):
+                assert np.array_equal(top_p_keep(p, top_p, cands), want), (trial, top_p, cands)
