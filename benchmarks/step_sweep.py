@@ -23,8 +23,8 @@ def main() -> None:
     row0, mlp0 = dict(fused.ROW_TUNING), dict(triton_nectar.MLP_TUNING)
     trials = [("default", {}, {})]
     trials += [(f"row block_n={bn} weights/thread={wpt}", {"block_n": bn, "weights_per_thread": wpt}, {})
-               for bn in (4, 8, 16) for wpt in (32, 64, 128)]
-    trials += [(f"mlp block_h={bh} warps={w}", {}, {"block_h": bh, "num_warps": w}) for bh in (32, 64, 128) for w in (4, 8)]
+               for bn in (2, 4, 8) for wpt in (32, 64)]
+    trials += [(f"mlp block_h={bh} warps={w}", {}, {"block_h": bh, "num_warps": w}) for bh in (32, 64) for w in (4, 8)]
     for name, row, mlp in trials:
         fused.ROW_TUNING.update({**row0, **row})
         triton_nectar.MLP_TUNING.update({**mlp0, **mlp})

@@ -86,9 +86,10 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 # Launch parameters of the fused GEMV (benchmarks/kernel_sweep.py times alternatives).
 GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
 # Decode rows (M ≤ 4, K ≤ 4096) take the one-row-per-program kernel: the whole K axis
-# in one tile, 8 weight rows a program (more programs in flight than 16-row tensor-core tiles).
+# in one tile, 4 weight rows a program (more programs share the L2 -> SM traffic: 0.65 vs 0.69 ms
+# a SmolLM2 step at 8 rows, benchmarks/step_sweep.py).
 ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_K = 4, 4096
-ROW_TUNING = {"block_n": 8, "weights_per_thread": 64, "min_warps": 4}
+ROW_TUNING = {"block_n": 4, "weights_per_thread": 64, "min_warps": 4}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,

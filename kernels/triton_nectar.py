@@ -114,7 +114,8 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32, MODE=mode,
         H=h, HS=hs, BH=bh, BK=bk, NC=nc, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
         num_warps=tune["num_warps"] if mode == 0 else 4, num_stages=tune["num_stages"] if mode == 0 else 2,
-        PDL=pdl, PREFETCH=prefetch, W_BYTES=heads_w.element_size(), **pdl_options(pdl),
+        PDL=pdl, PREFETCH=prefetch, W_BYTES=heads_w.element_size(),
+        SB=max(1, min(16, 8192 // (block_r * d))), **pdl_options(pdl),
     )
     return out
 

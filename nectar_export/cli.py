@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from nectar_runtime.errors import NectarError
@@ -33,7 +34,9 @@ def cmd_fit(a: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(a.seed)
+    t0 = time.perf_counter()
     base = load_base(a.model, a.device)
+    print(f"[nectar fit] load model: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     fit_document(base, a.document, a.out, fit_cfg, probe_cfg, on_policy=a.on_policy, log=lambda s: print(s, file=sys.stderr))
     print(a.out)
     return 0

@@ -308,11 +308,15 @@ class CudaGraphBackend:
 
     def step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         st, dev = self.state, self.dec.device
-        b, t = ids.shape
         if self.lengths is None:
+            if ids.shape[1] > 1:  # whole prefill chunks: one compiled kernel variant (T is a constexpr)
+                extra = -ids.shape[1] % MAX_PREFILL_CHUNK
+                ids = np.pad(ids, ((0, 0), (extra, 0)))
+                positions = np.pad(positions, ((0, 0), (extra, 0)), constant_values=PAD_POSITION)
             # first (prompt) step: left padding is never written to the cache (position < 0), and
             # each row starts where its real tokens follow the prefix contiguously.
             self.lengths = st.length - (positions == PAD_POSITION).sum(1).astype(np.int64)
+        b, t = ids.shape
         if int(self.lengths.max()) + t > st.capacity:
             raise NectarError(f"local cache full: {st.capacity} slots; reset with a larger capacity")
         ids_t, pos_t = torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev)
