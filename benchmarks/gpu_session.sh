@@ -35,6 +35,7 @@ kern)  # kernel-level check after a kernel change: GPU tests, per-kernel breakdo
   nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1,16 --steps 100 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
   python3 benchmarks/step_breakdown.py --shape smollm2-135m --n 131072 --batch 1 --methods full 2>&1 | tee -a "$OUT/breakdown.log"
   python3 benchmarks/step_sweep.py 2>&1 | tee "$OUT/step_sweep.log"
+  python3 benchmarks/probe_gen.py 2>&1 | grep -v Warn | tee "$OUT/probe_gen.log"
   ;;
 sweep)
   install

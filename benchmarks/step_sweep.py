@@ -24,7 +24,7 @@ def main() -> None:
     trials = [("default", {}, {})]
     trials += [(f"row block_n={bn} weights/thread={wpt}", {"block_n": bn, "weights_per_thread": wpt}, {})
                for bn in (2, 4, 8) for wpt in (32, 64)]
-    trials += [(f"mlp block_h={bh} warps={w}", {}, {"block_h": bh, "num_warps": w}) for bh in (32, 64) for w in (4, 8)]
+    trials += [(f"mlp block_h={bh} warps={w}", {}, {"block_h": bh, "num_warps": w}) for bh in (32, 64, 128) for w in (4, 8)]
     for name, row, mlp in trials:
         fused.ROW_TUNING.update({**row0, **row})
         triton_nectar.MLP_TUNING.update({**mlp0, **mlp})
@@ -32,6 +32,9 @@ def main() -> None:
         print(f"{res['latency_ms_median']:.4f} ms  {name}", flush=True)
     fused.ROW_TUNING.update(row0)
     triton_nectar.MLP_TUNING.update(mlp0)
+    flat, r.dec.flat = r.dec.flat, None  # without the layer-ahead weight prefetch
+    print(f"{r.measure('nectar', a.batch, a.n)['latency_ms_median']:.4f} ms  no layer-ahead prefetch", flush=True)
+    r.dec.flat = flat
 
 
 if __name__ == "__main__":
