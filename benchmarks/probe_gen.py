@@ -16,6 +16,11 @@ import torch
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=3)
+    nb = ap.parse_args().batches
     from nectar_export.answering import answer_backend
     from nectar_models.config import ModelConfig, RopeConfig
     from nectar_models.llama import Decoder
@@ -33,7 +38,7 @@ def main() -> None:
     n = 4032
     contexts = model.prefill_document(torch.randint(0, cfg.vocab_size, (1, n), device="cuda")).contexts()
     rng = np.random.default_rng(0)
-    batches = [[rng.integers(0, cfg.vocab_size, int(rng.integers(20, 45))).tolist() for _ in range(16)] for _ in range(3)]
+    batches = [[rng.integers(0, cfg.vocab_size, int(rng.integers(20, 45))).tolist() for _ in range(16)] for _ in range(nb)]
     gen = GenerationConfig(96, SamplingConfig())
     for name, backend in (("fused", answer_backend(model, contexts, n)), ("torch", TorchBackend(model, contexts, n))):
         step, times = backend.step, []

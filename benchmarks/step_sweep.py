@@ -32,9 +32,6 @@ def main() -> None:
         print(f"{res['latency_ms_median']:.4f} ms  {name}", flush=True)
     fused.ROW_TUNING.update(row0)
     triton_nectar.MLP_TUNING.update(mlp0)
-    flat, r.dec.flat = r.dec.flat, None  # without the layer-ahead weight prefetch
-    print(f"{r.measure('nectar', a.batch, a.n)['latency_ms_median']:.4f} ms  no layer-ahead prefetch", flush=True)
-    r.dec.flat = flat
 
 
 if __name__ == "__main__":

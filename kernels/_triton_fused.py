@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._triton_pdl import pdl_enter, prefetch_rows, prefetch_share
+from ._triton_pdl import pdl_enter, prefetch_rows
 
 
 @triton.jit
@@ -83,9 +83,9 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, sx, sd, sy, N, eps, BLOCK: t
 @triton.jit
 def _gemv_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, M, N, K, sx, sd, sxo, sw, sy, eps,
                  pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
-                 pf_ptr, pf_bytes, ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr,
+                 ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-                 PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr, PF_AHEAD: tl.constexpr,
+                 PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
                  T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
     """y = f(x) @ W[cols]^T for a few rows (decode): f = [x + delta] -> [RMSNorm * nw]. Epilogues:
     EPI 0: store y. EPI 1 (GLU): W = [gate; up] (2N rows), y = silu(f(x) Wg^T) * (f(x) Wu^T).
@@ -113,8 +113,6 @@ def _gemv_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, M, N, K, sx, sd, sx
         prefetch_rows(w_ptr, pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
         if EPI == 1:
             prefetch_rows(w_ptr, N + pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
-    if PF_AHEAD:  # and a later kernel's weights (the next layer's), a share per program
-        prefetch_share(pf_ptr, pf_bytes, pm * tl.num_programs(0) + pn, tl.num_programs(0) * tl.num_programs(1))
     pdl_enter(PDL)
     kc = tl.arange(0, BK)
     wdt = w_ptr.dtype.element_ty
@@ -196,9 +194,9 @@ def _rope_epilogue(acc, acc2, rows, rm, i, head, pos_ptr, inv_ptr, slot_ptr, q_p
 @triton.jit
 def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, sxo, sw, sy, eps,
                      pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
-                     pf_ptr, pf_bytes, ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr, BLOCK_N: tl.constexpr,
+                     ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr, BLOCK_N: tl.constexpr,
                      BK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
-                     PF_AHEAD: tl.constexpr, T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                     T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
     """_gemv_kernel for one row per program (decode at batch ≤ 4): the whole K axis is one tile
     (BK ≥ K), so every weight and x load is in flight at once, and the product is a plain fp32
     multiply + sum (no tensor-core layout shuffles through shared memory). Same prologue,
@@ -222,8 +220,6 @@ def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, s
         prefetch_rows(w_ptr, pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
         if EPI == 1:
             prefetch_rows(w_ptr, N + pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
-    if PF_AHEAD:
-        prefetch_share(pf_ptr, pf_bytes, row * tl.num_programs(0) + pn, tl.num_programs(0) * tl.num_programs(1))
     pdl_enter(PDL)
     kk = tl.arange(0, BK)
     km = kk < K

@@ -30,17 +30,6 @@ def prefetch_rows(ptr, row0, nrows, row_elems, ELEM_BYTES: tl.constexpr):
 
 
 @triton.jit
-def prefetch_share(ptr, nbytes, pid, nprog):
-    """Program pid of nprog prefetches its 16-byte-aligned share of the nbytes at ptr (a 16-byte
-    aligned buffer): a kernel warming L2 with the next layer's weights, a layer ahead of use."""
-    chunk = ((nbytes + nprog - 1) // nprog + 15) // 16 * 16
-    lo = pid.to(tl.int64) * chunk
-    hi = tl.minimum(lo + chunk, nbytes // 16 * 16)
-    if hi > lo:
-        prefetch_l2(ptr.to(tl.int64) + lo, hi - lo)
-
-
-@triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """Wait for the previous kernel's completion (its writes visible), then let the next kernel
     launch (its CTAs prefetch their weights, then wait on this one). Waiting first keeps the

@@ -94,15 +94,14 @@ ROW_TUNING = {"block_n": 4, "weights_per_thread": 64, "min_warps": 4}
 
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
          eps: float = 1e-6, x_out: torch.Tensor | None = None, glu: bool = False, backend: str = "auto",
-         tuning: dict | None = None, ahead: torch.Tensor | None = None) -> torch.Tensor:
+         tuning: dict | None = None) -> torch.Tensor:
     """A few-row matmul with its prologue and epilogue fused (one launch; for decode steps of
     small models, where each separate launch costs more than the bytes it moves).
 
     x: [M, K]; w: [N, K] (or [2N, K] = [gate; up] with glu); delta: [M, K] added to x first (the
     residual), written to x_out [M, K]; norm_w: [K] fp32, RMSNorm after the add; glu: y =
     silu(x Wg^T) * (x Wu^T). Returns y: [M, N] in x's dtype. backend: "auto" (Triton on CUDA,
-    torch elsewhere) | "triton" | "torch". ahead: a contiguous tensor a later kernel reads (the
-    next layer's weights), prefetched into L2 by this launch's programs (Hopper, with PDL)."""
+    torch elsewhere) | "triton" | "torch"."""
     n = w.shape[0] // 2 if glu else w.shape[0]
     use_triton = backend == "triton" or (backend == "auto" and x.device.type == "cuda")
     if not use_triton:
@@ -118,10 +117,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, no
             g, u = y.float().split(n, dim=-1)
             return (torch.nn.functional.silu(g) * u).to(x.dtype)
         return y
-    return _launch_gemv(x, w, n, delta, norm_w, eps, x_out, 1 if glu else 0, tuning, ahead=ahead)
+    return _launch_gemv(x, w, n, delta, norm_w, eps, x_out, 1 if glu else 0, tuning)
 
 
-def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None, ahead=None):
+def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None):
     """The Triton GEMV (kernels/_triton_fused.py: _gemv_kernel); rope = (pos, inv_freq, slot, q_out,
     k_cache, v_cache, hq, hkv) for epilogue 2. Returns y [M, n] (epilogues 0/1) or None."""
     from ._triton_fused import _gemv_kernel
@@ -144,8 +143,6 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
         t, hd = qo.shape[2], qo.shape[3]
         sq, sk, sv = (qo.stride(0), qo.stride(1), qo.stride(2)), kc.stride()[:3], vc.stride()[:3]
     prefetch = pdl and w.stride(1) == 1 and w.stride(0) == k and can_prefetch(w, k)
-    pf_ahead = prefetch and ahead is not None and ahead.is_contiguous() and ahead.data_ptr() % 16 == 0
-    pf = (ahead, ahead.numel() * ahead.element_size()) if pf_ahead else (w, 0)
     if m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K:
         from ._triton_fused import _gemv_row_kernel
 
@@ -154,17 +151,17 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
         warps = min(16, max(ROW_TUNING["min_warps"], _next_pow2(bn * bk * (2 if epi else 1) // per_warp)))
         _gemv_row_kernel[(-(-n // bn), m)](
             x, d, norm_w if norm_w is not None else x, xo, w, y, n, k, x.stride(0), d.stride(0), xo.stride(0),
-            w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv, *pf,
+            w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv,
             ADD=delta is not None, NORM=norm_w is not None, EPI=epi, BLOCK_N=bn, BK=bk, PDL=pdl, PREFETCH=prefetch,
-            W_BYTES=w.element_size(), PF_AHEAD=pf_ahead, T=t, HQ=hq, HKV=hkv, D=hd, num_warps=warps, **pdl_options(pdl),
+            W_BYTES=w.element_size(), T=t, HQ=hq, HKV=hkv, D=hd, num_warps=warps, **pdl_options(pdl),
         )
         return None if rope is not None else y
     _gemv_kernel[(-(-n // block_n), -(-m // block_m))](
         x, d, norm_w if norm_w is not None else x, xo, w, y, m, n, k, x.stride(0), d.stride(0), xo.stride(0),
-        w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv, *pf,
+        w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv,
         ADD=delta is not None, NORM=norm_w is not None, EPI=epi, BLOCK_M=block_m, BLOCK_N=block_n,
         BK=min(tune["block_k"], _next_pow2(k)), IEEE=w.dtype == torch.float32, PDL=pdl,
-        PREFETCH=prefetch, W_BYTES=w.element_size(), PF_AHEAD=pf_ahead,
+        PREFETCH=prefetch, W_BYTES=w.element_size(),
         T=t, HQ=hq, HKV=hkv, D=hd, num_warps=tune["num_warps"], **pdl_options(pdl),
     )
     return None if rope is not None else y
@@ -173,15 +170,15 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
 def qkv_rope(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
              x_out: torch.Tensor | None, pos: torch.Tensor, inv_freq: torch.Tensor, slot: torch.Tensor,
              q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, hq: int, hkv: int,
-             backend: str = "auto", ahead: torch.Tensor | None = None) -> None:
+             backend: str = "auto") -> None:
     """[x + delta → RMSNorm → q|k|v projection → RoPE → q_out and KV-cache write] in one launch:
     `gemv(x, w, delta, norm_w, eps, x_out)` followed by `rope_store` (same arguments and shapes),
     without the [M, (Hq + 2 Hkv) * D] intermediate. x: [B*T, K] rows b*T + t; pos: [B, T]
-    (contiguous); q_out: [B, Hq, T, D] with D a multiple of 16; ahead: as in gemv."""
+    (contiguous); q_out: [B, Hq, T, D] with D a multiple of 16."""
     d = q_out.shape[3]
     if backend == "torch" or (backend == "auto" and x.device.type != "cuda") or d % 16:
         qkv = gemv(x, w, delta, norm_w, eps, x_out, backend="torch" if x.device.type != "cuda" else backend)
         rope_store(qkv, pos, inv_freq, slot, q_out, k_cache, v_cache, hq, hkv)
         return
     _launch_gemv(x, w, w.shape[0], delta, norm_w, eps, x_out, 2, tuning={"block_n": 16},
-                 rope=(pos.contiguous(), inv_freq, slot, q_out, k_cache, v_cache, hq, hkv), ahead=ahead)
+                 rope=(pos.contiguous(), inv_freq, slot, q_out, k_cache, v_cache, hq, hkv))

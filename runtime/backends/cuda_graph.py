@@ -91,11 +91,6 @@ class FusedDecoder:
         # add, SiLU·up inside; 6 launches a layer for Nectar). Larger ones keep cuBLAS, which
         # streams big weights closer to the bandwidth limit.
         self.small_model = cfg.hidden_size <= SMALL_HIDDEN and not cfg.attention_bias
-        # ... and each layer's matrices share one buffer, which the layer before prefetches into L2
-        # (its q|k|v launch): the fused GEMVs then read L2, not DRAM.
-        self.flat = None
-        if self.small_model and embed.device.type == "cuda":
-            self.layers, self.flat = map(list, zip(*(_flat_layer(lw) for lw in layers))) if layers else ([], [])
         self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
 
     @property
@@ -179,18 +174,22 @@ class FusedDecoder:
         c = self.cfg
         b, t = ids.shape
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        from nectar_kernels.fused import add_rmsnorm, gemv, qkv_rope, rmsnorm, rope_store, silu_mul
+        from nectar_kernels.fused import ROW_KERNEL_MAX_ROWS, add_rmsnorm, gemv, qkv_rope, rmsnorm, rope_store, silu_mul
 
         x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden], the residual stream
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
         o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)  # o-proj reads [B*T, Hq*D]
-        small = self.small_model and x.device.type == "cuda"
+        # fp32 weights take the fused GEMVs only for decode rows (exact fp32 FMAs); wider fp32 steps
+        # (prefill, batch 16 when `nectar fit` generates probes) go to cuBLAS: the Triton GEMV's
+        # IEEE-fp32 dots took 8 ms a batch-16 step on the H100 (benchmarks/probe_gen.py).
+        small = self.small_model and x.device.type == "cuda" and (
+            self.dtype != torch.float32 or b * t <= ROW_KERNEL_MAX_ROWS)
         other = torch.empty_like(x) if small else None  # the residual stream ping-pongs between x and other
         delta = None  # the last sub-block's output, added to x by the next fused add + RMSNorm
         for i, lw in enumerate(self.layers):
             if small:  # add + RMSNorm + q|k|v + RoPE + KV-cache write in one launch
                 qkv_rope(x, lw.wqkv, delta, lw.ln1, c.rms_eps, other, pos, self.inv_freq, st.slot, q, st.k[i],
-                         st.v[i], hq, hkv, ahead=self._ahead(self.flat, i + 1))
+                         st.v[i], hq, hkv)
                 if delta is not None:
                     x, other = other, x
             else:
@@ -199,8 +198,7 @@ class FusedDecoder:
                 rope_store(qkv, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i], hq, hkv)
             self.attention(i, q, st, o.transpose(1, 2))
             if small:  # o-proj; then add + RMSNorm + gate|up + SiLU·up in one launch; down-proj
-                heads = self._ahead([p[0] for p in self.document[1]], i + 1) if self.document[0] == "nectar" else None
-                a = gemv(x, lw.wgu, gemv(o.view(b * t, hq * d), lw.wo, ahead=heads), lw.ln2, c.rms_eps, other, glu=True)
+                a = gemv(x, lw.wgu, gemv(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps, other, glu=True)
                 x, other = other, x
                 delta = gemv(a, lw.wd)
             else:
@@ -214,10 +212,6 @@ class FusedDecoder:
         x.add_(delta)
         last = x.view(b, t, hid)[:, -1].contiguous()
         return F.linear(rmsnorm(last, self.norm, c.rms_eps), self.lm_head).float()
-
-    @staticmethod
-    def _ahead(tensors, i):
-        return tensors[i] if tensors is not None and i < len(tensors) else None
 
     def attention(self, i: int, q: torch.Tensor, st: DecodeState, out: torch.Tensor) -> None:
         """q: [B, Hq, T, D] -> out: [B, Hq, T, D] (a strided view), layer i."""
@@ -249,23 +243,6 @@ class FusedDecoder:
             self._workspaces[key] = torch.zeros(workspace_numel(q.shape[0], q.shape[1], kv_heads, q.shape[2], q.shape[3]),
                                                 device=q.device, dtype=torch.float32)
         return self._workspaces[key]
-
-
-def _flat_layer(lw: LayerWeights) -> tuple[LayerWeights, torch.Tensor]:
-    """The layer's q|k|v, o, gate|up and down matrices as views of one contiguous buffer (each
-    start 16-byte aligned), so one prefetch covers the layer. Returns (new weights, buffer)."""
-    from dataclasses import replace
-
-    mats = (lw.wqkv, lw.wo, lw.wgu, lw.wd)
-    pad = 16 // lw.wqkv.element_size()
-    sizes = [-(-m.numel() // pad) * pad for m in mats]
-    flat = torch.empty(sum(sizes), dtype=lw.wqkv.dtype, device=lw.wqkv.device)
-    views, off = [], 0
-    for m, size in zip(mats, sizes):
-        views.append(flat[off : off + m.numel()].view(m.shape))
-        views[-1].copy_(m)
-        off += size
-    return replace(lw, wqkv=views[0], wo=views[1], wgu=views[2], wd=views[3]), flat
 
 
 def _cpu_attention(document, i, q, kl, vl, st, scale):
