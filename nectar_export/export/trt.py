@@ -2,10 +2,12 @@
 with the `nectar::NectarAttention` plugin (kernels/trt_plugin.py).
 
     --format trt-onnx   writes the plugin graph only (model.onnx + data; no TensorRT needed)
-    --format trt        also builds engine.plan (needs TensorRT >= 10.6 and a GPU: Jetson with
-                        JetPack 6.x, or a datacenter GPU) — NOT RUN in this repository's CI
+    --format trt        also builds engine.plan (needs TensorRT >= 10.6, torch and triton, and the
+                        GPU it will run on: Jetson with JetPack 7, or a datacenter GPU) — NOT RUN in
+                        this repository's CI
 
-The engine's optimization profile covers batch 1 and up to max_local_len local tokens.
+The engine's optimization profile covers batch 1, up to max_local_len local tokens, up to CHUNK new
+tokens a call.
 """
 
 from __future__ import annotations
@@ -24,49 +26,69 @@ from ..artifact import replace_dir
 from .bundle import DTYPES, GRAPH_FILE, ExportConfig, _save, graph_io
 
 ENGINE_FILE = "engine.plan"
+MIN_TRT = (10, 6)  # tensorrt.plugin (the Python plugin API of kernels/trt_plugin.py)
+CHUNK = 64  # most new tokens one engine call takes (TrtBackend splits longer prompts)
 
 
 def require_tensorrt():
-    """The tensorrt module, or a one-line error saying how to get it."""
+    """The tensorrt module (>= 10.6), or a one-line error saying how to get it."""
     try:
         import tensorrt
     except ImportError:
         raise NectarError(
-            "--format trt needs TensorRT >= 10.6 (JetPack 6 on Jetson, or `pip install tensorrt` from NVIDIA's "
+            "--format trt needs TensorRT >= 10.6 (JetPack 7 on Jetson, or `pip install tensorrt` from NVIDIA's "
             "index on a GPU machine); it is not installed here. `--format trt-onnx` writes the plugin graph alone"
         ) from None
+    version = tuple(int(x) for x in tensorrt.__version__.split(".")[:2])
+    if version < MIN_TRT:
+        raise NectarError(f"--format trt needs TensorRT >= 10.6 (its Python plugin API), found {tensorrt.__version__} "
+                          "(JetPack 6 ships 10.3); upgrade TensorRT or use --format onnx")
     return tensorrt
 
 
-def build_engine(proto, work: Path, max_local_len: int, fp16: bool = False) -> Path:
-    """Parse the plugin graph and build a serialized engine into `work/engine.plan`."""
+def import_plugin():
+    """Register nectar::NectarAttention with TensorRT (before parsing or deserializing)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "triton") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise NectarError(f"the TensorRT NectarAttention plugin runs a Triton kernel: install {' and '.join(missing)} with CUDA")
+    import nectar_kernels.trt_plugin  # noqa: F401
+
+
+def build_engine(proto, work: Path, max_local_len: int) -> Path:
+    """Parse the plugin graph and build a serialized engine into `work/engine.plan`.
+
+    The network is strongly typed: every tensor keeps the dtype the ONNX graph gives it (fp16
+    bundles: fp16 weights and KV, fp32 attention math, as in ONNX Runtime), so no precision flags."""
     trt = require_tensorrt()
-    import nectar_kernels.trt_plugin  # noqa: F401  (registers nectar::NectarAttention)
+    import_plugin()
 
     graph = work / "trt_build.onnx"
     _save(proto, graph)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(graph)):
+    if not parser.parse_from_file(str(graph)):  # reads the external weights next to the graph
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise NectarError(f"TensorRT could not parse the Nectar graph: {errs[:300]}")
     config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    # one profile, batch 1: T new tokens (<= CHUNK), P past tokens, S = P + T mask slots; opt = a
+    # decode step halfway through a session (consistent shapes, T = 1); max: each dimension's bound
+    m, half = max_local_len, max_local_len // 2
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         inp = network.get_input(i)
-        shape = list(inp.shape)
         if inp.name in ("input_ids", "position_ids"):
-            profile.set_shape(inp.name, (1, 1), (1, 1), (1, max_local_len))
+            profile.set_shape(inp.name, (1, 1), (1, 1), (1, min(m, CHUNK)))
         elif inp.name == "attention_mask":
-            profile.set_shape(inp.name, (1, 1), (1, max_local_len // 2), (1, max_local_len))
-        else:  # past_key_values.*: [1, Hkv, past, D]
-            lo, opt, hi = ([1, shape[1], n, shape[3]] for n in (0, max_local_len // 2, max_local_len))
-            profile.set_shape(inp.name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+            profile.set_shape(inp.name, (1, 1), (1, half + 1), (1, m))
+        else:  # past_key_values.*: [1, Hkv, P, D]
+            h, d = inp.shape[1], inp.shape[3]
+            profile.set_shape(inp.name, (1, h, 0, d), (1, h, half, d), (1, h, m, d))
+    if config.add_optimization_profile(profile) < 0:
+        raise NectarError("TensorRT refused the optimization profile (see its log above)")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise NectarError("TensorRT failed to build the engine (see its log above)")
@@ -87,8 +109,9 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
         raise NectarError("--format trt exports Nectar bundles; for --method full use --format onnx (TensorRT's ONNX parser takes it as is)")
     if cfg.quantize:
         raise NectarError("--quantize is for ONNX Runtime bundles; TensorRT engines here are fp32/fp16")
-    if engine:
-        require_tensorrt()  # fail before any work
+    if engine:  # fail before any work
+        require_tensorrt()
+        import_plugin()
     t0 = time.perf_counter()
     out = Path(out)
     oa = open_artifact(art, model=model)
@@ -100,7 +123,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
         _save(proto, tmp / GRAPH_FILE)
         if engine:
             log("[nectar export] building the TensorRT engine …")
-            build_engine(proto, tmp, min(cfg.max_local_len, oa.base.config.max_position - oa.ctx.n), fp16=cfg.dtype == "fp16")
+            build_engine(proto, tmp, min(cfg.max_local_len, oa.base.config.max_position - oa.ctx.n))
         oa.base.tokenizer.to_json(tmp)
         if oa.base.tokenizer.chat_template:
             (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
