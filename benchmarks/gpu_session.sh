@@ -8,7 +8,7 @@
 #   stage profiles: the published profiles (both shapes) and per-kernel breakdowns
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|profiles}
+stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|profiles}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -67,6 +67,13 @@ real)  # second half of the GGUF: GPU fit timing and real-artifact parity (CLI o
   NECTAR_TEST_ARTIFACT=/root/grep.nectar NECTAR_TEST_MODEL=/root/smol.gguf NECTAR_TEST_QUESTIONS=/root/manuals/grep.questions.jsonl \
     python3 -m pytest -q -p no:timeout tests/kernels/test_real_artifact.py tests/kernels/test_fused_decoder.py 2>&1 | tail -15 | tee "$OUT/tests.log"
   python3 benchmarks/probe_gen.py --batches 2 2>&1 | grep -v Warn | tee "$OUT/probe_gen.log"
+  ;;
+refit)  # after setup (carry .carry/b): the GPU fit timing alone, plus the fp32 full-attention kernel tests
+  cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf || exit 1
+  /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out /root/grep.nectar 2>&1 \
+    | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit.log"
+  cp /root/grep.nectar/manifest.json "$OUT/fit_manifest.json"
+  python3 -m pytest -q -p no:timeout tests/kernels/test_triton.py -k "cublas or full_attention" 2>&1 | tail -5 | tee "$OUT/tests.log"
   ;;
 profiles)  # the published profiles: both shapes, n 1K..128K, batch 1 and 16, + breakdowns
   python3 -c "import nectar_kernels" || install

@@ -201,10 +201,37 @@ def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None 
     return po, pl
 
 
+def doc_attention_partials_cublas(q, k_doc, v_doc, scale: float):
+    """What doc_attention_partials returns, as one split, from two cuBLAS GEMMs (torch): for fp32
+    inputs, where Triton's IEEE-fp32 dots are slow (the split-KV kernel held a batch-16 fp32
+    decode step at 7.4 ms on the H100, n = 4K: benchmarks/probe_gen.py) and cuBLAS is exact fp32.
+    q: [B, Hq, T, D]; k_doc, v_doc: [1, Hkv, N, D] -> ([Hkv, 1, B*G*T, D], [Hkv, 1, B*G*T]) fp32."""
+    import torch
+
+    b, hq, t, d = q.shape
+    hkv = k_doc.shape[1]
+    qf = q.reshape(b, hkv, hq // hkv, t, d).transpose(0, 1).reshape(hkv, -1, d)  # rows folded (b, g, t)
+    s = torch.matmul(qf.float(), k_doc[0].float().transpose(1, 2)) * scale  # [Hkv, R, N]
+    lse = torch.logsumexp(s, -1)
+    o = torch.matmul(torch.exp(s - lse[..., None]), v_doc[0].float())
+    return o[:, None], lse[:, None]
+
+
+CUBLAS_SCORES_MAX_BYTES = 256 << 20  # the cuBLAS path materializes [Hkv, B*G*T, N] fp32 scores
+
+
 def full_layer_attention(q, k_doc, v_doc, k_loc, v_loc, kv_len, scale: float, kv_start=None, out=None,
                          split_len: int | None = None, tuning: dict | None = None):
     """Exact attention over [shared document | local tokens] for one layer: two launches
-    (split-KV partials over the document, then merge of the partials + local attention)."""
+    (split-KV partials over the document, then merge of the partials + local attention). fp32
+    inputs with no split_len asked for take the cuBLAS partials when their scores fit in
+    CUBLAS_SCORES_MAX_BYTES."""
+    import torch
+
     _check(q, k_loc, v_loc, kv_len)
-    parts = doc_attention_partials(q, k_doc, v_doc, scale, split_len, tuning)
+    b, hq, t, _ = q.shape
+    if q.dtype == torch.float32 and split_len is None and hq * b * t * k_doc.shape[2] * 4 <= CUBLAS_SCORES_MAX_BYTES:
+        parts = doc_attention_partials_cublas(q, k_doc, v_doc, scale)
+    else:
+        parts = doc_attention_partials(q, k_doc, v_doc, scale, split_len, tuning)
     return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, None, None, MODES["partials"], 0, scale, out, parts)

@@ -180,8 +180,9 @@ class FusedDecoder:
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
         o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)  # o-proj reads [B*T, Hq*D]
         # fp32 weights take the fused GEMVs only for decode rows (exact fp32 FMAs); wider fp32 steps
-        # (prefill, batch 16 when `nectar fit` generates probes) go to cuBLAS: the Triton GEMV's
-        # IEEE-fp32 dots took 8 ms a batch-16 step on the H100 (benchmarks/probe_gen.py).
+        # (prefill, batch 16 when `nectar fit` generates probes) go to cuBLAS rather than the Triton
+        # GEMV's IEEE-fp32 dots (H100, batch 16: 7.4 vs 8.1 ms a step with the split-KV kernel
+        # still in fp32 Triton; benchmarks/probe_gen.py; that kernel now yields to cuBLAS too).
         small = self.small_model and x.device.type == "cuda" and (
             self.dtype != torch.float32 or b * t <= ROW_KERNEL_MAX_ROWS)
         other = torch.empty_like(x) if small else None  # the residual stream ping-pongs between x and other

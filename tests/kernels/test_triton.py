@@ -154,3 +154,22 @@ def test_qkv_rope_matches_gemv_then_rope_store(dtype, b, t, hq, hkv, d, k):
     assert _rel(q, qr) <= TOL[dtype] and _rel(kc, kr) <= TOL[dtype] and _rel(vc, vr) <= TOL[dtype]
     assert (kc[0, :, 2 : 2 + t // 2] == 5).all()  # padding tokens never written
     assert torch.equal(xo, x + dl)
+
+
+@pytest.mark.parametrize("b,t,n", [(1, 1, 300), (16, 1, 1000), (2, 64, 517)] if GPU else [(2, 1, 300), (1, 3, 70)])
+def test_fp32_full_attention_cublas_partials_match_exact(b, t, n):
+    """fp32 with no split_len takes the cuBLAS partials (one split) into the same merge kernel."""
+    from nectar_kernels.triton_nectar import doc_attention_partials, doc_attention_partials_cublas
+
+    hq, hkv, d, s = 6, 2, 64 if GPU else 32, t + 9
+    q, k, v, kv_len, _ = _inputs(b, hq, hkv, t, d, s, torch.float32, 5)
+    kd = torch.randn(1, hkv, n, d).to(DEV)
+    vd = torch.randn(1, hkv, n, d).to(DEV)
+    out = full_layer_attention(q, kd, vd, k, v, kv_len, d**-0.5)
+    kk = torch.cat([kd.expand(b, -1, -1, -1), k], 2)
+    vv = torch.cat([vd.expand(b, -1, -1, -1), v], 2)
+    ref, _ = local_attention_reference(q.double(), kk, vv, kv_len + n, torch.zeros_like(kv_len), d**-0.5)
+    assert _rel(out, ref) <= 1e-4
+    po, pl = doc_attention_partials_cublas(q, kd, vd, d**-0.5)
+    po2, pl2 = doc_attention_partials(q, kd, vd, d**-0.5, split_len=n)  # one split: same numbers
+    assert _rel(po, po2) <= 1e-4 and (pl - pl2).abs().max() <= 1e-3
