@@ -85,9 +85,9 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 # Launch parameters of the fused GEMV (benchmarks/kernel_sweep.py times alternatives).
 GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
-# Decode rows (M ≤ 4, K ≤ 4096) take the one-row-per-program kernel: the whole K axis
-# in one tile, 4 weight rows a program (more programs share the L2 -> SM traffic: 0.65 vs 0.69 ms
-# a SmolLM2 step at 8 rows, benchmarks/step_sweep.py).
+# Decode rows (M ≤ 4, K ≤ 4096) take the one-row-per-program kernel: the whole K axis in one
+# tile, 4 weight rows a program (in-step sweeps on the H100, benchmarks/step_sweep.py: 4 rows
+# 0.649 / 0.629 / 0.676 ms a SmolLM2 step vs 8 rows 0.712 / 0.627 / 0.739 in three runs).
 ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_K = 4, 4096
 ROW_TUNING = {"block_n": 4, "weights_per_thread": 64, "min_warps": 4}
 

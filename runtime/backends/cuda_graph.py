@@ -12,8 +12,9 @@ down-projection (1 GEMM), whose output the next layer's first kernel adds to the
 For small models (hidden ≤ SMALL_HIDDEN) on CUDA the projections are fused Triton GEMVs instead:
 [add + RMSNorm + q|k|v + RoPE + KV write] → attention → o-proj → [add + RMSNorm + gate|up + SiLU·up]
 → down-proj: 5 launches a layer for Nectar (6 for full attention), then [add + RMSNorm + LM head].
-On Hopper these launch with PDL (kernels/_triton_pdl.py): each kernel prefetches its weights into
-L2 while the previous one still runs, so the chain pays neither launch gaps nor cold weight reads.
+On Hopper these launch with PDL (kernels/_triton_pdl.py): each kernel is scheduled and prefetches
+its weights into L2 while the previous one still runs, which hides the launch gaps (H100, SmolLM2
+step: 0.68 ms without, 0.63 ms with; what remains is each kernel's own latency, docs/benchmarks.md).
 On CPU the same step runs through plain torch ops.
 
 Imported lazily (it imports torch): nothing in nectar_runtime imports it at module load.
