@@ -50,6 +50,8 @@ def run(a: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = load_base(a.model, a.device)
     model, cfg = base.model, base.config
+    d = FitConfig()
+    a.budgets, a.allocations = a.budgets or str(d.budget_fraction), a.allocations or d.allocation
     settings = [(float(b), alloc, "mlp", False) for b in a.budgets.split(",") for alloc in a.allocations.split(",")]
     extra = [tuple(x.split(":")) for x in a.extra.split(",") if x]  # e.g. "0.2:uniform:quadrature:0"
     settings += [(float(b), al, v, on == "1") for b, al, v, on in extra]
@@ -69,7 +71,8 @@ def run(a: argparse.Namespace) -> None:
         t_probe = time.time() - t0
         questions = read_questions(doc.with_suffix(".questions.jsonl"))
         for budget, alloc, variant, on_policy in settings:
-            fcfg = FitConfig(variant=variant, allocation=alloc, budget_fraction=budget, steps=a.steps, seed=a.seed)
+            fcfg = FitConfig(variant=variant, allocation=alloc, budget_fraction=budget, seed=a.seed,
+                             **({"steps": a.steps} if a.steps else {}))
             n_params, kvb = budget_params(ctx, cfg, fcfg)
             t1 = time.time()
             res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
@@ -91,7 +94,7 @@ def run(a: argparse.Namespace) -> None:
                    "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout,
                    "probes": probe_stats(train_p), "timings_s": {"probes_and_queries": round(t_probe, 1),
                    "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
-                   "device": a.device, "steps": a.steps, **r}
+                   "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(), **r}
             name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}.json"
             (out_dir / name).write_text(json.dumps(rec, indent=1))
             m = r["methods"]["nectar"]
@@ -166,10 +169,10 @@ def main(argv=None) -> int:
     r.add_argument("--only", default="", help="comma-separated manual names")
     r.add_argument("--model", default=None)
     r.add_argument("--device", default="cpu")
-    r.add_argument("--budgets", default="0.2")
-    r.add_argument("--allocations", default="uniform")
+    r.add_argument("--budgets", default=None, help="comma-separated budget fractions (default: FitConfig's)")
+    r.add_argument("--allocations", default=None, help="comma-separated (default: FitConfig's)")
     r.add_argument("--extra", default="", help="more settings: budget:allocation:variant:onpolicy, comma-separated")
-    r.add_argument("--steps", type=int, default=1200)
+    r.add_argument("--steps", type=int, default=None, help="training steps (default: FitConfig's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch", type=int, default=16, help="generation batch for probes and evaluation")
     r.add_argument("--no-semantic", dest="semantic", action="store_false")

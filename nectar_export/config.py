@@ -23,6 +23,8 @@ class FitConfig:
     lse_weight: float = 0.5
     probe_steps: int = 150  # short fit that decides the adaptive allocation
     width_multiple: int = 16
+    train_dtype: str = "float32"  # "auto" | "bfloat16" | "float32": matmul dtype while training
+    linear_init: bool = False  # skip + output bias start at the weighted least-squares linear fit
     seed: int = 0
 
     def __post_init__(self):
@@ -30,6 +32,8 @@ class FitConfig:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}")
         if self.weighting not in ("share", "none"):
             raise ValueError("weighting must be 'share' or 'none'")
+        if self.train_dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError("train_dtype must be 'auto', 'bfloat16' or 'float32'")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
             raise ValueError("steps, batch and lr must be positive")
         if not 0 < self.budget_fraction <= 4:

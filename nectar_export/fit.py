@@ -55,6 +55,27 @@ def init_statistics(heads: NectarHeads, data: list[ModuleData], doc_kv: list | N
             _init_nodes_from_document(group, heads.group_layers[gi], doc_kv, heads.spec)
 
 
+@torch.no_grad()
+def init_linear_part(group, d: "ModuleData", weighting: str, ridge: float = 1e-3, chunk: int = 8) -> None:
+    """Skip (D→D) and output bias b3 := the weighted least-squares linear map from standardized q to
+    standardized o (the target loss's weights), so training starts from the best linear predictor and the
+    MLP learns only the nonlinear residual (w3 is zero at init). Solved per module: [D+1, D+1] systems."""
+    m, s, dd = d.q.shape
+    for a in range(0, m, chunk):
+        sl = slice(a, min(m, a + chunk))
+        x = (d.q[sl] - group.q_mean[sl]) / group.q_std[sl]  # [c, S, D]
+        y = (d.o[sl] - group.o_mean[sl]) / group.o_std[sl]  # [c, S, D]
+        w = d.weights(slice(None), weighting)[0][sl] if weighting != "none" else torch.ones_like(x[..., 0])
+        w = w / w.mean(1, keepdim=True)  # [c, S]
+        xa = torch.cat([x, torch.ones_like(x[..., :1])], -1)  # [c, S, D+1]
+        gram = xa.transpose(1, 2) @ (w[..., None] * xa) / s  # [c, D+1, D+1]
+        rhs = xa.transpose(1, 2) @ (w[..., None] * y) / s  # [c, D+1, D]
+        gram += ridge * torch.eye(dd + 1, device=x.device)
+        beta = torch.linalg.solve(gram.double(), rhs.double()).float()
+        group.skip.data[sl] = beta[:, :dd]
+        group.b3.data[sl] = beta[:, dd:]
+
+
 def _init_nodes_from_document(group, layers: list[int], doc_kv: list, spec: HeadsSpec) -> None:
     """Nodes start as evenly spaced document keys/values (token 0, the attention sink, included)."""
     nodes = group.keys.shape[1]
@@ -71,6 +92,7 @@ def _init_nodes_from_document(group, layers: list[int], doc_kv: list, spec: Head
 def group_losses(heads: NectarHeads, gi: int, d: ModuleData, rows, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-module (relative target loss [M_g], weighted lse MSE [M_g]) on the sample rows."""
     o_hat, l_hat = heads.forward_group(gi, d.q[:, rows])
+    o_hat, l_hat = o_hat.float(), l_hat.float()  # losses in fp32 (under bf16 autocast too)
     o, lse = d.o[:, rows], d.lse[:, rows]
     wo, wl = d.weights(rows, weighting)
     err = (o_hat - o).square().sum(-1)  # [M, S]
@@ -79,11 +101,27 @@ def group_losses(heads: NectarHeads, gi: int, d: ModuleData, rows, weighting: st
     return rel, lmse
 
 
+def train_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The matmul dtype of training: "auto" is bfloat16 where the device computes it natively
+    (CUDA with bf16, CPUs with AVX512-BF16/AMX through oneDNN), else float32."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 def train_heads(heads: NectarHeads, data: list[ModuleData], cfg: FitConfig, steps: int, desc: str = "train heads",
                 progress: bool = True) -> list[float]:
-    """One optimisation over all modules of all groups (Adam, warmup + cosine). Returns loss curve."""
+    """One optimisation over all modules of all groups (Adam, warmup + cosine). Returns loss curve.
+
+    Parameters, optimizer state and losses are fp32; with bfloat16 `cfg.train_dtype` the matmuls of
+    the forward and backward run under autocast (weights are stored as fp16 in the artifact anyway)."""
     gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same rows on CPU and GPU
     dev = data[0].q.device
+    dtype = train_dtype(cfg.train_dtype, dev)
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -95,7 +133,8 @@ def train_heads(heads: NectarHeads, data: list[ModuleData], cfg: FitConfig, step
         rows = torch.randint(0, n_samples, (min(cfg.batch, n_samples),), generator=gen).to(dev)
         total = 0.0
         for gi, d in enumerate(data):
-            rel, lmse = group_losses(heads, gi, d, rows, cfg.weighting)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                rel, lmse = group_losses(heads, gi, d, rows, cfg.weighting)
             total = total + rel.sum() + cfg.lse_weight * lmse.sum()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -159,6 +198,17 @@ def adaptive_widths(spec_for, errors: list[float], budget_params: int, multiple:
     return widths(base)
 
 
+def build_heads(spec: HeadsSpec, qs: QuerySet, cfg: FitConfig, doc_kv: list | None, device) -> tuple[NectarHeads, list[ModuleData]]:
+    """Heads of `spec` with their training data per width group, initialized (statistics, linear part)."""
+    heads = NectarHeads(spec).to(device)
+    data = [ModuleData(qs, ls) for ls in heads.group_layers]
+    init_statistics(heads, data, doc_kv)
+    if cfg.linear_init and spec.variant == "mlp":
+        for group, d in zip(heads.groups, data):
+            init_linear_part(group, d, cfg.weighting)
+    return heads, data
+
+
 @dataclass
 class FitResult:
     heads: NectarHeads
@@ -179,9 +229,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
     widths = uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)
     probe = None
     if cfg.allocation == "adaptive":
-        heads = NectarHeads(spec_for(widths)).to(device)
-        data = [ModuleData(qs_train, ls) for ls in heads.group_layers]
-        init_statistics(heads, data, doc_kv)
+        heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
         train_heads(heads, data, cfg, cfg.probe_steps, desc="allocation probe", progress=progress)
         errs = layer_errors(heads, qs_held)
         key = "o_rel_error_weighted" if cfg.weighting == "share" else "o_rel_error"
@@ -189,9 +237,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
         probe = {"uniform_widths": list(uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)),
                  "errors": errs[key]}
     torch.manual_seed(cfg.seed)
-    heads = NectarHeads(spec_for(widths)).to(device)
-    data = [ModuleData(qs_train, ls) for ls in heads.group_layers]
-    init_statistics(heads, data, doc_kv)
+    heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
     curve = train_heads(heads, data, cfg, cfg.steps, progress=progress)
     heads.eval()
     return FitResult(heads, widths, curve, layer_errors(heads, qs_held), probe, time.time() - t0)

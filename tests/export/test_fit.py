@@ -47,7 +47,8 @@ def _fit(tiny, **kw):
     cfg = model.config
     spec_for = lambda w: HeadsSpec(kw.get("variant", "mlp"), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(w), cfg.scale)  # noqa: E731
     fit_cfg = FitConfig(steps=kw.get("steps", 60), batch=256, seed=3, variant=kw.get("variant", "mlp"),
-                        allocation=kw.get("allocation", "uniform"), probe_steps=20)
+                        allocation=kw.get("allocation", "uniform"), probe_steps=20,
+                        train_dtype=kw.get("train_dtype", "float32"), linear_init=kw.get("linear_init", False))
     res = fit_heads(qs.select(~held), qs.select(held), spec_for, 20_000, fit_cfg,
                     [(c.k, c.v) for c in cache.contexts()], progress=False)
     return res, qs.select(held)
@@ -61,6 +62,41 @@ def test_training_reduces_heldout_error(tiny, variant):
     e_many = sum(many.heldout["o_rel_error"])
     assert e_many < 0.7 * e_few
     assert layer_errors(many.heads, held)["o_rel_error"] == many.heldout["o_rel_error"]
+
+
+def test_linear_init_is_the_least_squares_fit_and_starts_lower(tiny):
+    from nectar_export.fit import ModuleData, init_linear_part, init_statistics
+
+    model, cache, probes = tiny
+    qs = collect_queries(model, cache.contexts(), cache.context_len, probes, progress=False)
+    cfg = model.config
+    heads = NectarHeads(HeadsSpec("mlp", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, (16,) * cfg.num_layers, cfg.scale))
+    data = [ModuleData(qs, ls) for ls in heads.group_layers]
+    init_statistics(heads, data, None)
+    g, d = heads.groups[0], data[0]
+    init_linear_part(g, d, "none", ridge=0.0)
+    x = (d.q[1] - g.q_mean[1]) / g.q_std[1]  # module 1: [S, D]
+    y = (d.o[1] - g.o_mean[1]) / g.o_std[1]
+    beta = torch.linalg.lstsq(torch.cat([x, torch.ones_like(x[:, :1])], 1).double(), y.double()).solution.float()
+    assert torch.allclose(g.skip[1], beta[:-1], atol=1e-3) and torch.allclose(g.b3[1, 0], beta[-1], atol=1e-3)
+    # before any real training (1 warmup step) the linear start is far better than the random skip
+    cold, _ = _fit(tiny, steps=1)
+    warm, _ = _fit(tiny, steps=1, linear_init=True)
+    assert sum(warm.heldout["o_rel_error"]) < 0.7 * sum(cold.heldout["o_rel_error"])
+
+
+def test_bfloat16_training_matches_float32(tiny):
+    from nectar_export.fit import train_dtype
+
+    assert train_dtype("float32", torch.device("cpu")) == torch.float32
+    assert train_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    few, _ = _fit(tiny, steps=2, train_dtype="bfloat16")
+    fp32, _ = _fit(tiny, steps=150)
+    bf16, _ = _fit(tiny, steps=150, train_dtype="bfloat16")
+    e32, e16 = sum(fp32.heldout["o_rel_error"]), sum(bf16.heldout["o_rel_error"])
+    assert e16 < 0.7 * sum(few.heldout["o_rel_error"])
+    assert abs(e16 - e32) < 0.1 * e32
+    assert all(p.dtype == torch.float32 for p in bf16.heads.parameters())
 
 
 def test_fit_is_deterministic_given_a_seed(tiny):
