@@ -52,9 +52,9 @@ def run(a: argparse.Namespace) -> None:
     model, cfg = base.model, base.config
     d = FitConfig()
     a.budgets, a.allocations = a.budgets or str(d.budget_fraction), a.allocations or d.allocation
-    settings = [(float(b), alloc, "mlp", False) for b in a.budgets.split(",") for alloc in a.allocations.split(",")]
-    extra = [tuple(x.split(":")) for x in a.extra.split(",") if x]  # e.g. "0.2:uniform:quadrature:0"
-    settings += [(float(b), al, v, on == "1") for b, al, v, on in extra]
+    settings = [(float(b), alloc, "mlp", False, {}) for b in a.budgets.split(",") for alloc in a.allocations.split(",")]
+    extra = [x.split(":") for x in a.extra.split(",") if x]  # e.g. "0.2:uniform:quadrature:0[:steps=1200;linear_init=0]"
+    settings += [(float(x[0]), x[1], x[2], x[3] == "1", overrides(x[4] if len(x) > 4 else "")) for x in extra]
     for doc in sorted(Path(a.manuals).glob("*.txt")):
         if a.only and doc.stem not in a.only.split(","):
             continue
@@ -70,9 +70,9 @@ def run(a: argparse.Namespace) -> None:
         qtr, qhe = qs.select(~held_rows), qs.select(held_rows)
         t_probe = time.time() - t0
         questions = read_questions(doc.with_suffix(".questions.jsonl"))
-        for budget, alloc, variant, on_policy in settings:
-            fcfg = FitConfig(variant=variant, allocation=alloc, budget_fraction=budget, seed=a.seed,
-                             **({"steps": a.steps} if a.steps else {}))
+        for budget, alloc, variant, on_policy, over in settings:
+            fcfg = FitConfig(**{"variant": variant, "allocation": alloc, "budget_fraction": budget, "seed": a.seed,
+                                **({"steps": a.steps} if a.steps else {}), **over})
             n_params, kvb = budget_params(ctx, cfg, fcfg)
             t1 = time.time()
             res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
@@ -95,13 +95,32 @@ def run(a: argparse.Namespace) -> None:
                    "probes": probe_stats(train_p), "timings_s": {"probes_and_queries": round(t_probe, 1),
                    "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
                    "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(), **r}
-            name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}.json"
+            tag = "".join(f"_{k}{v}" for k, v in over.items())
+            name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}{tag}.json"
             (out_dir / name).write_text(json.dumps(rec, indent=1))
             m = r["methods"]["nectar"]
             print(f"{doc.stem:6s} {variant:10s} {alloc:8s} b={budget:<5g} on={int(on_policy)} "
                   f"bytes={100 * art_bytes / kvb:5.1f}%  agree={m['agreement']:.3f} kl={m['kl']:.3f} "
                   f"em={m['exact_match']:.2f} rouge={m['rouge_l']:.3f} | stream agree={r['methods']['streaming']['agreement']:.3f} "
                   f"| fit {t_fit:.0f}s", flush=True)
+
+
+def overrides(text: str) -> dict:
+    """"steps=1200;linear_init=0" -> FitConfig fields with their default's type."""
+    from nectar_export.config import FitConfig
+
+    d, out = FitConfig(), {}
+    for item in filter(None, text.split(";")):
+        k, v = item.split("=")
+        dv = getattr(d, k)
+        out[k] = v in ("1", "true", "True") if isinstance(dv, bool) else type(dv)(v) if dv is not None else float(v)
+    return out
+
+
+def setting_label(r: dict) -> str:
+    fc = r.get("fit_config") or {}
+    train = f", {r['steps']} steps" + (f" {fc['train_dtype']}" if "train_dtype" in fc else "") + (" lin-init" if fc.get("linear_init") else "")
+    return f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}{train}"
 
 
 def report(a: argparse.Namespace) -> None:
@@ -128,8 +147,8 @@ def write_docs(recs: list[dict], a) -> None:
     cols = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
     lines = ["| manual | n | setting | bytes % of KV | method | " + " | ".join(cols) + " |",
              "|---|---|---|---|---|" + "---|" * len(cols)]
-    for r in sorted(recs, key=lambda r: (r["manual"], r["variant"], r["allocation"], r["budget_fraction"], r["on_policy"])):
-        setting = f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}"
+    for r in sorted(recs, key=lambda r: (r["manual"], r["variant"], r["allocation"], r["budget_fraction"], r["on_policy"], setting_label(r))):
+        setting = setting_label(r)
         for m in ("nectar", "streaming", "none"):
             s = r["methods"][m]
             lines.append(f"| {r['manual']} | {r['n_tokens']} | {setting} | {100 * r['artifact_bytes'] / r['kv_bytes']:.1f} | {m} | "
