@@ -46,6 +46,15 @@ partials)
   install
   python3 benchmarks/kernel_sweep.py --partials 2>&1 | grep -v OutOfResources | tee "$OUT/sweep_partials.log"
   ;;
+fair)  # is the full-attention step slowed by PDL on its split-KV kernel? (n = 131072, batch 1)
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  for cfg in default NECTAR_PDL_DOC=0 NECTAR_PDL=0; do
+    env $( [ $cfg = default ] || echo $cfg ) nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1 --steps 200 \
+      --json "$OUT/fair_smol_$cfg.json" 2>&1 | tail -6 | tee -a "$OUT/fair.log"
+    env $( [ $cfg = default ] || echo $cfg ) nectar profile --shape llama3-8b --device cuda --n 131072 --batch 1 --steps 100 \
+      --json "$OUT/fair_l8b_$cfg.json" 2>&1 | tail -4 | tee -a "$OUT/fair.log"
+  done
+  ;;
 smol)
   python3 -c "import nectar_kernels" || install
   mkdir -p "$OUT/res"
@@ -74,6 +83,16 @@ refit)  # after setup (carry .carry/b): the GPU fit timing alone, plus the fp32 
     | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit.log"
   cp /root/grep.nectar/manifest.json "$OUT/fit_manifest.json"
   python3 -m pytest -q -p no:timeout tests/kernels/test_triton.py -k "cublas or full_attention" 2>&1 | tail -5 | tee "$OUT/tests.log"
+  ;;
+pdldoc)  # the profiles with PDL on the split-KV kernel forced on (res_pdl1) and off (res_pdl0): sets PDL_DOC_MAX_N
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  for v in 1 0; do
+    mkdir -p "$OUT/res_pdl$v"
+    for shape in smollm2-135m llama3-8b; do
+      NECTAR_PDL_DOC=$v nectar profile --shape $shape --device cuda --n 1024,2048,4096,8192,16384,32768,65536,131072 --batch 1,16 \
+        --json "$OUT/res_pdl$v/$shape.json" 2>&1 | tail -34 | tee -a "$OUT/pdldoc.log"
+    done
+  done
   ;;
 profiles)  # the published profiles: both shapes, n 1K..128K, batch 1 and 16, + breakdowns
   python3 -c "import nectar_kernels" || install

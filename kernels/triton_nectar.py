@@ -9,6 +9,8 @@ Inputs fp16/bf16/fp32; all accumulation in fp32. Semantics: kernels/reference.py
 
 from __future__ import annotations
 
+import os
+
 
 MODES = {"mlp": 0, "quadrature": 1, "partials": 2}
 
@@ -168,6 +170,19 @@ def split_len_for(n: int, kv_heads: int, sms: int = 132, programs_per_sm: int = 
 PARTIAL_TUNING = {"programs_per_sm": 2, "block_n": None, "num_warps": 4, "num_stages": 3}
 
 
+# PDL on the split-KV kernel lets its CTAs become resident while the previous kernel still holds
+# the SMs; on the H100 that halved its streaming bandwidth inside the decode step at long
+# documents (SmolLM2 shape, n = 131,072: 2.96 ms a step with PDL, 2.36 without), while it helps
+# a little at short ones (1,024: 0.684 vs 0.713 ms). Full attention gets the faster of the two.
+PDL_DOC_MAX_N = 2048
+
+
+def _pdl_doc(n: int) -> bool:
+    """Whether the document kernel launches with PDL: NECTAR_PDL_DOC=0/1 forces it, else by n."""
+    forced = os.environ.get("NECTAR_PDL_DOC")
+    return forced == "1" if forced in ("0", "1") else n <= PDL_DOC_MAX_N
+
+
 def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None = None, tuning: dict | None = None):
     """Split-KV flash decoding over a document KV shared by the batch.
 
@@ -191,7 +206,7 @@ def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None 
     block_n = tune["block_n"] or (64 if d <= 64 else 32)
     from .launch import pdl_enabled, pdl_options
 
-    pdl = pdl_enabled(q)
+    pdl = pdl_enabled(q) and _pdl_doc(n)
     partial_kernel[(hkv, nsplit, -(-r_total // block_r))](
         q, k_doc, v_doc, po, pl, q.stride(0), q.stride(1), q.stride(2), k_doc.stride(1), k_doc.stride(2),
         v_doc.stride(1), v_doc.stride(2), n, r_total, split_len, float(scale),
