@@ -38,7 +38,7 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.collect import collect_queries
     from nectar_export.config import FitConfig
     from nectar_export.evaluate import evaluate_methods
-    from nectar_export.fit import fit_heads
+    from nectar_export.fit import fit_heads, train_dtype
     from nectar_export.heads import nectar_contexts
     from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
@@ -94,7 +94,8 @@ def run(a: argparse.Namespace) -> None:
                    "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout,
                    "probes": probe_stats(train_p), "timings_s": {"probes_and_queries": round(t_probe, 1),
                    "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
-                   "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(), **r}
+                   "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(),
+                   "train_dtype": str(train_dtype(fcfg.train_dtype, qtr.q[0].device)).removeprefix("torch."), **r}
             tag = "".join(f"_{k}{v}" for k, v in over.items())
             name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}{tag}.json"
             (out_dir / name).write_text(json.dumps(rec, indent=1))
@@ -119,7 +120,8 @@ def overrides(text: str) -> dict:
 
 def setting_label(r: dict) -> str:
     fc = r.get("fit_config") or {}
-    train = f", {r['steps']} steps" + (f" {fc['train_dtype']}" if "train_dtype" in fc else "") + (" lin-init" if fc.get("linear_init") else "")
+    dtype = r.get("train_dtype", fc.get("train_dtype"))  # the resolved dtype; older records hold the setting
+    train = f", {r['steps']} steps" + (f" {dtype}" if dtype else "") + (" lin-init" if fc.get("linear_init") else "")
     return f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}{train}"
 
 
