@@ -5,6 +5,9 @@ Losses per module (layer l, KV head j), on minibatches of recorded queries:
   share w = σ(lse_ctx − lse_loc) of the merged output (an error in f reaches the model scaled by w);
 - score: weighted squared error of g(q) − lse_ctx, weight w(1 − w) (the slope of the merge weight).
 With `weighting="none"` all weights are 1. Both are reported per layer on held-out probes.
+
+By default the skip map and output bias start at the weighted least-squares linear fit
+(`linear_init`), and the matmuls run in bf16 where the device has it natively (`train_dtype`).
 """
 
 from __future__ import annotations
@@ -61,12 +64,12 @@ def init_linear_part(group, d: "ModuleData", weighting: str, ridge: float = 1e-3
     standardized o (the target loss's weights), so training starts from the best linear predictor and the
     MLP learns only the nonlinear residual (w3 is zero at init). Solved per module: [D+1, D+1] systems."""
     m, s, dd = d.q.shape
+    weight = d.weights(slice(None), weighting)[0]  # [M, S], the target loss's weights
     for a in range(0, m, chunk):
         sl = slice(a, min(m, a + chunk))
         x = (d.q[sl] - group.q_mean[sl]) / group.q_std[sl]  # [c, S, D]
         y = (d.o[sl] - group.o_mean[sl]) / group.o_std[sl]  # [c, S, D]
-        w = d.weights(slice(None), weighting)[0][sl] if weighting != "none" else torch.ones_like(x[..., 0])
-        w = w / w.mean(1, keepdim=True)  # [c, S]
+        w = weight[sl] / weight[sl].mean(1, keepdim=True)  # [c, S]
         xa = torch.cat([x, torch.ones_like(x[..., :1])], -1)  # [c, S, D+1]
         gram = xa.transpose(1, 2) @ (w[..., None] * xa) / s  # [c, D+1, D+1]
         rhs = xa.transpose(1, 2) @ (w[..., None] * y) / s  # [c, D+1, D]
