@@ -220,7 +220,7 @@ class CharTokenizer:
         return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _fake_generate(model, tokenizer, ctx, contexts, conversations, cfg, batch_size=8, progress=None):
+def _fake_generate(model, tokenizer, ctx, contexts, conversations, cfg, batch_size=8, progress=None, backend=None):
     """Deterministic stand-in for generation: greedy depends on the prompt, sampling on the seed too."""
     out = []
     for conv in conversations:
