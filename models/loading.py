@@ -113,29 +113,6 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -
 # ---------------------------------------------------------------- GGUF
 
 
-def _open_gguf(path: Path):
-    import gguf
-
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise NectarError(f"{path}: not a GGUF file (bad magic); pass a .gguf model file or re-download it")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises many types on truncated or corrupt files
-        raise NectarError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e}); re-download it") from None
-
-
-def gguf_metadata(reader) -> dict:
-    """GGUF key-value metadata as plain Python values (token lists included)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception:  # unreadable exotic field types are irrelevant to us
-            continue
-    return meta
-
-
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config from the metadata and dequantized fp32 tensors under our names."""
     from gguf.constants import GGMLQuantizationType
