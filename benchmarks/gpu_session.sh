@@ -6,9 +6,11 @@
 #   stage kern:  GPU kernel tests, per-kernel breakdown (PDL on/off), short profile, in-step launch sweep
 #   stage real:  second half (carry .carry/b): GPU fit timing, real-artifact parity incl. the CLI
 #   stage profiles: the published profiles (both shapes) and per-kernel breakdowns
+#   stage fitgpu: after setup (carry .carry/b): `nectar fit` on an empty then a warm Triton cache, the
+#                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|profiles}
+stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|fitgpu|profiles}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -83,6 +85,24 @@ refit)  # after setup (carry .carry/b): the GPU fit timing alone, plus the fp32 
     | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit.log"
   cp /root/grep.nectar/manifest.json "$OUT/fit_manifest.json"
   python3 -m pytest -q -p no:timeout tests/kernels/test_triton.py -k "cublas or full_attention" 2>&1 | tail -5 | tee "$OUT/tests.log"
+  ;;
+fitgpu)  # after setup (carry .carry/b): `nectar fit` on an empty Triton cache (and page cache), then warm; the
+         # in-process breakdown (graphed vs eager fit heads; FIT_BREAKDOWN=0 skips it, FIT_EXTRAS=1 adds batch timings);
+         # the CUDA fit tests. Round 1 ran it without the page-cache drop (a fresh machine: nothing cached yet).
+  cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf || exit 1
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  sync; echo 3 > /proc/sys/vm/drop_caches || echo "page cache not dropped"
+  rm -rf "${TRITON_CACHE_DIR:-$HOME/.triton/cache}"  # cold: what the first fit on a fresh machine compiles
+  for run in cold warm; do
+    /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda \
+      --out /root/grep_$run.nectar 2>&1 | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit_$run.log"
+    cp /root/grep_$run.nectar/manifest.json "$OUT/fit_manifest_$run.json"
+  done
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/fit_cold.log"
+  [ "${FIT_BREAKDOWN:-1}" = 0 ] || python3 benchmarks/fit_time.py --breakdown "$OUT/breakdown.json" --model /root/smol.gguf \
+    --device cuda --doc /root/manuals/grep.txt ${FIT_EXTRAS:+--extras} 2>&1 | grep -v Warn | tee "$OUT/breakdown.log"
+  python3 -m pytest -q -p no:timeout -p no:cacheprovider tests/export/test_fit.py -k "cuda or device_loop or adam" 2>&1 \
+    | tail -15 | tee "$OUT/tests.log"
   ;;
 pdldoc)  # the profiles with PDL on the split-KV kernel forced on (res_pdl1) and off (res_pdl0): sets PDL_DOC_MAX_N
   python3 -c "import nectar_kernels" 2>/dev/null || install

@@ -85,9 +85,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return LoadedModel(model, cfg, p, file_sha256(files), fmt)
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skip the modules' random initialization while they are built on the meta device (the file's
+    tensors replace every parameter): on meta tensors it runs through torch._refs, whose first use
+    imports torch._dynamo, ~1 s on this repo's CPU (more on a cold file cache) for nothing."""
+
+    SKIP = frozenset({"normal_", "uniform_", "zero_", "fill_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in self.SKIP:
+            t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Decoder:
     """Instantiate the family's decoder and load `state` strictly (keys and shapes)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = DECODERS[cfg.family](cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:

@@ -12,7 +12,9 @@ By default the skip map and output bias start at the weighted least-squares line
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -116,24 +118,43 @@ def train_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+def draw_rows(cfg: FitConfig, n_samples: int, steps: int) -> torch.Tensor:
+    """[steps, batch] sample rows of every step, drawn in order from one seeded CPU generator: the
+    same rows on CPU and GPU, eager or graphed."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    b = min(cfg.batch, n_samples)
+    return torch.stack([torch.randint(0, n_samples, (b,), generator=gen) for _ in range(steps)])
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warmup, then cosine decay to 0 at `steps`."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def use_graph(device: torch.device) -> bool:
+    """Training steps run as one replayed CUDA graph on CUDA (NECTAR_FIT_GRAPH=0: eager)."""
+    return device.type == "cuda" and os.environ.get("NECTAR_FIT_GRAPH", "1") != "0"
+
+
 def train_heads(heads: NectarHeads, data: list[ModuleData], cfg: FitConfig, steps: int, desc: str = "train heads",
-                progress: bool = True) -> list[float]:
+                progress: bool = True, graph: bool | None = None) -> list[float]:
     """One optimisation over all modules of all groups (Adam, warmup + cosine). Returns loss curve.
 
     Parameters, optimizer state and losses are fp32; with bfloat16 `cfg.train_dtype` the matmuls of
-    the forward and backward run under autocast (weights are stored as fp16 in the artifact anyway)."""
-    gen = torch.Generator().manual_seed(cfg.seed)  # CPU generator: same rows on CPU and GPU
+    the forward and backward run under autocast (weights are stored as fp16 in the artifact anyway).
+    On CUDA (`graph` None: `use_graph`) the whole step runs as one CUDA graph (`train_heads_graphed`);
+    elsewhere eagerly, one step at a time. Both draw the same rows (`draw_rows`)."""
     dev = data[0].q.device
+    if graph if graph is not None else use_graph(dev):
+        return train_heads_graphed(heads, data, cfg, steps, desc, progress)
     dtype = train_dtype(cfg.train_dtype, dev)
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    n_samples = data[0].q.shape[1]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, steps))
+    all_rows = draw_rows(cfg, data[0].q.shape[1], steps)
     curve = []
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
-    for _ in bar:
-        rows = torch.randint(0, n_samples, (min(cfg.batch, n_samples),), generator=gen).to(dev)
+    for i in bar:
+        rows = all_rows[i].to(dev)
         total = 0.0
         for gi, d in enumerate(data):
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -149,14 +170,120 @@ def train_heads(heads: NectarHeads, data: list[ModuleData], cfg: FitConfig, step
     return curve
 
 
+def train_heads_graphed(heads: NectarHeads, data: list[ModuleData], cfg: FitConfig, steps: int,
+                        desc: str = "train heads", progress: bool = True, capture: bool | None = None,
+                        warmup_steps: int = 2) -> list[float]:
+    """`train_heads` with no host work per step: every step's rows and learning rate sit in device
+    tables read at a device step counter, Adam is one fused kernel (`FusedAdam`) with a tensor learning
+    rate, and the loss curve stays on the device (read every `_BAR_EVERY` steps for the bar). On CUDA
+    (`capture` None) the first `warmup_steps` steps run eagerly on a side stream (real steps, which
+    also set up autograd's and cuBLAS's lazy state off the capture stream), then one step (forward,
+    backward, Adam) is captured as a CUDA graph and replayed for the rest. The same math as the eager
+    loop; Adam's fused kernel and the fp32 learning rate round differently (grep on the H100: loss
+    curves within 1.7e-3 relative, the same held-out error to 4 digits; docs/benchmarks.md)."""
+    dev = data[0].q.device
+    cuda = dev.type == "cuda"
+    capture = cuda if capture is None else capture
+    dtype = train_dtype(cfg.train_dtype, dev)
+    norm = heads.spec.num_layers * heads.spec.kv_heads
+    all_rows = draw_rows(cfg, data[0].q.shape[1], steps).to(dev)
+    lr_table = torch.tensor([cfg.lr * lr_factor(s, cfg.warmup, steps) for s in range(steps)], dtype=torch.float32,
+                            device=dev)
+    it = torch.zeros(1, dtype=torch.long, device=dev)  # the step counter, advanced by the step itself
+    lr = lr_table[:1].clone()
+    opt = FusedAdam(list(heads.parameters()), lr)
+    curve = torch.zeros(steps, dtype=torch.float32, device=dev)
+
+    def step():
+        rows = all_rows.index_select(0, it)[0]
+        lr.copy_(lr_table.index_select(0, it))
+        total = None
+        for gi, d in enumerate(data):
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+                rel, lmse = group_losses(heads, gi, d, rows, cfg.weighting)
+            total = (rel.sum() if total is None else total + rel.sum()) + cfg.lse_weight * lmse.sum()  # eager's order
+        total.backward()
+        opt.step()
+        curve.index_copy_(0, it, (total.detach() / norm).view(1))
+        it.add_(1)
+
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
+
+    def report(done: int) -> None:
+        if progress and done > bar.n:
+            bar.update(done - bar.n)
+            if done >= 25:
+                bar.set_postfix(loss=f"{curve[done - 25 : done].mean().item():.4f}")
+
+    eager = min(steps, warmup_steps) if capture else steps
+    side = torch.cuda.Stream() if capture else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        for i in range(eager):
+            opt.zero_grad(set_to_none=True)
+            step()
+            if not capture and (i + 1) % _BAR_EVERY == 0:
+                report(i + 1)
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
+    if eager < steps:
+        g = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(g):
+            step()
+        for i in range(eager, steps):
+            g.replay()
+            if (i + 1) % _BAR_EVERY == 0:
+                report(i + 1)
+        opt.zero_grad(set_to_none=True)  # the graph's gradient buffers: the heads keep no grads
+    report(steps)
+    bar.close()
+    return curve.tolist()
+
+
+class FusedAdam:
+    """Adam with torch.optim.Adam's defaults (betas 0.9, 0.999, eps 1e-8, no weight decay) as one
+    `torch._fused_adam_` call over all parameters: the kernel of `torch.optim.Adam(fused=True,
+    capturable=True)` (the same results, tests/export/test_fit.py), state and step counts on the
+    parameters' device, `lr` a 1-element tensor read by the kernel (capturable in a CUDA graph).
+    Without torch.optim's wrapper, whose first step imports torch._dynamo (~1 s on this repo's CPU;
+    nothing else in a CUDA `nectar fit` imports it)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        pick = lambda xs: [xs[i] for i in live]  # noqa: E731
+        steps = pick(self.steps)
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(pick(self.params), [self.params[i].grad for i in live], pick(self.exp_avg),
+                           pick(self.exp_avg_sq), [], steps, amsgrad=False, lr=self.lr, beta1=self.betas[0],
+                           beta2=self.betas[1], weight_decay=0.0, eps=self.eps, maximize=False, grad_scale=None,
+                           found_inf=None)
+
+
+_BAR_EVERY = 200  # graphed training reads its loss curve (one sync) this often
+
+
 @torch.no_grad()
 def layer_errors(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> dict[str, list[float]]:
-    """Held-out fidelity per layer: relative o error, share-weighted relative o error, lse MAE."""
+    """Held-out fidelity per layer: relative o error, share-weighted relative o error, lse MAE.
+    The per-chunk sums stay on the device until one transfer at the end (summed on the host in
+    float64, chunk by chunk, as before)."""
     spec = heads.spec
-    rel, wrel, lmae = [], [], []
+    sums, counts = [], []  # per layer: per chunk [5] (e, o², share²·e, share²·o², |lse error|)
     for layer in range(spec.num_layers):
-        num = den = wnum = wden = labs = 0.0
-        count = 0
+        parts, count = [], 0
         for s in range(0, qs.n, chunk):
             q = qs.q[layer][s : s + chunk]  # [N, Hkv, G, D]
             n, hkv, g, d = q.shape
@@ -166,10 +293,17 @@ def layer_errors(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> dict[st
             lse = qs.lse[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g)
             share = torch.sigmoid(lse - qs.lse_loc[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g))
             e, o2 = (o_hat - o).square().sum(-1), o.square().sum(-1)
-            num, den = num + e.sum().item(), den + o2.sum().item()
-            wnum, wden = wnum + (share.square() * e).sum().item(), wden + (share.square() * o2).sum().item()
-            labs += (l_hat - lse).abs().sum().item()
+            parts.append(torch.stack([e.sum(), o2.sum(), (share.square() * e).sum(), (share.square() * o2).sum(),
+                                      (l_hat - lse).abs().sum()]))
             count += lse.numel()
+        sums.append(torch.stack(parts) if parts else torch.zeros(0, 5, device=qs.q[layer].device))
+        counts.append(count)
+    host = [x.tolist() for x in torch.cat(sums).cpu().split([len(x) for x in sums])]
+    rel, wrel, lmae = [], [], []
+    for per_chunk, count in zip(host, counts):
+        num = den = wnum = wden = labs = 0.0
+        for e, o2, we, wo2, la in per_chunk:
+            num, den, wnum, wden, labs = num + e, den + o2, wnum + we, wden + wo2, labs + la
         rel.append(math.sqrt(num / max(den, 1e-12)))
         wrel.append(math.sqrt(wnum / max(wden, 1e-12)))
         lmae.append(labs / max(count, 1))
