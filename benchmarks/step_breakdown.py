@@ -20,6 +20,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--methods", default="nectar,full")
+    p.add_argument("--eager-only", action="store_true", help="two eager steps and exit (a target for ncu)")
     a = p.parse_args()
     from nectar_profiling.profile import TorchRunner
     from nectar_profiling.shapes import ProfileConfig
@@ -38,6 +39,11 @@ def main() -> None:
         ids = torch.randint(0, r.model_cfg.vocab_size, (a.batch, 1), device="cuda")
         pos = torch.full((a.batch, 1), a.n + cfg.local_len, device="cuda")
         with torch.inference_mode():
+            if a.eager_only:
+                for _ in range(2):
+                    r.dec.forward(ids, pos, st)
+                torch.cuda.synchronize()
+                continue
             g = GraphedStep(r.dec, st)
             g(ids, pos)
             times = []

@@ -1,12 +1,15 @@
 """Launch parameters timed inside the whole CUDA-graph decode step (PDL overlap included, which
-isolated kernel timings miss): the row GEMV's block / warps and the Nectar kernel's hidden split.
+isolated kernel timings miss): the 3-launch layer against the 5-launch one, the fused
+o-projection's rows per program, the fused MLP's split and warps, early weight loads, and the
+row GEMV / Nectar kernel parameters.
 
-    python benchmarks/step_sweep.py --shape smollm2-135m --n 1024 --batch 1
+    python benchmarks/step_sweep.py --shape smollm2-135m --n 1024 --batch 1 [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def main() -> None:
@@ -14,24 +17,56 @@ def main() -> None:
     p.add_argument("--shape", default="smollm2-135m")
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--methods", default="nectar")
+    p.add_argument("--quick", action="store_true", help="only the fused-layer trials")
+    p.add_argument("--mlp", default="", help="fused-MLP block_i/num_warps pairs to try, e.g. 4/4,8/8")
+    p.add_argument("--names", default="", help="only trials whose name contains one of these (comma-separated)")
+    p.add_argument("--repeat", type=int, default=1, help="run the trial list this many times (interleaved A/B)")
     a = p.parse_args()
     from nectar_kernels import fused, triton_nectar
     from nectar_profiling.profile import TorchRunner
     from nectar_profiling.shapes import ProfileConfig
 
     r = TorchRunner(ProfileConfig(shape=a.shape, device="cuda", dtype="bf16", steps=100, warmup=10))
-    row0, mlp0 = dict(fused.ROW_TUNING), dict(triton_nectar.MLP_TUNING)
-    trials = [("default", {}, {})]
-    trials += [(f"row block_n={bn} weights/thread={wpt}", {"block_n": bn, "weights_per_thread": wpt}, {})
-               for bn in (2, 4, 8) for wpt in (32, 64)]
-    trials += [(f"mlp block_h={bh} warps={w}", {}, {"block_h": bh, "num_warps": w}) for bh in (32, 64, 128) for w in (4, 8)]
-    for name, row, mlp in trials:
-        fused.ROW_TUNING.update({**row0, **row})
-        triton_nectar.MLP_TUNING.update({**mlp0, **mlp})
-        res = r.measure("nectar", a.batch, a.n)
-        print(f"{res['latency_ms_median']:.4f} ms  {name}", flush=True)
-    fused.ROW_TUNING.update(row0)
-    triton_nectar.MLP_TUNING.update(mlp0)
+    tables = {"row": fused.ROW_TUNING, "mlp": fused.MLP_TUNING, "oproj": triton_nectar.OPROJ_TUNING,
+              "nectar": triton_nectar.MLP_TUNING}
+    saved = {k: dict(v) for k, v in tables.items()}
+    mlps = [(bi, w) for bi in (2, 4, 8) for w in (2, 4, 8)]
+    if a.mlp:
+        mlps = [tuple(int(v) for v in c.split("/")) for c in a.mlp.split(",")]
+    on = {"NECTAR_FUSED_LAYER": "1"}
+    trials = [("default (5 launches a layer)", {}, {}),
+              ("row GEMV weights prefetched, not loaded early", {"row": {"early": False}}, {}),
+              ("3 launches (NECTAR_FUSED_LAYER=1)", {}, on),
+              ("4 launches: o-proj GEMV, fused MLP (NECTAR_FUSED_OPROJ=0)", {}, {**on, "NECTAR_FUSED_OPROJ": "0"})]
+    trials += [(f"{lay}mlp block_i={bi} warps={w}", {"mlp": {"block_i": bi, "num_warps": w}}, env)
+               for bi, w in mlps for lay, env in (("3 launches, ", on), ("4 launches, ", {**on, "NECTAR_FUSED_OPROJ": "0"}))]
+    if a.names:
+        trials = [t for t in trials if any(n in t[0] for n in a.names.split(","))]
+    if not a.quick:
+        trials += [(f"row block_n={bn}", {"row": {"block_n": bn}}, {}) for bn in (2, 8)]
+        trials += [(f"nectar block_h={bh} warps={w}", {"nectar": {"block_h": bh, "num_warps": w}}, {})
+                   for bh, w in ((32, 4), (128, 8))]
+    for name, over, env in trials * a.repeat:
+        for k, v in tables.items():
+            v.clear()
+            v.update({**saved[k], **over.get(k, {})})
+        for var in ("NECTAR_FUSED_LAYER", "NECTAR_FUSED_OPROJ"):
+            if var in env:
+                os.environ[var] = env[var]
+            else:
+                os.environ.pop(var, None)
+        for method in a.methods.split(","):
+            try:
+                res = r.measure(method, a.batch, a.n)
+                print(f"{res['latency_ms_median']:.4f} ms (p90 {res['latency_ms_p90']:.4f})  {method:6s} {name}", flush=True)
+            except Exception as e:  # a variant that does not compile or fit: say so, go on
+                print(f"failed  {method:6s} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    for k, v in tables.items():
+        v.clear()
+        v.update(saved[k])
+    os.environ.pop("NECTAR_FUSED_LAYER", None)
+    os.environ.pop("NECTAR_FUSED_OPROJ", None)
 
 
 if __name__ == "__main__":

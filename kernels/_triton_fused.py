@@ -192,15 +192,30 @@ def _rope_epilogue(acc, acc2, rows, rm, i, head, pos_ptr, inv_ptr, slot_ptr, q_p
 
 
 @triton.jit
+def _row_tiles(w_ptr, cols, cols2, kk, sw, wm, wm2, EPI: tl.constexpr):
+    """The row GEMV's weight tile and, for epilogues 1/2, its partner tile (else the same tile)."""
+    w = tl.load(w_ptr + cols[:, None] * sw + kk[None, :], mask=wm, other=0.0)
+    if EPI != 0:
+        w2 = tl.load(w_ptr + cols2[:, None] * sw + kk[None, :], mask=wm2, other=0.0)
+    else:
+        w2 = w
+    return w, w2
+
+
+@triton.jit
 def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, sxo, sw, sy, eps,
                      pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                      ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr, BLOCK_N: tl.constexpr,
                      BK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
-                     T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                     T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                     z_ptr=None, sz=0, ZERO: tl.constexpr = False, EARLY: tl.constexpr = False):
     """_gemv_kernel for one row per program (decode at batch ≤ 4): the whole K axis is one tile
     (BK ≥ K), so every weight and x load is in flight at once, and the product is a plain fp32
     multiply + sum (no tensor-core layout shuffles through shared memory). Same prologue,
-    epilogues and rounding as _gemv_kernel (f(x) rounded to W's dtype before the product)."""
+    epilogues and rounding as _gemv_kernel (f(x) rounded to W's dtype before the product).
+    ZERO: program 0 of each row also zeroes z[row, :K] (fp32; an accumulator a later kernel of the
+    step adds into). EARLY: the weight tile is loaded into registers before the PDL wait (it never
+    depends on the previous kernel) instead of only prefetched into L2."""
     pn = tl.program_id(0)
     row = tl.program_id(1)
     rows = row + tl.arange(0, 1)
@@ -216,19 +231,26 @@ def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, s
         cols2 = head * D + (i + D // 2) % D
     else:
         cols2 = cols
-    if PREFETCH:
-        prefetch_rows(w_ptr, pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
-        if EPI == 1:
-            prefetch_rows(w_ptr, N + pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
-    pdl_enter(PDL)
     kk = tl.arange(0, BK)
     km = kk < K
     wm = cm[:, None] & km[None, :]
-    w = tl.load(w_ptr + cols[:, None] * sw + kk[None, :], mask=wm, other=0.0)
-    if EPI == 1:
-        w2 = tl.load(w_ptr + cols2[:, None] * sw + kk[None, :], mask=wm, other=0.0)
-    elif EPI == 2:
-        w2 = tl.load(w_ptr + cols2[:, None] * sw + kk[None, :], mask=wm & rot, other=0.0)
+    if EPI == 2:
+        wm2 = wm & rot
+    else:
+        wm2 = wm
+    if EARLY:
+        w, w2 = _row_tiles(w_ptr, cols, cols2, kk, sw, wm, wm2, EPI)
+        pdl_enter(PDL)
+    else:
+        if PREFETCH:
+            prefetch_rows(w_ptr, pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
+            if EPI == 1:
+                prefetch_rows(w_ptr, N + pn * BLOCK_N, tl.minimum(BLOCK_N, N - pn * BLOCK_N), sw, W_BYTES)
+        pdl_enter(PDL)
+        w, w2 = _row_tiles(w_ptr, cols, cols2, kk, sw, wm, wm2, EPI)
+    if ZERO:
+        if pn == 0:
+            tl.store(z_ptr + row * sz + kk, tl.zeros([BK], tl.float32), mask=km)
     x = tl.load(x_ptr + row * sx + kk, mask=km, other=0.0)
     if ADD:
         x = (x.to(tl.float32) + tl.load(d_ptr + row * sd + kk, mask=km, other=0.0).to(tl.float32)).to(x.dtype)
@@ -247,3 +269,90 @@ def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, s
         if EPI == 1:
             acc = acc / (1.0 + tl.exp(-acc)) * tl.sum(w2.to(tl.float32) * xf, 1)[None, :]
         tl.store(y_ptr + rows[:, None] * sy + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=cm[None, :])
+
+
+@triton.jit
+def _mlp_tiles(wgu_ptr, wdt_ptr, ci, cim, k0, N_I, K, sw, swd, BK: tl.constexpr):
+    """Rows k0 … k0 + BK − 1 of this program's gate, up and down weights as [BK, BI] tiles (K
+    along axis 0, contiguous in memory: each thread holds all BI columns of its K elements, so the
+    down-projection's sum over BI stays in registers and `a` needs no layout change)."""
+    kk = k0 + tl.arange(0, BK)
+    wm = (kk < K)[:, None] & cim[None, :]
+    wg = tl.load(wgu_ptr + kk[:, None] + ci[None, :] * sw, mask=wm, other=0.0)
+    wu = tl.load(wgu_ptr + kk[:, None] + (N_I + ci)[None, :] * sw, mask=wm, other=0.0)
+    wd = tl.load(wdt_ptr + kk[:, None] + ci[None, :] * swd, mask=wm, other=0.0)
+    return wg, wu, wd
+
+
+@triton.jit
+def _mlp_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, wgu_ptr, wdt_ptr, acc_ptr, M, N_I, K, sx, sd, sxo, sw, swd, sacc,
+                    eps, BI: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, PDL: tl.constexpr,
+                    PREFETCH: tl.constexpr, W_BYTES: tl.constexpr, EARLY: tl.constexpr, ATOMIC: tl.constexpr = True):
+    """A whole gated MLP for a few rows, split over its intermediate axis: program p owns the
+    intermediate columns i = p*BI … p*BI + BI − 1 and, for every row m < M,
+      h = x + delta (rounded to x's dtype; program 0 writes it to xo, the new residual stream),
+      a_i = silu(f(h)·Wg_i) · (f(h)·Wu_i), f = RMSNorm * nw rounded to W's dtype, a rounded to W's
+            dtype (as the unfused GEMV's output was),
+      acc[m, :] += Σ_i a_i · WdT[i, :]   (fp32 atomics; WdT = W_down transposed, [I, K]).
+    acc must be zero on entry (an earlier kernel of the step zeroes it). Every program recomputes
+    the residual add and the RMSNorm of its rows (K values); the weights are held in registers
+    across rows. The K axis is two tiles, BK = the largest power of two ≤ K and BK2 (0: none) for
+    the rest, so registers hold no padding up to the next power of two (576 = 512 + 64). The
+    atomics make the summation order over programs nondeterministic."""
+    p = tl.program_id(0)
+    ci = p * BI + tl.arange(0, BI)
+    cim = ci < N_I
+    if EARLY:  # the weights never depend on the previous kernel
+        wg, wu, wd = _mlp_tiles(wgu_ptr, wdt_ptr, ci, cim, 0, N_I, K, sw, swd, BK)
+        if BK2 > 0:
+            wg2, wu2, wd2 = _mlp_tiles(wgu_ptr, wdt_ptr, ci, cim, BK, N_I, K, sw, swd, BK2)
+        pdl_enter(PDL)
+    else:
+        if PREFETCH:
+            nrows = tl.minimum(BI, N_I - p * BI)
+            prefetch_rows(wgu_ptr, p * BI, nrows, sw, W_BYTES)
+            prefetch_rows(wgu_ptr, N_I + p * BI, nrows, sw, W_BYTES)
+            prefetch_rows(wdt_ptr, p * BI, nrows, swd, W_BYTES)
+        pdl_enter(PDL)
+        wg, wu, wd = _mlp_tiles(wgu_ptr, wdt_ptr, ci, cim, 0, N_I, K, sw, swd, BK)
+        if BK2 > 0:
+            wg2, wu2, wd2 = _mlp_tiles(wgu_ptr, wdt_ptr, ci, cim, BK, N_I, K, sw, swd, BK2)
+    wdt = wgu_ptr.dtype.element_ty
+    k1 = tl.arange(0, BK)
+    m1 = k1 < K
+    nw = tl.load(nw_ptr + k1, mask=m1, other=0.0)
+    if BK2 > 0:
+        k2 = BK + tl.arange(0, BK2)
+        m2 = k2 < K
+        nw2 = tl.load(nw_ptr + k2, mask=m2, other=0.0)
+    for m in range(M):
+        x = tl.load(x_ptr + m * sx + k1, mask=m1, other=0.0)
+        h = (x.to(tl.float32) + tl.load(d_ptr + m * sd + k1, mask=m1, other=0.0).to(tl.float32)).to(x.dtype)
+        if p == 0:
+            tl.store(xo_ptr + m * sxo + k1, h, mask=m1)
+        hf = h.to(tl.float32)
+        ss = tl.sum(hf * hf, 0)
+        if BK2 > 0:
+            x2 = tl.load(x_ptr + m * sx + k2, mask=m2, other=0.0)
+            h2 = (x2.to(tl.float32) + tl.load(d_ptr + m * sd + k2, mask=m2, other=0.0).to(tl.float32)).to(x2.dtype)
+            if p == 0:
+                tl.store(xo_ptr + m * sxo + k2, h2, mask=m2)
+            hf2 = h2.to(tl.float32)
+            ss += tl.sum(hf2 * hf2, 0)
+        r = tl.rsqrt(ss / K + eps)
+        xn = (hf * r * nw).to(wdt).to(tl.float32)[:, None]
+        g = tl.sum(wg.to(tl.float32) * xn, 0)
+        u = tl.sum(wu.to(tl.float32) * xn, 0)
+        if BK2 > 0:
+            xn2 = (hf2 * r * nw2).to(wdt).to(tl.float32)[:, None]
+            g += tl.sum(wg2.to(tl.float32) * xn2, 0)
+            u += tl.sum(wu2.to(tl.float32) * xn2, 0)
+        a = (g / (1.0 + tl.exp(-g)) * u).to(wdt).to(tl.float32)[None, :]
+        if ATOMIC:
+            tl.atomic_add(acc_ptr + m * sacc + k1, tl.sum(wd.to(tl.float32) * a, 1), mask=m1, sem="relaxed")
+            if BK2 > 0:
+                tl.atomic_add(acc_ptr + m * sacc + k2, tl.sum(wd2.to(tl.float32) * a, 1), mask=m2, sem="relaxed")
+        else:  # timing diagnostics only (benchmarks/kernel_sweep.py): plain stores, a wrong sum
+            tl.store(acc_ptr + m * sacc + k1, tl.sum(wd.to(tl.float32) * a, 1), mask=m1)
+            if BK2 > 0:
+                tl.store(acc_ptr + m * sacc + k2, tl.sum(wd2.to(tl.float32) * a, 1), mask=m2)

@@ -70,6 +70,10 @@ def _layer_kernel(
     H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, HS_PAD: tl.constexpr,
     IEEE: tl.constexpr, W_IEEE: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     W_BYTES: tl.constexpr = 2, SB: tl.constexpr = 8,
+    wo_ptr=None, acc_ptr=None, zero_ptr=None, s_wo=0, s_acc=0, HID=0, ZN=0,
+    RPB: tl.constexpr = 16, PROJ: tl.constexpr = False, ZERO: tl.constexpr = False, HB: tl.constexpr = 128,
+    HB2: tl.constexpr = 0,
+    PREFETCH_O: tl.constexpr = False, WO_BYTES: tl.constexpr = 2,
 ):
     """Program (b * Hkv + j, row block, part z). Rows are (g, t) of batch b, KV head j.
 
@@ -78,7 +82,14 @@ def _layer_kernel(
     output layer, part z = NC the skip path and the score net, part z = NC + 1 the local
     attention. Shares are summed into a zeroed fp32 workspace by atomics; the last part to finish
     (a counter) merges, writes o, and zeroes its workspace tile again for the next launch.
-    quadrature / partials (MODES 1, 2): one part does everything."""
+    quadrature / partials (MODES 1, 2): one part does everything.
+
+    A row block holds RPB ≤ BLOCK_R rows (RPB < BLOCK_R spreads a KV head's rows over more
+    programs; the tensor-core tiles keep BLOCK_R rows, the extra ones masked).
+    PROJ: the o-projection in the epilogue: whoever writes o (the merging part) also adds
+    o[row (g, t)] @ WoT[(j*G + g)*D : +D, :] to acc[b*T + t, :] (fp32 atomics into the residual
+    delta, zeroed by an earlier kernel of the step). ZERO: program (0, 0, 0) zeroes ZN fp32 at
+    zero_ptr after its PDL wait (the accumulator the next kernel adds into)."""
     pid = tl.program_id(0)
     rb = tl.program_id(1)
     z = tl.program_id(2)
@@ -86,9 +97,20 @@ def _layer_kernel(
     j = pid % HKV
     if PREFETCH:  # the heads never depend on the previous kernel: part z warms its share of row j
         _prefetch_share(w_ptr, j, z, tl.num_programs(2), sw * W_BYTES, HKV)
+    if PREFETCH_O:  # nor does WoT: this block's rows of it, split over the parts
+        g_lo = ((rb * RPB) // T).to(tl.int64)
+        g_hi = tl.minimum((rb * RPB + RPB - 1) // T, G - 1)
+        _prefetch_span(wo_ptr, (j * G + g_lo) * D * s_wo * WO_BYTES, (g_hi - g_lo + 1) * D * s_wo * WO_BYTES,
+                       z, tl.num_programs(2))
     pdl_enter(PDL)
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # row = g * T + t
-    rmask = r < G * T
+    if ZERO:
+        if (pid == 0) & (rb == 0) & (z == 0):
+            zc = tl.arange(0, 1024)
+            for z0 in range(0, ZN, 1024):
+                tl.store(zero_ptr + z0 + zc, tl.zeros([1024], tl.float32), mask=z0 + zc < ZN)
+    rl = tl.arange(0, BLOCK_R)
+    r = rb * RPB + rl  # row = g * T + t
+    rmask = (rl < RPB) & (r < G * T)
     g = r // T
     t = r % T
     d = tl.arange(0, D)
@@ -120,7 +142,6 @@ def _layer_kernel(
         x = (qf - tl.load(brow + OFF_QM + d)[None, :]) / tl.load(brow + OFF_QS)
         xw = x.to(wdt)
         tile = pid * tl.num_programs(1) + rb
-        rl = tl.arange(0, BLOCK_R)
         acc_offs = tile * BLOCK_R * D + rl[:, None] * D + d[None, :]
         aux = ws_ptr + N_TILES * (BLOCK_R * D + 1) + tile * BLOCK_R * (D + 2)
         if z < NC:
@@ -175,6 +196,9 @@ def _layer_kernel(
             tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
             tl.store(ws_ptr + acc_offs, tl.zeros([BLOCK_R, D], tl.float32))
             tl.store(cnt_ptr, 0.0)
+            if PROJ:
+                _oproj_rows(o.to(o_ptr.dtype.element_ty).to(tl.float32), rl, rb * RPB, b, j, wo_ptr, acc_ptr, s_wo,
+                            s_acc, HID, G, T, D, RPB, HB, HB2)
     else:
         o_loc, lse_loc = _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks,
                                           svb, svh, svs, scale, T, D, BLOCK_R, BLOCK_S, IEEE)
@@ -201,6 +225,48 @@ def _layer_kernel(
         w = 1.0 / (1.0 + tl.exp(lse_loc - lse_ctx))
         o = w[:, None] * f + (1.0 - w)[:, None] * o_loc
         tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+        if PROJ:
+            _oproj_rows(o.to(o_ptr.dtype.element_ty).to(tl.float32), rl, rb * RPB, b, j, wo_ptr, acc_ptr, s_wo,
+                        s_acc, HID, G, T, D, RPB, HB, HB2)
+
+
+@triton.jit
+def _oproj_rows(o, rl, r0, b, j, wo_ptr, acc_ptr, s_wo, s_acc, HID, G: tl.constexpr, T: tl.constexpr,
+                D: tl.constexpr, RPB: tl.constexpr, HB: tl.constexpr, HB2: tl.constexpr):
+    """The o-projection of this row block: for each of its rows i (row r0 + i = (g, t), o [BLOCK_R, D]
+    fp32 already rounded to the output dtype, rows in block order), acc[b*T + t, :] +=
+    o[i] @ WoT[(j*G + g)*D : +D, :] by fp32 atomics (the other query heads' blocks add into the
+    same row: summation order is not deterministic). The hidden axis is covered by two tiles,
+    HB = the largest power of two ≤ hidden and HB2 (0 if none) for the rest, both loaded at
+    once: a row's D × hidden weights are one round trip, with no padding to the next power of two."""
+    d = tl.arange(0, D)
+    n1 = tl.arange(0, HB)
+    for i in tl.static_range(RPB):
+        ri = r0 + i
+        if ri < G * T:
+            g = ri // T
+            t = ri % T
+            orow = tl.sum(tl.where((rl == i)[:, None], o, 0.0), 0)[None, :]  # [1, D]
+            wrow = wo_ptr + ((j * G + g) * D + d).to(tl.int64)[None, :] * s_wo  # tiles [n, d]: the sum over d
+            arow = acc_ptr + (b * T + t) * s_acc                               # stays inside each thread
+            w1 = tl.load(wrow + n1[:, None], mask=(n1 < HID)[:, None], other=0.0)
+            if HB2 > 0:
+                n2 = HB + tl.arange(0, HB2)
+                w2 = tl.load(wrow + n2[:, None], mask=(n2 < HID)[:, None], other=0.0)
+            tl.atomic_add(arow + n1, tl.sum(w1.to(tl.float32) * orow, 1), mask=n1 < HID, sem="relaxed")
+            if HB2 > 0:
+                tl.atomic_add(arow + n2, tl.sum(w2.to(tl.float32) * orow, 1), mask=n2 < HID, sem="relaxed")
+
+
+@triton.jit
+def _prefetch_span(ptr, start, nbytes, z, parts):
+    """Prefetch share z of `parts` of the byte span [start, start + nbytes) at ptr into L2 (16-byte
+    aligned inside the span; a few bytes at its ends may be left out)."""
+    chunk = (nbytes + parts - 1) // parts
+    lo = (start + z * chunk + 15) // 16 * 16
+    hi = tl.minimum(start + (z + 1) * chunk, start + nbytes) // 16 * 16
+    if hi > lo:
+        prefetch_l2(ptr.to(tl.int64) + lo, hi - lo)
 
 
 @triton.jit

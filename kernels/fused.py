@@ -89,7 +89,8 @@ GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
 # tile, 4 weight rows a program (in-step sweeps on the H100, benchmarks/step_sweep.py: 4 rows
 # 0.649 / 0.629 / 0.676 ms a SmolLM2 step vs 8 rows 0.712 / 0.627 / 0.739 in three runs).
 ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_K = 4, 4096
-ROW_TUNING = {"block_n": 4, "weights_per_thread": 64, "min_warps": 4}
+# early: load the weight tile into registers before the PDL wait (else: bulk L2 prefetch, then load).
+ROW_TUNING = {"block_n": 4, "weights_per_thread": 64, "min_warps": 4, "early": True}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
@@ -120,9 +121,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, no
     return _launch_gemv(x, w, n, delta, norm_w, eps, x_out, 1 if glu else 0, tuning)
 
 
-def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None):
+def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None, zero=None):
     """The Triton GEMV (kernels/_triton_fused.py: _gemv_kernel); rope = (pos, inv_freq, slot, q_out,
-    k_cache, v_cache, hq, hkv) for epilogue 2. Returns y [M, n] (epilogues 0/1) or None."""
+    k_cache, v_cache, hq, hkv) for epilogue 2; zero: [M, K] fp32 rows zeroed by the launch (row
+    kernel only). Returns y [M, n] (epilogues 0/1) or None."""
     from ._triton_fused import _gemv_kernel
     from .launch import can_prefetch, pdl_enabled, pdl_options
 
@@ -143,6 +145,9 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
         t, hd = qo.shape[2], qo.shape[3]
         sq, sk, sv = (qo.stride(0), qo.stride(1), qo.stride(2)), kc.stride()[:3], vc.stride()[:3]
     prefetch = pdl and w.stride(1) == 1 and w.stride(0) == k and can_prefetch(w, k)
+    if zero is not None and not (m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K):
+        zero.zero_()  # the tile kernel has no zeroing epilogue: one extra launch
+        zero = None
     if m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K:
         from ._triton_fused import _gemv_row_kernel
 
@@ -153,7 +158,9 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
             x, d, norm_w if norm_w is not None else x, xo, w, y, n, k, x.stride(0), d.stride(0), xo.stride(0),
             w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv,
             ADD=delta is not None, NORM=norm_w is not None, EPI=epi, BLOCK_N=bn, BK=bk, PDL=pdl, PREFETCH=prefetch,
-            W_BYTES=w.element_size(), T=t, HQ=hq, HKV=hkv, D=hd, num_warps=warps, **pdl_options(pdl),
+            W_BYTES=w.element_size(), T=t, HQ=hq, HKV=hkv, D=hd, num_warps=warps,
+            z_ptr=zero if zero is not None else x, sz=zero.stride(0) if zero is not None else 0, ZERO=zero is not None,
+            EARLY=bool(ROW_TUNING.get("early")) and pdl, **pdl_options(pdl),
         )
         return None if rope is not None else y
     _gemv_kernel[(-(-n // block_n), -(-m // block_m))](
@@ -170,15 +177,73 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
 def qkv_rope(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
              x_out: torch.Tensor | None, pos: torch.Tensor, inv_freq: torch.Tensor, slot: torch.Tensor,
              q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, hq: int, hkv: int,
-             backend: str = "auto") -> None:
+             backend: str = "auto", zero: torch.Tensor | None = None) -> None:
     """[x + delta → RMSNorm → q|k|v projection → RoPE → q_out and KV-cache write] in one launch:
     `gemv(x, w, delta, norm_w, eps, x_out)` followed by `rope_store` (same arguments and shapes),
     without the [M, (Hq + 2 Hkv) * D] intermediate. x: [B*T, K] rows b*T + t; pos: [B, T]
-    (contiguous); q_out: [B, Hq, T, D] with D a multiple of 16."""
+    (contiguous); q_out: [B, Hq, T, D] with D a multiple of 16. zero: optional [B*T, K] fp32
+    (contiguous rows) zeroed by the same launch (the accumulator the attention kernel's fused
+    o-projection adds into); delta may be fp32 (such an accumulator)."""
     d = q_out.shape[3]
     if backend == "torch" or (backend == "auto" and x.device.type != "cuda") or d % 16:
         qkv = gemv(x, w, delta, norm_w, eps, x_out, backend="torch" if x.device.type != "cuda" else backend)
         rope_store(qkv, pos, inv_freq, slot, q_out, k_cache, v_cache, hq, hkv)
+        if zero is not None:
+            zero.zero_()
         return
     _launch_gemv(x, w, w.shape[0], delta, norm_w, eps, x_out, 2, tuning={"block_n": 16},
-                 rope=(pos.contiguous(), inv_freq, slot, q_out, k_cache, v_cache, hq, hkv))
+                 rope=(pos.contiguous(), inv_freq, slot, q_out, k_cache, v_cache, hq, hkv), zero=zero)
+
+
+# The fused MLP (mlp_fused): block_i intermediate columns a program, num_warps, early = weights
+# loaded into registers before the PDL wait (else prefetched into L2), split_k = the K axis as two
+# power-of-two tiles (576 = 512 + 64: no padded registers, but the compiler then moves whole tiles
+# between layouts through shared memory) instead of one padded tile.
+# H100, alone (benchmarks/kernel_sweep.py --fused): 16 / 4 warps 3.39 us, 8 / 4 3.89 us, against
+# 2.31 + 1.41 us for the gate|up and down GEMVs.
+MLP_TUNING = {"block_i": 16, "num_warps": 4, "early": True, "split_k": False}
+
+
+def mlp_fused(x: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: float, x_out: torch.Tensor,
+              wgu: torch.Tensor, wd_t: torch.Tensor, acc: torch.Tensor, backend: str = "auto",
+              tuning: dict | None = None) -> None:
+    """A decode step's whole MLP sub-block in one launch: h = x + delta (rounded to x's dtype,
+    written to x_out: the new residual stream), acc += silu(f(h) Wg^T) * (f(h) Wu^T) @ WdT with
+    f = RMSNorm(h) * norm_w. x, x_out: [M, K]; delta: [M, K] (fp32 accumulator or x's dtype);
+    norm_w: [K] fp32; wgu: [2I, K] = [gate; up]; wd_t: [I, K] = W_down transposed (contiguous);
+    acc: [M, K] fp32, zero on entry (the decode step zeroes it in an earlier launch), gets the
+    MLP's output. The Triton kernel (CUDA, M ≤ ROW_KERNEL_MAX_ROWS) splits the intermediate axis
+    over programs that add their partial down-projections by fp32 atomics, so the summation order
+    (and the last bits of acc) is not deterministic; each program recomputes the add + RMSNorm.
+    Elsewhere: the same math in torch (f(h) and the SiLU·up product rounded to W's dtype)."""
+    m, k = x.shape
+    i_dim = wd_t.shape[0]
+    use_triton = backend == "triton" or (backend == "auto" and x.device.type == "cuda")
+    if not use_triton or m > ROW_KERNEL_MAX_ROWS or k > ROW_KERNEL_MAX_K:
+        h = (x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) + delta).to(x.dtype)
+        x_out.copy_(h)
+        hf = h.float() if h.dtype != torch.float64 else h
+        hn = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * norm_w).to(wgu.dtype)
+        g, u = torch.nn.functional.linear(hn, wgu).split(i_dim, dim=-1)
+        a = (torch.nn.functional.silu(g.to(hf.dtype)) * u.to(hf.dtype)).to(wgu.dtype)
+        acc += a.to(acc.dtype) @ wd_t.to(acc.dtype)
+        return
+    from ._triton_fused import _mlp_row_kernel
+    from .launch import can_prefetch, pdl_enabled, pdl_options
+
+    tune = {**MLP_TUNING, **(tuning or {})}
+    if tune["split_k"]:
+        bi, bk = tune["block_i"], 1 << (k.bit_length() - 1)  # K = bk + the rest (a second tile, bk2)
+        bk2 = _next_pow2(k - bk) if k > bk else 0
+    else:
+        bi, bk, bk2 = tune["block_i"], _next_pow2(k), 0
+    pdl = pdl_enabled(x)
+    early = bool(tune["early"]) and pdl
+    prefetch = (not early) and pdl and wgu.is_contiguous() and wd_t.is_contiguous() and can_prefetch(wgu, k) \
+        and can_prefetch(wd_t, k)
+    warps = tune["num_warps"]
+    _mlp_row_kernel[(-(-i_dim // bi),)](
+        x, delta, norm_w, x_out, wgu, wd_t, acc, m, i_dim, k, x.stride(0), delta.stride(0), x_out.stride(0),
+        wgu.stride(0), wd_t.stride(0), acc.stride(0), eps, BI=bi, BK=bk, BK2=bk2, PDL=pdl, PREFETCH=prefetch,
+        W_BYTES=wgu.element_size(), EARLY=early, ATOMIC=tune.get("atomic", True), num_warps=warps, **pdl_options(pdl),
+    )

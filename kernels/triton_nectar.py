@@ -45,13 +45,32 @@ def _row_block(rows: int) -> int:
     return min(32, max(16, _next_pow2(rows)))
 
 
-def workspace_numel(batch: int, q_heads: int, kv_heads: int, t: int, d: int) -> int:
+def _rows_per_block(rows: int, block_r: int, rows_per_block: int | None) -> int:
+    return block_r if not rows_per_block else max(1, min(int(rows_per_block), block_r))
+
+
+def workspace_numel(batch: int, q_heads: int, kv_heads: int, t: int, d: int, rows_per_block: int | None = None) -> int:
     """fp32 elements of the mlp kernel's workspace for q: [batch, q_heads, t, d] (see
     nectar_layer_attention); the kernel leaves its first part zeroed again after each launch."""
     rows = (q_heads // kv_heads) * t
     block_r = _row_block(rows)
-    tiles = batch * kv_heads * (-(-rows // block_r))
+    tiles = batch * kv_heads * (-(-rows // _rows_per_block(rows, block_r, rows_per_block)))
     return tiles * (block_r * d + 1) + tiles * block_r * (d + 2)
+
+
+# The o-projection fused into the attention kernel's epilogue (o_proj=): rows_per_block query rows
+# per program (1: each query head's merge projects its own D rows of WoT, spreading the projection
+# over more programs; None: all of a KV head's rows in one program); num_warps of the launch.
+# H100, SmolLM2 shape, alone (benchmarks/kernel_sweep.py --fused): 1 row, 4 warps 11.1 us vs 7.9 us
+# for the Nectar kernel without it + 1.2 us for the o-projection GEMV (all rows, 8 warps: 23 us).
+OPROJ_TUNING = {"rows_per_block": 1, "num_warps": 4}
+
+
+def _split_pow2(n: int) -> tuple[int, int]:
+    """n = a + b covered by two power-of-two tiles: a = the largest power of two ≤ n, b the next
+    power of two ≥ n − a (0 when n is one)."""
+    a = 1 << (int(n).bit_length() - 1)
+    return a, (_next_pow2(n - a) if n > a else 0)
 
 
 # Launch parameters of the mlp kernel (block_h: hidden columns per part, block_k: h1 block,
@@ -60,8 +79,20 @@ def workspace_numel(batch: int, q_heads: int, kv_heads: int, t: int, d: int) -> 
 MLP_TUNING = {"block_h": 64, "block_k": 128, "num_warps": 8, "num_stages": 2}
 
 
+def _check_proj(o_proj, zero, b, hq, t, d):
+    if o_proj is not None:
+        wo_t, acc = o_proj
+        if wo_t.dim() != 2 or wo_t.shape[0] != hq * d or wo_t.stride(1) != 1:
+            raise ValueError(f"o_proj: WoT must be [Hq*D, hidden] = [{hq * d}, ·] with contiguous rows, got {tuple(wo_t.shape)}")
+        if acc.shape != (b * t, wo_t.shape[1]) or acc.stride(1) != 1 or str(acc.dtype) != "torch.float32":
+            raise ValueError(f"o_proj: the accumulator must be fp32 [B*T, hidden] = [{b * t}, {wo_t.shape[1]}], "
+                             f"got {tuple(acc.shape)} {acc.dtype}")
+    if zero is not None and (str(zero.dtype) != "torch.float32" or not zero.is_contiguous()):
+        raise ValueError("zero: a contiguous fp32 tensor")
+
+
 def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, width, scale, out,
-                  partials=None, workspace=None, tuning=None):
+                  partials=None, workspace=None, tuning=None, o_proj=None, zero=None):
     import torch
 
     layer_kernel, _ = _kernels()
@@ -70,7 +101,9 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
     g = hq // hkv
     rows = g * t
     block_r = _row_block(rows)
-    n_rb = -(-rows // block_r)
+    _check_proj(o_proj, zero, b, hq, t, d)
+    rpb = _rows_per_block(rows, block_r, OPROJ_TUNING["rows_per_block"] if o_proj is not None else None)
+    n_rb = -(-rows // rpb)
     if kv_start is None:
         kv_start = torch.zeros_like(kv_len)
     if out is None:
@@ -90,7 +123,7 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         nc = -(-h // bh)
         parts = nc + 2
         hs_pad = max(16, _next_pow2(hs))
-        need = workspace_numel(b, hq, hkv, t, d)
+        need = workspace_numel(b, hq, hkv, t, d, rpb)
         if workspace is None:
             ws = torch.zeros(need, device=q.device, dtype=torch.float32)
         elif workspace.numel() < need or workspace.dtype != torch.float32:
@@ -109,6 +142,18 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
 
     pdl = pdl_enabled(q)
     prefetch = mode != 2 and pdl and heads_w.is_contiguous() and heads_w.data_ptr() % 16 == 0
+    if o_proj is not None:
+        wo_t, acc = o_proj
+        hb, hb2 = _split_pow2(wo_t.shape[1])
+        proj_args = dict(wo_ptr=wo_t, acc_ptr=acc, s_wo=wo_t.stride(0), s_acc=acc.stride(0), HID=wo_t.shape[1],
+                         PROJ=True, HB=hb, HB2=hb2, PREFETCH_O=pdl and wo_t.data_ptr() % 16 == 0,
+                         WO_BYTES=wo_t.element_size())
+    else:
+        proj_args = dict(wo_ptr=q, acc_ptr=q)
+    if zero is not None:
+        proj_args.update(zero_ptr=zero, ZN=zero.numel(), ZERO=True)
+    else:
+        proj_args.update(zero_ptr=q)
     layer_kernel[(b * hkv, n_rb, parts)](
         q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, out, ws, po, pl,
         q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
@@ -116,16 +161,17 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         heads_w.stride(0), heads_b.stride(0), r_total, nsplit, b * hkv * n_rb, float(scale),
         HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32, MODE=mode,
         H=h, HS=hs, BH=bh, BK=bk, NC=nc, HS_PAD=hs_pad, IEEE=ieee, W_IEEE=w_ieee,
-        num_warps=tune["num_warps"] if mode == 0 else 4, num_stages=tune["num_stages"] if mode == 0 else 2,
+        num_warps=OPROJ_TUNING["num_warps"] if o_proj is not None else tune["num_warps"] if mode == 0 else 4,
+        num_stages=tune["num_stages"] if mode == 0 else 2,
         PDL=pdl, PREFETCH=prefetch, W_BYTES=heads_w.element_size(),
-        SB=max(1, min(16, 8192 // (block_r * d))), **pdl_options(pdl),
+        SB=max(1, min(16, 8192 // (block_r * d))), RPB=rpb, **proj_args, **pdl_options(pdl),
     )
     return out
 
 
 def nectar_layer_attention(
     q, k_loc, v_loc, kv_len, heads_w, heads_b, variant: str, width: int, scale: float,
-    kv_start=None, out=None, workspace=None, tuning: dict | None = None,
+    kv_start=None, out=None, workspace=None, tuning: dict | None = None, o_proj=None, zero=None,
 ):
     """Fused Nectar attention of one layer, all heads, one kernel launch.
 
@@ -145,6 +191,14 @@ def nectar_layer_attention(
               (mlp only; reused across launches on one stream: the kernel re-zeroes it). None
               allocates a zeroed one per call.
     tuning:   optional overrides of MLP_TUNING (launch parameters; results do not depend on them).
+    o_proj:   optional (WoT [Hq*D, hidden] with contiguous rows — the o-projection's weight
+              transposed —, acc [B*T, hidden] fp32): the epilogue also adds o (rounded to q's
+              dtype, rows b*T + t) @ WoT into acc by fp32 atomics, the residual stream's delta with
+              the o-projection fused in (no separate launch). The atomics make the summation order
+              across query heads nondeterministic (a few fp32 ulps between runs).
+    zero:     optional contiguous fp32 tensor zeroed by the kernel after its PDL wait (the decode
+              step's other accumulator, which the next kernel adds into).
+    workspace with o_proj: size it with workspace_numel(..., OPROJ_TUNING["rows_per_block"]).
     Returns   o: [B, Hq, T, D] in q's dtype, o = σ(g − lse_loc)·f + (1 − σ(g − lse_loc))·o_loc.
 
     All last axes must be contiguous; D a power of two ≥ 16. All math in fp32 (fp32 inputs use
@@ -156,7 +210,8 @@ def nectar_layer_attention(
     if heads_w.shape[0] != k_loc.shape[1] or heads_b.shape[0] != k_loc.shape[1]:
         raise ValueError("heads_w/heads_b need one row per KV head")
     return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w.contiguous(), heads_b.contiguous(),
-                         MODES[variant], width, scale, out, workspace=workspace, tuning=tuning)
+                         MODES[variant], width, scale, out, workspace=workspace, tuning=tuning, o_proj=o_proj,
+                         zero=zero)
 
 
 def split_len_for(n: int, kv_heads: int, sms: int = 132, programs_per_sm: int = 2) -> int:
@@ -236,11 +291,11 @@ CUBLAS_SCORES_MAX_BYTES = 256 << 20  # the cuBLAS path materializes [Hkv, B*G*T,
 
 
 def full_layer_attention(q, k_doc, v_doc, k_loc, v_loc, kv_len, scale: float, kv_start=None, out=None,
-                         split_len: int | None = None, tuning: dict | None = None):
+                         split_len: int | None = None, tuning: dict | None = None, o_proj=None, zero=None):
     """Exact attention over [shared document | local tokens] for one layer: two launches
     (split-KV partials over the document, then merge of the partials + local attention). fp32
     inputs with no split_len asked for take the cuBLAS partials when their scores fit in
-    CUBLAS_SCORES_MAX_BYTES."""
+    CUBLAS_SCORES_MAX_BYTES. o_proj, zero: as in nectar_layer_attention (in the merge launch)."""
     import torch
 
     _check(q, k_loc, v_loc, kv_len)
@@ -249,4 +304,5 @@ def full_layer_attention(q, k_doc, v_doc, k_loc, v_loc, kv_len, scale: float, kv
         parts = doc_attention_partials_cublas(q, k_doc, v_doc, scale)
     else:
         parts = doc_attention_partials(q, k_doc, v_doc, scale, split_len, tuning)
-    return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, None, None, MODES["partials"], 0, scale, out, parts)
+    return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, None, None, MODES["partials"], 0, scale, out, parts,
+                         o_proj=o_proj, zero=zero)

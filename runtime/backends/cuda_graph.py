@@ -12,6 +12,9 @@ down-projection (1 GEMM), whose output the next layer's first kernel adds to the
 For small models (hidden ≤ SMALL_HIDDEN) on CUDA the projections are fused Triton GEMVs instead:
 [add + RMSNorm + q|k|v + RoPE + KV write] → attention → o-proj → [add + RMSNorm + gate|up + SiLU·up]
 → down-proj: 5 launches a layer for Nectar (6 for full attention), then [add + RMSNorm + LM head].
+A fused layer (`_forward_fused`, off by default: NECTAR_FUSED_LAYER=1) does it in 3 launches —
+the o-projection in the attention kernel's epilogue and the whole MLP in one launch, both adding
+into fp32 accumulators by atomics — but measured slower inside the graph on the H100.
 On Hopper these launch with PDL (kernels/_triton_pdl.py): each kernel is scheduled and prefetches
 its weights into L2 while the previous one still runs, which hides the launch gaps (H100, SmolLM2
 step: 0.68 ms without, 0.63 ms with; what remains is each kernel's own latency, docs/benchmarks.md).
@@ -34,6 +37,15 @@ from .base import PAD_POSITION
 
 MAX_PREFILL_CHUNK = 64  # the fused Nectar kernel is built for short local prefills
 SMALL_HIDDEN = 1024  # hidden sizes up to this take the fused-GEMV path on CUDA
+# The fused layer for small models at ≤ FUSED_LAYER_MAX_ROWS rows (B*T; decode at batch ≤ 4): the
+# whole MLP in one launch and, with FUSED_OPROJ, the o-projection in the attention kernel's epilogue
+# (3 launches a layer; else 4). Off by default: inside the CUDA-graph step on the H100 it measured
+# slower than the 5-launch layer (SmolLM2 shape, n = 1K, batch 1: 0.743 ms with 3 launches, 0.618 with
+# 4, 0.562 with 5; docs/benchmarks.md, gpu-profile). NECTAR_FUSED_LAYER=1 turns it on,
+# NECTAR_FUSED_OPROJ=0 keeps the o-projection a separate GEMV.
+FUSED_LAYER = False
+FUSED_LAYER_MAX_ROWS = 4
+FUSED_OPROJ = True
 CAPACITY_QUANTUM = 128  # local cache slots are allocated in multiples of this (reuse across resets)
 
 
@@ -46,6 +58,8 @@ class LayerWeights:
     ln2: torch.Tensor
     wgu: torch.Tensor  # [2 * I, hidden] = [gate; up]
     wd: torch.Tensor  # [hidden, I]
+    wo_t: torch.Tensor | None = None  # [Hq * D, hidden] = wo transposed (small models: fused o-projection)
+    wd_t: torch.Tensor | None = None  # [I, hidden] = wd transposed (small models: fused MLP)
 
 
 @dataclass
@@ -92,6 +106,12 @@ class FusedDecoder:
         # add, SiLU·up inside; 6 launches a layer for Nectar). Larger ones keep cuBLAS, which
         # streams big weights closer to the bandwidth limit.
         self.small_model = cfg.hidden_size <= SMALL_HIDDEN and not cfg.attention_bias
+        if self.small_model:  # the fused o-projection and MLP read W_o and W_down transposed (row slices)
+            for lw in layers:
+                if lw.wo_t is None:
+                    lw.wo_t = lw.wo.t().contiguous()
+                if lw.wd_t is None:
+                    lw.wd_t = lw.wd.t().contiguous()
         self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
 
     @property
@@ -167,11 +187,14 @@ class FusedDecoder:
         z = torch.zeros(batch, dtype=torch.int32, device=dev)
         return DecodeState(k, v, z + p, z + p, z.clone(), length=p)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, st: DecodeState) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, st: DecodeState, fused: bool | None = None) -> torch.Tensor:
         """ids, pos: [B, T] (device; pos < 0 marks left padding, never written to the cache);
         writes this step's KV at st.slot .. st.slot + T - 1 and attends over st.kv_start ..
         st.kv_len - 1 (the caller sets st.slot, st.kv_len = slot + T).
-        Returns the last token's logits [B, V] fp32. Capturable in a CUDA graph (no host syncs)."""
+        Returns the last token's logits [B, V] fp32. Capturable in a CUDA graph (no host syncs).
+        fused: None = the fused layer where `fused_layer` allows it; True forces it (a small
+        model; its attention runs the Triton kernels, on CPU only under Triton's interpreter);
+        False forbids it."""
         c = self.cfg
         b, t = ids.shape
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
@@ -186,6 +209,8 @@ class FusedDecoder:
         # still in fp32 Triton; benchmarks/probe_gen.py; that kernel now yields to cuBLAS too).
         small = self.small_model and x.device.type == "cuda" and (
             self.dtype != torch.float32 or b * t <= ROW_KERNEL_MAX_ROWS)
+        if fused or (fused is None and small and self.fused_layer(b * t)):
+            return self._forward_fused(x, pos, st, b, t)
         other = torch.empty_like(x) if small else None  # the residual stream ping-pongs between x and other
         delta = None  # the last sub-block's output, added to x by the next fused add + RMSNorm
         for i, lw in enumerate(self.layers):
@@ -215,35 +240,89 @@ class FusedDecoder:
         last = x.view(b, t, hid)[:, -1].contiguous()
         return F.linear(rmsnorm(last, self.norm, c.rms_eps), self.lm_head).float()
 
-    def attention(self, i: int, q: torch.Tensor, st: DecodeState, out: torch.Tensor) -> None:
-        """q: [B, Hq, T, D] -> out: [B, Hq, T, D] (a strided view), layer i."""
+    def fused_layer(self, rows: int) -> bool:
+        """Whether a CUDA step of `rows` = B*T rows runs the fused layer (small models only; off
+        unless FUSED_LAYER or NECTAR_FUSED_LAYER=1)."""
+        import os
+
+        on = os.environ.get("NECTAR_FUSED_LAYER", "1" if FUSED_LAYER else "0") != "0"
+        return on and self.small_model and rows <= FUSED_LAYER_MAX_ROWS and self.layers[0].wo_t is not None
+
+    def _forward_fused(self, x: torch.Tensor, pos: torch.Tensor, st: DecodeState, b: int, t: int) -> torch.Tensor:
+        """The decode step of a small model at ≤ FUSED_LAYER_MAX_ROWS rows, 3 launches a layer:
+
+            [add + RMSNorm + q|k|v + RoPE + KV write; zero acc_a]
+            → [attention (Nectar heads + local + merge, or the merge of full attention after its
+               split-KV document launch) + o-projection into acc_a; zero acc_m]
+            → [add + RMSNorm + gate|up + SiLU·up + down-projection into acc_m]
+
+        then [add + final RMSNorm + LM head]. The residual stream stays in the model dtype
+        (ping-pong between x and other); acc_a / acc_m are fp32 [B*T, hidden] deltas summed by
+        atomics (nondeterministic summation order), each zeroed by the launch before the one that
+        adds into it (after its PDL wait, so no extra launch)."""
+        c = self.cfg
+        hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        from nectar_kernels.fused import gemv, mlp_fused, qkv_rope
+
+        q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
+        o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)
+        other = torch.empty_like(x)
+        acc_a = torch.empty(b * t, hid, dtype=torch.float32, device=self.device)
+        acc_m = torch.empty_like(acc_a)
+        import os
+
+        oproj = os.environ.get("NECTAR_FUSED_OPROJ", "1" if FUSED_OPROJ else "0") != "0"
+        delta = None
+        for i, lw in enumerate(self.layers):
+            qkv_rope(x, lw.wqkv, delta, lw.ln1, c.rms_eps, other, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i],
+                     hq, hkv, zero=acc_a if oproj else None)
+            if delta is not None:
+                x, other = other, x
+            if oproj:
+                self.attention(i, q, st, o.transpose(1, 2), o_proj=(lw.wo_t, acc_a), zero=acc_m)
+                mlp_fused(x, acc_a, lw.ln2, c.rms_eps, other, lw.wgu, lw.wd_t, acc_m)
+            else:  # attention, then the o-projection GEMV (its output the MLP's residual delta)
+                self.attention(i, q, st, o.transpose(1, 2), zero=acc_m)
+                mlp_fused(x, gemv(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps, other, lw.wgu, lw.wd_t, acc_m)
+            x, other = other, x
+            delta = acc_m
+        last = x.view(b, t, hid)[:, -1]
+        return gemv(last, self.lm_head, delta.view(b, t, hid)[:, -1], self.norm, c.rms_eps,
+                    other.view(b, t, hid)[:, -1]).float()
+
+    def attention(self, i: int, q: torch.Tensor, st: DecodeState, out: torch.Tensor, o_proj=None, zero=None) -> None:
+        """q: [B, Hq, T, D] -> out: [B, Hq, T, D] (a strided view), layer i. o_proj = (WoT, acc),
+        zero: the fused o-projection and accumulator zeroing of the attention launch (CUDA only)."""
         scale = self.cfg.scale
         kl, vl = st.k[i], st.v[i]
         kind = self.document[0] if self.document else None
         if kind is None:
             raise NectarError("the fused decoder needs a document part (full KV or Nectar heads)")
-        if q.device.type == "cuda":
+        if q.device.type == "cuda" or o_proj is not None or zero is not None:
             from nectar_kernels.triton_nectar import full_layer_attention, nectar_layer_attention
 
             if kind == "nectar":
                 hw, hb, variant, width = self.document[1][i]
+                ws = self._workspace(q, kl.shape[1], o_proj is not None) if variant == "mlp" else None
                 nectar_layer_attention(q, kl, vl, st.kv_len, hw, hb, variant, width, scale, st.kv_start, out=out,
-                                       workspace=self._workspace(q, kl.shape[1]) if variant == "mlp" else None)
+                                       workspace=ws, o_proj=o_proj, zero=zero)
             else:
                 full_layer_attention(q, self.document[1][i], self.document[2][i], kl, vl, st.kv_len, scale,
-                                     st.kv_start, out=out)
+                                     st.kv_start, out=out, o_proj=o_proj, zero=zero)
             return
         out.copy_(_cpu_attention(self.document, i, q, kl, vl, st, scale))
 
-    def _workspace(self, q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    def _workspace(self, q: torch.Tensor, kv_heads: int, o_proj: bool = False) -> torch.Tensor:
         """The fused Nectar kernel's zeroed workspace, one per step shape, shared by all layers
         (each launch leaves it zeroed; launches on one stream never overlap)."""
-        from nectar_kernels.triton_nectar import workspace_numel
+        from nectar_kernels.triton_nectar import OPROJ_TUNING, workspace_numel
 
-        key = tuple(q.shape)
+        rpb = OPROJ_TUNING["rows_per_block"] if o_proj else None
+        key = (tuple(q.shape), rpb)
         if key not in self._workspaces:
-            self._workspaces[key] = torch.zeros(workspace_numel(q.shape[0], q.shape[1], kv_heads, q.shape[2], q.shape[3]),
-                                                device=q.device, dtype=torch.float32)
+            self._workspaces[key] = torch.zeros(
+                workspace_numel(q.shape[0], q.shape[1], kv_heads, q.shape[2], q.shape[3], rpb),
+                device=q.device, dtype=torch.float32)
         return self._workspaces[key]
 
 

@@ -173,3 +173,142 @@ def test_fp32_full_attention_cublas_partials_match_exact(b, t, n):
     po, pl = doc_attention_partials_cublas(q, kd, vd, d**-0.5)
     po2, pl2 = doc_attention_partials(q, kd, vd, d**-0.5, split_len=n)  # one split: same numbers
     assert _rel(po, po2) <= 1e-4 and (pl - pl2).abs().max() <= 1e-3
+
+
+# ---------------------------------------------------------------- the 3-launch decode layer
+# (o-projection in the attention kernel's epilogue, the whole MLP in one launch; fp32 atomics)
+
+def _oproj_inputs(b, hq, t, d, hid, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    wo = (torch.randn(hid, hq * d, generator=g) * (hq * d) ** -0.5).to(DEV, dtype)
+    acc0 = torch.randn(b * t, hid, generator=g).to(DEV)
+    zero = torch.randn(b * t * hid + 5, generator=g).to(DEV)  # any length: zeroed by the launch
+    return wo, acc0, zero
+
+
+@pytest.mark.parametrize("rows_per_block", [1, None])
+@pytest.mark.parametrize("variant", ["mlp", "quadrature"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 9, 3, 1, 64, 70, 256, 576), (4, 8, 2, 1, 64, 40, 96, 200)] if GPU
+                         else [(2, 6, 2, 1, 32, 37, 48, 40), (1, 4, 2, 3, 16, 20, 40, 24)], ids=str)
+def test_attention_oproj_epilogue_matches_torch(shape, dtype, variant, rows_per_block, monkeypatch):
+    """The attention launch with the o-projection fused in: o as before, acc += o @ Wo^T (fp32
+    atomics onto a non-zero accumulator), the zero target zeroed, on fresh random inputs."""
+    from nectar_kernels import triton_nectar
+
+    monkeypatch.setitem(triton_nectar.OPROJ_TUNING, "rows_per_block", rows_per_block)
+    b, hq, hkv, t, d, s, width, hid = shape
+    for seed in range(2):
+        q, k, v, kv_len, kv_start = _inputs(b, hq, hkv, t, d, s, dtype, 20 + seed)
+        hw, hb = random_layer(variant, width, hkv, d, dtype=dtype, device=DEV, seed=seed + 3)
+        wo, acc0, zero = _oproj_inputs(b, hq, t, d, hid, dtype, seed)
+        acc = acc0.clone()
+        out = torch.full((b, t, hq, d), float("nan"), device=DEV, dtype=dtype).transpose(1, 2)  # the step's layout
+        nectar_layer_attention(q, k, v, kv_len, hw, hb, variant, width, d**-0.5, kv_start=kv_start, out=out,
+                               o_proj=(wo.t().contiguous(), acc), zero=zero)
+        ref = nectar_layer_attention_reference(q, k, v, kv_len, hw, hb, variant, width, d**-0.5, kv_start,
+                                               compute_dtype=torch.float64)
+        assert _rel(out, ref) <= TOL[dtype], seed
+        want = ref.double().transpose(1, 2).reshape(b * t, hq * d) @ wo.double().t()
+        assert _rel(acc.double() - acc0.double(), want) <= TOL[dtype], seed
+        assert (zero == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,t,n", [(1, 1, 300), (4, 1, 1000)] if GPU else [(2, 1, 70), (1, 3, 40)])
+def test_full_attention_oproj_epilogue_matches_torch(dtype, b, t, n):
+    hq, hkv, d, s, hid = 6, 2, 64 if GPU else 32, 9 + t, 48
+    q, k, v, kv_len, _ = _inputs(b, hq, hkv, t, d, s, dtype, 4)
+    kd = torch.randn(1, hkv, n, d).to(DEV, dtype)
+    vd = torch.randn(1, hkv, n, d).to(DEV, dtype)
+    wo, acc0, zero = _oproj_inputs(b, hq, t, d, hid, dtype, 9)
+    acc = acc0.clone()
+    out = full_layer_attention(q, kd, vd, k, v, kv_len, d**-0.5, split_len=128, o_proj=(wo.t().contiguous(), acc),
+                               zero=zero)
+    kk = torch.cat([kd.expand(b, -1, -1, -1), k], 2)
+    vv = torch.cat([vd.expand(b, -1, -1, -1), v], 2)
+    ref, _ = local_attention_reference(q.double(), kk, vv, kv_len + n, torch.zeros_like(kv_len), d**-0.5)
+    assert _rel(out, ref) <= TOL[dtype]
+    want = ref.transpose(1, 2).reshape(b * t, hq * d) @ wo.double().t()
+    assert _rel(acc.double() - acc0.double(), want) <= TOL[dtype]
+    assert (zero == 0).all()
+
+
+@pytest.mark.parametrize("block_i,split_k", [(8, False), (16, True)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,i_dim", [(1, 576, 1536), (4, 576, 1536), (2, 1024, 2816)] if GPU
+                         else [(1, 48, 40), (3, 32, 24)])
+def test_fused_mlp_matches_torch(dtype, m, k, i_dim, block_i, split_k):
+    """add + RMSNorm + gate|up + SiLU·up + down-projection in one launch (split over the
+    intermediate axis, fp32 atomics onto a non-zero accumulator) against the float64 torch path."""
+    from nectar_kernels.fused import mlp_fused
+
+    g = torch.Generator(device="cpu").manual_seed(m * 7 + k)
+    x = torch.randn(m, k, generator=g).to(DEV, dtype)
+    delta = torch.randn(m, k, generator=g).to(DEV)  # an fp32 accumulator
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEV)
+    wgu = (torch.randn(2 * i_dim, k, generator=g) * k**-0.5).to(DEV, dtype)
+    wd_t = (torch.randn(i_dim, k, generator=g) * i_dim**-0.5).to(DEV, dtype)
+    acc0 = torch.randn(m, k, generator=g).to(DEV)
+    acc, xo = acc0.clone(), torch.full((m, k), float("nan"), device=DEV, dtype=dtype)
+    mlp_fused(x, delta, nw, 1e-5, xo, wgu, wd_t, acc, backend="triton", tuning={"block_i": block_i, "split_k": split_k})
+    acc_r, xo_r = acc0.double().clone(), torch.empty(m, k, device=DEV, dtype=torch.float64)
+    mlp_fused(x.double(), delta.double(), nw.double(), 1e-5, xo_r, wgu.double(), wd_t.double(), acc_r, backend="torch")
+    assert _rel(acc.double() - acc0.double(), acc_r - acc0.double()) <= TOL[dtype]
+    assert torch.equal(xo, (x.float() + delta).to(dtype))  # the new residual stream, rounded once
+
+
+def test_qkv_rope_zeroes_the_accumulator():
+    from nectar_kernels.fused import qkv_rope
+
+    b, t, hq, hkv, d, k = 2, 1, 4, 2, 16, 48
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(b * t, k, generator=g).to(DEV)
+    w = (torch.randn((hq + 2 * hkv) * d, k, generator=g) * k**-0.5).to(DEV)
+    pos = torch.tensor([[5], [9]], device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(DEV)
+    slot = torch.tensor([1, 2], dtype=torch.int32, device=DEV)
+    q = torch.empty(b, hq, t, d, device=DEV)
+    kc, vc = torch.zeros(b, hkv, 4, d, device=DEV), torch.zeros(b, hkv, 4, d, device=DEV)
+    zero = torch.randn(b * t, k, generator=g).to(DEV)
+    qkv_rope(x, w, None, torch.ones(k, device=DEV), 1e-5, None, pos, inv, slot, q, kc, vc, hq, hkv,
+             backend="triton", zero=zero)
+    assert (zero == 0).all()
+
+
+@pytest.mark.parametrize("method", ["nectar", "full"])
+def test_fused_layer_step_matches_unfused_step(method):
+    """A whole decode step of a small random model (SmolLM2-like head counts): the 3-launch layer
+    (forced) against the unfused step (GPU: fused GEMVs, 5 launches a layer; CPU: plain torch),
+    same state, same logits within the dtype's tolerance; batch 3, one token."""
+    from nectar_models.config import ModelConfig
+    from nectar_runtime.backends.cuda_graph import FusedDecoder
+
+    dtype = torch.bfloat16 if GPU else torch.float32
+    cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=192 if GPU else 48, intermediate_size=320 if GPU else 40,
+                      num_layers=2, num_heads=6, num_kv_heads=2, head_dim=32 if GPU else 16, rms_eps=1e-5,
+                      tie_embeddings=True, max_position=4096)
+    dec = FusedDecoder.random(cfg, dtype, DEV, seed=5)
+    n, b = 300, 3
+    if method == "nectar":
+        dec.set_nectar_document([random_layer("mlp", 48, 2, cfg.head_dim, dtype=dtype, device=DEV, seed=l) + ("mlp", 48)
+                                 for l in range(2)], n)
+    else:
+        g = torch.Generator(device="cpu").manual_seed(2)
+        ks = [torch.randn(1, 2, n, cfg.head_dim, generator=g).to(DEV, dtype) for _ in range(2)]
+        vs = [torch.randn(1, 2, n, cfg.head_dim, generator=g).to(DEV, dtype) for _ in range(2)]
+        dec.set_full_document(ks, vs, n)
+    st = dec.new_state(b, 16)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    st.k.copy_(torch.randn(st.k.shape, generator=g).to(dtype))
+    st.v.copy_(torch.randn(st.v.shape, generator=g).to(dtype))
+    st.slot.copy_(torch.tensor([7, 3, 9], dtype=torch.int32))
+    st.kv_len.copy_(st.slot + 1)
+    st.kv_start.copy_(torch.tensor([0, 2, 1], dtype=torch.int32))
+    ids = torch.tensor([[5], [17], [60]], device=DEV)
+    pos = (st.slot.long() + n)[:, None]
+    with torch.inference_mode():
+        want = dec.forward(ids, pos, st, fused=False)
+        got = dec.forward(ids, pos, st, fused=True)
+    assert not got.isnan().any()
+    assert _rel(got, want) <= TOL[dtype]
