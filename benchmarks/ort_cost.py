@@ -88,6 +88,57 @@ def weight_floor_ms(graph: Path, threads: int) -> tuple[float, int, float]:
         return _time_session(sess, feeds), len(nodes), mb
 
 
+def int8_kernel_floors_ms(graph: Path, threads: int) -> dict[str, float]:
+    """The fp32 bundle's weight matmuls at 8 bits through each int8 kernel ORT offers on this CPU, with
+    one token of random activations: MatMulNBits (8 bits, blocks of 32 and 64, accuracy level 4: int8
+    activations, integer dot products) and the standard-op pattern DynamicQuantizeLinear → MatMulInteger
+    → Cast → Mul (per-column symmetric int8 weights; ORT fuses it into its dynamic-quantization matmul).
+    Tells whether another int8 kernel would make the int8 bundle faster."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nectar_export.export.quantize import quantize_blockwise
+    from nectar_runtime.backends.ort_backend import session_options
+
+    m = onnx.load(str(graph))
+    weights = [numpy_helper.to_array(t) for t in m.graph.initializer if len(t.dims) == 2 and np.prod(t.dims) >= BIG
+               and any(n.op_type == "MatMul" and n.input[1] == t.name for n in m.graph.node)]
+    rng = np.random.default_rng(0)
+    out = {}
+    for kind in ("MatMulNBits-8 block 32", "MatMulNBits-8 block 64", "MatMulInteger per-column"):
+        nodes, inits, inputs, outputs, feeds = [], [], [], [], {}
+        for i, w in enumerate(weights):
+            (k, n), x, y = w.shape, f"x{i}", f"y{i}"
+            feeds[x] = rng.standard_normal((1, k)).astype(np.float32)
+            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, k]))
+            outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+            if kind.startswith("MatMulNBits"):
+                block = int(kind.rsplit(" ", 1)[1])
+                packed, scales, zeros = quantize_blockwise(w.astype(np.float32), 8, block)
+                inits += [numpy_helper.from_array(a, f"{nm}{i}") for a, nm in ((packed, "w"), (scales, "s"), (zeros, "z"))]
+                nodes.append(helper.make_node("MatMulNBits", [x, f"w{i}", f"s{i}", f"z{i}"], [y], domain="com.microsoft",
+                                              K=k, N=n, bits=8, block_size=block, accuracy_level=4))
+            else:
+                scale = (np.abs(w).max(0) / 127.0).clip(1e-12).astype(np.float32)
+                q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+                inits += [numpy_helper.from_array(q, f"w{i}"), numpy_helper.from_array(scale, f"s{i}"),
+                          numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")]
+                nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"xq{i}", f"xs{i}", f"xz{i}"]),
+                          helper.make_node("MatMulInteger", [f"xq{i}", f"w{i}", f"xz{i}", f"z{i}"], [f"acc{i}"]),
+                          helper.make_node("Cast", [f"acc{i}"], [f"accf{i}"], to=TensorProto.FLOAT),
+                          helper.make_node("Mul", [f"xs{i}", f"s{i}"], [f"sc{i}"]),
+                          helper.make_node("Mul", [f"accf{i}", f"sc{i}"], [y])]
+        sub = helper.make_model(helper.make_graph(nodes, "int8", inputs, outputs, inits),
+                                opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "int8.onnx"
+            onnx.save(sub, str(p), save_as_external_data=True, location="int8.data")
+            sess = ort.InferenceSession(str(p), session_options(threads), providers=["CPUExecutionProvider"])
+            out[kind] = _time_session(sess, feeds)
+    return out
+
+
 def optimized_node_count(graph: Path, threads: int) -> int:
     import onnx
     import onnxruntime as ort
@@ -156,6 +207,13 @@ def docs_section(rep: dict) -> str:
         lines.append(f"- ≥ 2× fp32 needs ≤ {need:.2f} ms per token, i.e. a rest ≤ {need:.2f} ms − the weight floor: "
                      + ", ".join(f"{q} ≤ {need - r['weight_floor_ms']:.2f} ms (measured {r['rest_ms']:.2f})"
                                  for q, r in by.items() if q != "fp32") + ".")
+    alt = rep.get("int8_kernel_floors_ms")
+    if alt and fp32:
+        lines.append("- The int8 kernel is not the missing piece: the fp32 bundle's weight matmuls at 8 bits take "
+                     + ", ".join(f"{v:.2f} ms with {k}" for k, v in alt.items())
+                     + f" (same run, one token). With the fastest, the weight matmuls alone take "
+                     f"{min(alt.values()) / fp32['ms_per_token']:.0%} of an fp32 token, so 2× needs the rest of the int8 "
+                     "step (attention, heads, norms, RoPE) to shrink to a few tenths of a millisecond.")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -189,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
            "machine": machine_info(threads), "threads": threads, "onnxruntime": onnxruntime.__version__,
            "trivial_node_us": trivial_node_us(threads), "trivial_node_profiled_us": trivial_node_us(threads, profiled=True),
            "bundles": rows}
+    fp32_path = next((p for p, r in zip(paths, rows) if r["quantize"] == "fp32"), None)
+    if fp32_path is not None:
+        rep["int8_kernel_floors_ms"] = int8_kernel_floors_ms(next(fp32_path.glob("*.onnx")), threads)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rep, indent=1))
     write_docs(Path(a.docs), docs_section(rep), BEGIN, END)
