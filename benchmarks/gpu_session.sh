@@ -10,7 +10,7 @@
 #                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|fitgpu|profiles}
+stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -126,5 +126,23 @@ profiles)  # the published profiles: both shapes, n 1K..128K, batch 1 and 16, + 
     python3 benchmarks/step_breakdown.py --shape smollm2-135m --n $n --batch 1 2>&1 | grep -v Warn | tee -a "$OUT/breakdown.log"
   done
   python3 benchmarks/step_breakdown.py --shape llama3-8b --n 131072 --batch 1 2>&1 | grep -v Warn | tee -a "$OUT/breakdown.log"
+  ;;
+quality)  # after setup (carry .carry/b on the first call): with FIT=1 the fresh-machine `nectar fit` timing and the
+          # real-artifact parity tests (CLI on the CUDA-graph step); then benchmarks/nectar_quality.py on the manuals
+          # in $MANUALS with the settings in $QARGS (records in $OUT/q; semantic similarity later, on the CPU)
+  if [ ! -s /root/smol.gguf ]; then  # via a temp file: a failed cat must not leave an empty model behind
+    cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf.tmp && mv /root/smol.gguf.tmp /root/smol.gguf || exit 1
+  fi
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  if [ "${FIT:-0}" = 1 ]; then
+    /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out /root/grep.nectar 2>&1 \
+      | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit.log"
+    NECTAR_TEST_ARTIFACT=/root/grep.nectar NECTAR_TEST_MODEL=/root/smol.gguf NECTAR_TEST_QUESTIONS=/root/manuals/grep.questions.jsonl \
+      python3 -m pytest -q -p no:timeout tests/kernels/test_real_artifact.py tests/kernels/test_fused_decoder.py 2>&1 | tail -8 | tee "$OUT/tests.log"
+  fi
+  mkdir -p "$OUT/q"
+  python3 benchmarks/nectar_quality.py run --manuals /root/manuals --model /root/smol.gguf --device cuda --only "${MANUALS:?}" \
+    --no-semantic ${QARGS:-} --out-dir "$OUT/q" 2>&1 | grep -v Warn | tee "$OUT/q.log"
   ;;
 esac

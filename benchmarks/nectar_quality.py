@@ -72,7 +72,7 @@ def run(a: argparse.Namespace) -> None:
         questions = read_questions(doc.with_suffix(".questions.jsonl"))
         for budget, alloc, variant, on_policy, over in settings:
             fcfg = FitConfig(**{"variant": variant, "allocation": alloc, "budget_fraction": budget, "seed": a.seed,
-                                **({"steps": a.steps} if a.steps else {}), **over})
+                                **({"steps": a.steps} if a.steps else {}), **over}).for_device(a.device.split(":")[0])
             n_params, kvb = budget_params(ctx, cfg, fcfg)
             t1 = time.time()
             res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
@@ -114,8 +114,16 @@ def overrides(text: str) -> dict:
     for item in filter(None, text.split(";")):
         k, v = item.split("=")
         dv = getattr(d, k)
-        out[k] = v in ("1", "true", "True") if isinstance(dv, bool) else type(dv)(v) if dv is not None else float(v)
+        out[k] = v in ("1", "true", "True") if isinstance(dv, bool) else type(dv)(v) if dv is not None else _number(v)
     return out
+
+
+def _number(v: str) -> int | float:
+    """A field whose default is None (steps, budget_mb): int when the text is one."""
+    try:
+        return int(v)
+    except ValueError:
+        return float(v)
 
 
 def setting_label(r: dict) -> str:

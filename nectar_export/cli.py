@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nectar_runtime.errors import NectarError
 
-from .config import ALLOCATIONS, VARIANTS, FitConfig
+from .config import ALLOCATIONS, DEFAULT_STEPS, VARIANTS, FitConfig
 
 
 def _fit_config(a: argparse.Namespace) -> FitConfig:
@@ -136,7 +136,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation, help="(default %(default)s)")
     p.add_argument("--budget-mb", type=float, default=d.budget_mb, help="artifact size in MB (default: --budget-fraction of the document's fp16 KV bytes)")
     p.add_argument("--budget-fraction", type=float, default=d.budget_fraction, help="(default %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="training steps (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--lr", type=float, default=d.lr, help="(default %(default)s)")
     p.add_argument("--position-span", type=int, default=1024, help="local positions the probes cover after the document (default %(default)s)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")

@@ -363,6 +363,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
     torch.manual_seed(cfg.seed)
     num_layers = len(qs_train.q)
     device = qs_train.q[0].device
+    cfg = cfg.for_device(device.type)
     widths = uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)
     probe = None
     if cfg.allocation == "adaptive":

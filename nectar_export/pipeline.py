@@ -109,6 +109,7 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
 
     timer = StageTimer()
     torch.manual_seed(fit_cfg.seed)
+    fit_cfg = fit_cfg.for_device(torch.device(base.device).type)  # the manifest records the steps actually trained
     model, cfg = base.model, base.config
     ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
     with timer.stage("prefill document", log):
