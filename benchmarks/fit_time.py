@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         "machine": cpu_name() if device == "cpu" else "GPU", "threads": a.threads,
         "wall_s": round(wall, 1), "stages_s": m["timings_s"], "target_s": a.target_s,
         "met": wall <= a.target_s, "allocation": m["allocation"], "steps": m["fit_config"]["steps"],
+        "budget_fraction": m["fit_config"]["budget_fraction"], "date": time.strftime("%Y-%m-%d"),
         "artifact_bytes": m["artifact_bytes"], "kv_bytes": m["kv_bytes"],
         "heldout_o_rel_error_mean": sum(m["metrics"]["heldout"]["o_rel_error"]) / len(m["metrics"]["heldout"]["o_rel_error"]),
     }
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
 ## `nectar fit` wall time ({device})
 
 Command: `python benchmarks/fit_time.py --doc {rec['doc']} --device {a.device} --threads {a.threads}`
-(default settings: {rec['allocation']} allocation, {rec['steps']} steps). Machine: {rec['machine']}, {a.threads} threads.
+(default settings: {rec['allocation']} allocation, budget {rec['budget_fraction']:g} of the document's fp16 KV
+({100 * rec['artifact_bytes'] / rec['kv_bytes']:.1f}% reached), {rec['steps']} steps). Machine: {rec['machine']}, {a.threads} threads, {rec['date']}.
 Document: {rec['doc']}, n = {rec['n_tokens']} tokens.
 
 | stage | seconds |

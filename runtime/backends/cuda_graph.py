@@ -46,6 +46,12 @@ SMALL_HIDDEN = 1024  # hidden sizes up to this take the fused-GEMV path on CUDA
 FUSED_LAYER = False
 FUSED_LAYER_MAX_ROWS = 4
 FUSED_OPROJ = True
+def _fused_layer_on() -> bool:
+    import os
+
+    return os.environ.get("NECTAR_FUSED_LAYER", "1" if FUSED_LAYER else "0") != "0"
+
+
 CAPACITY_QUANTUM = 128  # local cache slots are allocated in multiples of this (reuse across resets)
 
 
@@ -106,12 +112,8 @@ class FusedDecoder:
         # add, SiLU·up inside; 6 launches a layer for Nectar). Larger ones keep cuBLAS, which
         # streams big weights closer to the bandwidth limit.
         self.small_model = cfg.hidden_size <= SMALL_HIDDEN and not cfg.attention_bias
-        if self.small_model:  # the fused o-projection and MLP read W_o and W_down transposed (row slices)
-            for lw in layers:
-                if lw.wo_t is None:
-                    lw.wo_t = lw.wo.t().contiguous()
-                if lw.wd_t is None:
-                    lw.wd_t = lw.wd.t().contiguous()
+        if self.small_model and _fused_layer_on():  # only then: the copies cost a third of the layer weights
+            self._transpose_for_fused()
         self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
 
     @property
@@ -243,10 +245,15 @@ class FusedDecoder:
     def fused_layer(self, rows: int) -> bool:
         """Whether a CUDA step of `rows` = B*T rows runs the fused layer (small models only; off
         unless FUSED_LAYER or NECTAR_FUSED_LAYER=1)."""
-        import os
+        return _fused_layer_on() and self.small_model and rows <= FUSED_LAYER_MAX_ROWS and self.layers[0].wo_t is not None
 
-        on = os.environ.get("NECTAR_FUSED_LAYER", "1" if FUSED_LAYER else "0") != "0"
-        return on and self.small_model and rows <= FUSED_LAYER_MAX_ROWS and self.layers[0].wo_t is not None
+    def _transpose_for_fused(self) -> None:
+        """The fused o-projection and MLP read W_o and W_down transposed (row slices)."""
+        for lw in self.layers:
+            if lw.wo_t is None:
+                lw.wo_t = lw.wo.t().contiguous()
+            if lw.wd_t is None:
+                lw.wd_t = lw.wd.t().contiguous()
 
     def _forward_fused(self, x: torch.Tensor, pos: torch.Tensor, st: DecodeState, b: int, t: int) -> torch.Tensor:
         """The decode step of a small model at ≤ FUSED_LAYER_MAX_ROWS rows, 3 launches a layer:
@@ -263,6 +270,8 @@ class FusedDecoder:
         c = self.cfg
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         from nectar_kernels.fused import gemv, mlp_fused, qkv_rope
+
+        self._transpose_for_fused()  # no-op once done (forced `fused=True` with the switch off)
 
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
         o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)
