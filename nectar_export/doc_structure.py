@@ -235,7 +235,7 @@ def find_options(text: str) -> list[OptionDef]:
 def find_paragraphs(text: str, max_chars: int = 1200) -> list[Paragraph]:
     """Blank-line separated blocks with some prose in them; long blocks cut at sentence ends."""
     out = []
-    for m in re.finditer(r"\S(?:.|\n(?![ \t]*\n))*", text):
+    for m in re.finditer(r"\S(?:.|\n(?![ \t\r]*\n))*", text):  # \r: CRLF files have blank lines too
         start, end = m.start(), m.end()
         if sum(c.isalpha() for c in m.group()) < 40:
             continue

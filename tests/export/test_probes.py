@@ -111,6 +111,17 @@ def test_markdown_structure():
     assert {"widget.toml", "WIDGET_HOME", "widget.setup()"} <= codes
 
 
+def test_crlf_document_has_the_same_structure():
+    crlf = MARKDOWN.replace("\n", "\r\n")
+    lf, cr = extract_structure(MARKDOWN), extract_structure(crlf)
+    assert [s.title for s in cr.sections] == [s.title for s in lf.sections]
+    assert {f for o in cr.options for f in o.flags} == {f for o in lf.options for f in o.flags}
+    assert len(cr.paragraphs) == len(lf.paragraphs) > 1  # blank CRLF lines separate paragraphs
+    # offsets index the CRLF text itself: the same paragraph texts up to line endings
+    assert [crlf[p.start : p.end].replace("\r", "").strip() for p in cr.paragraphs] == \
+        [MARKDOWN[p.start : p.end].strip() for p in lf.paragraphs]
+
+
 def test_plain_prose_without_headings_still_yields_questions():
     st = extract_structure(PROSE)
     assert st.sections == () and st.options == ()
