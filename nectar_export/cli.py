@@ -23,7 +23,7 @@ def _fit_config(a: argparse.Namespace) -> FitConfig:
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
-    from .pipeline import document_context, fit_document, load_base
+    from .pipeline import check_budget, document_context, fit_document, load_base
     from .probes import ProbeConfig
 
     fit_cfg = _fit_config(a)
@@ -37,7 +37,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     base = load_base(a.model, a.device)
     load_s = time.perf_counter() - t0
-    document_context(base, a.document)  # beyond the window: one error line, before any progress output
+    ctx = document_context(base, a.document)  # beyond the window: one error line, before any progress output
+    check_budget(base, ctx, fit_cfg, a.document)  # too small a budget (a very short document): likewise
     print(f"[nectar fit] load model: {load_s:.1f} s", file=sys.stderr)
     fit_document(base, a.document, a.out, fit_cfg, probe_cfg, on_policy=a.on_policy, log=lambda s: print(s, file=sys.stderr))
     print(a.out)

@@ -100,6 +100,22 @@ def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[
     return int((budget_bytes - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kvb
 
 
+def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path) -> None:
+    """Refuse a budget below the smallest heads (width `width_multiple` in every layer), naming the
+    sizes and what to do: a very short document, or a too small --budget-mb."""
+    n_params, kvb = budget_params(ctx, base.config, fit_cfg)
+    least = spec_factory(base.config, fit_cfg.variant)((fit_cfg.width_multiple,) * base.config.num_layers).total_params()
+    if n_params < least:
+        prefix = kv_bytes(ctx.prefix_len, base.config)
+        need_mb = (2 * least + prefix) / 1e6
+        given = f"--budget-mb {fit_cfg.budget_mb:g}" if fit_cfg.budget_mb else \
+            f"{fit_cfg.budget_fraction:g} of its {kvb / 1e6:.2f} MB fp16 KV cache"
+        raise NectarError(f"{doc_path}: {ctx.n} tokens; the artifact budget ({given}) is below the smallest "
+                          f"Nectar heads ({need_mb:.2f} MB with the exact template prefix): pass --budget-mb "
+                          f"{need_mb:.2f} or more" + ("" if fit_cfg.budget_mb else
+                          ", or keep a document this short as plain context"))
+
+
 def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: FitConfig,
                  probe_cfg, on_policy: bool = False, progress: bool = True, log=print) -> dict:
     """Fit Nectar heads for one document and write the artifact. Returns the manifest."""
@@ -112,13 +128,12 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     fit_cfg = fit_cfg.for_device(torch.device(base.device).type)  # the manifest records the steps actually trained
     model, cfg = base.model, base.config
     ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
+    check_budget(base, ctx, fit_cfg, doc_path)
     with timer.stage("prefill document", log):
         cache = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device))
         full = cache.contexts()
         prefix, doc = split_prefix(full, ctx.prefix_len)
     n_params, kvb = budget_params(ctx, cfg, fit_cfg)
-    if n_params < spec_factory(cfg, fit_cfg.variant)((fit_cfg.width_multiple,) * cfg.num_layers).total_params():
-        raise NectarError(f"budget of {2 * n_params / 1e6:.2f} MB is too small for the smallest heads; raise --budget-mb")
     with timer.stage("build probes", log):
         probes = build_probes(model, base.tokenizer, ctx, full, probe_cfg, progress=progress)
         train_p, held_p = split_probes(probes, seed=fit_cfg.seed)

@@ -60,6 +60,15 @@ def test_fit_refuses_a_document_beyond_the_window(tmp_path, smollm2_gguf):
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.parametrize("budget", [[], ["--budget-mb", "0.5"]])
+def test_fit_refuses_a_budget_below_the_smallest_heads(tmp_path, smollm2_gguf, budget):
+    doc = tmp_path / "short.txt"
+    doc.write_text("The widget has two buttons. Press the red one to start and the blue one to stop.\n")
+    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "art"), *budget)
+    assert_one_line_error(r, "short.txt", "smallest Nectar heads", "--budget-mb")
+    assert not (tmp_path / "art").exists()
+
+
 def test_eval_and_ask_refuse_a_non_artifact(tmp_path):
     assert_one_line_error(nectar("ask", str(tmp_path), "hi"), "not a Nectar artifact")
     assert_one_line_error(nectar("eval", str(tmp_path / "nope"), "--questions", "x.jsonl"), "no such")
