@@ -78,7 +78,7 @@ def run(a: argparse.Namespace) -> None:
             res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
             if on_policy:
                 qs2 = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
-                                      prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads), progress=False)
+                                      prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads, cfg.layer_windows, ctx.n), progress=False)
                 res = fit_heads(qs2.select(~held_rows), qs2.select(held_rows), spec_factory(cfg, variant),
                                 n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
             t_fit = time.time() - t1

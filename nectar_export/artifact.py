@@ -37,11 +37,16 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
     """Write the artifact directory atomically; an existing `out` is replaced only on success."""
     from safetensors.torch import save_file
 
+    state = heads_state(heads)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged fit: refuse before anything is on disk
+        raise NectarError(f"{out}: the fitted heads hold non-finite values ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}); "
+                          "nothing written: retry with a lower --lr or another --seed, and report the model and document")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(heads_state(heads), str(tmp / "heads.safetensors"))
+        save_file(state, str(tmp / "heads.safetensors"))
         (tmp / "document.txt").write_text(document_text, encoding="utf-8")
         manifest = {
             **manifest,

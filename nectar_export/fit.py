@@ -34,16 +34,19 @@ class ModuleData:
             x = x.transpose(1, 2)  # [L, Hkv, N, G, ...]
             return x.reshape(x.shape[0] * x.shape[1], x.shape[2] * x.shape[3], *x.shape[4:]).contiguous()
 
-        self.q, self.o, self.lse = stack(qs.q), stack(qs.o), stack(qs.lse)
-        share = torch.sigmoid(stack(qs.lse) - stack(qs.lse_loc))
-        self.share = share
+        self.q, self.o, lse = stack(qs.q), stack(qs.o), stack(qs.lse)
+        # A sliding-window layer's query past the window sees no document key (o = 0, lse = −inf):
+        # nothing to learn there (at inference the context part is switched off by position,
+        # heads.NectarContext), so such samples get weight 0 and a finite placeholder target.
+        self.seen = torch.isfinite(lse)  # [M, S]
+        self.lse = torch.where(self.seen, lse, torch.zeros_like(lse))
+        self.share = torch.sigmoid(lse - stack(qs.lse_loc))  # 0 where unseen
 
     def weights(self, rows: torch.Tensor | slice, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.share[:, rows]
+        w, seen = self.share[:, rows], self.seen[:, rows].to(self.share.dtype)
         if weighting == "none":
-            one = torch.ones_like(w)
-            return one, one
-        return w.square() + WEIGHT_FLOOR, w * (1 - w) + WEIGHT_FLOOR
+            return seen, seen
+        return (w.square() + WEIGHT_FLOOR) * seen, (w * (1 - w) + WEIGHT_FLOOR) * seen
 
 
 def init_statistics(heads: NectarHeads, data: list[ModuleData], doc_kv: list | None) -> None:
@@ -52,10 +55,15 @@ def init_statistics(heads: NectarHeads, data: list[ModuleData], doc_kv: list | N
         if heads.spec.variant == "mlp":
             group.q_mean.copy_(d.q.mean(1, keepdim=True))
             group.q_std.copy_((d.q - group.q_mean).square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4))
-            group.o_mean.copy_(d.o.mean(1, keepdim=True))
-            group.o_std.copy_((d.o - group.o_mean).square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4))
-            group.l_mean.copy_(d.lse.mean(1, keepdim=True))
-            group.l_std.copy_(d.lse.std(1, keepdim=True).clamp_min(1e-3))
+            seen = d.seen.to(d.o.dtype)[..., None]  # targets over the samples that see the document
+            count = seen.sum(1, keepdim=True).clamp_min(1)  # [M, 1, 1]
+            group.o_mean.copy_((d.o * seen).sum(1, keepdim=True) / count)
+            group.o_std.copy_((((d.o - group.o_mean) * seen).square().sum(1, keepdim=True) / count).mean(2, keepdim=True)
+                              .sqrt().clamp_min(1e-4))
+            l_mean = (d.lse * seen[..., 0]).sum(1, keepdim=True) / count[..., 0]
+            l_var = ((d.lse - l_mean) * seen[..., 0]).square().sum(1, keepdim=True) / (count[..., 0] - 1).clamp_min(1)
+            group.l_mean.copy_(l_mean)
+            group.l_std.copy_(l_var.sqrt().clamp_min(1e-3))
         elif doc_kv is not None:
             _init_nodes_from_document(group, heads.group_layers[gi], doc_kv, heads.spec)
 
@@ -281,9 +289,9 @@ def layer_errors(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> dict[st
     The per-chunk sums stay on the device until one transfer at the end (summed on the host in
     float64, chunk by chunk, as before)."""
     spec = heads.spec
-    sums, counts = [], []  # per layer: per chunk [5] (e, o², share²·e, share²·o², |lse error|)
+    sums = []  # per layer: per chunk [6] (e, o², share²·e, share²·o², |lse error|, samples scored)
     for layer in range(spec.num_layers):
-        parts, count = [], 0
+        parts = []
         for s in range(0, qs.n, chunk):
             q = qs.q[layer][s : s + chunk]  # [N, Hkv, G, D]
             n, hkv, g, d = q.shape
@@ -292,18 +300,18 @@ def layer_errors(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> dict[st
             o = qs.o[layer][s : s + chunk].permute(1, 0, 2, 3).reshape(hkv, n * g, d)
             lse = qs.lse[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g)
             share = torch.sigmoid(lse - qs.lse_loc[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g))
-            e, o2 = (o_hat - o).square().sum(-1), o.square().sum(-1)
+            seen = torch.isfinite(lse)  # past a sliding window no document key is seen: not scored
+            e = torch.where(seen, (o_hat - o).square().sum(-1), 0.0)
+            o2 = torch.where(seen, o.square().sum(-1), 0.0)
             parts.append(torch.stack([e.sum(), o2.sum(), (share.square() * e).sum(), (share.square() * o2).sum(),
-                                      (l_hat - lse).abs().sum()]))
-            count += lse.numel()
-        sums.append(torch.stack(parts) if parts else torch.zeros(0, 5, device=qs.q[layer].device))
-        counts.append(count)
+                                      torch.where(seen, (l_hat - lse).abs(), 0.0).sum(), seen.sum().float()]))
+        sums.append(torch.stack(parts) if parts else torch.zeros(0, 6, device=qs.q[layer].device))
     host = [x.tolist() for x in torch.cat(sums).cpu().split([len(x) for x in sums])]
     rel, wrel, lmae = [], [], []
-    for per_chunk, count in zip(host, counts):
-        num = den = wnum = wden = labs = 0.0
-        for e, o2, we, wo2, la in per_chunk:
-            num, den, wnum, wden, labs = num + e, den + o2, wnum + we, wden + wo2, labs + la
+    for per_chunk in host:
+        num = den = wnum = wden = labs = count = 0.0
+        for e, o2, we, wo2, la, c in per_chunk:
+            num, den, wnum, wden, labs, count = num + e, den + o2, wnum + we, wden + wo2, labs + la, count + c
         rel.append(math.sqrt(num / max(den, 1e-12)))
         wrel.append(math.sqrt(wnum / max(wden, 1e-12)))
         lmae.append(labs / max(count, 1))

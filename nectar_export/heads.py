@@ -146,19 +146,35 @@ class NectarHeads(nn.Module):
 
 
 class NectarContext:
-    """One layer's document part served by Nectar heads (implements models' ContextAttention)."""
+    """One layer's document part served by Nectar heads (implements models' ContextAttention).
 
-    def __init__(self, heads: NectarHeads, layer: int):
-        self.heads, self.layer = heads, layer
+    `visible_before`: in a sliding-window layer, queries at positions ≥ this see no document key
+    (the last one, at context_len − 1, is a window behind): their lse is −inf, so the merge gives
+    the document no weight there, as exact attention would."""
+
+    def __init__(self, heads: NectarHeads, layer: int, visible_before: int | None = None):
+        self.heads, self.layer, self.visible_before = heads, layer, visible_before
 
     def __call__(self, q: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [B, Hkv, G, T, D], q_pos: [B, T] -> o [B, Hkv, G, T, D], lse [B, Hkv, G, T]."""
         b, hkv, g, t, d = q.shape
         x = q.permute(1, 0, 2, 3, 4).reshape(hkv, b * g * t, d).to(torch.float32)  # [Hkv, B*G*T, D]
         o, lse = self.heads.forward_layer(self.layer, x)
         o = o.view(hkv, b, g, t, d).permute(1, 0, 2, 3, 4).to(q.dtype)
         lse = lse.view(hkv, b, g, t).permute(1, 0, 2, 3)
+        if self.visible_before is not None:
+            lse = lse.masked_fill((q_pos >= self.visible_before)[:, None, None, :], float("-inf"))
         return o, lse
 
 
-def nectar_contexts(heads: NectarHeads) -> list[NectarContext]:
-    return [NectarContext(heads, l) for l in range(heads.spec.num_layers)]
+def visible_before(windows, context_len: int | None) -> list[int | None]:
+    """Per layer: the first query position that sees no document key (sliding-window layers,
+    window w: context_len − 1 + w), None for global layers or without context_len."""
+    return [context_len - 1 + w if w and context_len is not None else None for w in windows]
+
+
+def nectar_contexts(heads: NectarHeads, windows=None, context_len: int | None = None) -> list[NectarContext]:
+    """Per layer a NectarContext; with the model's layer windows and the context length, sliding-
+    window layers stop serving the document where exact attention would no longer see it."""
+    bounds = visible_before(windows or (0,) * heads.spec.num_layers, context_len)
+    return [NectarContext(heads, l, bounds[l]) for l in range(heads.spec.num_layers)]

@@ -82,10 +82,11 @@ def nectar_with_prefix(model, ctx: DocumentContext, heads: NectarHeads, device) 
     """What stands for the document at inference: exact template prefix (recomputed, tiny) + heads."""
     from nectar_models.attention import CompositeContext
 
+    served = nectar_contexts(heads, model.config.layer_windows, ctx.n)
     if ctx.prefix_len == 0:
-        return nectar_contexts(heads)
+        return served
     prefix = model.prefill_document(torch.tensor([ctx.context_ids[: ctx.prefix_len]], device=device)).contexts()
-    return [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads))]
+    return [CompositeContext([p, h]) for p, h in zip(prefix, served)]
 
 
 def spec_factory(cfg, variant: str):
@@ -180,7 +181,7 @@ def _refit_on_policy(base, ctx, prefix, doc, train_p, held_p, first: FitResult, 
     """Re-collect queries with the first heads serving every layer, then refit from scratch."""
     from .collect import collect_queries
 
-    serve = nectar_contexts(first.heads)
+    serve = nectar_contexts(first.heads, base.config.layer_windows, ctx.n)
     qs = collect_queries(base.model, doc, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
                          prefix_contexts=prefix, serve_contexts=serve, progress=progress)
     held_rows = qs.probe_index >= len(train_p)

@@ -163,7 +163,10 @@ class DecoderGraphWriter:
         ("local", w): [B, 1, G*T, c_in + S] over the inlined baked keys (the template prefix, see
         `inline_parts`) then the local keys, for window w (0 = global);
         (part, w): [B, 1, G*T, c] for a separately scored baked part with positions in a
-        sliding-window layer (a whole document under --method full).
+        sliding-window layer (a whole document under --method full);
+        ("heads", w): [B, 1, G*T, 1] for Nectar heads (MLP pseudo-key or quadrature nodes) in a
+        sliding-window layer: queries at or past context_len − 1 + w see no document key, so the
+        heads get no weight there (heads.NectarContext does the same in torch).
         """
         b, s = self.b, self.s
         p = "/model/masks"
@@ -188,6 +191,9 @@ class DecoderGraphWriter:
                                 f"{p}/{inline.name}_w{window}/Expand")
                 vis = b.op("Concat", [pvis, vis], f"{p}/w{window}/inline/Concat", axis=-1)
             out[("local", window)] = self._bias_from(vis, f"{p}/local_w{window}")
+        for w in sorted({w for w, c in zip(s.layer_windows, self.ctx) if w and _has_heads(c)}):
+            bound = b.const(s.context_len - 1 + w)
+            out[("heads", w)] = self._bias_from(b.op("Less", [qpos, bound], f"{p}/heads_w{w}/Less"), f"{p}/heads_w{w}")
         for li, c in enumerate(self.ctx):
             for part in c.baked:
                 if (inline is not None and part.name == inline.name) or part.positions is None or not s.layer_windows[li]:
@@ -378,6 +384,8 @@ class StandardAttention:
                 sc = b.op("Add", [sc, b.weight(f"{pw}.bias", part.bias.astype(np.float32))], f"{pp}/bias/Add")
             if part.positions is not None and window:
                 sc = b.op("Add", [sc, masks[(part.name, window)]], f"{pp}/mask/Add")
+            elif part.name == "nodes" and window:  # quadrature heads in a sliding-window layer
+                sc = b.op("Add", [sc, masks[("heads", window)]], f"{pp}/window/Add")
             scores.append(sc)
             values.append(b.weight(f"{pw}.value", part.v.astype(np.float32)))  # [Hkv, c, D]
             sizes.append(part.length)
@@ -396,6 +404,8 @@ class StandardAttention:
         f = None
         if ctx.heads is not None:
             f, g = mlp_heads(b, f"{p}/nectar_heads", f"{wn}.nectar_heads", q, ctx.heads, wr.gelu_erf)
+            if window:  # past the window the document is not seen: the pseudo-key gets no weight
+                g = b.op("Add", [g, masks[("heads", window)]], f"{p}/nectar_heads/window/Add")
             scores.append(g)  # the pseudo-key's logit: g(q) ≈ lse_ctx(q)
             sizes.append(1)
         allsc = scores[0] if len(scores) == 1 else b.op("Concat", scores, f"{p}/scores/Concat", axis=-1)
@@ -430,3 +440,8 @@ def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -
     y = b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul")
     f, g = b.op("Split", [y, b.const([d, 1])], f"{p}/out/Split", outputs=2, axis=-1)
     return b.op("Add", [f, skip], f"{p}/skip/Add"), g
+
+
+def _has_heads(ctx) -> bool:
+    """Whether a layer's context holds Nectar heads (an MLP pseudo-key or quadrature nodes)."""
+    return ctx.heads is not None or any(part.name == "nodes" for part in ctx.baked)

@@ -260,3 +260,37 @@ def test_fused_adam_is_torch_adams_fused_kernel():
         opt.step()
         ref_opt.step()
     assert all(torch.equal(p, q) for p, q in zip(ours, ref))
+
+
+@pytest.mark.parametrize("variant", ["mlp", "quadrature"])
+def test_sliding_window_layer_trains_finite_and_stops_past_the_window(variant):
+    """Past a sliding window a query sees no document key (lse = −inf): training must skip those
+    samples (a fit used to turn the score nets to NaN on Gemma 3), held-out errors stay finite, and
+    the served context gives the document no weight there."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position=512, layer_windows=(0, 12))
+    model = Decoder(cfg).eval()
+    cache = model.prefill_document(torch.randint(0, 64, (1, 60)))
+    g = torch.Generator().manual_seed(1)
+    probes = [torch.randint(0, 64, (30,), generator=g).tolist() for _ in range(16)]
+    qs = collect_queries(model, cache.contexts(), cache.context_len, probes, progress=False)
+    unseen = ~torch.isfinite(qs.lse[1])
+    assert unseen.any() and torch.isfinite(qs.lse[0]).all()  # the sliding layer has unseen rows
+    held = qs.probe_index >= 13
+    spec_for = lambda w: HeadsSpec(variant, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(w), cfg.scale)  # noqa: E731
+    fit_cfg = FitConfig(steps=40, batch=128, seed=3, variant=variant, allocation="adaptive", probe_steps=10,
+                        train_dtype="float32", linear_init=True)
+    res = fit_heads(qs.select(~held), qs.select(held), spec_for, 20_000, fit_cfg,
+                    [(c.k, c.v) for c in cache.contexts()], progress=False)
+    assert all(torch.isfinite(p).all() for p in res.heads.state_dict().values())
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in res.heldout.values())
+    assert all(torch.isfinite(torch.tensor(c)) for c in res.train_curve)
+    ctx = nectar_contexts(res.heads, cfg.layer_windows, cache.context_len)
+    q = qs.q[1][:4].permute(1, 2, 0, 3)[None]  # [1, Hkv, G, 4, D]
+    bound = cache.context_len - 1 + 12
+    pos = torch.tensor([[bound - 2, bound - 1, bound, bound + 5]])
+    _, lse = ctx[1](q, pos)
+    assert torch.isfinite(lse[..., :2]).all() and torch.isneginf(lse[..., 2:]).all()
+    _, lse0 = ctx[0](qs.q[0][:4].permute(1, 2, 0, 3)[None], pos)  # a global layer is never cut off
+    assert torch.isfinite(lse0).all()

@@ -55,7 +55,7 @@ def _backends(model, method: str, variant: str = "mlp", seed: int = 0, dtype=np.
     else:
         heads = _random_heads(cfg, variant, seed)
         prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
-        torch_ctx = [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads))]
+        torch_ctx = [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads, cfg.layer_windows, N_CTX))]
         parts = nectar_contexts_for_export(model, _Ctx(ids.tolist(), PREFIX), heads)
     proto = DecoderGraphWriter(graph_spec(model, N_CTX), decoder_weights(model), parts, dtype).build()
     onnx.checker.check_model(proto)

@@ -61,7 +61,7 @@ def test_trt_graph_checks_and_matches_the_torch_model(tmp_path, variant):
     assert {o.domain for o in inferred.opset_import} == {"", "nectar"}
 
     prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
-    ref = TorchBackend(model, [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads))], N_CTX)
+    ref = TorchBackend(model, [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads, cfg.layer_windows, N_CTX))], N_CTX)
     ref.reset(1, 32)
     ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op()])
     past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
