@@ -10,7 +10,7 @@
 #                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality}
+stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|gpart|gemma}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -143,6 +143,22 @@ quality)  # after setup (carry .carry/b on the first call): with FIT=1 the fresh
   fi
   mkdir -p "$OUT/q"
   python3 benchmarks/nectar_quality.py run --manuals /root/manuals --model /root/smol.gguf --device cuda --only "${MANUALS:?}" \
+    --no-semantic ${QARGS:-} --out-dir "$OUT/q" 2>&1 | grep -v Warn | tee "$OUT/q.log"
+  ;;
+gpart)  # Gemma 3 270M's GGUF (253 MB) in four back-to-back calls, carrying .carry/g0 (part 0, manuals) and .whl,
+        # then .carry/g1, .carry/g2, .carry/g3 (`split -n 4 -d -a 1 FILE gemma.part` makes the parts)
+  mkdir -p /root/gparts && cp .carry/g*/gemma.part* /root/gparts/ || exit 1
+  if [ -d .carry/g0/manuals ]; then rm -rf /root/manuals && cp -r .carry/g0/manuals /root/manuals; fi
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  ls -la /root/gparts
+  ;;
+gemma)  # after the four gpart calls: benchmarks/nectar_quality.py on Gemma 3 270M for $MANUALS (records in $OUT/q)
+  if [ ! -s /root/gemma.gguf ]; then
+    cat /root/gparts/gemma.part0 /root/gparts/gemma.part1 /root/gparts/gemma.part2 /root/gparts/gemma.part3 \
+      > /root/gemma.gguf.tmp && mv /root/gemma.gguf.tmp /root/gemma.gguf || exit 1
+  fi
+  mkdir -p "$OUT/q"
+  python3 benchmarks/nectar_quality.py run --manuals /root/manuals --model /root/gemma.gguf --device cuda --only "${MANUALS:?}" \
     --no-semantic ${QARGS:-} --out-dir "$OUT/q" 2>&1 | grep -v Warn | tee "$OUT/q.log"
   ;;
 esac

@@ -153,7 +153,17 @@ def report(a: argparse.Namespace) -> None:
             if s.get("semantic_similarity") is None:
                 s["semantic_similarity"] = mean(emb.similarity(ans[m], ans["full"]))
         p.write_text(json.dumps(rec, indent=1))
-    write_docs(recs, a)
+    if a.docs:
+        write_docs(recs, a)
+        return
+    cols = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
+    print("| manual | bytes % of KV | method | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for r in sorted(recs, key=lambda r: r["manual"]):
+        for m in ("nectar", "streaming", "none"):
+            s = r["methods"][m]
+            print(f"| {r['manual']} | {100 * r['artifact_bytes'] / r['kv_bytes']:.1f} | {m} | "
+                  + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
 
 
 def write_docs(recs: list[dict], a) -> None:
@@ -223,6 +233,8 @@ def main(argv=None) -> int:
     r.set_defaults(func=run)
     q = sub.add_parser("report")
     q.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    q.add_argument("--no-docs", dest="docs", action="store_false",
+                   help="fill in semantic similarity and print the table only (other models' records)")
     q.set_defaults(func=report)
     a = p.parse_args(argv)
     a.func(a)
