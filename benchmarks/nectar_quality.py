@@ -155,15 +155,21 @@ def report(a: argparse.Namespace) -> None:
         p.write_text(json.dumps(rec, indent=1))
     if a.docs:
         write_docs(recs, a)
-        return
+    else:
+        print("\n".join(table_lines(recs)))
+
+
+def table_lines(recs: list[dict]) -> list[str]:
+    """The markdown table of records: per (manual, setting) the nectar, streaming and none rows."""
     cols = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
-    print("| manual | bytes % of KV | method | " + " | ".join(cols) + " |")
-    print("|---|---|---|" + "---|" * len(cols))
-    for r in sorted(recs, key=lambda r: r["manual"]):
+    lines = ["| manual | n | setting | bytes % of KV | method | " + " | ".join(cols) + " |",
+             "|---|---|---|---|---|" + "---|" * len(cols)]
+    for r in sorted(recs, key=lambda r: (r["manual"], r["variant"], r["allocation"], r["budget_fraction"], r["on_policy"], setting_label(r))):
         for m in ("nectar", "streaming", "none"):
             s = r["methods"][m]
-            print(f"| {r['manual']} | {100 * r['artifact_bytes'] / r['kv_bytes']:.1f} | {m} | "
-                  + " | ".join(f"{s[c]:.3f}" for c in cols) + " |")
+            lines.append(f"| {r['manual']} | {r['n_tokens']} | {setting_label(r)} | {100 * r['artifact_bytes'] / r['kv_bytes']:.1f} | {m} | "
+                         + " | ".join(f"{s[c]:.3f}" if s[c] is not None else "-" for c in cols) + " |")
+    return lines
 
 
 def write_docs(recs: list[dict], a) -> None:
@@ -172,15 +178,8 @@ def write_docs(recs: list[dict], a) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
-    lines = ["| manual | n | setting | bytes % of KV | method | " + " | ".join(cols) + " |",
-             "|---|---|---|---|---|" + "---|" * len(cols)]
-    for r in sorted(recs, key=lambda r: (r["manual"], r["variant"], r["allocation"], r["budget_fraction"], r["on_policy"], setting_label(r))):
-        setting = setting_label(r)
-        for m in ("nectar", "streaming", "none"):
-            s = r["methods"][m]
-            lines.append(f"| {r['manual']} | {r['n_tokens']} | {setting} | {100 * r['artifact_bytes'] / r['kv_bytes']:.1f} | {m} | "
-                         + " | ".join(f"{s[c]:.3f}" if s[c] is not None else "-" for c in cols) + " |")
+    lines = table_lines(recs)
+    defaults = [r for r in recs if _is_default(r)]  # the current defaults: stars
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("agreement", "kl")):
         for manual in sorted({r["manual"] for r in recs}):
@@ -190,11 +189,9 @@ def write_docs(recs: list[dict], a) -> None:
                 continue
             line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{manual} nectar")
             ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=line.get_color(), alpha=0.6, label=f"{manual} streaming")
-            default = [r for r in recs if r["manual"] == manual and _is_default(r)]
-            for r in default:  # the current defaults: a star of the manual's colour
+            for r in (r for r in defaults if r["manual"] == manual):  # a star of the manual's colour
                 ax.plot(100 * r["artifact_bytes"] / r["kv_bytes"], r["methods"]["nectar"][metric], "*", ms=12,
-                        color=line.get_color(), label="current defaults (stars)" if manual == min(
-                            x["manual"] for x in recs if _is_default(x)) else None)
+                        color=line.get_color(), label="current defaults (stars)" if r is defaults[0] else None)
         ax.set_xlabel("artifact bytes, % of the document's fp16 KV")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

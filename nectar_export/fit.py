@@ -79,7 +79,7 @@ def init_linear_part(group, d: "ModuleData", weighting: str, ridge: float = 1e-3
         sl = slice(a, min(m, a + chunk))
         x = (d.q[sl] - group.q_mean[sl]) / group.q_std[sl]  # [c, S, D]
         y = (d.o[sl] - group.o_mean[sl]) / group.o_std[sl]  # [c, S, D]
-        w = weight[sl] / weight[sl].mean(1, keepdim=True)  # [c, S]
+        w = weight[sl] / weight[sl].mean(1, keepdim=True).clamp_min(1e-12)  # [c, S]; all-zero: a module no sample reaches
         xa = torch.cat([x, torch.ones_like(x[..., :1])], -1)  # [c, S, D+1]
         gram = xa.transpose(1, 2) @ (w[..., None] * xa) / s  # [c, D+1, D+1]
         rhs = xa.transpose(1, 2) @ (w[..., None] * y) / s  # [c, D+1, D]
@@ -372,7 +372,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
     num_layers = len(qs_train.q)
     device = qs_train.q[0].device
     cfg = cfg.for_device(device.type)
-    widths = uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)
+    widths = uniform = uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)
     probe = None
     if cfg.allocation == "adaptive":
         heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
@@ -380,8 +380,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
         errs = layer_errors(heads, qs_held)
         key = "o_rel_error_weighted" if cfg.weighting == "share" else "o_rel_error"
         widths = adaptive_widths(spec_for, errs[key], budget_params, cfg.width_multiple)
-        probe = {"uniform_widths": list(uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)),
-                 "errors": errs[key]}
+        probe = {"uniform_widths": list(uniform), "errors": errs[key]}
     torch.manual_seed(cfg.seed)
     heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
     curve = train_heads(heads, data, cfg, cfg.steps, progress=progress)

@@ -26,6 +26,7 @@ Supports LLaMA-family decoders without q/k norms or sliding windows (Llama 3, Sm
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,10 +47,15 @@ SMALL_HIDDEN = 1024  # hidden sizes up to this take the fused-GEMV path on CUDA
 FUSED_LAYER = False
 FUSED_LAYER_MAX_ROWS = 4
 FUSED_OPROJ = True
-def _fused_layer_on() -> bool:
-    import os
 
-    return os.environ.get("NECTAR_FUSED_LAYER", "1" if FUSED_LAYER else "0") != "0"
+
+def _switch(env: str, default: bool) -> bool:
+    """A module default, overridden by an environment variable ("0" off, anything else on)."""
+    return os.environ.get(env, "1" if default else "0") != "0"
+
+
+def _fused_layer_on() -> bool:
+    return _switch("NECTAR_FUSED_LAYER", FUSED_LAYER)
 
 
 CAPACITY_QUANTUM = 128  # local cache slots are allocated in multiples of this (reuse across resets)
@@ -278,9 +284,7 @@ class FusedDecoder:
         other = torch.empty_like(x)
         acc_a = torch.empty(b * t, hid, dtype=torch.float32, device=self.device)
         acc_m = torch.empty_like(acc_a)
-        import os
-
-        oproj = os.environ.get("NECTAR_FUSED_OPROJ", "1" if FUSED_OPROJ else "0") != "0"
+        oproj = _switch("NECTAR_FUSED_OPROJ", FUSED_OPROJ)
         delta = None
         for i, lw in enumerate(self.layers):
             qkv_rope(x, lw.wqkv, delta, lw.ln1, c.rms_eps, other, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i],
