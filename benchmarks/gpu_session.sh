@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All GPU work of issue 5 in few device calls (see docs/benchmarks.md, section gpu-profile).
 #   stage probe: GPU tests + per-kernel breakdown + a short profile (no model file needed)
+#   stage defer: the deferred Nectar merge: kernel tests, in-step A/B and launch sweep, breakdown, short profile
 #   stage sweep: launch parameters of the fused kernels (benchmarks/kernel_sweep.py)
 #   stage setup: install, first half of the SmolLM2 GGUF (carry .carry/a and .whl)
 #   stage kern:  GPU kernel tests, per-kernel breakdown (PDL on/off), short profile, in-step launch sweep
@@ -10,7 +11,7 @@
 #                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|gpart|gemma}
+stage=${1:?stage: probe|kern|defer|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|gpart|gemma}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -58,6 +59,14 @@ kern)  # kernel-level check after a kernel change: GPU tests, per-kernel breakdo
   python3 benchmarks/step_breakdown.py --shape smollm2-135m --n 131072 --batch 1 --methods full 2>&1 | tee -a "$OUT/breakdown.log"
   python3 benchmarks/step_sweep.py 2>&1 | tee "$OUT/step_sweep.log"
   python3 benchmarks/probe_gen.py 2>&1 | grep -v Warn | tee "$OUT/probe_gen.log"
+  ;;
+defer)  # the deferred merge: GPU kernel tests, in-step A/B against the merge inside the kernel, breakdown, short profile
+  install
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  python3 -m pytest -q -x -p no:timeout tests/kernels/test_triton.py tests/kernels/test_fused_decoder.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+  python3 benchmarks/step_sweep.py --names "default,DEFERRED,deferred" --repeat ${REPEAT:-3} 2>&1 | grep -v Warn | tee "$OUT/step_sweep.log"
+  python3 benchmarks/step_breakdown.py --shape smollm2-135m --n 1024 --batch 1 --methods nectar 2>&1 | grep -v Warn | tee "$OUT/breakdown.log"
+  nectar profile --shape smollm2-135m --device cuda --n 1024,131072 --batch 1,16 --steps 200 --json "$OUT/smol.json" 2>&1 | tee "$OUT/profile.log"
   ;;
 sweep)
   install

@@ -1,5 +1,6 @@
 """Launch parameters timed inside the whole CUDA-graph decode step (PDL overlap included, which
-isolated kernel timings miss): the 3-launch layer against the 5-launch one, the fused
+isolated kernel timings miss): the 3-launch layer against the 5-launch one, the deferred merge
+(and its launch parameters) against the merge inside the attention kernel, the fused
 o-projection's rows per program, the fused MLP's split and warps, early weight loads, and the
 row GEMV / Nectar kernel parameters.
 
@@ -29,7 +30,7 @@ def main() -> None:
 
     r = TorchRunner(ProfileConfig(shape=a.shape, device="cuda", dtype="bf16", steps=100, warmup=10))
     tables = {"row": fused.ROW_TUNING, "mlp": fused.MLP_TUNING, "oproj": triton_nectar.OPROJ_TUNING,
-              "nectar": triton_nectar.MLP_TUNING}
+              "nectar": triton_nectar.MLP_TUNING, "shares": triton_nectar.SHARES_TUNING}
     saved = {k: dict(v) for k, v in tables.items()}
     mlps = [(bi, w) for bi in (2, 4, 8) for w in (2, 4, 8)]
     if a.mlp:
@@ -41,6 +42,10 @@ def main() -> None:
               ("4 launches: o-proj GEMV, fused MLP (NECTAR_FUSED_OPROJ=0)", {}, {**on, "NECTAR_FUSED_OPROJ": "0"})]
     trials += [(f"{lay}mlp block_i={bi} warps={w}", {"mlp": {"block_i": bi, "num_warps": w}}, env)
                for bi, w in mlps for lay, env in (("3 launches, ", on), ("4 launches, ", {**on, "NECTAR_FUSED_OPROJ": "0"}))]
+    trials += [("merge inside the attention kernel (NECTAR_DEFERRED_MERGE=0)", {}, {"NECTAR_DEFERRED_MERGE": "0"})]
+    trials += [(f"deferred merge block_h={bh} warps={w}", {"shares": {"block_h": bh, "num_warps": w}}, {})
+               for bh, w in ((32, 4), (32, 8), (64, 4), (128, 8))]
+    trials += [("deferred merge, h1 loop (no early weights)", {"shares": {"early_max": 0}}, {})]
     if a.names:
         trials = [t for t in trials if any(n in t[0] for n in a.names.split(","))]
     if not a.quick:
@@ -51,7 +56,7 @@ def main() -> None:
         for k, v in tables.items():
             v.clear()
             v.update({**saved[k], **over.get(k, {})})
-        for var in ("NECTAR_FUSED_LAYER", "NECTAR_FUSED_OPROJ"):
+        for var in ("NECTAR_FUSED_LAYER", "NECTAR_FUSED_OPROJ", "NECTAR_DEFERRED_MERGE"):
             if var in env:
                 os.environ[var] = env[var]
             else:
@@ -67,6 +72,7 @@ def main() -> None:
         v.update(saved[k])
     os.environ.pop("NECTAR_FUSED_LAYER", None)
     os.environ.pop("NECTAR_FUSED_OPROJ", None)
+    os.environ.pop("NECTAR_DEFERRED_MERGE", None)
 
 
 if __name__ == "__main__":

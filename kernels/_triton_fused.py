@@ -203,19 +203,41 @@ def _row_tiles(w_ptr, cols, cols2, kk, sw, wm, wm2, EPI: tl.constexpr):
 
 
 @triton.jit
+def _merged_row(sh_ptr, lse_ptr, row, M_ROWS, kk, km, K, NS: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr):
+    """Row `row` of the Nectar attention output, merged from kernels/_triton_src.py:
+    _mlp_parts_kernel's shares [NS + 1, M_ROWS, K] (f = the sum of the first NS, then o_loc) and
+    lse [2, M_ROWS, HQ] (lse_loc, lse_ctx): o = w·f + (1 − w)·o_loc, w = σ(lse_ctx − lse_loc).
+    kk: [BK] element indices h * D + d (km: kk < K). Returns fp32 [BK]; every load is independent,
+    so they are all in flight at once."""
+    base = sh_ptr + row * K + kk
+    f = tl.load(base, mask=km, other=0.0)
+    for s in tl.static_range(1, NS):
+        f += tl.load(base + s * M_ROWS * K, mask=km, other=0.0)
+    o_loc = tl.load(base + NS * M_ROWS * K, mask=km, other=0.0)
+    hh = kk // D
+    lse_loc = tl.load(lse_ptr + row * HQ + hh, mask=km, other=0.0)
+    lse_ctx = tl.load(lse_ptr + (M_ROWS + row) * HQ + hh, mask=km, other=0.0)
+    w = 1.0 / (1.0 + tl.exp(lse_loc - lse_ctx))
+    return w * f + (1.0 - w) * o_loc
+
+
+@triton.jit
 def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, sxo, sw, sy, eps,
                      pos_ptr, inv_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                      ADD: tl.constexpr, NORM: tl.constexpr, EPI: tl.constexpr, BLOCK_N: tl.constexpr,
                      BK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, W_BYTES: tl.constexpr,
                      T: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                     z_ptr=None, sz=0, ZERO: tl.constexpr = False, EARLY: tl.constexpr = False):
+                     z_ptr=None, sz=0, ZERO: tl.constexpr = False, EARLY: tl.constexpr = False,
+                     sh_ptr=None, lse_ptr=None, M_ROWS=1, MERGE: tl.constexpr = False, NS: tl.constexpr = 1):
     """_gemv_kernel for one row per program (decode at batch ≤ 4): the whole K axis is one tile
     (BK ≥ K), so every weight and x load is in flight at once, and the product is a plain fp32
     multiply + sum (no tensor-core layout shuffles through shared memory). Same prologue,
     epilogues and rounding as _gemv_kernel (f(x) rounded to W's dtype before the product).
     ZERO: program 0 of each row also zeroes z[row, :K] (fp32; an accumulator a later kernel of the
     step adds into). EARLY: the weight tile is loaded into registers before the PDL wait (it never
-    depends on the previous kernel) instead of only prefetched into L2."""
+    depends on the previous kernel) instead of only prefetched into L2. MERGE: x is not loaded
+    but merged from the Nectar kernel's shares (_merged_row; NS of them, HQ heads of D, K = HQ*D),
+    rounded to x's dtype as the stored attention output would be."""
     pn = tl.program_id(0)
     row = tl.program_id(1)
     rows = row + tl.arange(0, 1)
@@ -251,7 +273,10 @@ def _gemv_row_kernel(x_ptr, d_ptr, nw_ptr, xo_ptr, w_ptr, y_ptr, N, K, sx, sd, s
     if ZERO:
         if pn == 0:
             tl.store(z_ptr + row * sz + kk, tl.zeros([BK], tl.float32), mask=km)
-    x = tl.load(x_ptr + row * sx + kk, mask=km, other=0.0)
+    if MERGE:
+        x = _merged_row(sh_ptr, lse_ptr, row, M_ROWS, kk, km, K, NS, HQ, D).to(x_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * sx + kk, mask=km, other=0.0)
     if ADD:
         x = (x.to(tl.float32) + tl.load(d_ptr + row * sd + kk, mask=km, other=0.0).to(tl.float32)).to(x.dtype)
         if pn == 0:

@@ -350,3 +350,125 @@ def _doc_partial_kernel(
     lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(po_ptr + base[:, None] * D + d[None, :], o, mask=rmask[:, None])
     tl.store(pl_ptr + base, lse, mask=rmask)
+
+
+@triton.jit
+def _mlp_parts_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, start_ptr, w_ptr, b_ptr, sh_ptr, lse_ptr,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sw, sb, M_ROWS, scale,
+    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    H: tl.constexpr, HS: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr, HS_PAD: tl.constexpr,
+    IEEE: tl.constexpr, W_IEEE: tl.constexpr, EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, W_BYTES: tl.constexpr = 2,
+):
+    """The mlp mode of _layer_kernel without its merge: program (b * Hkv + j, row block, part z)
+    writes its share of the merge's inputs and stops (no atomics, no completion counter, no
+    re-read of a workspace); the consumer (kernels/_triton_fused.py: _merged_row, inside the
+    o-projection's GEMV) sums the shares and merges. With K_O = Hq * D and row m = b * T + t,
+    query head h = j * G + g:
+
+      shares[z, m, h*D + d]   z < NC: target-net hidden block z's share of f, times o_std
+      shares[NC, m, h*D + d]  (skip path + b3) * o_std + o_mean   (so f = Σ_{z ≤ NC} shares[z])
+      shares[NC + 1, m, ...]  o_loc, exact attention over the local tokens
+      lse[0, m, h] = lse_loc,  lse[1, m, h] = lse_ctx (the score net)
+
+    shares: [NC + 2, M_ROWS, K_O] fp32; lse: [2, M_ROWS, Hq] fp32. EARLY: part z's target-net
+    weights (w1 whole, its BH columns of w2, its BH rows of w3; BK ≥ H) are loaded into registers
+    before the PDL wait — they never depend on the previous kernel —, so after the wait a part's
+    chain is: read q, three dots, one store."""
+    pid = tl.program_id(0)
+    rb = tl.program_id(1)
+    z = tl.program_id(2)
+    b = pid // HKV
+    j = pid % HKV
+    K_O = HKV * G * D
+    OFF_W2 = D * H
+    OFF_W3 = OFF_W2 + H * H
+    OFF_SKIP = OFF_W3 + H * D
+    OFF_S1 = OFF_SKIP + D * D
+    OFF_S2 = OFF_S1 + D * HS
+    OFF_S3 = OFF_S2 + HS * HS
+    OFF_B2 = H
+    OFF_B3 = 2 * H
+    OFF_SB1 = 2 * H + D
+    OFF_SB2 = OFF_SB1 + HS
+    OFF_SB3 = OFF_SB2 + HS
+    OFF_QM = OFF_SB3 + 1
+    OFF_QS = OFF_QM + D
+    OFF_OM = OFF_QS + 1
+    OFF_OS = OFF_OM + D
+    OFF_LM = OFF_OS + 1
+    OFF_LS = OFF_LM + 1
+    wrow = w_ptr + j * sw
+    brow = b_ptr + j * sb
+    d = tl.arange(0, D)
+    c = tl.arange(0, BH)
+    cj = z * BH + c
+    cjm = (cj < H) & (z < NC)
+    if EARLY:
+        ck = tl.arange(0, BK)
+        ckm = (ck < H) & (z < NC)
+        w1 = tl.load(wrow + d[:, None] * H + ck[None, :], mask=ckm[None, :], other=0.0)
+        w2 = tl.load(wrow + OFF_W2 + ck[:, None] * H + cj[None, :], mask=ckm[:, None] & cjm[None, :], other=0.0)
+        w3 = tl.load(wrow + OFF_W3 + cj[:, None] * D + d[None, :], mask=cjm[:, None], other=0.0)
+        b1 = tl.load(brow + ck, mask=ckm, other=0.0)
+    elif PREFETCH:
+        _prefetch_share(w_ptr, j, z, tl.num_programs(2), sw * W_BYTES, HKV)
+    b2 = tl.load(brow + OFF_B2 + cj, mask=cjm, other=0.0)
+    q_mean = tl.load(brow + OFF_QM + d)
+    q_std = tl.load(brow + OFF_QS)
+    o_std = tl.load(brow + OFF_OS)
+    pdl_enter(PDL)
+    rl = tl.arange(0, BLOCK_R)
+    r = rb * BLOCK_R + rl  # row = g * T + t
+    rmask = r < G * T
+    g = r // T
+    t = r % T
+    q = tl.load(q_ptr + b * sqb + (j * G + g)[:, None] * sqh + t[:, None] * sqt + d[None, :],
+                mask=rmask[:, None], other=0.0)  # [R, D] input dtype
+    m_row = b * T + t
+    s_offs = m_row[:, None] * K_O + (j * G + g)[:, None] * D + d[None, :]
+    l_offs = m_row * (HKV * G) + j * G + g
+    wdt = w_ptr.dtype.element_ty
+    xw = ((q.to(tl.float32) - q_mean[None, :]) / q_std).to(wdt)
+    if z < NC:
+        if EARLY:
+            h1 = _gelu(_dot(xw, w1, W_IEEE) + b1[None, :])
+            acc2 = _dot(h1.to(wdt), w2, W_IEEE)
+        else:
+            ck0 = tl.arange(0, BK)
+            acc2 = tl.zeros([BLOCK_R, BH], tl.float32)
+            for k0 in range(0, H, BK):  # h1 block by block, straight into layer 2
+                ck = k0 + ck0
+                ckm = ck < H
+                w1b = tl.load(wrow + d[:, None] * H + ck[None, :], mask=ckm[None, :], other=0.0)
+                w2b = tl.load(wrow + OFF_W2 + ck[:, None] * H + cj[None, :], mask=ckm[:, None] & cjm[None, :],
+                              other=0.0)
+                h1 = _gelu(_dot(xw, w1b, W_IEEE) + tl.load(brow + ck, mask=ckm, other=0.0)[None, :])
+                acc2 += _dot(h1.to(wdt), w2b, W_IEEE)
+            w3 = tl.load(wrow + OFF_W3 + cj[:, None] * D + d[None, :], mask=cjm[:, None], other=0.0)
+        h2 = _gelu(acc2 + b2[None, :])
+        part = _dot(h2.to(wdt), w3, W_IEEE) * o_std
+        tl.store(sh_ptr + z * M_ROWS * K_O + s_offs, part, mask=rmask[:, None])
+    elif z == NC:
+        skip = tl.load(wrow + OFF_SKIP + d[:, None] * D + d[None, :])
+        hc = tl.arange(0, HS_PAD)
+        hm = hc < HS
+        s1 = tl.load(wrow + OFF_S1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
+        s2 = tl.load(wrow + OFF_S2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
+        part = (_dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]) * o_std \
+            + tl.load(brow + OFF_OM + d)[None, :]
+        tl.store(sh_ptr + NC * M_ROWS * K_O + s_offs, part, mask=rmask[:, None])
+        # score net: D -> HS -> HS -> 1
+        sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
+        sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + OFF_SB2 + hc, mask=hm, other=0.0)[None, :])
+        s3 = tl.load(wrow + OFF_S3 + hc, mask=hm, other=0.0).to(tl.float32)
+        gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + OFF_SB3)
+        tl.store(lse_ptr + M_ROWS * (HKV * G) + l_offs, gs * tl.load(brow + OFF_LS) + tl.load(brow + OFF_LM),
+                 mask=rmask)
+    else:  # z == NC + 1: the local attention, in parallel with the heads
+        o_loc, lse_loc = _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks,
+                                          svb, svh, svs, scale, T, D, BLOCK_R, BLOCK_S, IEEE)
+        tl.store(sh_ptr + (NC + 1) * M_ROWS * K_O + s_offs, o_loc, mask=rmask[:, None])
+        tl.store(lse_ptr + l_offs, lse_loc, mask=rmask)

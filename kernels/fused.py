@@ -121,7 +121,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, no
     return _launch_gemv(x, w, n, delta, norm_w, eps, x_out, 1 if glu else 0, tuning)
 
 
-def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None, zero=None):
+def merge_gemv(shares, w: torch.Tensor, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
+    """The o-projection of a Nectar layer whose merge was deferred (triton_nectar.nectar_layer_shares):
+    y = merged(shares) @ W^T with the merged attention output rounded to `dtype` first (as the
+    stored output of nectar_layer_attention would be). shares: NectarShares for M = B*T rows,
+    K = Hq*D; w: [N, K]. Returns y [M, N] in `dtype`. On CUDA at ≤ ROW_KERNEL_MAX_ROWS rows the
+    merge runs in the GEMV's prologue (one launch, no attention output in memory); elsewhere torch."""
+    m, k = shares.rows, shares.shares.shape[2]
+    use_triton = backend == "triton" or (backend == "auto" and w.device.type == "cuda")
+    if not use_triton or m > ROW_KERNEL_MAX_ROWS or k > ROW_KERNEL_MAX_K:
+        return torch.nn.functional.linear(shares.merged().to(dtype), w)
+    x = torch.empty((), dtype=dtype, device=w.device).expand(m, k)  # never read: x comes from the merge
+    return _launch_gemv(x, w, w.shape[0], None, None, 0.0, None, 0, merge=shares)
+
+
+def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None, zero=None, merge=None):
     """The Triton GEMV (kernels/_triton_fused.py: _gemv_kernel); rope = (pos, inv_freq, slot, q_out,
     k_cache, v_cache, hq, hkv) for epilogue 2; zero: [M, K] fp32 rows zeroed by the launch (row
     kernel only). Returns y [M, n] (epilogues 0/1) or None."""
@@ -139,6 +153,8 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
         pos = inv = slot = qo = kc = vc = y  # unused pointers
         sq = sk = sv = (0, 0, 0)
         t, hq, hkv, hd = 1, 1, 1, 16
+        if merge is not None:
+            hq, hd = merge.lse.shape[2], k // merge.lse.shape[2]
     else:
         pos, inv, slot, qo, kc, vc, hq, hkv = rope
         y = x  # unused: the epilogue scatters into q_out and the cache
@@ -148,6 +164,8 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
     if zero is not None and not (m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K):
         zero.zero_()  # the tile kernel has no zeroing epilogue: one extra launch
         zero = None
+    if merge is not None and not (m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K):
+        raise ValueError("merge: only the row GEMV (decode rows) merges in its prologue")
     if m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K:
         from ._triton_fused import _gemv_row_kernel
 
@@ -161,6 +179,8 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
             W_BYTES=w.element_size(), T=t, HQ=hq, HKV=hkv, D=hd, num_warps=warps,
             z_ptr=zero if zero is not None else x, sz=zero.stride(0) if zero is not None else 0, ZERO=zero is not None,
             EARLY=bool(ROW_TUNING.get("early")) and pdl, **pdl_options(pdl),
+            **(dict(sh_ptr=merge.shares, lse_ptr=merge.lse, M_ROWS=m, MERGE=True, NS=merge.shares.shape[0] - 1)
+               if merge is not None else {}),
         )
         return None if rope is not None else y
     _gemv_kernel[(-(-n // block_n), -(-m // block_m))](

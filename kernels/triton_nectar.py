@@ -10,6 +10,7 @@ Inputs fp16/bf16/fp32; all accumulation in fp32. Semantics: kernels/reference.py
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 
 MODES = {"mlp": 0, "quadrature": 1, "partials": 2}
@@ -212,6 +213,106 @@ def nectar_layer_attention(
     return _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w.contiguous(), heads_b.contiguous(),
                          MODES[variant], width, scale, out, workspace=workspace, tuning=tuning, o_proj=o_proj,
                          zero=zero)
+
+
+# Launch parameters of the deferred-merge mlp kernel (nectar_layer_shares): hidden columns per
+# part, h1 block of the loop, warps, pipeline stages, and the largest D * next_pow2(H) +
+# next_pow2(H) * block_h weight elements a part holds in registers before the PDL wait (above it:
+# the h1 loop after the wait, weights prefetched into L2).
+SHARES_TUNING = {"block_h": 64, "block_k": 128, "num_warps": 8, "num_stages": 2, "early_max": 32768}
+
+
+@dataclass(frozen=True)
+class NectarShares:
+    """One layer's Nectar attention before its merge, as nectar_layer_shares leaves it.
+
+    shares: [NS + 1, M, Hq*D] fp32 (M = B*T rows b*T + t, columns h*D + d): f = Σ shares[:NS]
+            (the target net's output, destandardized), shares[NS] = o_loc (local attention).
+    lse:    [2, M, Hq] fp32: lse_loc (local tokens; −inf: none), lse_ctx (the score net)."""
+
+    shares: "object"
+    lse: "object"
+
+    @property
+    def rows(self) -> int:
+        return self.shares.shape[1]
+
+    def merged(self):
+        """o [M, Hq*D] fp32 = w·f + (1 − w)·o_loc, w = σ(lse_ctx − lse_loc) (torch)."""
+        import torch
+
+        ns = self.shares.shape[0] - 1
+        f, o_loc = self.shares[:ns].sum(0), self.shares[ns]
+        d = self.shares.shape[2] // self.lse.shape[2]
+        w = torch.sigmoid(self.lse[1] - self.lse[0]).repeat_interleave(d, dim=-1)
+        return w * f + (1.0 - w) * o_loc
+
+
+def _shares_parts(width: int, tuning: dict | None = None) -> int:
+    """Target-net parts of the deferred-merge kernel for hidden width `width`."""
+    tune = {**SHARES_TUNING, **(tuning or {})}
+    return -(-int(width) // tune["block_h"])
+
+
+def shares_numel(batch: int, q_heads: int, t: int, d: int, width: int, tuning: dict | None = None) -> int:
+    """fp32 elements of nectar_layer_shares' workspace for q [batch, q_heads, t, d] and a layer of
+    hidden width `width` (size it for the widest layer to share it across layers)."""
+    m = batch * t
+    return (_shares_parts(width, tuning) + 2) * m * q_heads * d + 2 * m * q_heads
+
+
+def nectar_layer_shares(q, k_loc, v_loc, kv_len, heads_w, heads_b, width: int, scale: float, kv_start=None,
+                        workspace=None, tuning: dict | None = None) -> NectarShares:
+    """nectar_layer_attention (mlp variant) without the merge: one launch that writes the merge's
+    inputs (NectarShares) instead of o; the consumer merges (kernels/fused.py: merge_gemv, in the
+    o-projection's prologue). Same arguments as nectar_layer_attention; workspace: optional fp32
+    tensor of ≥ shares_numel(...) elements (no zeroing needed: every element read is written).
+    This takes the merge's serial tail out of the attention kernel (atomics, a completion counter,
+    a re-read of the workspace) and lets each part hold its weights in registers before the PDL
+    wait."""
+    import torch
+
+    _check(q, k_loc, v_loc, kv_len)
+    if heads_w.shape[0] != k_loc.shape[1] or heads_b.shape[0] != k_loc.shape[1]:
+        raise ValueError("heads_w/heads_b need one row per KV head")
+    from ._triton_src import _mlp_parts_kernel
+    from .launch import pdl_enabled, pdl_options
+    from .weights import score_width
+
+    heads_w, heads_b = heads_w.contiguous(), heads_b.contiguous()
+    b, hq, t, d = q.shape
+    hkv = k_loc.shape[1]
+    g = hq // hkv
+    rows, m, k_o = g * t, b * t, hq * d
+    tune = {**SHARES_TUNING, **(tuning or {})}
+    h, hs = int(width), score_width(int(width))
+    bh = tune["block_h"]
+    nc = _shares_parts(h, tune)
+    need = shares_numel(b, hq, t, d, h, tune)
+    if workspace is None:
+        workspace = torch.empty(need, device=q.device, dtype=torch.float32)
+    elif workspace.numel() < need or workspace.dtype != torch.float32:
+        raise ValueError(f"workspace: need {need} fp32 elements (shares_numel), got {workspace.numel()}")
+    sh = workspace[: (nc + 2) * m * k_o].view(nc + 2, m, k_o)
+    lse = workspace[(nc + 2) * m * k_o: need].view(2, m, hq)
+    if kv_start is None:
+        kv_start = torch.zeros_like(kv_len)
+    h_pad = _next_pow2(h)
+    early = d * h_pad + h_pad * bh <= tune["early_max"]
+    bk = h_pad if early else (tune["block_k"] if heads_w.element_size() <= 2 and h > 64 else 64)
+    block_r = _row_block(rows)
+    pdl = pdl_enabled(q)
+    _mlp_parts_kernel[(b * hkv, -(-rows // block_r), nc + 2)](
+        q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, sh, lse,
+        q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
+        v_loc.stride(0), v_loc.stride(1), v_loc.stride(2), heads_w.stride(0), heads_b.stride(0), m, float(scale),
+        HKV=hkv, T=t, G=g, D=d, BLOCK_R=block_r, BLOCK_S=64 if d <= 64 else 32,
+        H=h, HS=hs, BH=bh, BK=bk, NC=nc, HS_PAD=max(16, _next_pow2(hs)),
+        IEEE=q.dtype == torch.float32, W_IEEE=heads_w.dtype == torch.float32, EARLY=early, PDL=pdl,
+        PREFETCH=(not early) and pdl and heads_w.data_ptr() % 16 == 0, W_BYTES=heads_w.element_size(),
+        num_warps=tune["num_warps"], num_stages=tune["num_stages"], **pdl_options(pdl),
+    )
+    return NectarShares(sh, lse)
 
 
 def split_len_for(n: int, kv_heads: int, sms: int = 132, programs_per_sm: int = 2) -> int:

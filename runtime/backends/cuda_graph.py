@@ -47,6 +47,10 @@ SMALL_HIDDEN = 1024  # hidden sizes up to this take the fused-GEMV path on CUDA
 FUSED_LAYER = False
 FUSED_LAYER_MAX_ROWS = 4
 FUSED_OPROJ = True
+# Deferred merge (mlp heads, decode rows, 5-launch layer): the Nectar kernel writes its parts'
+# shares and the o-projection GEMV merges them in its prologue (kernels/triton_nectar.py:
+# nectar_layer_shares, kernels/fused.py: merge_gemv). NECTAR_DEFERRED_MERGE=0 turns it off.
+DEFERRED_MERGE = True
 
 
 def _switch(env: str, default: bool) -> bool:
@@ -206,7 +210,8 @@ class FusedDecoder:
         c = self.cfg
         b, t = ids.shape
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        from nectar_kernels.fused import ROW_KERNEL_MAX_ROWS, add_rmsnorm, gemv, qkv_rope, rmsnorm, rope_store, silu_mul
+        from nectar_kernels.fused import (ROW_KERNEL_MAX_ROWS, add_rmsnorm, gemv, merge_gemv, qkv_rope, rmsnorm,
+                                          rope_store, silu_mul)
 
         x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden], the residual stream
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
@@ -231,9 +236,12 @@ class FusedDecoder:
                 h = rmsnorm(x, lw.ln1, c.rms_eps) if delta is None else add_rmsnorm(x, delta, lw.ln1, c.rms_eps)
                 qkv = F.linear(h, lw.wqkv, lw.bqkv)  # [B*T, (Hq + 2 Hkv) * D]
                 rope_store(qkv, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i], hq, hkv)
-            self.attention(i, q, st, o.transpose(1, 2))
-            if small:  # o-proj; then add + RMSNorm + gate|up + SiLU·up in one launch; down-proj
-                a = gemv(x, lw.wgu, gemv(o.view(b * t, hq * d), lw.wo), lw.ln2, c.rms_eps, other, glu=True)
+            shares = self.attention_shares(i, q, st) if small else None
+            if shares is None:
+                self.attention(i, q, st, o.transpose(1, 2))
+            if small:  # o-proj (merging the shares); then add + RMSNorm + gate|up + SiLU·up; down-proj
+                attn = gemv(o.view(b * t, hq * d), lw.wo) if shares is None else merge_gemv(shares, lw.wo, self.dtype)
+                a = gemv(x, lw.wgu, attn, lw.ln2, c.rms_eps, other, glu=True)
                 x, other = other, x
                 delta = gemv(a, lw.wd)
             else:
@@ -324,6 +332,30 @@ class FusedDecoder:
                                      st.kv_start, out=out, o_proj=o_proj, zero=zero)
             return
         out.copy_(_cpu_attention(self.document, i, q, kl, vl, st, scale))
+
+    def attention_shares(self, i: int, q: torch.Tensor, st: DecodeState):
+        """Layer i's Nectar attention with its merge deferred to the o-projection (NectarShares),
+        or None where that path does not apply (not CUDA, not mlp heads, more rows than the row
+        GEMV takes, or NECTAR_DEFERRED_MERGE=0): then `attention` writes o."""
+        from nectar_kernels.fused import ROW_KERNEL_MAX_K, ROW_KERNEL_MAX_ROWS
+
+        b, hq, t, d = q.shape
+        if (q.device.type != "cuda" or not self.document or self.document[0] != "nectar"
+                or b * t > ROW_KERNEL_MAX_ROWS or hq * d > ROW_KERNEL_MAX_K
+                or not _switch("NECTAR_DEFERRED_MERGE", DEFERRED_MERGE)):
+            return None
+        hw, hb, variant, width = self.document[1][i]
+        if variant != "mlp":
+            return None
+        from nectar_kernels.triton_nectar import nectar_layer_shares, shares_numel
+
+        widest = max(int(p[3]) for p in self.document[1])
+        key = ("shares", tuple(q.shape), widest)
+        if key not in self._workspaces:  # one buffer for all layers, sized for the widest
+            self._workspaces[key] = torch.empty(shares_numel(b, hq, t, d, widest), device=q.device,
+                                                dtype=torch.float32)
+        return nectar_layer_shares(q, st.k[i], st.v[i], st.kv_len, hw, hb, width, self.cfg.scale, st.kv_start,
+                                   workspace=self._workspaces[key])
 
     def _workspace(self, q: torch.Tensor, kv_heads: int, o_proj: bool = False) -> torch.Tensor:
         """The fused Nectar kernel's zeroed workspace, one per step shape, shared by all layers

@@ -312,3 +312,90 @@ def test_fused_layer_step_matches_unfused_step(method):
         got = dec.forward(ids, pos, st, fused=True)
     assert not got.isnan().any()
     assert _rel(got, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("early", [True, False], ids=["early", "loop"])
+def test_deferred_merge_shares_match_reference(dtype, shape, early):
+    """nectar_layer_shares + its torch merge == the reference layer attention, with the weights
+    held in registers (early) and through the h1 loop; the poisoned workspace shows that every
+    element the merge reads is written."""
+    from nectar_kernels.triton_nectar import nectar_layer_shares, shares_numel
+
+    b, hq, hkv, t, d, s, width = shape
+    tuning = {} if early else {"early_max": 0, "block_k": 32}
+    for seed in range(2):
+        q, k, v, kv_len, kv_start = _inputs(b, hq, hkv, t, d, s, dtype, 20 + seed)
+        hw, hb = random_layer("mlp", width, hkv, d, dtype=dtype, device=DEV, seed=seed + 5)
+        ws = torch.full((shares_numel(b, hq, t, d, width, tuning) + 5,), float("nan"), device=DEV)
+        sh = nectar_layer_shares(q, k, v, kv_len, hw, hb, width, d**-0.5, kv_start, workspace=ws, tuning=tuning)
+        ref = nectar_layer_attention_reference(q, k, v, kv_len, hw, hb, "mlp", width, d**-0.5, kv_start,
+                                               compute_dtype=torch.float64)
+        o = sh.merged().view(b, t, hq, d).transpose(1, 2)
+        assert not o.isnan().any()
+        assert _rel(o, ref) <= TOL[dtype], (_rel(o, ref), seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,t", [(1, 1), (2, 2)] if GPU else [(1, 1), (2, 1)])
+def test_merge_gemv_matches_merge_then_linear(dtype, b, t):
+    """The o-projection with the merge in its prologue (one launch) == torch merge, rounded to the
+    model dtype, then linear."""
+    from nectar_kernels.fused import merge_gemv
+    from nectar_kernels.triton_nectar import nectar_layer_shares
+
+    hq, hkv, d, s, width, hidden = (9, 3, 64, 40, 256, 576) if GPU else (6, 2, 32, 37, 48, 40)
+    q, k, v, kv_len, kv_start = _inputs(b, hq, hkv, t, d, s, dtype, 31)
+    hw, hb = random_layer("mlp", width, hkv, d, dtype=dtype, device=DEV, seed=2)
+    sh = nectar_layer_shares(q, k, v, kv_len, hw, hb, width, d**-0.5, kv_start)
+    w = (torch.randn(hidden, hq * d) / (hq * d) ** 0.5).to(DEV, dtype)
+    y = merge_gemv(sh, w, dtype, backend="triton")
+    ref = torch.nn.functional.linear(sh.merged().to(dtype).double(), w.double())
+    assert y.shape == (b * t, hidden) and y.dtype == dtype
+    assert _rel(y, ref) <= TOL[dtype]
+    assert torch.equal(merge_gemv(sh, w, dtype, backend="torch"),
+                       torch.nn.functional.linear(sh.merged().to(dtype), w))
+
+
+@pytest.mark.skipif(not GPU, reason="the deferred merge runs only inside the CUDA decode step")
+def test_deferred_merge_step_matches_merged_step(monkeypatch):
+    """A whole decode step (5-launch layer, batch 3) with the merge deferred to the o-projection
+    against the same step with the merge inside the attention kernel; the deferred path must
+    actually be taken on every layer."""
+    from nectar_models.config import ModelConfig
+    from nectar_runtime.backends.cuda_graph import FusedDecoder
+
+    cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=192, intermediate_size=320, num_layers=2,
+                      num_heads=6, num_kv_heads=2, head_dim=32, rms_eps=1e-5, tie_embeddings=True, max_position=4096)
+    dec = FusedDecoder.random(cfg, torch.bfloat16, DEV, seed=6)
+    widths = [48, 176]  # two layer widths: one shared workspace sized for the widest
+    dec.set_nectar_document([random_layer("mlp", w, 2, 32, dtype=torch.bfloat16, device=DEV, seed=l) + ("mlp", w)
+                             for l, w in enumerate(widths)], 300)
+    st = dec.new_state(3, 16)
+    g = torch.Generator(device="cpu").manual_seed(4)
+    st.k.copy_(torch.randn(st.k.shape, generator=g).to(torch.bfloat16))
+    st.v.copy_(torch.randn(st.v.shape, generator=g).to(torch.bfloat16))
+    st.slot.copy_(torch.tensor([7, 3, 9], dtype=torch.int32))
+    st.kv_len.copy_(st.slot + 1)
+    st.kv_start.copy_(torch.tensor([0, 2, 1], dtype=torch.int32))
+    ids = torch.tensor([[5], [17], [60]], device=DEV)
+    pos = (st.slot.long() + 300)[:, None]
+    taken = []
+    orig = FusedDecoder.attention_shares
+
+    def spy(self, i, q, st_):
+        out = orig(self, i, q, st_)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(FusedDecoder, "attention_shares", spy)
+    with torch.inference_mode():
+        monkeypatch.setenv("NECTAR_DEFERRED_MERGE", "0")
+        want = dec.forward(ids, pos, st, fused=False)
+        assert taken == [False, False]
+        monkeypatch.setenv("NECTAR_DEFERRED_MERGE", "1")
+        got = dec.forward(ids, pos, st, fused=False)
+        assert taken[2:] == [True, True]
+    assert not got.isnan().any()
+    assert _rel(got, want) <= TOL[torch.bfloat16]
