@@ -49,7 +49,7 @@ def main() -> None:
     if a.names:
         trials = [t for t in trials if any(n in t[0] for n in a.names.split(","))]
     if not a.quick:
-        trials += [(f"row block_n={bn}", {"row": {"block_n": bn}}, {}) for bn in (2, 8)]
+        trials += [(f"row block_n={bn}", {"row": {"block_n": bn}}, {}) for bn in (2, 4)]
         trials += [(f"nectar block_h={bh} warps={w}", {"nectar": {"block_h": bh, "num_warps": w}}, {})
                    for bh, w in ((32, 4), (128, 8))]
     for name, over, env in trials * a.repeat:

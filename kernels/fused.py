@@ -86,11 +86,13 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 # Launch parameters of the fused GEMV (benchmarks/kernel_sweep.py times alternatives).
 GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
 # Decode rows (M ≤ 4, K ≤ 4096) take the one-row-per-program kernel: the whole K axis in one
-# tile, 4 weight rows a program (in-step sweeps on the H100, benchmarks/step_sweep.py: 4 rows
-# 0.649 / 0.629 / 0.676 ms a SmolLM2 step vs 8 rows 0.712 / 0.627 / 0.739 in three runs).
+# tile, 8 weight rows a program (in-step sweep on the H100 with the deferred Nectar merge,
+# benchmarks/step_sweep.py, three interleaved rounds: 8 rows 0.440 / 0.434 / 0.436 ms a SmolLM2
+# step vs 4 rows 0.465 / 0.471 / 0.467 and 2 rows 0.512 / 0.508 / 0.507; before the deferred
+# merge 4 and 8 rows were even, 0.629 vs 0.627).
 ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_K = 4, 4096
 # early: load the weight tile into registers before the PDL wait (else: bulk L2 prefetch, then load).
-ROW_TUNING = {"block_n": 4, "weights_per_thread": 64, "min_warps": 4, "early": True}
+ROW_TUNING = {"block_n": 8, "weights_per_thread": 64, "min_warps": 4, "early": True}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,

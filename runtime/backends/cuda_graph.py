@@ -349,11 +349,10 @@ class FusedDecoder:
             return None
         from nectar_kernels.triton_nectar import nectar_layer_shares, shares_numel
 
-        widest = max(int(p[3]) for p in self.document[1])
-        key = ("shares", tuple(q.shape), widest)
+        need = shares_numel(b, hq, t, d, max(int(p[3]) for p in self.document[1]))
+        key = ("shares", tuple(q.shape), need)
         if key not in self._workspaces:  # one buffer for all layers, sized for the widest
-            self._workspaces[key] = torch.empty(shares_numel(b, hq, t, d, widest), device=q.device,
-                                                dtype=torch.float32)
+            self._workspaces[key] = torch.empty(need, device=q.device, dtype=torch.float32)
         return nectar_layer_shares(q, st.k[i], st.v[i], st.kv_len, hw, hb, width, self.cfg.scale, st.kv_start,
                                    workspace=self._workspaces[key])
 
