@@ -86,13 +86,14 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 # Launch parameters of the fused GEMV (benchmarks/kernel_sweep.py times alternatives).
 GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
 # Decode rows (M ≤ 4, K ≤ 4096) take the one-row-per-program kernel: the whole K axis in one
-# tile, 8 weight rows a program (in-step sweep on the H100 with the deferred Nectar merge,
-# benchmarks/step_sweep.py, three interleaved rounds: 8 rows 0.440 / 0.434 / 0.436 ms a SmolLM2
-# step vs 4 rows 0.465 / 0.471 / 0.467 and 2 rows 0.512 / 0.508 / 0.507; before the deferred
-# merge 4 and 8 rows were even, 0.629 vs 0.627).
+# tile, 8 weight rows a program for 16-bit weights (in-step sweep on the H100 with the deferred
+# Nectar merge, benchmarks/step_sweep.py, three interleaved rounds: 8 rows 0.440 / 0.434 / 0.436 ms
+# a bf16 SmolLM2 step vs 4 rows 0.465 / 0.471 / 0.467 and 2 rows 0.512 / 0.508 / 0.507; before
+# the deferred merge 4 and 8 rows were even, 0.629 vs 0.627). fp32 weights (`nectar fit`'s probe
+# generation) keep 4, the setting its GPU fit time was measured with.
 ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_K = 4, 4096
 # early: load the weight tile into registers before the PDL wait (else: bulk L2 prefetch, then load).
-ROW_TUNING = {"block_n": 8, "weights_per_thread": 64, "min_warps": 4, "early": True}
+ROW_TUNING = {"block_n": 8, "block_n_fp32": 4, "weights_per_thread": 64, "min_warps": 4, "early": True}
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
@@ -171,7 +172,7 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
     if m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K:
         from ._triton_fused import _gemv_row_kernel
 
-        bk, bn = _next_pow2(k), ROW_TUNING["block_n"]
+        bk, bn = _next_pow2(k), ROW_TUNING["block_n" if w.element_size() <= 2 else "block_n_fp32"]
         per_warp = 32 * ROW_TUNING["weights_per_thread"]  # the tile stays in registers
         warps = min(16, max(ROW_TUNING["min_warps"], _next_pow2(bn * bk * (2 if epi else 1) // per_warp)))
         _gemv_row_kernel[(-(-n // bn), m)](
