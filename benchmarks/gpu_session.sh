@@ -11,7 +11,7 @@
 #                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|defer|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|gpart|gemma}
+stage=${1:?stage: probe|kern|defer|coldfit|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|gpart|gemma}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -128,6 +128,22 @@ fitgpu)  # after setup (carry .carry/b): `nectar fit` on an empty Triton cache (
     --device cuda --doc /root/manuals/grep.txt ${FIT_EXTRAS:+--extras} 2>&1 | grep -v Warn | tee "$OUT/breakdown.log"
   python3 -m pytest -q -p no:timeout -p no:cacheprovider tests/export/test_fit.py -k "cuda or device_loop or adam" 2>&1 \
     | tail -15 | tee "$OUT/tests.log"
+  ;;
+coldfit)  # after setup (carry .carry/b): $COLD (default 2) fits, each on an emptied Triton cache and page cache, and
+          # the Triton cache's inventory after the first (which kernels a fit compiles, how many variants)
+  smol_model || exit 1
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+  for i in $(seq ${COLD:-2}); do
+    sync; echo 3 > /proc/sys/vm/drop_caches || echo "page cache not dropped"
+    rm -rf "$cache"
+    timed_fit /root/grep_cold$i.nectar "$OUT/fit_cold$i.log"
+    if [ "$i" = 1 ]; then
+      find "$cache" -name "*.json" ! -name "__grp__*" -exec python3 -c "import json,sys; [print(json.load(open(f)).get('name','?')) for f in sys.argv[1:]]" {} + \
+        | sort | uniq -c | sort -rn | tee "$OUT/triton_inventory.txt"
+    fi
+  done
+  grep -h "fit wall\|time per stage\|load model:" "$OUT"/fit_cold*.log
   ;;
 pdldoc)  # the profiles with PDL on the split-KV kernel forced on (res_pdl1) and off (res_pdl0): sets PDL_DOC_MAX_N
   python3 -c "import nectar_kernels" 2>/dev/null || install
