@@ -3,8 +3,6 @@ launch each on CUDA, the same math in plain torch elsewhere (CPU). Triton is imp
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -94,18 +92,6 @@ GEMV_TUNING = {"block_n": 16, "block_k": 256, "num_warps": 2}
 # the deferred merge 4 and 8 rows were even, 0.629 vs 0.627). fp32 weights (`nectar fit`'s probe
 # generation) keep 4, the setting its GPU fit time was measured with.
 ROW_KERNEL_MAX_ROWS, ROW_KERNEL_MAX_K = 4, 4096
-# fp32 weights (`nectar fit` generating its probes at batch 16) take the row kernel up to 16 rows:
-# exact fp32 FMAs, each weight tile read once per row from L2, where the tile kernel's IEEE-fp32
-# dots and cuBLAS's fp32 SIMT GEMMs at M = 16 were both slow (H100, SmolLM2, batch 16: 8.1 and
-# 7.4 ms a step; benchmarks/probe_gen.py). NECTAR_ROW_MAX_FP32 overrides it (for that A/B).
-ROW_KERNEL_MAX_ROWS_FP32 = 16
-
-
-def row_kernel_max_rows(dtype) -> int:
-    """The most rows (M) a GEMV with weights of `dtype` runs on the one-row-per-program kernel."""
-    if dtype == torch.float32:
-        return int(os.environ.get("NECTAR_ROW_MAX_FP32", ROW_KERNEL_MAX_ROWS_FP32))
-    return ROW_KERNEL_MAX_ROWS
 # early: load the weight tile into registers before the PDL wait (else: bulk L2 prefetch, then load).
 ROW_TUNING = {"block_n": 8, "block_n_fp32": 4, "weights_per_thread": 64, "min_warps": 4, "early": True}
 
@@ -178,13 +164,12 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
         t, hd = qo.shape[2], qo.shape[3]
         sq, sk, sv = (qo.stride(0), qo.stride(1), qo.stride(2)), kc.stride()[:3], vc.stride()[:3]
     prefetch = pdl and w.stride(1) == 1 and w.stride(0) == k and can_prefetch(w, k)
-    row_kernel = m <= row_kernel_max_rows(w.dtype) and k <= ROW_KERNEL_MAX_K
-    if zero is not None and not row_kernel:
+    if zero is not None and not (m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K):
         zero.zero_()  # the tile kernel has no zeroing epilogue: one extra launch
         zero = None
-    if merge is not None and not row_kernel:
+    if merge is not None and not (m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K):
         raise ValueError("merge: only the row GEMV (decode rows) merges in its prologue")
-    if row_kernel:
+    if m <= ROW_KERNEL_MAX_ROWS and k <= ROW_KERNEL_MAX_K:
         from ._triton_fused import _gemv_row_kernel
 
         bk, bn = _next_pow2(k), ROW_TUNING["block_n" if w.element_size() <= 2 else "block_n_fp32"]

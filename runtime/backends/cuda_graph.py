@@ -210,17 +210,18 @@ class FusedDecoder:
         c = self.cfg
         b, t = ids.shape
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        from nectar_kernels.fused import (add_rmsnorm, gemv, merge_gemv, qkv_rope, rmsnorm, rope_store,
-                                          row_kernel_max_rows, silu_mul)
+        from nectar_kernels.fused import (ROW_KERNEL_MAX_ROWS, add_rmsnorm, gemv, merge_gemv, qkv_rope, rmsnorm,
+                                          rope_store, silu_mul)
 
         x = F.embedding(ids, self.embed).view(b * t, hid)  # [B*T, hidden], the residual stream
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
         o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)  # o-proj reads [B*T, Hq*D]
-        # fp32 weights take the fused GEMVs up to row_kernel_max_rows(fp32) rows (the one-row-per-
-        # program kernel, exact fp32 FMAs: batch 16 when `nectar fit` generates probes); wider fp32
-        # steps (prefills) go to cuBLAS rather than the Triton tile GEMV's IEEE-fp32 dots.
+        # fp32 weights take the fused GEMVs only for decode rows (exact fp32 FMAs); wider fp32 steps
+        # (prefill, batch 16 when `nectar fit` generates probes) go to cuBLAS rather than the Triton
+        # GEMV's IEEE-fp32 dots (H100, batch 16: 7.4 vs 8.1 ms a step with the split-KV kernel
+        # still in fp32 Triton; benchmarks/probe_gen.py; that kernel now yields to cuBLAS too).
         small = self.small_model and x.device.type == "cuda" and (
-            self.dtype != torch.float32 or b * t <= row_kernel_max_rows(torch.float32))
+            self.dtype != torch.float32 or b * t <= ROW_KERNEL_MAX_ROWS)
         if fused or (fused is None and small and self.fused_layer(b * t)):
             return self._forward_fused(x, pos, st, b, t)
         other = torch.empty_like(x) if small else None  # the residual stream ping-pongs between x and other
