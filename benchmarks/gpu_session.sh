@@ -130,7 +130,8 @@ fitgpu)  # after setup (carry .carry/b): `nectar fit` on an empty Triton cache (
     | tail -15 | tee "$OUT/tests.log"
   ;;
 coldfit)  # after setup (carry .carry/b): $COLD (default 2) fits, each on an emptied Triton cache and page cache, and
-          # the Triton cache's inventory after the first (which kernels a fit compiles, how many variants)
+          # the Triton cache's inventory after the first (which kernels a fit compiles, how many variants); WARM=1
+          # adds a fit on the warm cache
   smol_model || exit 1
   python3 -c "import nectar_kernels" 2>/dev/null || install
   cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
@@ -143,7 +144,8 @@ coldfit)  # after setup (carry .carry/b): $COLD (default 2) fits, each on an emp
         | sort | uniq -c | sort -rn | tee "$OUT/triton_inventory.txt"
     fi
   done
-  grep -h "fit wall\|time per stage\|load model:" "$OUT"/fit_cold*.log
+  [ "${WARM:-0}" = 1 ] && timed_fit /root/grep_warm.nectar "$OUT/fit_warm.log"
+  grep -h "fit wall\|time per stage\|load model:" "$OUT"/fit_*.log
   ;;
 pdldoc)  # the profiles with PDL on the split-KV kernel forced on (res_pdl1) and off (res_pdl0): sets PDL_DOC_MAX_N
   python3 -c "import nectar_kernels" 2>/dev/null || install
