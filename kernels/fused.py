@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .launch import launch
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -19,7 +21,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
     y = torch.empty_like(x)
     n = x.shape[-1]
-    _rmsnorm_kernel[(x.shape[0],)](x, w, y, x.stride(0), y.stride(0), n, eps, BLOCK=_next_pow2(n),
+    launch(_rmsnorm_kernel, (x.shape[0],), x, w, y, x.stride(0), y.stride(0), n, eps, BLOCK=_next_pow2(n),
                                    num_warps=4 if n <= 2048 else 8)
     return y
 
@@ -34,7 +36,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: floa
 
     y = torch.empty_like(x)
     n = x.shape[-1]
-    _add_rmsnorm_kernel[(x.shape[0],)](x, delta, w, y, x.stride(0), delta.stride(0), y.stride(0), n, eps,
+    launch(_add_rmsnorm_kernel, (x.shape[0],), x, delta, w, y, x.stride(0), delta.stride(0), y.stride(0), n, eps,
                                        BLOCK=_next_pow2(n), num_warps=4 if n <= 2048 else 8)
     return y
 
@@ -62,7 +64,7 @@ def rope_store(qkv: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, slo
         return
     from ._triton_fused import _rope_store_kernel
 
-    _rope_store_kernel[(b * t, hq + 2 * hkv)](
+    launch(_rope_store_kernel, (b * t, hq + 2 * hkv),
         qkv, pos, inv_freq, slot, q_out, k_cache, v_cache, qkv.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), T=t, HQ=hq, HKV=hkv, D=d, num_warps=1,
@@ -79,7 +81,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
     y = gu.new_empty(gu.shape[0], n)
     block = 1024
-    _silu_mul_kernel[(gu.shape[0], -(-n // block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
+    launch(_silu_mul_kernel, (gu.shape[0], -(-n // block)), gu, y, gu.stride(0), y.stride(0), n, BLOCK=block, num_warps=4)
     return y
 
 
@@ -175,7 +177,7 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
         bk, bn = _next_pow2(k), ROW_TUNING["block_n" if w.element_size() <= 2 else "block_n_fp32"]
         per_warp = 32 * ROW_TUNING["weights_per_thread"]  # the tile stays in registers
         warps = min(16, max(ROW_TUNING["min_warps"], _next_pow2(bn * bk * (2 if epi else 1) // per_warp)))
-        _gemv_row_kernel[(-(-n // bn), m)](
+        launch(_gemv_row_kernel, (-(-n // bn), m),
             x, d, norm_w if norm_w is not None else x, xo, w, y, n, k, x.stride(0), d.stride(0), xo.stride(0),
             w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv,
             ADD=delta is not None, NORM=norm_w is not None, EPI=epi, BLOCK_N=bn, BK=bk, PDL=pdl, PREFETCH=prefetch,
@@ -186,7 +188,7 @@ def _launch_gemv(x, w, n, delta, norm_w, eps, x_out, epi, tuning=None, rope=None
                if merge is not None else {}),
         )
         return None if rope is not None else y
-    _gemv_kernel[(-(-n // block_n), -(-m // block_m))](
+    launch(_gemv_kernel, (-(-n // block_n), -(-m // block_m)),
         x, d, norm_w if norm_w is not None else x, xo, w, y, m, n, k, x.stride(0), d.stride(0), xo.stride(0),
         w.stride(0), y.stride(0), eps, pos, inv, slot, qo, kc, vc, *sq, *sk, *sv,
         ADD=delta is not None, NORM=norm_w is not None, EPI=epi, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -265,7 +267,7 @@ def mlp_fused(x: torch.Tensor, delta: torch.Tensor, norm_w: torch.Tensor, eps: f
     prefetch = (not early) and pdl and wgu.is_contiguous() and wd_t.is_contiguous() and can_prefetch(wgu, k) \
         and can_prefetch(wd_t, k)
     warps = tune["num_warps"]
-    _mlp_row_kernel[(-(-i_dim // bi),)](
+    launch(_mlp_row_kernel, (-(-i_dim // bi),),
         x, delta, norm_w, x_out, wgu, wd_t, acc, m, i_dim, k, x.stride(0), delta.stride(0), x_out.stride(0),
         wgu.stride(0), wd_t.stride(0), acc.stride(0), eps, BI=bi, BK=bk, BK2=bk2, PDL=pdl, PREFETCH=prefetch,
         W_BYTES=wgu.element_size(), EARLY=early, ATOMIC=tune.get("atomic", True), num_warps=warps, **pdl_options(pdl),

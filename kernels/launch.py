@@ -6,8 +6,11 @@ NECTAR_PDL=0 turns it off (to measure what it brings). L2 prefetch of weights ne
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import os
+import threading
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,3 +36,59 @@ def pdl_options(pdl: bool) -> dict:
     """Extra launch keyword arguments (Triton's launch_pdl option only when used: the CPU
     interpreter does not know it)."""
     return {"launch_pdl": True} if pdl else {}
+
+
+# ---------------------------------------------------------------- compiling ahead, in parallel
+# A first decode step compiles its Triton kernels one after another, each on first launch (~1 s
+# apiece on the H100 host: ~10 s of a first `nectar fit`). Triton releases the GIL while it
+# compiles, so the variants a step will need can be compiled at once on a thread pool: run the
+# step once with its launches recorded instead of made (`recording`), then `compile_recorded`.
+_RECORD = threading.local()
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), or, inside `recording(calls)` on this thread, append the call
+    to calls instead (nothing is compiled or launched; the outputs are left as they are)."""
+    calls = getattr(_RECORD, "calls", None)
+    if calls is not None:
+        calls.append((kernel, tuple(grid), args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording(calls: list):
+    """Within this block, `launch` on this thread records into calls."""
+    prev = getattr(_RECORD, "calls", None)
+    _RECORD.calls = calls
+    try:
+        yield calls
+    finally:
+        _RECORD.calls = prev
+
+
+def _variant_key(kernel, args, kwargs) -> tuple:
+    """A conservative key of the compiled variant a call needs: tensors by dtype and 16-byte
+    alignment, everything else by value (equal keys always mean the same variant)."""
+    def spec(v):
+        if hasattr(v, "data_ptr"):
+            return ("tensor", str(v.dtype), v.data_ptr() % 16 == 0)
+        return ("value", type(v).__name__, v)
+
+    return (id(kernel), tuple(spec(a) for a in args), tuple(sorted((k, spec(v)) for k, v in kwargs.items())))
+
+
+def compile_recorded(calls: list, workers: int | None = None) -> int:
+    """Compile the distinct kernel variants of recorded calls on a thread pool (Triton's on-disk
+    cache and each kernel's in-memory cache then serve the real launches). Returns how many."""
+    unique = {}
+    for kernel, grid, args, kwargs in calls:
+        unique.setdefault(_variant_key(kernel, args, kwargs), (kernel, grid, args, kwargs))
+    jobs = list(unique.values())
+    if not jobs:
+        return 0
+    workers = workers or min(len(jobs), max(1, (os.cpu_count() or 2) - 1), 16)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(k.warmup, *a, grid=g, **kw) for k, g, a, kw in jobs]:
+            f.result()
+    return len(jobs)

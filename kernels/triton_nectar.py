@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .launch import launch
+
 
 MODES = {"mlp": 0, "quadrature": 1, "partials": 2}
 
@@ -155,7 +157,7 @@ def _launch_layer(q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, mode, wid
         proj_args.update(zero_ptr=zero, ZN=zero.numel(), ZERO=True)
     else:
         proj_args.update(zero_ptr=q)
-    layer_kernel[(b * hkv, n_rb, parts)](
+    launch(layer_kernel, (b * hkv, n_rb, parts),
         q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, out, ws, po, pl,
         q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
         v_loc.stride(0), v_loc.stride(1), v_loc.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -302,7 +304,7 @@ def nectar_layer_shares(q, k_loc, v_loc, kv_len, heads_w, heads_b, width: int, s
     bk = h_pad if early else (tune["block_k"] if heads_w.element_size() <= 2 and h > 64 else 64)
     block_r = _row_block(rows)
     pdl = pdl_enabled(q)
-    _mlp_parts_kernel[(b * hkv, -(-rows // block_r), nc + 2)](
+    launch(_mlp_parts_kernel, (b * hkv, -(-rows // block_r), nc + 2),
         q, k_loc, v_loc, kv_len, kv_start, heads_w, heads_b, sh, lse,
         q.stride(0), q.stride(1), q.stride(2), k_loc.stride(0), k_loc.stride(1), k_loc.stride(2),
         v_loc.stride(0), v_loc.stride(1), v_loc.stride(2), heads_w.stride(0), heads_b.stride(0), m, float(scale),
@@ -363,7 +365,7 @@ def doc_attention_partials(q, k_doc, v_doc, scale: float, split_len: int | None 
     from .launch import pdl_enabled, pdl_options
 
     pdl = pdl_enabled(q) and _pdl_doc(n)
-    partial_kernel[(hkv, nsplit, -(-r_total // block_r))](
+    launch(partial_kernel, (hkv, nsplit, -(-r_total // block_r)),
         q, k_doc, v_doc, po, pl, q.stride(0), q.stride(1), q.stride(2), k_doc.stride(1), k_doc.stride(2),
         v_doc.stride(1), v_doc.stride(2), n, r_total, split_len, float(scale),
         G=g, T=t, D=d, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,

@@ -14,11 +14,13 @@ from nectar_runtime.generate import GenerationConfig, generate_ids
 from nectar_runtime.document import DocumentContext, local_ids
 
 
-def answer_backend(model, contexts: list | None, context_len: int):
+def answer_backend(model, contexts: list | None, context_len: int, precompile_batch: int | None = None):
     """The backend to answer with: for the exact document on CUDA, the fused CUDA-graph step
     (runtime/backends/cuda_graph.py: the document KV read by split-KV flash decoding, one graph
     replay per token, ~10x the eager decoder); otherwise the torch decoder. Both compute the same
-    attention; greedy tokens can differ only where fp32 rounding flips a near tie."""
+    attention; greedy tokens can differ only where fp32 rounding flips a near tie.
+    precompile_batch: compile the fused step's kernels for batches of that many rows up front, in
+    parallel (CudaGraphBackend.precompile), instead of one after another on first use."""
     from nectar_models.attention import ExactContextAttention
     from nectar_runtime.backends.fast_path import fused_unavailable
 
@@ -27,7 +29,10 @@ def answer_backend(model, contexts: list | None, context_len: int):
     if exact and fused_unavailable(model) is None:
         from nectar_runtime.backends.cuda_graph import full_backend
 
-        return full_backend(model, contexts, context_len)
+        backend = full_backend(model, contexts, context_len)
+        if precompile_batch:
+            backend.precompile(precompile_batch)
+        return backend
     return TorchBackend(model, contexts, context_len)
 
 

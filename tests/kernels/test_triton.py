@@ -399,3 +399,50 @@ def test_deferred_merge_step_matches_merged_step(monkeypatch):
         assert taken[2:] == [True, True]
     assert not got.isnan().any()
     assert _rel(got, want) <= TOL[torch.bfloat16]
+
+
+def test_recording_captures_launches_without_running_them():
+    """Inside `recording`, launches are recorded (one per call, equal variant keys for equal
+    calls) and nothing runs: the poisoned output stays NaN; outside, the same call runs."""
+    from nectar_kernels.launch import _variant_key, recording
+
+    b, hq, hkv, t, d, s, width = SHAPES[0]
+    q, k, v, kv_len, kv_start = _inputs(b, hq, hkv, t, d, s, torch.float32, 40)
+    hw, hb = random_layer("mlp", width, hkv, d, device=DEV, seed=1)
+    out = torch.full_like(q, float("nan"))
+    calls = []
+    with recording(calls):
+        for _ in range(2):
+            nectar_layer_attention(q, k, v, kv_len, hw, hb, "mlp", width, d**-0.5, kv_start=kv_start, out=out)
+    assert len(calls) == 2 and out.isnan().all()
+    keys = {_variant_key(kern, args, kw) for kern, _, args, kw in calls}
+    assert len(keys) == 1
+    nectar_layer_attention(q, k, v, kv_len, hw, hb, "mlp", width, d**-0.5, kv_start=kv_start, out=out)
+    assert not out.isnan().any()
+
+
+@pytest.mark.skipif(not GPU, reason="compiles CUDA kernels")
+def test_precompile_then_step_matches_a_fresh_decoder():
+    """FusedDecoder.precompile compiles the step's variants on a thread pool without touching the
+    decoder's state: the next step's logits equal those of a decoder that never precompiled."""
+    from nectar_models.config import ModelConfig
+    from nectar_runtime.backends.cuda_graph import FusedDecoder
+
+    cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=192, intermediate_size=320, num_layers=2,
+                      num_heads=6, num_kv_heads=2, head_dim=32, rms_eps=1e-5, tie_embeddings=True, max_position=4096)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    ks = [torch.randn(1, 2, 300, 32, generator=g).to(DEV) for _ in range(2)]
+    vs = [torch.randn(1, 2, 300, 32, generator=g).to(DEV) for _ in range(2)]
+    logits = []
+    for pre in (True, False):
+        dec = FusedDecoder.random(cfg, torch.float32, DEV, seed=7)
+        dec.set_full_document(ks, vs, 300)
+        if pre:
+            assert dec.precompile(16, (1, 64)) > 0
+        st = dec.new_state(16, 128)
+        st.slot.zero_()
+        st.kv_len.fill_(1)
+        with torch.inference_mode():
+            logits.append(dec.forward(torch.arange(16, device=DEV)[:, None], torch.full((16, 1), 300, device=DEV), st))
+    assert not logits[0].isnan().any()
+    assert torch.equal(logits[0], logits[1])
