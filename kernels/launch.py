@@ -40,9 +40,10 @@ def pdl_options(pdl: bool) -> dict:
 
 # ---------------------------------------------------------------- compiling ahead, in parallel
 # A first decode step compiles its Triton kernels one after another, each on first launch (~1 s
-# apiece on the H100 host: ~10 s of a first `nectar fit`). Triton releases the GIL while it
-# compiles, so the variants a step will need can be compiled at once on a thread pool: run the
-# step once with its launches recorded instead of made (`recording`), then `compile_recorded`.
+# apiece on the H100 host with its C launcher: ~10 s of a first `nectar fit`). Triton releases the
+# GIL while it compiles (and gcc runs in a subprocess), so the variants a step will need can be
+# compiled at once on a thread pool: run the step once with its launches recorded instead of made
+# (`recording`), then `compile_recorded`.
 _RECORD = threading.local()
 
 
@@ -89,6 +90,16 @@ def compile_recorded(calls: list, workers: int | None = None) -> int:
         return 0
     workers = workers or min(len(jobs), max(1, (os.cpu_count() or 2) - 1), 16)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(k.warmup, *a, grid=g, **kw) for k, g, a, kw in jobs]:
+        for f in [pool.submit(_compile_one, *job) for job in jobs]:
             f.result()
     return len(jobs)
+
+
+def _compile_one(kernel, grid, args, kwargs) -> None:
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    # Triton builds each variant's C launcher (a gcc run) and loads its cubin on the first launch,
+    # one after another; its (internal) _init_handles does that here, in parallel, on the same
+    # object the real launches will find in the kernel's cache.
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
