@@ -14,13 +14,11 @@ from nectar_runtime.generate import GenerationConfig, generate_ids
 from nectar_runtime.document import DocumentContext, local_ids
 
 
-def answer_backend(model, contexts: list | None, context_len: int, precompile_batch: int | None = None):
+def answer_backend(model, contexts: list | None, context_len: int):
     """The backend to answer with: for the exact document on CUDA, the fused CUDA-graph step
     (runtime/backends/cuda_graph.py: the document KV read by split-KV flash decoding, one graph
     replay per token, ~10x the eager decoder); otherwise the torch decoder. Both compute the same
-    attention; greedy tokens can differ only where fp32 rounding flips a near tie.
-    precompile_batch: compile the fused step's kernels for batches of that many rows up front, in
-    parallel (CudaGraphBackend.precompile), instead of one after another on first use."""
+    attention; greedy tokens can differ only where fp32 rounding flips a near tie."""
     from nectar_models.attention import ExactContextAttention
     from nectar_runtime.backends.fast_path import fused_unavailable
 
@@ -29,10 +27,7 @@ def answer_backend(model, contexts: list | None, context_len: int, precompile_ba
     if exact and fused_unavailable(model) is None:
         from nectar_runtime.backends.cuda_graph import full_backend
 
-        backend = full_backend(model, contexts, context_len)
-        if precompile_batch:
-            backend.precompile(precompile_batch)
-        return backend
+        return full_backend(model, contexts, context_len)
     return TorchBackend(model, contexts, context_len)
 
 
@@ -51,6 +46,9 @@ def generate_answers(
     eos = set(tokenizer.eos_token_ids)
     prompts = [local_ids(ctx, tokenizer, conv) for conv in conversations]
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths pad less
+    precompile = getattr(backend, "precompile", None)  # the fused CUDA backend: its kernels, in parallel
+    if precompile is not None:
+        precompile({len(order[s : s + batch_size]) for s in range(0, len(order), batch_size)})
     out: list[list[int]] = [[] for _ in prompts]
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]

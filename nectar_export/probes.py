@@ -471,7 +471,7 @@ class _Builder:
         """The next assistant turn of each conversation, batched, with the exact document."""
         with tqdm(total=len(convs), desc=desc, unit="conv", disable=not self.progress) as bar:
             if self.backend is None:
-                self.backend = answer_backend(self.model, self.doc_contexts, self.ctx.n, self.cfg.batch_size)
+                self.backend = answer_backend(self.model, self.doc_contexts, self.ctx.n)
             ids = generate_answers(self.model, self.tokenizer, self.ctx, self.doc_contexts, convs,
                                    GenerationConfig(max_tokens, sampling), self.cfg.batch_size, bar, self.backend)
         return decode_answers(self.tokenizer, ids)

@@ -187,24 +187,26 @@ class FusedDecoder:
         self.document, self.context_len, self.prefix = ("nectar", packed), n, prefix
 
     # ---------------------------------------------------------------- running
-    def precompile(self, batch: int, ts: tuple[int, ...] = (1,)) -> int:
-        """Compile, all at once on a thread pool, the Triton kernel variants that steps of `batch`
-        rows and T = each of ts will launch (CUDA only; returns how many, 0 elsewhere). The steps
-        are run once with their launches recorded (nectar_kernels.launch.recording) on scratch
-        buffers; nothing of the decoder's state changes. Without it the first step compiles them
-        one after another (a first `nectar fit` on a GPU spent ~10 s there)."""
+    def precompile(self, batches, ts: tuple[int, ...] = (1,)) -> int:
+        """Compile, all at once on a thread pool, the Triton kernel variants that steps of each
+        batch size in `batches` and T = each of ts will launch (CUDA only; returns how many
+        distinct variants, 0 elsewhere). The steps run once with their launches recorded
+        (nectar_kernels.launch.recording) on scratch buffers; the decoder's state is not touched.
+        Without it the first steps compile them one after another (a first `nectar fit` on a GPU
+        spent ~10 s there). Variants already compiled cost only a cache lookup."""
         if self.device.type != "cuda":
             return 0
         from nectar_kernels.launch import compile_recorded, recording
 
         calls: list = []
-        for t in ts:
-            st = self.new_state(batch, -(-t // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
-            st.kv_len.fill_(t)
-            ids = torch.zeros(batch, t, dtype=torch.long, device=self.device)
-            pos = (self.context_len + torch.arange(t, device=self.device)).expand(batch, t).contiguous()
-            with recording(calls), torch.inference_mode():
-                self.forward(ids, pos, st)
+        for batch in sorted(set(batches)):
+            for t in ts:
+                st = self.new_state(batch, -(-t // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
+                st.kv_len.fill_(t)
+                ids = torch.zeros(batch, t, dtype=torch.long, device=self.device)
+                pos = (self.context_len + torch.arange(t, device=self.device)).expand(batch, t).contiguous()
+                with recording(calls), torch.inference_mode():
+                    self.forward(ids, pos, st)
         return compile_recorded(calls)
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
@@ -484,10 +486,10 @@ class CudaGraphBackend:
                     self.lengths = self.lengths + (c1 - c0)
         return logits.cpu().numpy()
 
-    def precompile(self, batch: int) -> int:
-        """Compile the kernels of this backend's steps for batches of `batch` rows ahead, in
-        parallel: prefill chunks (T = MAX_PREFILL_CHUNK) and decode (T = 1). See FusedDecoder.precompile."""
-        return self.dec.precompile(batch, (1, MAX_PREFILL_CHUNK))
+    def precompile(self, batches) -> int:
+        """Compile the kernels of this backend's steps for these batch sizes ahead, in parallel:
+        prefill chunks (T = MAX_PREFILL_CHUNK) and decode (T = 1). See FusedDecoder.precompile."""
+        return self.dec.precompile(batches, (1, MAX_PREFILL_CHUNK))
 
     def _set_slots(self, lengths: np.ndarray, t: int) -> None:
         self.state.slot.copy_(torch.from_numpy(lengths.astype(np.int32)))

@@ -438,7 +438,7 @@ def test_precompile_then_step_matches_a_fresh_decoder():
         dec = FusedDecoder.random(cfg, torch.float32, DEV, seed=7)
         dec.set_full_document(ks, vs, 300)
         if pre:
-            assert dec.precompile(16, (1, 64)) > 0
+            assert dec.precompile([16, 5], (1, 64)) > 0
         st = dec.new_state(16, 128)
         st.slot.zero_()
         st.kv_len.fill_(1)
