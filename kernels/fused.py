@@ -22,7 +22,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.shape[-1]
     launch(_rmsnorm_kernel, (x.shape[0],), x, w, y, x.stride(0), y.stride(0), n, eps, BLOCK=_next_pow2(n),
-                                   num_warps=4 if n <= 2048 else 8)
+           num_warps=4 if n <= 2048 else 8)
     return y
 
 
@@ -37,7 +37,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, eps: floa
     y = torch.empty_like(x)
     n = x.shape[-1]
     launch(_add_rmsnorm_kernel, (x.shape[0],), x, delta, w, y, x.stride(0), delta.stride(0), y.stride(0), n, eps,
-                                       BLOCK=_next_pow2(n), num_warps=4 if n <= 2048 else 8)
+           BLOCK=_next_pow2(n), num_warps=4 if n <= 2048 else 8)
     return y
 
 
