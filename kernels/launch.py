@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +82,9 @@ def _variant_key(kernel, args, kwargs) -> tuple:
 
 def compile_recorded(calls: list, workers: int | None = None) -> int:
     """Compile the distinct kernel variants of recorded calls on a thread pool (Triton's on-disk
-    cache and each kernel's in-memory cache then serve the real launches). Returns how many."""
+    cache and each kernel's in-memory cache then serve the real launches). Returns how many
+    compiled. Best effort: a variant that fails here is reported in a warning and left to its
+    first real launch, which compiles it (or raises) as it would have without this."""
     unique = {}
     for kernel, grid, args, kwargs in calls:
         unique.setdefault(_variant_key(kernel, args, kwargs), (kernel, grid, args, kwargs))
@@ -89,10 +92,19 @@ def compile_recorded(calls: list, workers: int | None = None) -> int:
     if not jobs:
         return 0
     workers = workers or min(len(jobs), max(1, (os.cpu_count() or 2) - 1), 16)
+    done, failed = 0, []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(_compile_one, *job) for job in jobs]:
-            f.result()
-    return len(jobs)
+        futures = {pool.submit(_compile_one, *job): job[0] for job in jobs}
+        for f, kernel in futures.items():
+            try:
+                f.result()
+                done += 1
+            except Exception as e:  # noqa: BLE001 - an optimization: the real launch decides
+                failed.append(f"{getattr(kernel, '__name__', kernel)}: {type(e).__name__}: {str(e)[:120]}")
+    if failed:
+        warnings.warn(f"precompile: {len(failed)} kernel variant(s) left to compile on first launch ({failed[0]})",
+                      stacklevel=2)
+    return done
 
 
 def _compile_one(kernel, grid, args, kwargs) -> None:

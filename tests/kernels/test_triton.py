@@ -446,3 +446,4 @@ def test_precompile_then_step_matches_a_fresh_decoder():
             logits.append(dec.forward(torch.arange(16, device=DEV)[:, None], torch.full((16, 1), 300, device=DEV), st))
     assert not logits[0].isnan().any()
     assert torch.equal(logits[0], logits[1])
+
