@@ -62,6 +62,37 @@ def _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks
 
 
 @triton.jit
+def _skip_and_score(xw, wrow, brow, D: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, HS_PAD: tl.constexpr,
+                    W_IEEE: tl.constexpr):
+    """The mlp heads' skip path and score net (kernels/weights.py: layout) for standardized rows
+    xw [R, D] (weight dtype) of the KV head whose packed rows start at wrow / brow -> (xw @ skip +
+    b3 [R, D] fp32, still standardized; lse_ctx [R] fp32, destandardized). Shared by the merging
+    and the deferred-merge kernels."""
+    d = tl.arange(0, D)
+    off_skip = D * H + H * H + H * D
+    off_s1 = off_skip + D * D
+    off_s2 = off_s1 + D * HS
+    off_s3 = off_s2 + HS * HS
+    off_sb1 = 2 * H + D
+    off_sb2 = off_sb1 + HS
+    off_sb3 = off_sb2 + HS
+    off_lm = off_sb3 + 1 + D + 1 + D + 1  # after q_mean [D], q_std, o_mean [D], o_std
+    wdt = wrow.dtype.element_ty
+    skip = tl.load(wrow + off_skip + d[:, None] * D + d[None, :])
+    hc = tl.arange(0, HS_PAD)
+    hm = hc < HS
+    s1 = tl.load(wrow + off_s1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
+    s2 = tl.load(wrow + off_s2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
+    part = _dot(xw, skip, W_IEEE) + tl.load(brow + 2 * H + d)[None, :]
+    # score net: D -> HS -> HS -> 1
+    sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + off_sb1 + hc, mask=hm, other=0.0)[None, :])
+    sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + off_sb2 + hc, mask=hm, other=0.0)[None, :])
+    s3 = tl.load(wrow + off_s3 + hc, mask=hm, other=0.0).to(tl.float32)
+    gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + off_sb3)
+    return part, gs * tl.load(brow + off_lm + 1) + tl.load(brow + off_lm)
+
+
+@triton.jit
 def _layer_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, start_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, po_ptr, pl_ptr,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, sw, sb, R_TOTAL, NSPLIT, N_TILES, scale,
@@ -121,23 +152,13 @@ def _layer_kernel(
     wrow = w_ptr + j * sw
     brow = b_ptr + j * sb
     if MODE == 0:  # mlp, nectar_export.heads.MLPGroup
-        OFF_W2 = D * H
+        OFF_W2 = D * H  # kernels/weights.py: layout; skip path and score net: _skip_and_score
         OFF_W3 = OFF_W2 + H * H
-        OFF_SKIP = OFF_W3 + H * D
-        OFF_S1 = OFF_SKIP + D * D
-        OFF_S2 = OFF_S1 + D * HS
-        OFF_S3 = OFF_S2 + HS * HS
         OFF_B2 = H
-        OFF_B3 = 2 * H
-        OFF_SB1 = 2 * H + D
-        OFF_SB2 = OFF_SB1 + HS
-        OFF_SB3 = OFF_SB2 + HS
-        OFF_QM = OFF_SB3 + 1
+        OFF_QM = 2 * H + D + 2 * HS + 1  # after b1, b2, b3, sb1, sb2, sb3
         OFF_QS = OFF_QM + D
         OFF_OM = OFF_QS + 1
         OFF_OS = OFF_OM + D
-        OFF_LM = OFF_OS + 1
-        OFF_LS = OFF_LM + 1
         wdt = w_ptr.dtype.element_ty
         x = (qf - tl.load(brow + OFF_QM + d)[None, :]) / tl.load(brow + OFF_QS)
         xw = x.to(wdt)
@@ -161,18 +182,7 @@ def _layer_kernel(
             h2 = _gelu(acc2 + tl.load(brow + OFF_B2 + cj, mask=cjm, other=0.0)[None, :])
             part = _dot(h2.to(wdt), w3, W_IEEE)
         elif z == NC:
-            skip = tl.load(wrow + OFF_SKIP + d[:, None] * D + d[None, :])
-            hc = tl.arange(0, HS_PAD)
-            hm = hc < HS
-            s1 = tl.load(wrow + OFF_S1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
-            s2 = tl.load(wrow + OFF_S2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
-            part = _dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]
-            # score net: D -> HS -> HS -> 1
-            sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
-            sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + OFF_SB2 + hc, mask=hm, other=0.0)[None, :])
-            s3 = tl.load(wrow + OFF_S3 + hc, mask=hm, other=0.0).to(tl.float32)
-            gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + OFF_SB3)
-            lse_ctx = gs * tl.load(brow + OFF_LS) + tl.load(brow + OFF_LM)
+            part, lse_ctx = _skip_and_score(xw, wrow, brow, D, H, HS, HS_PAD, W_IEEE)
             tl.store(aux + BLOCK_R * (D + 1) + rl, lse_ctx)
         else:  # z == NC + 1: the local attention, in parallel with the heads
             o_loc, lse_loc = _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks,
@@ -383,23 +393,13 @@ def _mlp_parts_kernel(
     b = pid // HKV
     j = pid % HKV
     K_O = HKV * G * D
-    OFF_W2 = D * H
+    OFF_W2 = D * H  # kernels/weights.py: layout; skip path and score net: _skip_and_score
     OFF_W3 = OFF_W2 + H * H
-    OFF_SKIP = OFF_W3 + H * D
-    OFF_S1 = OFF_SKIP + D * D
-    OFF_S2 = OFF_S1 + D * HS
-    OFF_S3 = OFF_S2 + HS * HS
     OFF_B2 = H
-    OFF_B3 = 2 * H
-    OFF_SB1 = 2 * H + D
-    OFF_SB2 = OFF_SB1 + HS
-    OFF_SB3 = OFF_SB2 + HS
-    OFF_QM = OFF_SB3 + 1
+    OFF_QM = 2 * H + D + 2 * HS + 1  # after b1, b2, b3, sb1, sb2, sb3
     OFF_QS = OFF_QM + D
     OFF_OM = OFF_QS + 1
     OFF_OS = OFF_OM + D
-    OFF_LM = OFF_OS + 1
-    OFF_LS = OFF_LM + 1
     wrow = w_ptr + j * sw
     brow = b_ptr + j * sb
     d = tl.arange(0, D)
@@ -452,21 +452,10 @@ def _mlp_parts_kernel(
         part = _dot(h2.to(wdt), w3, W_IEEE) * o_std
         tl.store(sh_ptr + z * M_ROWS * K_O + s_offs, part, mask=rmask[:, None])
     elif z == NC:
-        skip = tl.load(wrow + OFF_SKIP + d[:, None] * D + d[None, :])
-        hc = tl.arange(0, HS_PAD)
-        hm = hc < HS
-        s1 = tl.load(wrow + OFF_S1 + d[:, None] * HS + hc[None, :], mask=hm[None, :], other=0.0)
-        s2 = tl.load(wrow + OFF_S2 + hc[:, None] * HS + hc[None, :], mask=hm[:, None] & hm[None, :], other=0.0)
-        part = (_dot(xw, skip, W_IEEE) + tl.load(brow + OFF_B3 + d)[None, :]) * o_std \
-            + tl.load(brow + OFF_OM + d)[None, :]
+        skip_part, lse_ctx = _skip_and_score(xw, wrow, brow, D, H, HS, HS_PAD, W_IEEE)
+        part = skip_part * o_std + tl.load(brow + OFF_OM + d)[None, :]
         tl.store(sh_ptr + NC * M_ROWS * K_O + s_offs, part, mask=rmask[:, None])
-        # score net: D -> HS -> HS -> 1
-        sa = _gelu(_dot(xw, s1, W_IEEE) + tl.load(brow + OFF_SB1 + hc, mask=hm, other=0.0)[None, :])
-        sb_ = _gelu(_dot(sa.to(wdt), s2, W_IEEE) + tl.load(brow + OFF_SB2 + hc, mask=hm, other=0.0)[None, :])
-        s3 = tl.load(wrow + OFF_S3 + hc, mask=hm, other=0.0).to(tl.float32)
-        gs = tl.sum(sb_ * s3[None, :], 1) + tl.load(brow + OFF_SB3)
-        tl.store(lse_ptr + M_ROWS * (HKV * G) + l_offs, gs * tl.load(brow + OFF_LS) + tl.load(brow + OFF_LM),
-                 mask=rmask)
+        tl.store(lse_ptr + M_ROWS * (HKV * G) + l_offs, lse_ctx, mask=rmask)
     else:  # z == NC + 1: the local attention, in parallel with the heads
         o_loc, lse_loc = _local_attention(q, k_ptr, v_ptr, len_ptr, start_ptr, b, j, t, skb, skh, sks,
                                           svb, svh, svs, scale, T, D, BLOCK_R, BLOCK_S, IEEE)

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .launch import launch
+
+if TYPE_CHECKING:
+    import torch
 
 
 MODES = {"mlp": 0, "quadrature": 1, "partials": 2}
@@ -232,8 +236,8 @@ class NectarShares:
             (the target net's output, destandardized), shares[NS] = o_loc (local attention).
     lse:    [2, M, Hq] fp32: lse_loc (local tokens; −inf: none), lse_ctx (the score net)."""
 
-    shares: "object"
-    lse: "object"
+    shares: torch.Tensor  # annotations are not evaluated: torch is imported lazily here
+    lse: torch.Tensor
 
     @property
     def rows(self) -> int:
