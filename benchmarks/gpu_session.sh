@@ -11,7 +11,7 @@
 #                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|defer|coldfit|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|gpart|gemma}
+stage=${1:?stage: probe|kern|defer|coldfit|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|noise|gpart|gemma}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -181,6 +181,16 @@ quality)  # after setup (carry .carry/b on the first call): with FIT=1 the fresh
     real_artifact_tests
   fi
   quality_run /root/smol.gguf
+  ;;
+noise)  # after setup (carry .carry/b): the exact-match noise floor (benchmarks/noise_floor.py: the document cache
+        # rounded to fp16 / bf16 / int8) on every manual, then, if $MANUALS is set, benchmarks/nectar_quality.py there
+        # with $QARGS (e.g. budgets past the 25% target: how exact match grows with the artifact)
+  smol_model || exit 1
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  python3 benchmarks/noise_floor.py --manuals /root/manuals --model /root/smol.gguf --device cuda --no-semantic \
+    --no-docs --quiet --json "$OUT/noise_floor.json" 2>&1 | grep -v Warn | tee "$OUT/noise.log"
+  [ -n "${MANUALS:-}" ] && quality_run /root/smol.gguf
   ;;
 gpart)  # Gemma 3 270M's GGUF (253 MB) in four back-to-back calls, carrying .carry/g0 (part 0, manuals) and .whl,
         # then .carry/g1, .carry/g2, .carry/g3 (`split -n 4 -d -a 1 FILE gemma.part` makes the parts)

@@ -75,8 +75,9 @@ def evaluate_methods(
 
     questions: [{"id", "question", "answer"}]; `answer` is the reference string for QA accuracy.
     Returns {"methods": {name: {agreement, kl, exact_match, rouge_l, semantic_similarity,
-    qa_accuracy}}, "answers": {name: [answer text per question]}, "n_questions",
-    "n_answer_tokens"} (the number of teacher-forced positions). Pass `embedder` to reuse a
+    qa_accuracy}}, "answers": {name: [answer text per question]}, "first_divergence": {name:
+    [answer token index where the method's free answer first leaves full's, None if identical]},
+    "n_questions", "n_answer_tokens"} (the number of teacher-forced positions). Pass `embedder` to reuse a
     loaded `SemanticEmbedder`.
     """
     if REFERENCE not in methods:
@@ -131,7 +132,17 @@ def evaluate_methods(
             "semantic_similarity": mean(embedder.similarity(texts[m], texts[REFERENCE])) if embedder is not False else None,
             "qa_accuracy": mean(qa_accuracy(a, r) for a, r in zip(texts[m], refs)),
         }
-    return {"methods": scores, "answers": texts, "n_questions": nq, "n_answer_tokens": n_tok}
+    divergence = {m: [first_divergence(r, o) for r, o in zip(ref, ids[m])] for m in names[1:]}
+    return {"methods": scores, "answers": texts, "first_divergence": divergence, "n_questions": nq,
+            "n_answer_tokens": n_tok}
+
+
+def first_divergence(ref: list[int], other: list[int]) -> int | None:
+    """Index of the first answer token where `other` leaves `ref`; None when the two are identical."""
+    for i, (a, b) in enumerate(zip(ref, other)):
+        if a != b:
+            return i
+    return None if len(ref) == len(other) else min(len(ref), len(other))
 
 
 def format_table(result: dict) -> str:
@@ -143,5 +154,11 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[j]) for r in rows) for j in range(len(heads))]
     lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    foot = f"{result['n_questions']} questions, {result['n_answer_tokens']} teacher-forced answer positions"
-    return "\n".join(lines + [foot])
+    foot = [f"{result['n_questions']} questions, {result['n_answer_tokens']} teacher-forced answer positions"]
+    if result.get("first_divergence"):
+        parts = []
+        for m, d in result["first_divergence"].items():
+            left = sorted(i for i in d if i is not None)
+            parts.append(f"{m} {left[len(left) // 2] if left else '-'} ({len(d) - len(left)} identical)")
+        foot.append("free answers leave full's at answer token (median): " + ", ".join(parts))
+    return "\n".join(lines + foot)

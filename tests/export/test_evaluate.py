@@ -109,8 +109,24 @@ def test_identical_methods_agree_fully_and_no_document_does_not(tiny):
     none = res["methods"]["none"]
     assert none["kl"] > 1e-4 and none["agreement"] < 1.0
     assert set(res["methods"]) == set(methods)
+    assert set(res["first_divergence"]) == set(methods) - {"full"}
+    for name in ("same", "streaming_all"):
+        assert res["first_divergence"][name] == [None] * 3
+    for i, (ref, other) in enumerate(zip(res["answers"]["full"], res["answers"]["none"])):
+        d = res["first_divergence"]["none"][i]
+        assert (d is None) == (ref == other)
     table = format_table(res)
     assert table.splitlines()[0].split()[:3] == ["method", "agree", "KL"] and "streaming_8" in table
+    assert "same - (3 identical)" in table.splitlines()[-1]
+
+
+def test_first_divergence():
+    from nectar_export.evaluate import first_divergence
+
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2, 3], [1, 2]) == 2  # one stopped early: it leaves at the shorter length
+    assert first_divergence([], [7]) == 0
 
 
 def test_full_is_required(tiny):
