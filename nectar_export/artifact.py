@@ -10,10 +10,9 @@ when the base model's weights differ from the ones it was fitted on.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from nectar_runtime import __version__
 from nectar_runtime.errors import NectarError
 
 from .heads import HeadsSpec, NectarHeads
+from .outdir import replace_dir, temp_dir_beside
 
 FORMAT_VERSION = 1
 STORE_DTYPE = torch.float16  # weights on disk; computed in fp32
@@ -43,11 +43,12 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
         raise NectarError(f"{out}: the fitted heads hold non-finite values ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}); "
                           "nothing written: retry with a lower --lr or another --seed, and report the model and document")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         save_file(state, str(tmp / "heads.safetensors"))
-        (tmp / "document.txt").write_text(document_text, encoding="utf-8")
+        # bytes, not text mode: the document must come back byte for byte (CRLF included), or its
+        # sha256 and tokens would no longer match the manifest
+        (tmp / "document.txt").write_bytes(document_text.encode("utf-8"))
         manifest = {
             **manifest,
             "format_version": FORMAT_VERSION,
@@ -55,6 +56,7 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "spec": asdict(heads.spec),
             "artifact_bytes": (tmp / "heads.safetensors").stat().st_size,
+            "heads_sha256": file_sha256(tmp / "heads.safetensors"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         replace_dir(tmp, out)
@@ -64,16 +66,15 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
     return out
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory `tmp` to `out`, replacing an existing `out` only now."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+REQUIRED = {"base_model": ("name", "sha256"), "document": ("sha256", "n_tokens"), "spec": ("widths",)}
 
 
 def read_manifest(art: str | Path) -> dict:
@@ -85,14 +86,25 @@ def read_manifest(art: str | Path) -> dict:
         raise NectarError(f"{art}: not a Nectar artifact (no manifest.json)")
     try:
         m = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NectarError(f"{mf}: corrupt manifest ({e})") from None
+    if not isinstance(m, dict):
+        raise NectarError(f"{mf}: not a Nectar artifact manifest (a JSON object expected); re-run `nectar fit`")
     if m.get("format_version") != FORMAT_VERSION:
         raise NectarError(f"{mf}: unsupported artifact format_version {m.get('format_version')!r} (this tool reads {FORMAT_VERSION})")
+    for key, fields in REQUIRED.items():
+        if not isinstance(m.get(key), dict) or any(f not in m[key] for f in fields):
+            raise NectarError(f"{mf}: manifest lacks {key}.{{{', '.join(fields)}}}; the artifact is corrupt: re-run `nectar fit`")
     for f in ("heads.safetensors", "document.txt"):
         if not (art / f).is_file():
             raise NectarError(f"{art}: artifact is incomplete ({f} missing); re-run `nectar fit`")
     return m
+
+
+def read_document_text(art: str | Path) -> str:
+    """The artifact's document.txt exactly as fitted: bytes decoded, no newline translation (a CRLF
+    document read in text mode would no longer match its sha256 and token count)."""
+    return (Path(art) / "document.txt").read_bytes().decode("utf-8", errors="replace")
 
 
 def load_heads(art: str | Path, manifest: dict, base_sha256: str, device="cpu") -> NectarHeads:
@@ -105,13 +117,27 @@ def load_heads(art: str | Path, manifest: dict, base_sha256: str, device="cpu") 
             f"{art}: fitted on base model {manifest['base_model'].get('name', '?')} with weights sha256 "
             f"{want[:12]}…, but the model given has {base_sha256[:12]}…; use the same model file"
         )
-    heads = NectarHeads(HeadsSpec(**{**manifest["spec"], "widths": tuple(manifest["spec"]["widths"])}))
+    path = Path(art) / "heads.safetensors"
+    if "heads_sha256" in manifest and file_sha256(path) != manifest["heads_sha256"]:  # older artifacts lack it
+        raise NectarError(f"{path}: contents do not match the manifest's sha256 (corrupt or modified); re-run `nectar fit`")
     try:
-        state = load_file(str(Path(art) / "heads.safetensors"))
+        heads = NectarHeads(HeadsSpec(**{**manifest["spec"], "widths": tuple(manifest["spec"]["widths"])}))
+    except (TypeError, ValueError) as e:
+        raise NectarError(f"{art}/manifest.json: invalid heads spec ({e}); re-run `nectar fit`") from None
+    try:
+        state = load_file(str(path))
     except Exception as e:
-        raise NectarError(f"{art}/heads.safetensors: unreadable ({e}); re-run `nectar fit`") from None
+        raise NectarError(f"{path}: unreadable ({e}); re-run `nectar fit`") from None
     missing = set(heads.state_dict()) ^ set(state)
     if missing:
-        raise NectarError(f"{art}/heads.safetensors: tensors do not match the manifest's spec ({sorted(missing)[:3]})")
+        raise NectarError(f"{path}: tensors do not match the manifest's spec ({sorted(missing)[:3]})")
+    want_shapes = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
+    wrong = [k for k, v in state.items() if tuple(v.shape) != want_shapes[k]]
+    if wrong:
+        raise NectarError(f"{path}: tensor shapes do not match the manifest's spec ({', '.join(sorted(wrong)[:3])}); "
+                          "the artifact is corrupt: re-run `nectar fit`")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NectarError(f"{path}: non-finite values in {', '.join(sorted(bad)[:3])}; the artifact is corrupt: re-run `nectar fit`")
     heads.load_state_dict({k: v.float() for k, v in state.items()})
     return heads.to(device).eval()

@@ -26,11 +26,14 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from .pipeline import check_budget, document_context, fit_document, load_base
     from .probes import ProbeConfig
 
-    fit_cfg = _fit_config(a)
-    probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
     from nectar_runtime.document import read_document
 
+    from .outdir import check_out_dir
+
+    fit_cfg = _fit_config(a)
+    probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
     read_document(a.document)  # empty / binary / non-UTF-8: refuse before loading the model
+    check_out_dir(a.out, "artifact")  # a file, a foreign directory, an unwritable place: likewise
     import torch
 
     torch.manual_seed(a.seed)
@@ -60,8 +63,12 @@ def read_questions(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise NectarError(f"{p}: no such questions file")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is fine
+    except UnicodeDecodeError as e:
+        raise NectarError(f"{p}: not valid UTF-8 (byte {e.start}); save the questions file as UTF-8") from None
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -70,7 +77,12 @@ def read_questions(path: str | Path) -> list[dict]:
             raise NectarError(f"{p}:{i}: not JSON ({e.msg}); one object per line with id, question, answer") from None
         if not isinstance(q, dict) or not isinstance(q.get("question"), str):
             raise NectarError(f"{p}:{i}: needs a 'question' string (and 'id', 'answer')")
-        out.append({"id": q.get("id", f"q{i}"), "question": q["question"], "answer": q.get("answer", "")})
+        ans = q.get("answer")
+        if ans is not None and not isinstance(ans, (str, int, float)):
+            raise NectarError(f"{p}:{i}: 'answer' must be a string (or a number); got {type(ans).__name__}")
+        # a number is matched as its text; no answer: the question is left out of QA accuracy only
+        out.append({"id": q.get("id", f"q{i}"), "question": q["question"],
+                    "answer": None if ans is None or ans == "" else str(ans)})
     if not out:
         raise NectarError(f"{p}: no questions")
     return out
@@ -84,6 +96,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .streaming import streaming_contexts, streaming_tokens_for_bytes
 
     questions = read_questions(a.questions)
+    if a.json:  # refuse an unwritable --json before the (long) evaluation, not after
+        check_json_path(a.json)
     oa = open_artifact(a.artifact, a.device, a.model)
     model, cfg = oa.base.model, oa.base.config
     full = model.prefill_document(torch.tensor([oa.ctx.context_ids], device=oa.base.device)).contexts()
@@ -102,16 +116,36 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(f"artifact {art_bytes / 1e6:.2f} MB = {100 * art_bytes / result['kv_bytes']:.1f}% of the fp16 KV "
           f"({result['kv_bytes'] / 1e6:.2f} MB); streaming keeps {keep} of {oa.ctx.n} tokens")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2))
+        try:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        except OSError as e:
+            raise NectarError(f"{a.json}: could not write the results ({e.strerror}); the table above is complete") from None
     return 0
+
+
+def check_json_path(path: str | Path) -> None:
+    """One line if `path` cannot become a JSON file: a directory, or a parent that is a file or unwritable."""
+    import os
+
+    p = Path(path)
+    if p.is_dir():
+        raise NectarError(f"{p}: is a directory; pass a file path for --json")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise NectarError(f"{p}: cannot write there ({parent} is not a writable directory); pass another --json path")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .export.bundle import ExportConfig
 
+    from .outdir import check_out_dir
+
     cfg = ExportConfig(method=a.method, dtype=a.dtype, quantize=a.quantize, max_local_len=a.max_local_len,
                        check=not a.no_check)  # options are checked before anything is loaded
+    check_out_dir(a.out, "bundle")
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if a.format == "onnx":
         from .export.bundle import export_onnx_bundle

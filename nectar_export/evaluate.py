@@ -73,7 +73,8 @@ def evaluate_methods(
 ) -> dict:
     """Score every method against "full" (which must be among `methods`) on `questions`.
 
-    questions: [{"id", "question", "answer"}]; `answer` is the reference string for QA accuracy.
+    questions: [{"id", "question", "answer"}]; `answer` is the reference string for QA accuracy
+    (None or "": the question does not count towards QA accuracy).
     Returns {"methods": {name: {agreement, kl, exact_match, rouge_l, semantic_similarity,
     qa_accuracy}}, "answers": {name: [answer text per question]}, "first_divergence": {name:
     [answer token index where the method's free answer first leaves full's, None if identical]},
@@ -130,11 +131,12 @@ def evaluate_methods(
             "exact_match": mean(exact_match(a, r) for a, r in zip(texts[m], texts[REFERENCE])),
             "rouge_l": mean(rouge_l(a, r) for a, r in zip(texts[m], texts[REFERENCE])),
             "semantic_similarity": mean(embedder.similarity(texts[m], texts[REFERENCE])) if embedder is not False else None,
-            "qa_accuracy": mean(qa_accuracy(a, r) for a, r in zip(texts[m], refs)),
+            # over the questions that carry a reference answer; None when none does
+            "qa_accuracy": mean(qa_accuracy(a, r) for a, r in zip(texts[m], refs) if r) if any(refs) else None,
         }
     divergence = {m: [first_divergence(r, o) for r, o in zip(ref, ids[m])] for m in names[1:]}
     return {"methods": scores, "answers": texts, "first_divergence": divergence, "n_questions": nq,
-            "n_answer_tokens": n_tok}
+            "n_answer_tokens": n_tok, "questions": [{k: q.get(k) for k in ("id", "question", "answer")} for q in questions]}
 
 
 def first_divergence(ref: list[int], other: list[int]) -> int | None:
@@ -154,7 +156,8 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[j]) for r in rows) for j in range(len(heads))]
     lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    foot = [f"{result['n_questions']} questions, {result['n_answer_tokens']} teacher-forced answer positions"]
+    nq = result["n_questions"]
+    foot = [f"{nq} question{'s' * (nq != 1)}, {result['n_answer_tokens']} teacher-forced answer positions"]
     if result.get("first_divergence"):
         parts = []
         for m, d in result["first_divergence"].items():

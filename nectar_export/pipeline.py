@@ -229,12 +229,12 @@ class OpenArtifact:
 
 def open_artifact(art: str | Path, device: str = "cpu", model: str | None = None) -> OpenArtifact:
     """Load the base model named in the manifest (or `model`), check its hash, load the heads."""
-    from .artifact import load_heads, read_manifest
+    from .artifact import load_heads, read_document_text, read_manifest
 
     m = read_manifest(art)
     base = load_base(model or m["base_model"]["name"], device)
     heads = load_heads(art, m, base.lm.weights_sha256, device)
-    text = (Path(art) / "document.txt").read_text(encoding="utf-8")
+    text = read_document_text(art)
     ctx = make_context(base.tokenizer, text, base.config.max_position, source=str(art))
     if ctx.sha256 != m["document"]["sha256"] or ctx.n != m["document"]["n_tokens"]:
         raise NectarError(f"{art}: document.txt does not match the manifest (sha256/tokens); the artifact is corrupt")

@@ -171,7 +171,8 @@ def prose_paragraphs(text: str, st: DocStructure) -> list:
     out = []
     for p in st.paragraphs:
         head = text[p.start : p.end].split()[:6]
-        plain = sum(bool(re.fullmatch(r"[\"'“(]?[A-Za-z][a-z'\u2010-]*[,.;:)\"”]?", w)) for w in head)
+        # words of letters in any script (accented, Cyrillic, CJK runs), optionally quoted or punctuated
+        plain = sum(bool(re.fullmatch(r"[\"'“„«(]?[^\W\d_][^\W\d_'’\u2010-]*[,.;:!?)\"”»。、]?", w)) for w in head)
         if p.start not in flag_starts and not head[0].startswith("-") and plain >= 0.66 * len(head):
             out.append(p)
     return out
@@ -368,7 +369,12 @@ def excerpt_requests(text: str, st: DocStructure, count: int, rng: random.Random
         + [("option", o.flags[-1], o.start, o.end) for o in st.options]
         + [("passage", snippet(text[p.start : p.end]), p.start, p.end) for p in prose_paragraphs(text, st)]
     )
-    if not anchors or count == 0:
+    if count == 0:
+        return []
+    if len(anchors) < count:  # little structure found (no headings, options or prose): plain windows
+        anchors += [("passage", snippet(text[a:b]), a, b) for a, b in even_windows(text, count - len(anchors))
+                    if snippet(text[a:b])]
+    if not anchors:
         return []
     slices: list[list[int]] = [[] for _ in range(count)]
     for i, a in enumerate(anchors):
@@ -385,6 +391,20 @@ def excerpt_requests(text: str, st: DocStructure, count: int, rng: random.Random
     for i in sorted(picked, key=lambda i: anchors[i][2]):
         kind, label, start, end = anchors[i]
         out.append((rng.choice(_EXCERPT_Q[kind]).format(x=label), start, end))
+    return out
+
+
+def even_windows(text: str, count: int, chars: int = 600) -> list[tuple[int, int]]:
+    """`count` (start, end) windows spread evenly over `text`, starting at a line start where one is near."""
+    out = []
+    for i in range(count):
+        start = len(text) * i // max(1, count)
+        nl = text.rfind("\n", max(0, start - 200), start)
+        start = nl + 1 if nl >= 0 else start
+        while start < len(text) and text[start].isspace():
+            start += 1
+        if start < len(text):
+            out.append((start, min(len(text), start + chars)))
     return out
 
 

@@ -56,6 +56,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# manifest keys the runtime reads, with their JSON types
+REQUIRED = {"graph": dict, "model": dict, "document": dict, "context_len": int, "max_local_len": int, "method": str}
+
+
 def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open and check a bundle directory; `verify` hashes every file against the manifest."""
     p = Path(path)
@@ -75,6 +79,9 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
             f"{mf}: unsupported bundle format_version {m.get('format_version')!r} (this runtime reads "
             f"{BUNDLE_FORMAT_VERSION}); re-export with this version or upgrade nectar"
         )
+    lacking = [k for k, t in REQUIRED.items() if not isinstance(m.get(k), t)]
+    if lacking:
+        raise NectarError(f"{mf}: manifest lacks {', '.join(lacking)}; the bundle is corrupt: re-export it")
     files = m.get("files")
     if not isinstance(files, dict) or not files:
         raise NectarError(f"{mf}: the manifest lists no files; re-export the bundle")

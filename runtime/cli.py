@@ -60,6 +60,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .chat_session import open_torch_session
 
     cfg = generation_config(a)  # validate options before loading anything
+    if a.artifact and a.system is not None:
+        raise NectarError("--system cannot be used with --artifact: the turn that holds the document was fixed "
+                          "when the artifact was fitted; put instructions in the question instead")
     session = open_torch_session(model=a.model, artifact=a.artifact, device=a.device, dtype=a.dtype)
     print_stream(session.stream(a.prompt, cfg, chat=a.chat or bool(a.artifact), system=a.system))
     return 0
@@ -96,9 +99,17 @@ def cmd_chat(a: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from the terminal arrive as lone surrogates
+            print("nectar: that line is not valid UTF-8; set the terminal to UTF-8 and ask again", file=sys.stderr)
+            continue
+        try:
             print_stream(session.stream(line, cfg))
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (the turn is not kept)
+            print("\n(answer interrupted; Ctrl-D or /exit quits)", file=sys.stderr)
         except NectarError as e:  # e.g. the conversation outgrew the bundle: say so, keep going
-            print(f"\nnectar: {e} (type /reset to start over)", file=sys.stderr)
+            hint = "" if "/reset" in str(e) else " (type /reset to start over)"
+            print(f"\nnectar: {e}{hint}", file=sys.stderr)
 
 
 def add_bundle_args(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,9 @@ def small_artifact(tmp_path_factory, smollm2_gguf):
 
     d = tmp_path_factory.mktemp("fit")
     doc = d / "doc.txt"
-    doc.write_text(open(manual_path()).read()[:3000])
+    # Windows line endings: every real-artifact test (ask, eval, export, run) then also checks that a
+    # CRLF document survives the round trip (its sha256 and tokens must match the manifest)
+    doc.write_bytes(open(manual_path()).read()[:3000].replace("\n", "\r\n").encode("utf-8"))
     torch.manual_seed(0)
     base = load_base(str(smollm2_gguf))
     probe_cfg = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from nectar_runtime import __version__
 from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 from nectar_runtime.errors import NectarError
 
-from ..artifact import replace_dir
+from ..outdir import replace_dir, temp_dir_beside
 
 METHODS = ("nectar", "full")
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -122,15 +121,14 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
         proto = quantize_proto(proto, cfg.quantize)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         log("[nectar export] writing graph and weights …")
         _save(proto, tmp / GRAPH_FILE)
         oa.base.tokenizer.to_json(tmp)
         if oa.base.tokenizer.chat_template:
             (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
-        (tmp / "document.txt").write_text(oa.ctx.text, encoding="utf-8")
+        (tmp / "document.txt").write_bytes(oa.ctx.text.encode("utf-8"))  # byte for byte (CRLF kept)
         manifest = {
             "kind": "nectar-bundle",
             "format": "onnx",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from nectar_runtime import __version__
 from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 from nectar_runtime.errors import NectarError
 
-from ..artifact import replace_dir
+from ..outdir import replace_dir, temp_dir_beside
 from .bundle import DTYPES, GRAPH_FILE, ExportConfig, _save, graph_io
 
 ENGINE_FILE = "engine.plan"
@@ -117,8 +116,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
     oa = open_artifact(art, model=model)
     log(f"[nectar export] building the TensorRT plugin graph ({oa.base.config.num_layers} NectarAttention nodes) …")
     proto = build_trt_proto(oa, DTYPES[cfg.dtype])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         _save(proto, tmp / GRAPH_FILE)
         if engine:
@@ -127,7 +125,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
         oa.base.tokenizer.to_json(tmp)
         if oa.base.tokenizer.chat_template:
             (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
-        (tmp / "document.txt").write_text(oa.ctx.text, encoding="utf-8")
+        (tmp / "document.txt").write_bytes(oa.ctx.text.encode("utf-8"))  # byte for byte (CRLF kept)
         mcfg = oa.base.config
         manifest = {
             "kind": "nectar-bundle", "format": "trt" if engine else "trt-onnx", "format_version": BUNDLE_FORMAT_VERSION,

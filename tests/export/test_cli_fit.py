@@ -12,6 +12,7 @@ from tests.runtime.test_cli import assert_one_line_error, nectar
 def test_fit_writes_a_complete_artifact(small_artifact):
     art, m = small_artifact
     assert sorted(p.name for p in art.iterdir()) == ["document.txt", "heads.safetensors", "manifest.json"]
+    assert (art / "document.txt").read_bytes() == (art.parent / "doc.txt").read_bytes()  # CRLF kept byte for byte
     man = json.loads((art / "manifest.json").read_text())
     assert man["document"]["n_tokens"] > 500 and man["artifact_bytes"] < man["kv_bytes"] * 0.25
     assert len(man["metrics"]["heldout"]["o_rel_error"]) == 30
@@ -67,6 +68,30 @@ def test_fit_refuses_a_budget_below_the_smallest_heads(tmp_path, smollm2_gguf, b
     r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "art"), *budget)
     assert_one_line_error(r, "short.txt", "smallest Nectar heads", "--budget-mb")
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("case", ["file", "foreign_dir"])
+def test_fit_refuses_an_out_it_would_destroy_before_loading_the_model(tmp_path, case):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short manual.\n")
+    out = tmp_path / "target"
+    if case == "file":
+        out.write_text("precious")
+    else:
+        out.mkdir()
+        (out / "main.py").write_text("print('mine')")
+    r = nectar("fit", str(doc), "--model", "no-such-model-is-loaded", "--out", str(out))
+    assert_one_line_error(r, str(out))
+    assert ("not a directory" in r.stderr) if case == "file" else ("not empty" in r.stderr)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["doc.txt", "target"]  # nothing replaced, no temp dirs
+    assert (out.read_text() == "precious") if case == "file" else ((out / "main.py").read_text() == "print('mine')")
+
+
+def test_eval_refuses_an_unwritable_json_before_evaluating(tmp_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "What?", "answer": "x"}))
+    r = nectar("eval", str(tmp_path / "no_artifact_needed"), "--questions", str(q), "--json", str(tmp_path))
+    assert_one_line_error(r, "is a directory")
 
 
 def test_eval_and_ask_refuse_a_non_artifact(tmp_path):

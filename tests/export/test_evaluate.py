@@ -157,3 +157,36 @@ def test_smollm2_grep_excerpt_full_none_streaming(smollm2_gguf):
     assert none_s["agreement"] < 1.0 and none_s["kl"] > 0.0
     assert none_s["semantic_similarity"] < full_s["semantic_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert 0.0 < res["methods"]["streaming"]["kl"] and res["n_answer_tokens"] >= 3
+
+
+def test_questions_file_variants(tmp_path):
+    from nectar_export.cli import read_questions
+    from nectar_runtime.errors import NectarError
+
+    p = tmp_path / "q.jsonl"
+    rows = [{"id": "a", "question": "Year?", "answer": 1871}, {"id": "b", "question": "Why?"},
+            {"id": "c", "question": "Who?", "answer": ""}]
+    p.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode())  # with a BOM
+    qs = read_questions(p)
+    assert [q["answer"] for q in qs] == ["1871", None, None]
+    p.write_bytes(json.dumps({"question": "Caf\u00e9?"}).encode().replace(b"\\u00e9", b"\xe9"))  # latin-1 byte
+    with pytest.raises(NectarError, match="UTF-8"):
+        read_questions(p)
+    p.write_text(json.dumps({"question": "Q", "answer": ["a", "b"]}))
+    with pytest.raises(NectarError, match="answer"):
+        read_questions(p)
+
+
+def test_questions_without_reference_answers_have_no_qa_accuracy(tiny):
+    model, tok, ctx, full, questions = tiny
+    unanswered = [{**q, "answer": None} for q in questions]
+    res = evaluate_methods(model, tok, ctx, {"full": full, "none": None}, unanswered, max_answer_tokens=4,
+                           batch_size=2, progress=False, embedder=ConstantEmbedder())
+    assert res["methods"]["none"]["qa_accuracy"] is None and res["methods"]["full"]["qa_accuracy"] is None
+    one = [{**questions[0], "answer": None}] + questions[1:]  # the others still count
+    res = evaluate_methods(model, tok, ctx, {"full": full}, one, max_answer_tokens=4, batch_size=2, progress=False,
+                           embedder=ConstantEmbedder())
+    texts = res["answers"]["full"]
+    want = sum(q["answer"] in t for q, t in zip(questions[1:], texts[1:])) / 2
+    assert res["methods"]["full"]["qa_accuracy"] == want
+    assert [q["id"] for q in res["questions"]] == [q["id"] for q in questions]

@@ -112,11 +112,14 @@ def test_adaptive_allocation_runs_at_equal_budget(tiny):
 
 
 def test_artifact_round_trip_and_base_model_check(tiny, tmp_path):
-    from nectar_export.artifact import load_heads, read_manifest, save_artifact
+    from nectar_export.artifact import load_heads, read_document_text, read_manifest, save_artifact
     from nectar_runtime.errors import NectarError
 
     res, _ = _fit(tiny, steps=5)
-    out = save_artifact(tmp_path / "art", res.heads, {"base_model": {"name": "tiny", "sha256": "ab" * 32}, "kv_bytes": 1}, "doc")
+    text = "line one\r\nline two\rcafé\n"  # CRLF, a lone CR, non-ASCII: must come back byte for byte
+    man = {"base_model": {"name": "tiny", "sha256": "ab" * 32}, "document": {"sha256": "x", "n_tokens": 1}, "kv_bytes": 1}
+    out = save_artifact(tmp_path / "art", res.heads, man, text)
+    assert read_document_text(out) == text
     m = read_manifest(out)
     assert m["format_version"] == 1 and m["spec"]["widths"] == list(res.widths)
     heads = load_heads(out, m, "ab" * 32)
@@ -130,7 +133,38 @@ def test_artifact_round_trip_and_base_model_check(tiny, tmp_path):
     (out / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
     with pytest.raises(NectarError, match="format_version"):
         read_manifest(out)
+    for bad, needle in (([1, 2], "JSON object"), ({k: v for k, v in m.items() if k != "document"}, "document")):
+        (out / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(NectarError, match=needle):
+            read_manifest(out)
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temp dirs left behind
+
+
+def test_damaged_heads_are_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nectar_export.artifact import load_heads, read_manifest, save_artifact
+    from nectar_runtime.errors import NectarError
+
+    res, _ = _fit(tiny, steps=5)
+    man = {"base_model": {"name": "tiny", "sha256": "ab" * 32}, "document": {"sha256": "x", "n_tokens": 1}}
+    out = save_artifact(tmp_path / "art", res.heads, man, "doc")
+    m = read_manifest(out)
+    f = out / "heads.safetensors"
+    state = load_file(str(f))
+    name = sorted(state)[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(f))
+    with pytest.raises(NectarError, match="sha256"):  # any change to the file
+        load_heads(out, m, "ab" * 32)
+    del m["heads_sha256"]  # an artifact from before the hash: the values are still checked
+    with pytest.raises(NectarError, match="non-finite"):
+        load_heads(out, m, "ab" * 32)
+    state[name] = state[name][..., :1].contiguous() if state[name].dim() > 1 else state[name][:1].contiguous()
+    save_file(state, str(f))
+    with pytest.raises(NectarError, match="shape"):
+        load_heads(out, m, "ab" * 32)
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):

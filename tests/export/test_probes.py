@@ -132,6 +132,25 @@ def test_plain_prose_without_headings_still_yields_questions():
     assert any(t.text == "Bennet" for t in st.terms)  # a name, from frequency + capitalization
 
 
+@pytest.mark.parametrize("text", [
+    "2026-11-23 12:00:01 worker started\n" * 60,  # a log: no headings, options or prose
+    "Le café est prêt à être servi à l'heure où les élèves arrivent. " * 20,  # one long accented line
+    "東京は日本の首都です。人口が多い都市です。\n" * 40,  # CJK, no spaces
+])
+def test_excerpts_exist_for_documents_without_structure(text):
+    st = extract_structure(text)
+    reqs = P.excerpt_requests(text, st, 6, random.Random(0))
+    assert len(reqs) == 6, "every document gets its excerpt probes"
+    for req, start, end in reqs:
+        assert 0 <= start < end <= len(text) and text[start:end].strip() and req
+
+
+def test_accented_prose_counts_as_prose():
+    text = ("Élodie prépare le café très tôt chaque matin, avant l'arrivée des clients.\n\n"
+            "Été comme hiver, elle ouvre la boutique à sept heures précises.\n")
+    assert len(P.prose_paragraphs(text, extract_structure(text))) == 2
+
+
 def test_help_listing_and_prose_dashes():
     helptext = ("Usage: tool [OPTION]\n  -a, --all        show everything\n  -b               be brief\n"
                 "      --color=WHEN  colorize\n")

@@ -84,6 +84,22 @@ def test_cuda_without_gpu():
     assert_one_line_error(nectar("generate", "--device", "cuda", "hi"), "no CUDA GPU")
 
 
+def test_system_with_an_artifact_is_refused_not_ignored(tmp_path):
+    r = nectar("generate", "--artifact", str(tmp_path), "--system", "Answer in French.", "question")
+    assert_one_line_error(r, "--system", "--artifact")
+
+
+def test_bundle_manifest_lacking_keys_is_one_line(tmp_path):
+    import json
+
+    from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "nectar-bundle", "format_version": BUNDLE_FORMAT_VERSION,
+                                                         "files": {"x": {}}}))
+    r = nectar("run", str(tmp_path), "--chat", "hi")
+    assert_one_line_error(r, "manifest lacks", "re-export")
+
+
 def test_bad_sampling_values():
     assert_one_line_error(nectar("generate", "--top-p", "1.5", "hi"), "--top-p")
 

@@ -1,0 +1,85 @@
+"""Output directories of `nectar fit` and `nectar export`: checked before any work, written atomically.
+
+An `--out` may be a new path, an empty directory, or an earlier Nectar artifact or bundle (which is
+replaced only once the new one is complete). Anything else — a file, a directory holding other
+things, a parent that cannot be written — is refused with one line before the model is loaded, so
+a typo never costs a fit and never deletes a user's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from nectar_runtime.errors import NectarError
+
+
+def is_nectar_output(d: Path) -> bool:
+    """Whether directory `d` holds a Nectar artifact or bundle (its manifest says so)."""
+    try:
+        m = json.loads((d / "manifest.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(m, dict):
+        return False
+    return str(m.get("kind", "")).startswith("nectar") or ("spec" in m and "base_model" in m)
+
+
+def check_out_dir(out: str | Path, what: str = "artifact") -> Path:
+    """Refuse an `--out` that cannot be written or would destroy something that is not ours."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise NectarError(f"{out}: exists and is not a directory; pass a new directory path for the {what}")
+        if any(out.iterdir()) and not is_nectar_output(out):
+            raise NectarError(f"{out}: directory is not empty and holds no Nectar artifact or bundle; refusing to "
+                              f"replace it: pass a new or empty directory for the {what}")
+    parent = out.parent
+    while not parent.exists():  # the nearest existing ancestor must be a writable directory
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NectarError(f"{out}: {parent} is not a directory; pass another path for the {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NectarError(f"{out}: cannot write in {parent} (permission denied); pass another path for the {what}")
+    return out
+
+
+def temp_dir_beside(out: Path) -> Path:
+    """A fresh temp directory next to `out` (same filesystem, so the final rename is atomic)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise NectarError(f"{out}: cannot create the output directory ({e.strerror}); pass another path") from None
+
+
+def _share_like_umask(d: Path) -> None:
+    """mkdtemp makes 0700 and tempfile-written files may be 0600: give the result the permissions
+    an ordinary `mkdir` / file write would have under the user's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(d, 0o777 & ~mask)
+    for f in d.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory `tmp` to `out`, replacing an earlier Nectar output only now."""
+    check_out_dir(out)  # again: the target may have changed while we worked
+    _share_like_umask(tmp)
+    try:
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise NectarError(f"{out}: could not move the finished output into place ({e.strerror})") from None

@@ -1,0 +1,69 @@
+"""Output directories: refused before any work when writing would destroy something; atomic replace."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from nectar_export.outdir import check_out_dir, is_nectar_output, replace_dir, temp_dir_beside
+from nectar_runtime.errors import NectarError
+
+
+def _finished(tmp_path, name="new"):
+    d = temp_dir_beside(tmp_path / name)
+    (d / "manifest.json").write_text(json.dumps({"kind": "nectar-bundle"}))
+    return d
+
+
+def test_new_path_empty_dir_and_earlier_output_are_accepted(tmp_path):
+    assert check_out_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"  # parents are made later
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"spec": {}, "base_model": {}}))  # an artifact
+    assert is_nectar_output(old)
+    check_out_dir(old)
+
+
+@pytest.mark.parametrize("what", ["file", "foreign", "not_json", "parent_is_file"])
+def test_refuses_what_it_would_destroy(tmp_path, what):
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_text("precious")
+    elif what in ("foreign", "not_json"):
+        out.mkdir()
+        (out / ("src.py" if what == "foreign" else "manifest.json")).write_text("not ours")
+    else:
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "out"
+    with pytest.raises(NectarError, match=str(out)):
+        check_out_dir(out)
+
+
+def test_replace_dir_swaps_an_earlier_output_and_keeps_foreign_ones(tmp_path):
+    out = tmp_path / "out"
+    replace_dir(_finished(tmp_path, "out"), out)
+    (out / "stale.txt").write_text("from the previous export")
+    replace_dir(_finished(tmp_path, "out"), out)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    tmp = _finished(tmp_path, "foreign")
+    with pytest.raises(NectarError, match="not empty"):
+        replace_dir(tmp, foreign)
+    assert (foreign / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [tmp.name]  # caller cleans up
+
+
+def test_result_has_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        replace_dir(_finished(tmp_path, "out"), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # mkdtemp alone gives 0700
+    assert (tmp_path / "out" / "manifest.json").stat().st_mode & 0o777 == 0o644
