@@ -110,9 +110,13 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
         positions.append(pos[valid_dev].cpu())
         bar.update(len(idx))
     bar.close()
-    cat = lambda xs: torch.cat(xs, 0)  # noqa: E731
+    def cat(chunks: list) -> torch.Tensor:  # and drop the chunks at once: no second full copy at the peak
+        x = torch.cat(chunks, 0)
+        chunks.clear()
+        return x
+
+    out = [[cat(store) for store in layer] for layer in per_layer]
     return QuerySet(
-        q=[cat(p[0]) for p in per_layer], o=[cat(p[1]) for p in per_layer],
-        lse=[cat(p[2]) for p in per_layer], lse_loc=[cat(p[3]) for p in per_layer],
-        probe_index=cat(probe_idx), positions=cat(positions),
+        q=[x[0] for x in out], o=[x[1] for x in out], lse=[x[2] for x in out], lse_loc=[x[3] for x in out],
+        probe_index=torch.cat(probe_idx), positions=torch.cat(positions),
     )

@@ -41,6 +41,8 @@ class FitConfig:
             raise ValueError("train_dtype must be 'auto', 'bfloat16' or 'float32'")
         if (self.steps is not None and self.steps < 1) or self.batch < 1 or self.lr <= 0:
             raise ValueError("steps, batch and lr must be positive")
+        if self.budget_mb is not None and not self.budget_mb > 0:
+            raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
         if not 0 < self.budget_fraction <= 4:
             raise ValueError("budget_fraction must be in (0, 4]")
 

@@ -30,9 +30,13 @@ class ModuleData:
 
     def __init__(self, qs: QuerySet, layers: list[int]):
         def stack(xs):  # [N, Hkv, G, ...] per layer -> [L*Hkv, N*G, ...]
-            x = torch.stack([xs[l] for l in layers])  # [L, N, Hkv, G, ...]
-            x = x.transpose(1, 2)  # [L, Hkv, N, G, ...]
-            return x.reshape(x.shape[0] * x.shape[1], x.shape[2] * x.shape[3], *x.shape[4:]).contiguous()
+            # filled layer by layer: no [L, N, Hkv, G, ...] intermediate, whose copy would double the
+            # peak memory of the largest tensors of a fit (the queries and targets of every layer)
+            n, hkv, g, *rest = xs[layers[0]].shape
+            out = torch.empty(len(layers) * hkv, n * g, *rest, dtype=xs[layers[0]].dtype, device=xs[layers[0]].device)
+            for i, l in enumerate(layers):
+                out[i * hkv : (i + 1) * hkv] = xs[l].transpose(0, 1).reshape(hkv, n * g, *rest)
+            return out
 
         self.q, self.o, lse = stack(qs.q), stack(qs.o), stack(qs.lse)
         # A sliding-window layer's query past the window sees no document key (o = 0, lse = −inf):
@@ -381,6 +385,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
         key = "o_rel_error_weighted" if cfg.weighting == "share" else "o_rel_error"
         widths = adaptive_widths(spec_for, errs[key], budget_params, cfg.width_multiple)
         probe = {"uniform_widths": list(uniform), "errors": errs[key]}
+        del heads, data  # the probe's copy of the training data must go before the final one is built
     torch.manual_seed(cfg.seed)
     heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
     curve = train_heads(heads, data, cfg, cfg.steps, progress=progress)

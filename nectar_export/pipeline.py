@@ -210,6 +210,9 @@ def fit_summary(m: dict) -> str:
         f"held-out attention error: o rel {_mean(err['o_rel_error']):.3f} (weighted {_mean(err['o_rel_error_weighted']):.3f}), "
         f"lse abs {_mean(err['lse_abs_error']):.3f}; worst layers " + ", ".join(f"{i} ({err['o_rel_error'][i]:.3f})" for i in worst),
     ]
+    if m["artifact_bytes"] >= m["kv_bytes"]:
+        lines.append("note: the artifact is no smaller than the document's own KV cache: for a document this short, "
+                     "keeping it as plain context costs less memory")
     return "\n".join(lines)
 
 

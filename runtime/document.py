@@ -70,10 +70,10 @@ def make_context(tokenizer, text: str, max_position: int, source: str = "documen
         if not context_text.startswith(prefix_text):
             raise NectarError("the chat template renders the user turn's start differently with a document; cannot place it")
         prefix = tokenizer.encode(prefix_text, add_special_tokens=False)
-        body = tokenizer.encode(context_text[len(prefix_text) :], add_special_tokens=False)
+        body = tokenizer.encode_literal(context_text[len(prefix_text) :])  # the document is data, not markup
     else:
         context_text = text
-        body = tokenizer.encode(text, add_special_tokens=False)
+        body = tokenizer.encode_literal(text)
         full = tokenizer.encode(text, add_special_tokens=True)
         # whatever the tokenizer puts in front (BOS) is the prefix; an appended EOS is dropped
         prefix = full[: full.index(body[0])] if body and body[0] in full else []

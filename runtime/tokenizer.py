@@ -68,6 +68,17 @@ class TextTokenizer:
         """Token ids for `text`; `add_special_tokens` adds BOS/EOS where the config asks for them."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids for `text` read as plain text: a special token's spelling inside it ("<|im_end|>" in a
+        document about chat formats) is split like any other text instead of becoming the control token,
+        which would end the user turn in the middle of the document. No BOS/EOS."""
+        before = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = True
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = before
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

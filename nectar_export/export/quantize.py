@@ -76,7 +76,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
     for node in proto.graph.node:
         for i in node.input:
             users[i] = users.get(i, 0) + 1
-    done, new_nodes, drop, blocksums = {}, [], set(), {}
+    done, new_nodes, drop, blocksums, eight_bit = {}, [], set(), {}, {}
     for node in proto.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         # model weights only ("...weight" / "...weight_t"): never the RoPE rotation or the heads
@@ -91,6 +91,8 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
         extra = [numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales")]
         if not exact:
             extra.append(numpy_helper.from_array(zeros, f"{base}.zero_points"))
+            if bits == 8:
+                eight_bit[w.name] = (base, k, n, scales, zeros)
             new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level))
         else:
             x = node.input[0]
@@ -111,6 +113,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
         users[w.name] -= 1
         if users[w.name] == 0:
             drop.add(w.name)
+    new_nodes = _quantized_embedding_lookup(proto, new_nodes, eight_bit, users, drop)
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes)
     keep = [t for t in proto.graph.initializer if t.name not in drop]
@@ -119,6 +122,47 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def _quantized_embedding_lookup(proto, nodes: list, eight_bit: dict, users: dict, drop: set) -> list:
+    """A tied embedding whose LM head is now 8-bit: look tokens up in those same 8-bit weights.
+
+    The lookup `Gather(table_t [H, V], ids, axis=1) -> Transpose [B, T, H]` becomes
+    `GatherBlockQuantized(q8 [V, H/32, 32], ids) -> Reshape [B, T, H]` on the LM head's own packed
+    weights, so the fp32 table (113 MB on SmolLM2, more than the rest of an int4 bundle) is no longer
+    stored; token embeddings get the LM head's 8-bit rounding. Other layouts are left as they are.
+    """
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    out, skip = [], set()
+    for node in nodes:
+        if id(node) in skip:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        after = consumers.get(node.output[0], []) if node.op_type == "Gather" else []
+        perm = [list(a.ints) for a in after[0].attribute if a.name == "perm"] if len(after) == 1 else []
+        if node.op_type != "Gather" or node.input[0] not in eight_bit or axis != 1 or after[0].op_type != "Transpose" \
+                or perm != [[1, 2, 0]]:
+            out.append(node)
+            continue
+        base, k, n, scales, zeros = eight_bit[node.input[0]]
+        block = BLOCK
+        _const(proto, f"{base}.scales_3d", scales.reshape(n, k // block, 1))
+        _const(proto, f"{base}.zero_points_3d", zeros.reshape(n, k // block, 1))
+        shape = _const(proto, f"/quantize/const/embed_shape_{k}", np.array([0, 0, k], np.int64))
+        name = node.name.replace("/Gather", "/GatherBlockQuantized8")
+        out.append(helper.make_node("GatherBlockQuantized", [base, node.input[1], f"{base}.scales_3d", f"{base}.zero_points_3d"],
+                                    [f"{name}/output_0"], name=name, domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                                    block_size=block, bits=8))
+        out.append(helper.make_node("Reshape", [f"{name}/output_0", shape], list(after[0].output),
+                                    name=node.name.replace("/Gather", "/Reshape")))
+        skip.add(id(after[0]))
+        users[node.input[0]] -= 1
+        if users[node.input[0]] == 0:
+            drop.add(node.input[0])
+    return out
 
 
 def _nbits(x, base, with_zero, outputs, name, k, n, bits, accuracy_level):

@@ -27,6 +27,9 @@ class CharTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [0] * add_special_tokens + [ord(c) - 30 for c in text if 32 <= ord(c) < 127]
 
+    def encode_literal(self, text: str) -> list[int]:
+        return self.encode(text, add_special_tokens=False)
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return "".join(chr(i + 30) for i in ids if i >= 2)
 

@@ -136,10 +136,42 @@ def test_quantized_graph_runs_and_stays_close(tmp_path, kind):
     q = quantize_proto(proto, kind)
     ops = {n.op_type for n in q.graph.node}
     assert "MatMulNBits" in ops
+    # tied embedding: the lookup reads the LM head's 8-bit weights; the fp32 table is gone
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert "model.embed_tokens.weight_t" not in {t.name for t in q.graph.initializer}
+    assert "/model/embed/GatherBlockQuantized8" in {n.name for n in q.graph.node}
     r = compare_backends(ref, OrtBackend(_session(q), N_CTX, 1000), [5, 6, 7, 8], N_CTX, 8)
     # random 64-wide weights are far from any quantization grid: a loose bound, still failing on
     # a wrong packing order or a dropped offset (those give KL >> 1)
     assert r["mean_kl"] < 0.05, r
+
+
+def test_quantized_lookup_is_the_dequantized_lm_head_row(tmp_path):
+    """The embedding of token t from the 8-bit lookup equals row t of the LM head's dequantized weights."""
+    from onnx import helper, numpy_helper
+
+    from nectar_models.loading import load_model
+
+    model = load_model(save_tiny("llama", tmp_path / "m", seed=10)).model
+    _, _, proto = _backends(model, "nectar", seed=11)
+    q = quantize_proto(proto, "int4")  # the LM head is 8-bit in every kind
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
+    packed, scales, zeros = (inits[i] for i in (gbq.input[0], gbq.input[2], gbq.input[3]))
+    table = ((packed.astype(np.float64) - zeros) * scales).reshape(packed.shape[0], -1)  # [V, H]
+    reshape = next(n for n in q.graph.node if n.input and n.input[0] == gbq.output[0])
+    g = helper.make_graph([gbq, reshape], "lookup", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 3])],
+                          [helper.make_tensor_value_info(reshape.output[0], onnx.TensorProto.FLOAT, None)],
+                          [t for t in q.graph.initializer if t.name in set(gbq.input) | set(reshape.input)])
+    sub = helper.make_model(g, opset_imports=q.opset_import)
+    import onnxruntime as ort
+
+    ids = np.array([[0, 7, table.shape[0] - 1]], np.int64)
+    out = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    assert out.shape == (1, 3, table.shape[1])
+    np.testing.assert_allclose(out[0], table[ids[0]], rtol=0, atol=1e-6)
+    w = model.embed_tokens.weight.detach().double().numpy()[ids[0]]
+    assert np.abs(out[0] - w).max() < np.abs(w).max() / 100  # and within an 8-bit step of the true embedding
 
 
 def test_decode_steps_allocate_nothing_per_token(tmp_path):

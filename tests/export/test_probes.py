@@ -242,6 +242,8 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=True):
         return [ord(c) for c in text]
 
+    encode_literal = encode
+
     def decode(self, ids, skip_special_tokens=False):
         return "".join(map(chr, ids))
 

@@ -370,3 +370,19 @@ def test_real_bundle_round_trip(smollm2_gguf, tmp_path):
     assert again.chat_template == tok.chat_template and again.eos_token_ids == tok.eos_token_ids
     for text in TEXTS:
         assert again.encode(text) == tok.encode(text)
+
+
+@pytest.mark.real
+def test_document_markup_stays_text(smollm2_gguf):
+    """A document about chat formats must not end the user turn: its "<|im_end|>" is text."""
+    from nectar_runtime.document import make_context
+
+    tok = load_tokenizer(smollm2_gguf)
+    special = tok.encode("<|im_end|>", add_special_tokens=False)
+    assert special == [2]  # the control token, when it is markup
+    doc = "A turn ends with <|im_end|> and the next starts with <|im_start|>assistant.\n"
+    ctx = make_context(tok, doc, 8192)
+    body = list(ctx.context_ids[ctx.prefix_len :])
+    assert 1 not in body and 2 not in body  # no control tokens inside the document
+    assert tok.decode(body) == doc  # and the text is all there
+    assert tok.backend.encode_special_tokens is False  # the switch is restored
