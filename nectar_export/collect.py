@@ -74,15 +74,27 @@ def _rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: list[list[int]],
                     prefix_contexts: list | None = None, serve_contexts: list | None = None,
-                    batch_size: int = 8, progress: bool = True) -> QuerySet:
-    """Forward every probe (teacher-forced, batched with left padding) and record all layers."""
+                    batch_size: int = 8, progress: bool = True, index_offset: int = 0) -> QuerySet:
+    """Forward every probe (teacher-forced, batched with left padding) and record all layers.
+
+    The outputs are allocated once at their final size (N = every probe token) and filled batch by
+    batch: gathering per-batch pieces and concatenating them held about twice the final size, and
+    the freed pieces stayed in the process (a 30K-token probe set: 11.7 GB resident for 4.1 GB of
+    data). `probe_index` counts from `index_offset`.
+    """
     cfg = model.config
     none = [None] * len(doc_contexts)
     wrappers = [RecordingContext(p, c, s) for p, c, s in zip(prefix_contexts or none, doc_contexts, serve_contexts or none)]
-    per_layer = [[[] for _ in range(4)] for _ in range(cfg.num_layers)]
-    probe_idx, positions = [], []
+    dev = model.embed_tokens.weight.device
+    n_rows = sum(len(p) for p in probes_ids)
+    g = cfg.num_heads // cfg.num_kv_heads
+    shapes = ((cfg.num_kv_heads, g, cfg.head_dim),) * 2 + ((cfg.num_kv_heads, g),) * 2  # q, o, lse, lse_loc
+    per_layer = [[torch.empty(n_rows, *sh, device=dev) for sh in shapes] for _ in range(cfg.num_layers)]
+    probe_idx = torch.empty(n_rows, dtype=torch.long)
+    positions = torch.empty(n_rows, dtype=torch.long)
     order = sorted(range(len(probes_ids)), key=lambda i: len(probes_ids[i]))
     bar = tqdm(total=len(order), desc="collect queries", unit="probe", disable=not progress)
+    row = 0
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         t = max(len(probes_ids[i]) for i in idx)
@@ -93,30 +105,27 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
             ids[r, t - len(p) :] = torch.tensor(p)
             pos[r, t - len(p) :] = context_len + torch.arange(len(p))
         valid = pos != INVALID_POS
-        dev = model.embed_tokens.weight.device
         ids, pos, valid_dev = ids.to(dev), pos.to(dev), valid.to(dev)
         for w in wrappers:
             w.records.clear()
         cache = model.new_cache(len(idx), t, wrappers, context_len)
         model(ids, pos, cache, last_only=True)
+        nv = int(valid.sum())
         for layer, (w, lc) in enumerate(zip(wrappers, cache.layers)):
             q, o, lse, lse_p = (torch.cat(x, dim=3) for x in zip(*w.records))  # chunks of one forward
             lk, lv, lpos = lc.local.view()
             _, lse_loc = attention_with_lse(q, lk.float(), lv.float(), cfg.scale, visibility(pos, lpos, cfg.layer_windows[layer]))
             lse_loc = torch.logaddexp(lse_loc, lse_p)  # the rest: local tokens + exact prefix
             for store, x in zip(per_layer[layer], (q, o, lse, lse_loc)):
-                store.append(_rows(x, valid_dev))
-        probe_idx.append(torch.tensor(idx)[:, None].expand(-1, t)[valid])
-        positions.append(pos[valid_dev].cpu())
+                store[row : row + nv] = _rows(x, valid_dev)
+        probe_idx[row : row + nv] = (index_offset + torch.tensor(idx))[:, None].expand(-1, t)[valid]
+        positions[row : row + nv] = pos[valid_dev].cpu()
+        row += nv
         bar.update(len(idx))
     bar.close()
-    def cat(chunks: list) -> torch.Tensor:  # and drop the chunks at once: no second full copy at the peak
-        x = torch.cat(chunks, 0)
-        chunks.clear()
-        return x
-
-    out = [[cat(store) for store in layer] for layer in per_layer]
+    for w in wrappers:
+        w.records.clear()
     return QuerySet(
-        q=[x[0] for x in out], o=[x[1] for x in out], lse=[x[2] for x in out], lse_loc=[x[3] for x in out],
-        probe_index=torch.cat(probe_idx), positions=torch.cat(positions),
+        q=[x[0] for x in per_layer], o=[x[1] for x in per_layer], lse=[x[2] for x in per_layer],
+        lse_loc=[x[3] for x in per_layer], probe_index=probe_idx, positions=positions,
     )

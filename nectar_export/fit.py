@@ -53,21 +53,30 @@ class ModuleData:
         return (w.square() + WEIGHT_FLOOR) * seen, (w * (1 - w) + WEIGHT_FLOOR) * seen
 
 
-def init_statistics(heads: NectarHeads, data: list[ModuleData], doc_kv: list | None) -> None:
-    """Standardization statistics (mlp) or document-key initialization (quadrature)."""
+@torch.no_grad()
+def init_statistics(heads: NectarHeads, data: list[ModuleData], doc_kv: list | None, chunk: int = 8) -> None:
+    """Standardization statistics (mlp) or document-key initialization (quadrature).
+
+    Per module, in chunks of `chunk` modules: the centred and squared temporaries of the whole
+    training set at once would add twice its size to the fit's peak memory."""
     for gi, (group, d) in enumerate(zip(heads.groups, data)):
         if heads.spec.variant == "mlp":
-            group.q_mean.copy_(d.q.mean(1, keepdim=True))
-            group.q_std.copy_((d.q - group.q_mean).square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4))
-            seen = d.seen.to(d.o.dtype)[..., None]  # targets over the samples that see the document
-            count = seen.sum(1, keepdim=True).clamp_min(1)  # [M, 1, 1]
-            group.o_mean.copy_((d.o * seen).sum(1, keepdim=True) / count)
-            group.o_std.copy_((((d.o - group.o_mean) * seen).square().sum(1, keepdim=True) / count).mean(2, keepdim=True)
-                              .sqrt().clamp_min(1e-4))
-            l_mean = (d.lse * seen[..., 0]).sum(1, keepdim=True) / count[..., 0]
-            l_var = ((d.lse - l_mean) * seen[..., 0]).square().sum(1, keepdim=True) / (count[..., 0] - 1).clamp_min(1)
-            group.l_mean.copy_(l_mean)
-            group.l_std.copy_(l_var.sqrt().clamp_min(1e-3))
+            for a in range(0, d.q.shape[0], chunk):
+                sl = slice(a, min(d.q.shape[0], a + chunk))
+                q, o, lse = d.q[sl], d.o[sl], d.lse[sl]
+                q_mean = q.mean(1, keepdim=True)
+                group.q_mean[sl] = q_mean
+                group.q_std[sl] = (q - q_mean).square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4)
+                seen = d.seen[sl].to(o.dtype)[..., None]  # targets over the samples that see the document
+                count = seen.sum(1, keepdim=True).clamp_min(1)  # [c, 1, 1]
+                o_mean = (o * seen).sum(1, keepdim=True) / count
+                group.o_mean[sl] = o_mean
+                group.o_std[sl] = ((((o - o_mean) * seen).square().sum(1, keepdim=True) / count).mean(2, keepdim=True)
+                                   .sqrt().clamp_min(1e-4))
+                l_mean = (lse * seen[..., 0]).sum(1, keepdim=True) / count[..., 0]
+                l_var = ((lse - l_mean) * seen[..., 0]).square().sum(1, keepdim=True) / (count[..., 0] - 1).clamp_min(1)
+                group.l_mean[sl] = l_mean
+                group.l_std[sl] = l_var.sqrt().clamp_min(1e-3)
         elif doc_kv is not None:
             _init_nodes_from_document(group, heads.group_layers[gi], doc_kv, heads.spec)
 

@@ -139,11 +139,10 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         probes = build_probes(model, base.tokenizer, ctx, full, probe_cfg, progress=progress)
         train_p, held_p = split_probes(probes, seed=fit_cfg.seed)
     with timer.stage("collect queries", log):
-        qs = collect_queries(model, doc, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
-                             prefix_contexts=prefix, progress=progress)
-        held_rows = qs.probe_index >= len(train_p)
-        qs_train, qs_held = qs.select(~held_rows), qs.select(held_rows)
-        del qs
+        # two collections rather than one split afterwards: no moment with both the whole set and its halves
+        qs_train = collect_queries(model, doc, ctx.n, [p.ids for p in train_p], prefix_contexts=prefix, progress=progress)
+        qs_held = collect_queries(model, doc, ctx.n, [p.ids for p in held_p], prefix_contexts=prefix,
+                                  progress=progress, index_offset=len(train_p))
     doc_kv = [(c.k, c.v) for c in doc]
     with timer.stage("fit heads", log):
         result = fit_heads(qs_train, qs_held, spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress)
@@ -182,11 +181,12 @@ def _refit_on_policy(base, ctx, prefix, doc, train_p, held_p, first: FitResult, 
     from .collect import collect_queries
 
     serve = nectar_contexts(first.heads, base.config.layer_windows, ctx.n)
-    qs = collect_queries(base.model, doc, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
-                         prefix_contexts=prefix, serve_contexts=serve, progress=progress)
-    held_rows = qs.probe_index >= len(train_p)
+    qs_train = collect_queries(base.model, doc, ctx.n, [p.ids for p in train_p], prefix_contexts=prefix,
+                               serve_contexts=serve, progress=progress)
+    qs_held = collect_queries(base.model, doc, ctx.n, [p.ids for p in held_p], prefix_contexts=prefix,
+                              serve_contexts=serve, progress=progress, index_offset=len(train_p))
     n_params = first.heads.spec.total_params()
-    second = fit_heads(qs.select(~held_rows), qs.select(held_rows), spec_factory(base.config, fit_cfg.variant),
+    second = fit_heads(qs_train, qs_held, spec_factory(base.config, fit_cfg.variant),
                        n_params, fit_cfg, [(c.k, c.v) for c in doc], progress)
     report = {"off_policy_heldout_o_rel_error_mean": _mean(first.heldout["o_rel_error"]),
               "on_policy_heldout_o_rel_error_mean": _mean(second.heldout["o_rel_error"])}
