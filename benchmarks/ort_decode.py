@@ -290,8 +290,9 @@ def targets(report: dict) -> dict:
         out[f"Nectar {q} ≥ 2× fp32 (n={lo})"] = f"{r_lo:.2f}× — {'met' if r_lo >= 2 else 'missed'}"
     best_hi = max(lcpp.get((hi, False), 0), lcpp.get((hi, True), 0))
     out[f"Nectar int4 ≥ 2× llama.cpp at n={hi}"] = f"{b:.1f} vs {best_hi:.1f} (best of FA off/on) = {b / best_hi:.2f}× — {'met' if b >= 2 * best_hi else 'missed'}"
-    l_lo = lcpp.get((lo, False), float("nan"))
-    out[f"Nectar int4 within 1.2× of llama.cpp at n={lo}"] = f"{a:.1f} vs {l_lo:.1f} = {a / l_lo:.2f}× — {'met' if a * 1.2 >= l_lo else 'missed'}"
+    l_lo = max(lcpp.get((lo, False), 0), lcpp.get((lo, True), 0)) or float("nan")  # the faster llama.cpp, as above
+    out[f"Nectar int4 within 1.2× of llama.cpp at n={lo}"] = (f"{a:.1f} vs {l_lo:.1f} (best of FA off/on) = {a / l_lo:.2f}× — "
+                                                            f"{'met' if a * 1.2 >= l_lo else 'missed'}")
     return out
 
 

@@ -5,7 +5,8 @@ when the base model's weights differ from the ones it was fitted on.
 
     manifest.json = {format_version, tool_version, created, base_model: {name, sha256, family,
                      format}, document: {sha256, n_tokens, chat}, variant, spec: {...},
-                     widths, param_count, artifact_bytes, kv_bytes, fit_config, metrics, timings}
+                     widths, param_count, artifact_bytes, heads_sha256 (checked on load), kv_bytes,
+                     fit_config, metrics, timings}
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def add_export_commands(sub) -> None:
     p = sub.add_parser("fit", help="fit Nectar heads for a document and write an artifact directory")
     p.add_argument("document", metavar="DOC", help="UTF-8 text file")
     p.add_argument("--model", default=None, help="model name, .gguf or HF directory (default smollm2-135m-instruct)")
-    p.add_argument("--out", required=True, metavar="ART", help="artifact directory to write")
+    p.add_argument("--out", required=True, metavar="ART",
+                   help="artifact directory to write: a new or empty directory, or an earlier artifact (replaced once the new one is complete)")
     p.add_argument("--variant", choices=VARIANTS, default=d.variant, help="(default %(default)s)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation, help="(default %(default)s)")
     p.add_argument("--budget-mb", type=float, default=d.budget_mb, help="artifact size in MB (default: --budget-fraction of the document's fp16 KV bytes)")
@@ -204,7 +205,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--format", choices=["onnx", "trt", "trt-onnx"], default="onnx",
                    help="onnx: ONNX Runtime bundle; trt: TensorRT engine with the NectarAttention plugin; "
                         "trt-onnx: that plugin graph only (default %(default)s)")
-    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, metavar="BUNDLE",
+                   help="bundle directory to write: a new or empty directory, or an earlier bundle (replaced atomically)")
     p.add_argument("--method", choices=["nectar", "full"], default="nectar",
                    help="nectar: heads stand for the document; full: the document's exact KV baked in (default %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weights and KV cache dtype (default %(default)s)")
