@@ -11,7 +11,6 @@ when the base model's weights differ from the ones it was fitted on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 from nectar_runtime import __version__
+from nectar_runtime.bundle import sha256_file
+from nectar_runtime.document import read_stored_document
 from nectar_runtime.errors import NectarError
 
 from .heads import HeadsSpec, NectarHeads
@@ -57,7 +58,7 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "spec": asdict(heads.spec),
             "artifact_bytes": (tmp / "heads.safetensors").stat().st_size,
-            "heads_sha256": file_sha256(tmp / "heads.safetensors"),
+            "heads_sha256": sha256_file(tmp / "heads.safetensors"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         replace_dir(tmp, out)
@@ -65,14 +66,6 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 REQUIRED = {"base_model": ("name", "sha256"), "document": ("sha256", "n_tokens"), "spec": ("widths",)}
@@ -102,12 +95,6 @@ def read_manifest(art: str | Path) -> dict:
     return m
 
 
-def read_document_text(art: str | Path) -> str:
-    """The artifact's document.txt exactly as fitted: bytes decoded, no newline translation (a CRLF
-    document read in text mode would no longer match its sha256 and token count)."""
-    return (Path(art) / "document.txt").read_bytes().decode("utf-8", errors="replace")
-
-
 def load_heads(art: str | Path, manifest: dict, base_sha256: str, device="cpu") -> NectarHeads:
     """Heads in fp32 on `device`, after checking the base model is the one they were fitted on."""
     from safetensors.torch import load_file
@@ -119,7 +106,7 @@ def load_heads(art: str | Path, manifest: dict, base_sha256: str, device="cpu") 
             f"{want[:12]}…, but the model given has {base_sha256[:12]}…; use the same model file"
         )
     path = Path(art) / "heads.safetensors"
-    if "heads_sha256" in manifest and file_sha256(path) != manifest["heads_sha256"]:  # older artifacts lack it
+    if "heads_sha256" in manifest and sha256_file(path) != manifest["heads_sha256"]:  # older artifacts lack it
         raise NectarError(f"{path}: contents do not match the manifest's sha256 (corrupt or modified); re-run `nectar fit`")
     try:
         heads = NectarHeads(HeadsSpec(**{**manifest["spec"], "widths": tuple(manifest["spec"]["widths"])}))

@@ -126,16 +126,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def check_json_path(path: str | Path) -> None:
     """One line if `path` cannot become a JSON file: a directory, or a parent that is a file or unwritable."""
-    import os
+    from .outdir import check_writable_parent
 
     p = Path(path)
     if p.is_dir():
         raise NectarError(f"{p}: is a directory; pass a file path for --json")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise NectarError(f"{p}: cannot write there ({parent} is not a writable directory); pass another --json path")
+    check_writable_parent(p, "--json file")
 
 
 def cmd_export(a: argparse.Namespace) -> int:

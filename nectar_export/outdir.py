@@ -37,16 +37,19 @@ def check_out_dir(out: str | Path, what: str = "artifact") -> Path:
         if any(out.iterdir()) and not is_nectar_output(out):
             raise NectarError(f"{out}: directory is not empty and holds no Nectar artifact or bundle; refusing to "
                               f"replace it: pass a new or empty directory for the {what}")
+    check_writable_parent(out, what)
+    return out
+
+
+def check_writable_parent(out: Path, what: str) -> None:
+    """The nearest existing ancestor of `out` must be a writable directory."""
     parent = out.parent
-    while not parent.exists():  # the nearest existing ancestor must be a writable directory
-        if parent == parent.parent:
-            break
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise NectarError(f"{out}: {parent} is not a directory; pass another path for the {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise NectarError(f"{out}: cannot write in {parent} (permission denied); pass another path for the {what}")
-    return out
 
 
 def temp_dir_beside(out: Path) -> Path:

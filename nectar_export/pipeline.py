@@ -15,7 +15,7 @@ import torch
 
 from nectar_runtime.errors import NectarError
 
-from nectar_runtime.document import DocumentContext, make_context, read_document
+from nectar_runtime.document import DocumentContext, make_context, read_document, read_stored_document
 from .config import FitConfig
 from .fit import FitResult, fit_heads
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
@@ -232,12 +232,12 @@ class OpenArtifact:
 
 def open_artifact(art: str | Path, device: str = "cpu", model: str | None = None) -> OpenArtifact:
     """Load the base model named in the manifest (or `model`), check its hash, load the heads."""
-    from .artifact import load_heads, read_document_text, read_manifest
+    from .artifact import load_heads, read_manifest
 
     m = read_manifest(art)
     base = load_base(model or m["base_model"]["name"], device)
     heads = load_heads(art, m, base.lm.weights_sha256, device)
-    text = read_document_text(art)
+    text = read_stored_document(Path(art) / "document.txt")
     ctx = make_context(base.tokenizer, text, base.config.max_position, source=str(art))
     if ctx.sha256 != m["document"]["sha256"] or ctx.n != m["document"]["n_tokens"]:
         raise NectarError(f"{art}: document.txt does not match the manifest (sha256/tokens); the artifact is corrupt")

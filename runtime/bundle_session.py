@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .bundle import Bundle, read_bundle
 from .chat_session import ChatSession
-from .document import local_ids, make_context
+from .document import local_ids, make_context, read_stored_document
 from .errors import NectarError
 from .tokenizer import load_tokenizer
 
@@ -34,7 +34,7 @@ def open_bundle_session(path: str | Path, threads: int | None = None, provider: 
     """A ChatSession whose turns follow the bundle's document (exact KV or Nectar heads inside)."""
     bundle = read_bundle(path, verify=verify)
     tok = load_tokenizer(bundle.path)
-    text = (bundle.path / "document.txt").read_bytes().decode("utf-8", errors="replace")  # no newline translation
+    text = read_stored_document(bundle.path / "document.txt")
     ctx = make_context(tok, text, bundle.manifest["model"]["max_position"], source=str(bundle.path / "document.txt"), reserve=0)
     if ctx.n != bundle.context_len or ctx.sha256 != bundle.manifest["document"]["sha256"]:
         raise NectarError(f"{bundle.path}: document.txt does not give the manifest's context ({ctx.n} vs {bundle.context_len} tokens); re-export")

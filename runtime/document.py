@@ -35,6 +35,12 @@ def read_document(path: str | Path) -> str:
     return text
 
 
+def read_stored_document(path: str | Path) -> str:
+    """The document.txt of an artifact or bundle exactly as fitted: bytes decoded, no newline
+    translation (a CRLF document read in text mode would no longer match its sha256 and tokens)."""
+    return Path(path).read_bytes().decode("utf-8", errors="replace")
+
+
 @dataclass(frozen=True)
 class DocumentContext:
     """A document placed as context for one tokenizer's chat format.

@@ -112,14 +112,15 @@ def test_adaptive_allocation_runs_at_equal_budget(tiny):
 
 
 def test_artifact_round_trip_and_base_model_check(tiny, tmp_path):
-    from nectar_export.artifact import load_heads, read_document_text, read_manifest, save_artifact
+    from nectar_export.artifact import load_heads, read_manifest, save_artifact
+    from nectar_runtime.document import read_stored_document
     from nectar_runtime.errors import NectarError
 
     res, _ = _fit(tiny, steps=5)
     text = "line one\r\nline two\rcafé\n"  # CRLF, a lone CR, non-ASCII: must come back byte for byte
     man = {"base_model": {"name": "tiny", "sha256": "ab" * 32}, "document": {"sha256": "x", "n_tokens": 1}, "kv_bytes": 1}
     out = save_artifact(tmp_path / "art", res.heads, man, text)
-    assert read_document_text(out) == text
+    assert read_stored_document(out / "document.txt") == text
     m = read_manifest(out)
     assert m["format_version"] == 1 and m["spec"]["widths"] == list(res.widths)
     heads = load_heads(out, m, "ab" * 32)
