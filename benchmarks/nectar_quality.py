@@ -15,6 +15,7 @@ per-layer errors, timings.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -29,7 +30,7 @@ def probe_config(a):
     if a.quick:  # smoke runs: a handful of probes
         return ProbeConfig(seed=a.seed, batch_size=a.batch, templated_questions=4, model_questions=2, excerpts=2,
                            chains=1, max_answer_tokens=24, min_position_span=128)
-    return ProbeConfig(seed=a.seed, batch_size=a.batch)
+    return ProbeConfig(seed=a.seed, batch_size=a.batch, **overrides(a.probes, ProbeConfig()))
 
 
 def run(a: argparse.Namespace) -> None:
@@ -38,7 +39,8 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.collect import collect_queries
     from nectar_export.config import FitConfig
     from nectar_export.evaluate import evaluate_methods
-    from nectar_export.fit import fit_heads, train_dtype
+    from nectar_export.distill import distill_heads
+    from nectar_export.fit import fit_heads, layer_errors, train_dtype
     from nectar_export.heads import nectar_contexts
     from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
@@ -70,17 +72,32 @@ def run(a: argparse.Namespace) -> None:
         qtr, qhe = qs.select(~held_rows), qs.select(held_rows)
         t_probe = time.time() - t0
         questions = read_questions(doc.with_suffix(".questions.jsonl"))
+        fitted = {}
         for budget, alloc, variant, on_policy, over in settings:
             fcfg = FitConfig(**{"variant": variant, "allocation": alloc, "budget_fraction": budget, "seed": a.seed,
                                 **({"steps": a.steps} if a.steps else {}), **over}).for_device(a.device.split(":")[0])
             n_params, kvb = budget_params(ctx, cfg, fcfg)
             t1 = time.time()
-            res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
-            if on_policy:
+            # settings that differ only in distillation share one per-module fit (CPU runs are slow)
+            key = (on_policy, json.dumps(dict(fcfg.to_dict(), distill_steps=0, distill_lr=0, distill_tokens=0)))
+            if key in fitted:
+                res = copy.deepcopy(fitted[key])
+            else:
+                res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
+            if on_policy and key not in fitted:
                 qs2 = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
                                       prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads, cfg.layer_windows, ctx.n), progress=False)
                 res = fit_heads(qs2.select(~held_rows), qs2.select(held_rows), spec_factory(cfg, variant),
                                 n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
+            fitted.setdefault(key, copy.deepcopy(res))
+            distill = None
+            if fcfg.distill_steps:
+                distill = distill_heads(model, res.heads, full, nectar_with_prefix(model, ctx, res.heads, base.device),
+                                        ctx.n, [p.ids for p in train_p], [p.ids for p in held_p], fcfg.distill_steps,
+                                        fcfg.distill_lr, fcfg.distill_tokens, seed=a.seed, progress=False)
+                res.heldout = layer_errors(res.heads, qhe)
+                print("distill held-out curve: " + ", ".join(f"{c['step']}: train kl {c.get('train_kl_topk', float('nan')):.4f} held-out kl {c['kl_topk']:.4f} agree {c['agreement']:.3f}"
+                                                             for c in distill["curve"]), flush=True)
             t_fit = time.time() - t1
             art_bytes = 2 * res.heads.spec.total_params()  # fp16 on disk (+ a small safetensors header)
             keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
@@ -91,26 +108,29 @@ def run(a: argparse.Namespace) -> None:
                                  embedder=None if a.semantic else False)
             rec = {"manual": doc.stem, "n_tokens": ctx.n, "variant": variant, "allocation": alloc,
                    "on_policy": on_policy, "budget_fraction": budget, "artifact_bytes": art_bytes, "kv_bytes": kvb,
-                   "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout,
-                   "probes": probe_stats(train_p), "timings_s": {"probes_and_queries": round(t_probe, 1),
+                   "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout, "distill": distill,
+                   "probes": probe_stats(train_p), "probe_config": overrides(a.probes, probe_config(a)) or None,
+                   "timings_s": {"probes_and_queries": round(t_probe, 1),
                    "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
                    "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(),
                    "train_dtype": str(train_dtype(fcfg.train_dtype, qtr.q[0].device)).removeprefix("torch."), **r}
-            tag = "".join(f"_{k}{v}" for k, v in over.items())
+            tag = "".join(f"_{k}{v}" for k, v in {**over, **overrides(a.probes, probe_config(a))}.items())
             name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}{tag}.json"
             (out_dir / name).write_text(json.dumps(rec, indent=1))
             m = r["methods"]["nectar"]
             print(f"{doc.stem:6s} {variant:10s} {alloc:8s} b={budget:<5g} on={int(on_policy)} "
                   f"bytes={100 * art_bytes / kvb:5.1f}%  agree={m['agreement']:.3f} kl={m['kl']:.3f} "
                   f"em={m['exact_match']:.2f} rouge={m['rouge_l']:.3f} | stream agree={r['methods']['streaming']['agreement']:.3f} "
-                  f"| fit {t_fit:.0f}s", flush=True)
+                  f"| fit {t_fit:.0f}s" + (f" | distill held-out kl {distill['heldout_before']['kl_topk']:.4f} -> "
+                  f"{distill['heldout_after']['kl_topk']:.4f} (step {distill['kept_step']}, {distill['seconds']:.0f}s)"
+                  if distill else ""), flush=True)
 
 
-def overrides(text: str) -> dict:
-    """"steps=1200;linear_init=0" -> FitConfig fields with their default's type."""
+def overrides(text: str, d=None) -> dict:
+    """"steps=1200;linear_init=0" -> fields of `d` (default: FitConfig()) with their default's type."""
     from nectar_export.config import FitConfig
 
-    d, out = FitConfig(), {}
+    d, out = d or FitConfig(), {}
     for item in filter(None, text.split(";")):
         k, v = item.split("=")
         dv = getattr(d, k)
@@ -131,13 +151,26 @@ def _is_default(r: dict) -> bool:
     from nectar_export.config import FitConfig
 
     want = FitConfig().for_device(str(r.get("device", "cpu")).split(":")[0]).to_dict()
-    return (not r["on_policy"]) and all((r.get("fit_config") or {}).get(k) == v for k, v in want.items() if k != "seed")
+    fc = effective_fit_config(r)
+    if not fc.get("distill_steps"):  # without distillation its lr and batch never mattered
+        want = {k: v for k, v in want.items() if k not in ("distill_lr", "distill_tokens")}
+    return (not r["on_policy"]) and all(fc.get(k) == v for k, v in want.items() if k != "seed")
+
+
+def effective_fit_config(r: dict) -> dict:
+    """The record's fit config; records from before the distillation stage ran none (0 steps:
+    the default)."""
+    fc = dict(r.get("fit_config") or {})
+    fc.setdefault("distill_steps", 0)
+    return fc
 
 
 def setting_label(r: dict) -> str:
     fc = r.get("fit_config") or {}
     dtype = r.get("train_dtype", fc.get("train_dtype"))  # the resolved dtype; older records hold the setting
     train = f", {r['steps']} steps" + (f" {dtype}" if dtype else "") + (" lin-init" if fc.get("linear_init") else "")
+    if fc.get("distill_steps"):
+        train += f" + distill {fc['distill_steps']}×{fc['distill_tokens']} lr {fc['distill_lr']:g}"
     return f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}{train}"
 
 
@@ -226,6 +259,7 @@ def main(argv=None) -> int:
     r.add_argument("--batch", type=int, default=16, help="generation batch for probes and evaluation")
     r.add_argument("--no-semantic", dest="semantic", action="store_false")
     r.add_argument("--quick", action="store_true", help="tiny probe set (smoke test)")
+    r.add_argument("--probes", default="", help="ProbeConfig overrides, e.g. 'model_questions=64;chains=16'")
     r.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
     r.set_defaults(func=run)
     q = sub.add_parser("report")

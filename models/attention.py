@@ -147,7 +147,9 @@ def merge_attention(
     # σ(lse1 − lse2) = exp(lse1 − logaddexp(lse1, lse2)). It is already exact at one infinite
     # side (σ(−inf) = 0, σ(+inf) = 1); only both −inf gives NaN (−inf − −inf): no key on either
     # side, both o are 0, any w would do and 0 is taken.
-    w = torch.sigmoid(lse1 - lse2).nan_to_num_(nan=0.0)
+    w = torch.sigmoid(lse1 - lse2)
+    # (in place only without autograd: sigmoid's backward reads its output)
+    w = w.nan_to_num(nan=0.0) if w.requires_grad else w.nan_to_num_(nan=0.0)
     acc = _acc_dtype(o1.dtype)  # fp32 math for half inputs, fp64 stays fp64
     w = w[..., None]
     if w.dtype != acc:

@@ -142,13 +142,20 @@ class Decoder(nn.Module):
         self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, last_only: bool = False
     ) -> torch.Tensor:
         """ids, pos: [B, T] -> logits [B, T, V] fp32 ([B, 1, V] if last_only). Appends to the cache."""
+        x = self.final_hidden(ids, pos, cache, last_only)
+        return self.lm_head(x).float()
+
+    def final_hidden(
+        self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        """ids, pos: [B, T] -> the final-norm hidden states [B, T, hidden] ([B, 1, hidden] if last_only)."""
         x = self.embed(ids)
         tables: dict = {}  # RoPE cos/sin of this pass, shared by layers with the same table
         for block, lc in zip(self.layers, cache.layers):
             x = block(x, pos, lc, tables)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        return self.norm(x)
 
     def new_cache(self, batch: int = 1, capacity: int = 256, contexts=None, context_len: int = 0) -> KVCache:
         p = self.embed_tokens.weight

@@ -65,4 +65,5 @@ def generate_answers(
 
 
 def decode_answers(tokenizer, answers: list[list[int]]) -> list[str]:
-    return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+    # an answer cut inside a character by the token limit ends without its unfinished bytes (no U+FFFD)
+    return [tokenizer.decode(a, skip_special_tokens=True).rstrip("\ufffd").strip() for a in answers]

@@ -17,7 +17,8 @@ from .config import ALLOCATIONS, DEFAULT_STEPS, VARIANTS, FitConfig
 def _fit_config(a: argparse.Namespace) -> FitConfig:
     try:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
-                         budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed)
+                         budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed,
+                         distill_steps=a.distill_steps, distill_lr=a.distill_lr)
     except ValueError as e:
         raise NectarError(str(e)) from None
 
@@ -173,6 +174,10 @@ def add_export_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="(default %(default)s)")
     p.add_argument("--position-span", type=int, default=1024, help="local positions the probes cover after the document (default %(default)s)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
+    p.add_argument("--distill-steps", type=int, default=d.distill_steps,
+                   help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "
+                        "(KL on the probes; held-out probes pick the kept heads; default %(default)s: off)")
+    p.add_argument("--distill-lr", type=float, default=d.distill_lr, help="(default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     p.set_defaults(func=cmd_fit)

@@ -30,6 +30,11 @@ class FitConfig:
     width_multiple: int = 16
     train_dtype: str = "auto"  # "auto" (bf16 where native) | "bfloat16" | "float32": matmuls while training
     linear_init: bool = True  # skip + output bias start at the weighted least-squares linear fit
+    # End-to-end KL fine-tuning of all heads after the per-module fit (distill.py). Off by default:
+    # on the development manuals it did not lower the held-out KL (docs/results.md).
+    distill_steps: int = 0
+    distill_lr: float = 1e-4
+    distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
     seed: int = 0
 
     def __post_init__(self):
@@ -41,6 +46,8 @@ class FitConfig:
             raise ValueError("train_dtype must be 'auto', 'bfloat16' or 'float32'")
         if (self.steps is not None and self.steps < 1) or self.batch < 1 or self.lr <= 0:
             raise ValueError("steps, batch and lr must be positive")
+        if self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_tokens < 1:
+            raise ValueError("distill_steps must be ≥ 0, distill_lr and distill_tokens positive")
         if self.budget_mb is not None and not self.budget_mb > 0:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
         if not 0 < self.budget_fraction <= 4:

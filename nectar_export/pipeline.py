@@ -150,6 +150,17 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     if on_policy:
         with timer.stage("on-policy re-collection and refit", log):
             result, on_policy_report = _refit_on_policy(base, ctx, prefix, doc, train_p, held_p, result, fit_cfg, progress)
+    distill_report = None
+    if fit_cfg.distill_steps:
+        from .distill import distill_heads
+        from .fit import layer_errors
+
+        with timer.stage("distill heads", log):
+            student = nectar_with_prefix(model, ctx, result.heads, base.device)
+            distill_report = distill_heads(model, result.heads, full, student, ctx.n, [p.ids for p in train_p],
+                                           [p.ids for p in held_p], fit_cfg.distill_steps, fit_cfg.distill_lr,
+                                           fit_cfg.distill_tokens, seed=fit_cfg.seed, progress=progress)
+            result.heldout = layer_errors(result.heads, qs_held)
     manifest = {
         "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,
                        "format": base.lm.source_format},
@@ -165,7 +176,7 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         "probes": {"train": probe_stats(train_p), "heldout": probe_stats(held_p)},
         "metrics": {"heldout": result.heldout, "allocation_probe": result.allocation_probe,
                     "train_loss_final": float(sum(result.train_curve[-20:]) / max(1, len(result.train_curve[-20:]))),
-                    "on_policy": on_policy_report},
+                    "on_policy": on_policy_report, "distill": distill_report},
         "timings_s": timer.seconds,
     }
     with timer.stage("write artifact", log):
@@ -210,6 +221,12 @@ def fit_summary(m: dict) -> str:
         f"held-out attention error: o rel {_mean(err['o_rel_error']):.3f} (weighted {_mean(err['o_rel_error_weighted']):.3f}), "
         f"lse abs {_mean(err['lse_abs_error']):.3f}; worst layers " + ", ".join(f"{i} ({err['o_rel_error'][i]:.3f})" for i in worst),
     ]
+    dist = m["metrics"].get("distill")
+    if dist:
+        b, a = dist["heldout_before"], dist["heldout_after"]
+        lines.append(f"distillation ({dist['steps']} steps, {dist['seconds']:.0f} s): held-out next-token KL "
+                     f"(top-{dist['top_k']}) {b['kl_topk']:.4f} -> {a['kl_topk']:.4f}, agreement with full context "
+                     f"{b['agreement']:.3f} -> {a['agreement']:.3f} (kept: step {dist['kept_step']})")
     if m["artifact_bytes"] >= m["kv_bytes"]:
         lines.append("note: the artifact is no smaller than the document's own KV cache: for a document this short, "
                      "keeping it as plain context costs less memory")

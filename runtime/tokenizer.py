@@ -144,8 +144,9 @@ class StreamDetokenizer:
         return self._advance(final=False)
 
     def flush(self) -> str:
-        """Whatever is still held back (an unfinished character comes out as U+FFFD)."""
-        return self._advance(final=True)
+        """Whatever is still held back. Ids that end partway through a character (generation cut by
+        a token limit) never make a whole character: those bytes are dropped, not shown as U+FFFD."""
+        return self._advance(final=True).rstrip("\ufffd")
 
     def _advance(self, final: bool) -> str:
         decode = self.tokenizer.decode

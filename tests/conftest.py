@@ -53,7 +53,7 @@ def small_artifact(tmp_path_factory, smollm2_gguf):
     base = load_base(str(smollm2_gguf))
     probe_cfg = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1,
                             max_answer_tokens=16, min_position_span=64, batch_size=8)
-    m = fit_document(base, doc, d / "art", FitConfig(steps=30, probe_steps=5), probe_cfg, progress=False, log=lambda s: None)
+    m = fit_document(base, doc, d / "art", FitConfig(steps=30, probe_steps=5, distill_steps=2), probe_cfg, progress=False, log=lambda s: None)
     return d / "art", m
 
 

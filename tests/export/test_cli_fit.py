@@ -16,7 +16,11 @@ def test_fit_writes_a_complete_artifact(small_artifact):
     man = json.loads((art / "manifest.json").read_text())
     assert man["document"]["n_tokens"] > 500 and man["artifact_bytes"] < man["kv_bytes"] * 0.25
     assert len(man["metrics"]["heldout"]["o_rel_error"]) == 30
-    assert set(man["timings_s"]) >= {"prefill document", "build probes", "collect queries", "fit heads"}
+    assert set(man["timings_s"]) >= {"prefill document", "build probes", "collect queries", "fit heads", "distill heads"}
+    dist = man["metrics"]["distill"]  # the end-to-end stage ran on the real model, scored on held-out probes
+    assert dist["steps"] == 2 and [c["step"] for c in dist["curve"]] == [0, 1, 2]
+    assert dist["heldout_after"]["kl_topk"] == min(c["kl_topk"] for c in dist["curve"]) > 0
+    assert 0 < dist["heldout_after"]["agreement"] <= 1 and dist["heldout_after"]["tokens"] > 0
 
 
 @pytest.mark.real

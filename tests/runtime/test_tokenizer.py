@@ -386,3 +386,15 @@ def test_document_markup_stays_text(smollm2_gguf):
     assert 1 not in body and 2 not in body  # no control tokens inside the document
     assert tok.decode(body) == doc  # and the text is all there
     assert tok.backend.encode_special_tokens is False  # the switch is restored
+
+
+def test_stream_cut_mid_character_drops_the_unfinished_bytes(smollm2_gguf):
+    # "漢" is three byte tokens in SmolLM2's vocabulary: a token limit can stop inside it
+    tok = load_tokenizer(smollm2_gguf)
+    ids = tok.encode("naïve 漢字 end", add_special_tokens=False)
+    cut = [k for k in range(len(ids) + 1) if tok.decode(ids[:k]).endswith("\ufffd")]
+    assert cut, "the test text must have a token boundary inside a character"
+    for k in range(len(ids) + 1):
+        text = "".join(tok.stream(ids[:k]))
+        assert "\ufffd" not in text
+        assert text == tok.decode(ids[:k]).rstrip("\ufffd")
