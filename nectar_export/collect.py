@@ -71,6 +71,19 @@ def _rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return x[valid]
 
 
+def left_padded(probes_ids: list[list[int]], idx: list[int], context_len: int, device):
+    """The probes `idx` as one left-padded batch: ids, pos, valid: [B, T] on `device` (padding at
+    INVALID_POS, so no query sees it)."""
+    t = max(len(probes_ids[i]) for i in idx)
+    ids = torch.zeros(len(idx), t, dtype=torch.long)
+    pos = torch.full((len(idx), t), INVALID_POS, dtype=torch.long)
+    for r, i in enumerate(idx):
+        p = probes_ids[i]
+        ids[r, t - len(p) :] = torch.tensor(p)
+        pos[r, t - len(p) :] = context_len + torch.arange(len(p))
+    return ids.to(device), pos.to(device), (pos != INVALID_POS).to(device)
+
+
 @torch.no_grad()
 def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: list[list[int]],
                     prefix_contexts: list | None = None, serve_contexts: list | None = None,
@@ -97,15 +110,8 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
     row = 0
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        t = max(len(probes_ids[i]) for i in idx)
-        ids = torch.zeros(len(idx), t, dtype=torch.long)
-        pos = torch.full((len(idx), t), INVALID_POS, dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = probes_ids[i]
-            ids[r, t - len(p) :] = torch.tensor(p)
-            pos[r, t - len(p) :] = context_len + torch.arange(len(p))
-        valid = pos != INVALID_POS
-        ids, pos, valid_dev = ids.to(dev), pos.to(dev), valid.to(dev)
+        ids, pos, valid_dev = left_padded(probes_ids, idx, context_len, dev)
+        t, valid = ids.shape[1], valid_dev.cpu()
         for w in wrappers:
             w.records.clear()
         cache = model.new_cache(len(idx), t, wrappers, context_len)

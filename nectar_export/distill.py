@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nectar_models.attention import INVALID_POS
+from .collect import left_padded as padded
 
 
 def probe_batches(probes_ids: list[list[int]], max_tokens: int, seed: int | None) -> list[list[int]]:
@@ -49,18 +49,6 @@ def probe_batches(probes_ids: list[list[int]], max_tokens: int, seed: int | None
     if seed is not None:
         random.Random(seed).shuffle(batches)
     return batches
-
-
-def padded(probes_ids: list[list[int]], idx: list[int], context_len: int, device):
-    """Left-padded ids, pos: [B, T] and valid: [B, T] bool for the probes `idx`."""
-    t = max(len(probes_ids[i]) for i in idx)
-    ids = torch.zeros(len(idx), t, dtype=torch.long)
-    pos = torch.full((len(idx), t), INVALID_POS, dtype=torch.long)
-    for r, i in enumerate(idx):
-        p = probes_ids[i]
-        ids[r, t - len(p):] = torch.tensor(p)
-        pos[r, t - len(p):] = context_len + torch.arange(len(p))
-    return ids.to(device), pos.to(device), (pos != INVALID_POS).to(device)
 
 
 def valid_log_probs(model, ids, pos, valid, contexts, context_len: int) -> torch.Tensor:
