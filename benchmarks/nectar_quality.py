@@ -19,6 +19,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,8 @@ def probe_config(a):
     if a.quick:  # smoke runs: a handful of probes
         return ProbeConfig(seed=a.seed, batch_size=a.batch, templated_questions=4, model_questions=2, excerpts=2,
                            chains=1, max_answer_tokens=24, min_position_span=128)
-    return ProbeConfig(seed=a.seed, batch_size=a.batch, **overrides(a.probes, ProbeConfig()))
+    scaled = ProbeConfig(seed=a.seed, batch_size=a.batch).scaled(a.probe_scale)
+    return replace(scaled, **overrides(a.probes, scaled))
 
 
 def run(a: argparse.Namespace) -> None:
@@ -110,11 +112,13 @@ def run(a: argparse.Namespace) -> None:
                    "on_policy": on_policy, "budget_fraction": budget, "artifact_bytes": art_bytes, "kv_bytes": kvb,
                    "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout, "distill": distill,
                    "probes": probe_stats(train_p), "probe_config": overrides(a.probes, probe_config(a)) or None,
+                   "probe_scale": a.probe_scale,
                    "timings_s": {"probes_and_queries": round(t_probe, 1),
                    "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
                    "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(),
                    "train_dtype": str(train_dtype(fcfg.train_dtype, qtr.q[0].device)).removeprefix("torch."), **r}
             tag = "".join(f"_{k}{v}" for k, v in {**over, **overrides(a.probes, probe_config(a))}.items())
+            tag += f"_probes{a.probe_scale:g}x" if a.probe_scale != 1 else ""
             name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}{tag}.json"
             (out_dir / name).write_text(json.dumps(rec, indent=1))
             m = r["methods"]["nectar"]
@@ -259,6 +263,7 @@ def main(argv=None) -> int:
     r.add_argument("--batch", type=int, default=16, help="generation batch for probes and evaluation")
     r.add_argument("--no-semantic", dest="semantic", action="store_false")
     r.add_argument("--quick", action="store_true", help="tiny probe set (smoke test)")
+    r.add_argument("--probe-scale", type=float, default=1.0, help="probe count multiplier (nectar fit --probe-scale)")
     r.add_argument("--probes", default="", help="ProbeConfig overrides, e.g. 'model_questions=64;chains=16'")
     r.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
     r.set_defaults(func=run)

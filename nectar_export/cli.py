@@ -32,7 +32,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from .outdir import check_out_dir
 
     fit_cfg = _fit_config(a)
-    probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
+    probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span).scaled(a.probe_scale)
     read_document(a.document)  # empty / binary / non-UTF-8: refuse before loading the model
     check_out_dir(a.out, "artifact")  # a file, a foreign directory, an unwritable place: likewise
     import torch
@@ -173,6 +173,9 @@ def add_export_commands(sub) -> None:
                    help="training steps (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--lr", type=float, default=d.lr, help="(default %(default)s)")
     p.add_argument("--position-span", type=int, default=1024, help="local positions the probes cover after the document (default %(default)s)")
+    p.add_argument("--probe-scale", type=float, default=1.0,
+                   help="probe count multiplier: more self-study conversations (time and fit memory grow in proportion; "
+                        "4 lowered KL on every development manual on an H100, see docs/results.md; default %(default)g)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

@@ -27,7 +27,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -80,6 +80,16 @@ class ProbeConfig:
             raise NectarError(f"probe config: question_top_p must be in (0, 1], got {self.question_top_p}")
         if not 0 <= self.holdout_frac < 1:
             raise NectarError(f"probe config: holdout_frac must be in [0, 1), got {self.holdout_frac}")
+
+    def scaled(self, factor: float) -> "ProbeConfig":
+        """The same probe mix with every probe count times `factor` (rounded, at least 1 where
+        the count was positive). More probes cost probe generation, collection time and fit
+        memory in proportion; on an H100, 4x lowered KL on all six development manuals
+        (docs/results.md, "More probes")."""
+        if not 0 < factor <= 64:
+            raise NectarError(f"probe config: scale (nectar fit --probe-scale) must be in (0, 64], got {factor:g}")
+        counts = ("templated_questions", "model_questions", "excerpts", "chains")
+        return replace(self, **{k: max(1, round(getattr(self, k) * factor)) if getattr(self, k) else 0 for k in counts})
 
 
 @dataclass

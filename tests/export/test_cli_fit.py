@@ -57,6 +57,14 @@ def test_fit_refuses_bad_documents(tmp_path, content, needle, smollm2_gguf):
     assert not (tmp_path / "art").exists()
 
 
+def test_fit_refuses_a_bad_probe_scale_before_loading_the_model(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short manual.\n")
+    r = nectar("fit", str(doc), "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "art"), "--probe-scale", "0")
+    assert_one_line_error(r, "--probe-scale", "got 0")
+    assert not (tmp_path / "art").exists()
+
+
 def test_fit_refuses_a_document_beyond_the_window(tmp_path, smollm2_gguf):
     doc = tmp_path / "big.txt"
     doc.write_text("word " * 9000)

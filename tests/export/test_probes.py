@@ -326,6 +326,21 @@ def test_config_is_validated():
     assert ProbeConfig().min_position_span >= 1024
 
 
+def test_scaled_multiplies_every_probe_count_and_keeps_the_rest():
+    from nectar_runtime.errors import NectarError
+
+    base = ProbeConfig(templated_questions=10, model_questions=3, excerpts=0, chains=1, max_answer_tokens=40, seed=7)
+    big = base.scaled(4)
+    assert (big.templated_questions, big.model_questions, big.excerpts, big.chains) == (40, 12, 0, 4)
+    small = base.scaled(0.1)  # a positive count never rounds away to no probes of its kind
+    assert (small.templated_questions, small.model_questions, small.excerpts, small.chains) == (1, 1, 0, 1)
+    assert (big.max_answer_tokens, big.seed, big.sampled_answers_per_question) == (40, 7, base.sampled_answers_per_question)
+    assert base.scaled(1) == base
+    for bad in (0, -1, 100):
+        with pytest.raises(NectarError, match="--probe-scale"):
+            base.scaled(bad)
+
+
 # ---------------------------------------------------------------- real model
 
 
