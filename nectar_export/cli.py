@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,9 @@ def _fit_config(a: argparse.Namespace) -> FitConfig:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
                          budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed,
                          distill_steps=a.distill_steps, distill_lr=a.distill_lr)
-    except ValueError as e:
-        raise NectarError(str(e)) from None
+    except ValueError as e:  # the config names its fields; the user typed flags
+        raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|steps|lr)\b",
+                                                  lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 def cmd_fit(a: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .collect import left_padded as padded
+from .collect import left_padded
 
 
 def probe_batches(probes_ids: list[list[int]], max_tokens: int, seed: int | None) -> list[list[int]]:
@@ -68,7 +68,7 @@ class TeacherTopK:
     index: list[torch.Tensor]
 
     def rows(self, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, K] log-probabilities and token ids of the probes `idx`, in `padded` row order."""
+        """[N, K] log-probabilities and token ids of the probes `idx`, in `left_padded` row order."""
         return (torch.cat([self.logp[i] for i in idx]).to(device), torch.cat([self.index[i] for i in idx]).to(device))
 
 
@@ -79,7 +79,7 @@ def teacher_top_k(model, teacher: list, context_len: int, probes_ids: list[list[
     logp, index = [None] * len(probes_ids), [None] * len(probes_ids)
     batches = probe_batches(probes_ids, max_tokens, None)
     for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        ids, pos, valid = padded(probes_ids, idx, context_len, dev)
+        ids, pos, valid = left_padded(probes_ids, idx, context_len, dev)
         lp, ix = valid_log_probs(model, ids, pos, valid, teacher, context_len).topk(k, dim=-1)
         for i, a, b in zip(idx, lp.cpu().split([len(probes_ids[i]) for i in idx]), ix.cpu().split([len(probes_ids[i]) for i in idx])):
             logp[i], index[i] = a, b.to(torch.int32)
@@ -104,7 +104,7 @@ def heldout_fidelity(model, student: list, context_len: int, probes_ids: list[li
     dev = model.embed_tokens.weight.device
     kl_sum, agree, count = 0.0, 0, 0
     for idx in probe_batches(probes_ids, max_tokens, None):
-        ids, pos, valid = padded(probes_ids, idx, context_len, dev)
+        ids, pos, valid = left_padded(probes_ids, idx, context_len, dev)
         ls = valid_log_probs(model, ids, pos, valid, student, context_len)
         t_logp, t_index = target.rows(idx, dev)
         kl_sum += float(top_k_kl(ls, t_logp, t_index).sum())
@@ -145,7 +145,7 @@ def distill_heads(model, heads, teacher: list, student: list, context_len: int, 
                 batches = probe_batches(train_ids, max_tokens, seed + epoch)
             idx = batches[bi]
             bi += 1
-            ids, pos, valid = padded(train_ids, idx, context_len, dev)
+            ids, pos, valid = left_padded(train_ids, idx, context_len, dev)
             t_logp, t_index = t_train.rows(idx, dev)
             loss = top_k_kl(valid_log_probs(model, ids, pos, valid, student, context_len), t_logp, t_index).mean()
             warm = min(1.0, step / max(1, steps // 10))  # 10% warm-up, then cosine decay to 0

@@ -65,6 +65,16 @@ def test_fit_refuses_a_bad_probe_scale_before_loading_the_model(tmp_path):
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--distill-steps", "-1"), ("--distill-lr", "0"), ("--budget-fraction", "0"),
+                                        ("--steps", "0"), ("--lr", "-1"), ("--budget-mb", "-2")])
+def test_fit_names_the_flag_of_a_bad_setting_before_loading_the_model(tmp_path, flag, value):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short manual.\n")
+    r = nectar("fit", str(doc), "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "art"), flag, value)
+    assert_one_line_error(r, flag)
+    assert not (tmp_path / "art").exists()
+
+
 def test_fit_refuses_a_document_beyond_the_window(tmp_path, smollm2_gguf):
     doc = tmp_path / "big.txt"
     doc.write_text("word " * 9000)

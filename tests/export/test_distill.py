@@ -6,28 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nectar_export.collect import collect_queries
+from nectar_export.collect import collect_queries, left_padded
 from nectar_export.config import FitConfig
-from nectar_export.distill import (distill_heads, heldout_fidelity, padded, probe_batches,
+from nectar_export.distill import (distill_heads, heldout_fidelity, probe_batches,
                                    teacher_top_k, top_k_kl, valid_log_probs)
 from nectar_export.fit import fit_heads
 from nectar_export.heads import HeadsSpec, nectar_contexts
 from nectar_models.attention import merge_attention
-from nectar_models.config import ModelConfig
-from nectar_models.llama import Decoder
 
 
 @pytest.fixture(scope="module")
-def fitted():
-    """A tiny model, its document cache, 24 probes and heads fitted briefly on 20 of them."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position=512)
-    model = Decoder(cfg).eval()
-    cache = model.prefill_document(torch.randint(0, 64, (1, 80)))
-    g = torch.Generator().manual_seed(1)
-    probes = [torch.randint(0, 64, (int(torch.randint(5, 30, (1,), generator=g)),), generator=g).tolist()
-              for _ in range(24)]
+def fitted(tiny):
+    """The tiny model, its document cache, 24 probes and heads fitted briefly on 20 of them."""
+    model, cache, probes = tiny
+    cfg = model.config
     qs = collect_queries(model, cache.contexts(), cache.context_len, probes, progress=False)
     held = qs.probe_index >= 20
     spec_for = lambda w: HeadsSpec("mlp", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(w), cfg.scale)  # noqa: E731
@@ -64,7 +56,7 @@ def test_teacher_rows_follow_the_padded_row_order(fitted):
     full = cache.contexts()
     top = teacher_top_k(model, full, cache.context_len, probes[:6], 64, max_tokens=40)
     idx = [4, 1, 2]  # any order: rows come probe by probe
-    ids, pos, valid = padded(probes, idx, cache.context_len, "cpu")
+    ids, pos, valid = left_padded(probes, idx, cache.context_len, "cpu")
     lp = valid_log_probs(model, ids, pos, valid, full, cache.context_len)
     t_logp, t_index = top.rows(idx, "cpu")
     assert torch.allclose(lp.gather(1, t_index.long()), t_logp, atol=1e-5)
@@ -78,7 +70,7 @@ def test_gradients_reach_every_layers_heads_through_the_merge(fitted):
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        ids, pos, valid = padded(probes, [0, 1, 2], cache.context_len, "cpu")
+        ids, pos, valid = left_padded(probes, [0, 1, 2], cache.context_len, "cpu")
         valid_log_probs(model, ids, pos, valid, student, cache.context_len).logsumexp(-1).sum().backward()
     finally:
         for p in model.parameters():

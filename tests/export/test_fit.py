@@ -15,19 +15,6 @@ from nectar_models.config import ModelConfig
 from nectar_models.llama import Decoder
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position=512)
-    model = Decoder(cfg).eval()
-    doc = torch.randint(0, 64, (1, 80))
-    cache = model.prefill_document(doc)
-    g = torch.Generator().manual_seed(1)
-    probes = [torch.randint(0, 64, (int(torch.randint(5, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(24)]
-    return model, cache, probes
-
-
 def test_collected_targets_are_the_exact_document_attention(tiny):
     model, cache, probes = tiny
     qs = collect_queries(model, cache.contexts(), cache.context_len, probes[:5], progress=False)
