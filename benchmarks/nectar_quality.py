@@ -52,6 +52,7 @@ def run(a: argparse.Namespace) -> None:
 
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    probe_over = overrides(a.probes, probe_config(a))  # recorded and in the file names
     base = load_base(a.model, a.device)
     model, cfg = base.model, base.config
     d = FitConfig()
@@ -111,13 +112,13 @@ def run(a: argparse.Namespace) -> None:
             rec = {"manual": doc.stem, "n_tokens": ctx.n, "variant": variant, "allocation": alloc,
                    "on_policy": on_policy, "budget_fraction": budget, "artifact_bytes": art_bytes, "kv_bytes": kvb,
                    "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout, "distill": distill,
-                   "probes": probe_stats(train_p), "probe_config": overrides(a.probes, probe_config(a)) or None,
+                   "probes": probe_stats(train_p), "probe_config": probe_over or None,
                    "probe_scale": a.probe_scale,
                    "timings_s": {"probes_and_queries": round(t_probe, 1),
                    "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
                    "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(),
                    "train_dtype": str(train_dtype(fcfg.train_dtype, qtr.q[0].device)).removeprefix("torch."), **r}
-            tag = "".join(f"_{k}{v}" for k, v in {**over, **overrides(a.probes, probe_config(a))}.items())
+            tag = "".join(f"_{k}{v}" for k, v in {**over, **probe_over}.items())
             tag += f"_probes{a.probe_scale:g}x" if a.probe_scale != 1 else ""
             name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}{tag}.json"
             (out_dir / name).write_text(json.dumps(rec, indent=1))
@@ -158,7 +159,8 @@ def _is_default(r: dict) -> bool:
     fc = effective_fit_config(r)
     if not fc.get("distill_steps"):  # without distillation its lr and batch never mattered
         want = {k: v for k, v in want.items() if k not in ("distill_lr", "distill_tokens")}
-    return (not r["on_policy"]) and all(fc.get(k) == v for k, v in want.items() if k != "seed")
+    default_probes = not r.get("probe_config") and r.get("probe_scale", 1) == 1
+    return default_probes and (not r["on_policy"]) and all(fc.get(k) == v for k, v in want.items() if k != "seed")
 
 
 def effective_fit_config(r: dict) -> dict:
