@@ -60,6 +60,9 @@ def run(a: argparse.Namespace) -> None:
     settings = [(float(b), alloc, "mlp", False, {}) for b in a.budgets.split(",") for alloc in a.allocations.split(",")]
     extra = [x.split(":") for x in a.extra.split(",") if x]  # e.g. "0.2:uniform:quadrature:0[:steps=1200;linear_init=0]"
     settings += [(float(x[0]), x[1], x[2], x[3] == "1", overrides(x[4] if len(x) > 4 else "")) for x in extra]
+    # one collection per manual, in the widest storage any setting asks for (fp16 copies are made per setting)
+    wide = any(over.get("query_dtype", d.query_dtype) == "float32" for *_, over in settings)
+    store = torch.float32 if wide else torch.float16
     for doc in sorted(Path(a.manuals).glob("*.txt")):
         if a.only and doc.stem not in a.only.split(","):
             continue
@@ -70,9 +73,10 @@ def run(a: argparse.Namespace) -> None:
         probes = build_probes(model, base.tokenizer, ctx, full, probe_config(a), progress=False)
         train_p, held_p = split_probes(probes, seed=a.seed)
         qs = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
-                             prefix_contexts=prefix, progress=False)
+                             prefix_contexts=prefix, progress=False, store_dtype=store)
         held_rows = qs.probe_index >= len(train_p)
         qtr, qhe = qs.select(~held_rows), qs.select(held_rows)
+        del qs  # the whole set and its halves at once would double the largest tensors
         t_probe = time.time() - t0
         questions = read_questions(doc.with_suffix(".questions.jsonl"))
         fitted = {}
@@ -86,10 +90,13 @@ def run(a: argparse.Namespace) -> None:
             if key in fitted:
                 res = copy.deepcopy(fitted[key])
             else:
-                res = fit_heads(qtr, qhe, spec_factory(cfg, variant), n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
+                qd = getattr(torch, fcfg.query_dtype)
+                res = fit_heads(qtr.stored_as(qd), qhe.stored_as(qd), spec_factory(cfg, variant), n_params, fcfg,
+                                [(c.k, c.v) for c in docpart], progress=False)
             if on_policy and key not in fitted:
                 qs2 = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
-                                      prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads, cfg.layer_windows, ctx.n), progress=False)
+                                      prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads, cfg.layer_windows, ctx.n),
+                                      progress=False, store_dtype=getattr(torch, fcfg.query_dtype))
                 res = fit_heads(qs2.select(~held_rows), qs2.select(held_rows), spec_factory(cfg, variant),
                                 n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
             fitted.setdefault(key, copy.deepcopy(res))
@@ -102,6 +109,7 @@ def run(a: argparse.Namespace) -> None:
                 print("distill held-out curve: " + ", ".join(f"{c['step']}: train kl {c.get('train_kl_topk', float('nan')):.4f} held-out kl {c['kl_topk']:.4f} agree {c['agreement']:.3f}"
                                                              for c in distill["curve"]), flush=True)
             t_fit = time.time() - t1
+            peak = torch.cuda.max_memory_allocated() if base.device.startswith("cuda") else None
             art_bytes = 2 * res.heads.spec.total_params()  # fp16 on disk (+ a small safetensors header)
             keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
             methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device),
@@ -117,6 +125,7 @@ def run(a: argparse.Namespace) -> None:
                    "timings_s": {"probes_and_queries": round(t_probe, 1),
                    "fit": round(t_fit, 1), "eval": round(time.time() - t2, 1)},
                    "device": a.device, "steps": fcfg.steps, "fit_config": fcfg.to_dict(),
+                   "peak_gpu_bytes_so_far": peak,  # torch's allocator peak since the run began (all manuals)
                    "train_dtype": str(train_dtype(fcfg.train_dtype, qtr.q[0].device)).removeprefix("torch."), **r}
             tag = "".join(f"_{k}{v}" for k, v in {**over, **probe_over}.items())
             tag += f"_probes{a.probe_scale:g}x" if a.probe_scale != 1 else ""
@@ -160,7 +169,10 @@ def _is_default(r: dict) -> bool:
     if not fc.get("distill_steps"):  # without distillation its lr and batch never mattered
         want = {k: v for k, v in want.items() if k not in ("distill_lr", "distill_tokens")}
     default_probes = not r.get("probe_config") and r.get("probe_scale", 1) == 1
-    return default_probes and (not r["on_policy"]) and all(fc.get(k) == v for k, v in want.items() if k != "seed")
+    # the storage of the recorded queries is not a setting of the result: fp16 and fp32 gave the same
+    # fits (docs/results.md, "Fit memory")
+    return default_probes and (not r["on_policy"]) and all(fc.get(k) == v for k, v in want.items()
+                                                           if k not in ("seed", "query_dtype"))
 
 
 def effective_fit_config(r: dict) -> dict:
@@ -168,6 +180,7 @@ def effective_fit_config(r: dict) -> dict:
     the default)."""
     fc = dict(r.get("fit_config") or {})
     fc.setdefault("distill_steps", 0)
+    fc.setdefault("query_dtype", "float32")  # records from before fp16 storage
     return fc
 
 
@@ -177,6 +190,8 @@ def setting_label(r: dict) -> str:
     train = f", {r['steps']} steps" + (f" {dtype}" if dtype else "") + (" lin-init" if fc.get("linear_init") else "")
     if fc.get("distill_steps"):
         train += f" + distill {fc['distill_steps']}×{fc['distill_tokens']} lr {fc['distill_lr']:g}"
+    if "query_dtype" in fc:  # recorded since fp16 storage became the default (older records: fp32)
+        train += f", {fc['query_dtype'].removeprefix('float')}-bit queries"
     return f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}{train}"
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from nectar_runtime.errors import NectarError
 
-from .config import ALLOCATIONS, DEFAULT_STEPS, VARIANTS, FitConfig
+from .config import ALLOCATIONS, DEFAULT_STEPS, QUERY_DTYPES, VARIANTS, FitConfig
 
 
 def _fit_config(a: argparse.Namespace) -> FitConfig:
     try:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
                          budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed,
-                         distill_steps=a.distill_steps, distill_lr=a.distill_lr)
+                         distill_steps=a.distill_steps, distill_lr=a.distill_lr, query_dtype=a.query_dtype)
     except ValueError as e:  # the config names its fields; the user typed flags
         raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|steps|lr)\b",
                                                   lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
@@ -178,6 +178,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--probe-scale", type=float, default=1.0,
                    help="probe count multiplier: more self-study conversations (time and fit memory grow in proportion; "
                         "4 lowered KL on every development manual on an H100, see docs/results.md; default %(default)g)")
+    p.add_argument("--query-dtype", choices=QUERY_DTYPES, default=d.query_dtype,
+                   help="storage of the recorded queries and attention outputs, the bulk of fit memory (default %(default)s)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

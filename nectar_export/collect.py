@@ -9,9 +9,10 @@ will see at inference.
 The document part is what the heads learn; the template prefix before it (system prompt, turn
 header: the same for every document) stays exact and counts, like the local tokens, as "the rest".
 
-Stored per layer l: q [N, Hkv, G, D], o [N, Hkv, G, D] and lse [N, Hkv, G] over the document,
-lse_loc [N, Hkv, G] over the rest (prefix + local tokens), fp32; N = all non-padding probe
-tokens; `probe_index[N]` says which probe each row came from.
+Stored per layer l: q [N, Hkv, G, D], o [N, Hkv, G, D] (computed in fp32, stored in `store_dtype`:
+fp16 halves a fit's largest tensors) and lse [N, Hkv, G] over the document, lse_loc [N, Hkv, G] over
+the rest (prefix + local tokens), fp32; N = all non-padding probe tokens; `probe_index[N]` says
+which probe each row came from.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from nectar_runtime.errors import NectarError
 
 from nectar_models.attention import INVALID_POS, attention_with_lse, merge_attention, visibility
 
@@ -41,6 +44,23 @@ class QuerySet:
         """rows: [N] bool or index tensor (CPU) -> the subset."""
         pick = lambda xs: [x[rows.to(x.device)] for x in xs]  # noqa: E731
         return QuerySet(pick(self.q), pick(self.o), pick(self.lse), pick(self.lse_loc), self.probe_index[rows], self.positions[rows])
+
+    def stored_as(self, dtype: torch.dtype) -> "QuerySet":
+        """The same queries with q and o stored in `dtype` (lse stays fp32); self when already so.
+        Rounding fp32 records to fp16 here equals recording them in fp16."""
+        if self.q[0].dtype == dtype:
+            return self
+        q, o = [_stored(x, dtype) for x in self.q], [_stored(x, dtype) for x in self.o]
+        return QuerySet(q, o, self.lse, self.lse_loc, self.probe_index, self.positions)
+
+
+def _stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x converted to the storage dtype; an overflow (|x| > 65504 in fp16) is refused, not stored as inf."""
+    y = x.to(dtype)
+    if dtype == torch.float16 and not torch.isfinite(y).all() and torch.isfinite(x).all():
+        raise NectarError(f"recorded queries reach {float(x.abs().max()):.3g}, beyond fp16's range: "
+                         "fit with query_dtype='float32' (nectar fit --query-dtype float32)")
+    return y
 
 
 class RecordingContext:
@@ -87,13 +107,14 @@ def left_padded(probes_ids: list[list[int]], idx: list[int], context_len: int, d
 @torch.no_grad()
 def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: list[list[int]],
                     prefix_contexts: list | None = None, serve_contexts: list | None = None,
-                    batch_size: int = 8, progress: bool = True, index_offset: int = 0) -> QuerySet:
+                    batch_size: int = 8, progress: bool = True, index_offset: int = 0,
+                    store_dtype: torch.dtype = torch.float32) -> QuerySet:
     """Forward every probe (teacher-forced, batched with left padding) and record all layers.
 
     The outputs are allocated once at their final size (N = every probe token) and filled batch by
     batch: gathering per-batch pieces and concatenating them held about twice the final size, and
     the freed pieces stayed in the process (a 30K-token probe set: 11.7 GB resident for 4.1 GB of
-    data). `probe_index` counts from `index_offset`.
+    data). `probe_index` counts from `index_offset`; q and o are stored in `store_dtype`.
     """
     cfg = model.config
     none = [None] * len(doc_contexts)
@@ -102,7 +123,9 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
     n_rows = sum(len(p) for p in probes_ids)
     g = cfg.num_heads // cfg.num_kv_heads
     shapes = ((cfg.num_kv_heads, g, cfg.head_dim),) * 2 + ((cfg.num_kv_heads, g),) * 2  # q, o, lse, lse_loc
-    per_layer = [[torch.empty(n_rows, *sh, device=dev) for sh in shapes] for _ in range(cfg.num_layers)]
+    dtypes = (store_dtype, store_dtype, torch.float32, torch.float32)
+    per_layer = [[torch.empty(n_rows, *sh, device=dev, dtype=dt) for sh, dt in zip(shapes, dtypes)]
+                 for _ in range(cfg.num_layers)]
     probe_idx = torch.empty(n_rows, dtype=torch.long)
     positions = torch.empty(n_rows, dtype=torch.long)
     order = sorted(range(len(probes_ids)), key=lambda i: len(probes_ids[i]))
@@ -123,7 +146,7 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
             _, lse_loc = attention_with_lse(q, lk.float(), lv.float(), cfg.scale, visibility(pos, lpos, cfg.layer_windows[layer]))
             lse_loc = torch.logaddexp(lse_loc, lse_p)  # the rest: local tokens + exact prefix
             for store, x in zip(per_layer[layer], (q, o, lse, lse_loc)):
-                store[row : row + nv] = _rows(x, valid_dev)
+                store[row : row + nv] = _stored(_rows(x, valid_dev), store.dtype)
         probe_idx[row : row + nv] = (index_offset + torch.tensor(idx))[:, None].expand(-1, t)[valid]
         positions[row : row + nv] = pos[valid_dev].cpu()
         row += nv

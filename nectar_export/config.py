@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 VARIANTS = ("mlp", "quadrature")
 ALLOCATIONS = ("uniform", "adaptive")
 WEIGHT_FLOOR = 0.02
+QUERY_DTYPES = ("float16", "float32")
 # Training steps when FitConfig.steps is None, by device type: a GPU fit trains twice as long (on the
 # H100 it costs ~7 s more; at budget 0.24 it lowered KL on 6 of 6 manuals and lifted grep's agreement
 # from 0.942 to 0.952); on a CPU the default stays where a ~4K-token manual fits within 15 minutes on
@@ -29,6 +30,9 @@ class FitConfig:
     probe_steps: int = 150  # short fit that decides the adaptive allocation
     width_multiple: int = 16
     train_dtype: str = "auto"  # "auto" (bf16 where native) | "bfloat16" | "float32": matmuls while training
+    # Storage of the recorded queries and attention outputs (the bulk of a fit's memory; lse stays fp32).
+    # fp16 rounds them by ≤ 2^-11 relative, far below the heads' ~0.15 error, at half the memory.
+    query_dtype: str = "float16"  # "float16" | "float32"
     linear_init: bool = True  # skip + output bias start at the weighted least-squares linear fit
     # End-to-end KL fine-tuning of all heads after the per-module fit (distill.py). Off by default:
     # on the development manuals it did not lower the held-out KL (docs/results.md).
@@ -44,6 +48,8 @@ class FitConfig:
             raise ValueError("weighting must be 'share' or 'none'")
         if self.train_dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError("train_dtype must be 'auto', 'bfloat16' or 'float32'")
+        if self.query_dtype not in QUERY_DTYPES:
+            raise ValueError(f"query_dtype must be one of {QUERY_DTYPES}")
         if (self.steps is not None and self.steps < 1) or self.batch < 1 or self.lr <= 0:
             raise ValueError("steps, batch and lr must be positive")
         if self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_tokens < 1:

@@ -26,7 +26,8 @@ from .config import WEIGHT_FLOOR, FitConfig
 from .heads import HeadsSpec, NectarHeads
 
 class ModuleData:
-    """Training tensors re-laid out per width group: [M_g, S, ...] with S = tokens × G samples."""
+    """Training tensors re-laid out per width group: [M_g, S, ...] with S = tokens × G samples; q and
+    o keep the QuerySet's storage dtype (fp16 by default) and are cast per minibatch."""
 
     def __init__(self, qs: QuerySet, layers: list[int]):
         def stack(xs):  # [N, Hkv, G, ...] per layer -> [L*Hkv, N*G, ...]
@@ -63,7 +64,7 @@ def init_statistics(heads: NectarHeads, data: list[ModuleData], doc_kv: list | N
         if heads.spec.variant == "mlp":
             for a in range(0, d.q.shape[0], chunk):
                 sl = slice(a, min(d.q.shape[0], a + chunk))
-                q, o, lse = d.q[sl], d.o[sl], d.lse[sl]
+                q, o, lse = d.q[sl].float(), d.o[sl].float(), d.lse[sl]  # stored fp16 by default
                 q_mean = q.mean(1, keepdim=True)
                 group.q_mean[sl] = q_mean
                 group.q_std[sl] = (q - q_mean).square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-4)
@@ -90,8 +91,8 @@ def init_linear_part(group, d: "ModuleData", weighting: str, ridge: float = 1e-3
     weight = d.weights(slice(None), weighting)[0]  # [M, S], the target loss's weights
     for a in range(0, m, chunk):
         sl = slice(a, min(m, a + chunk))
-        x = (d.q[sl] - group.q_mean[sl]) / group.q_std[sl]  # [c, S, D]
-        y = (d.o[sl] - group.o_mean[sl]) / group.o_std[sl]  # [c, S, D]
+        x = (d.q[sl].float() - group.q_mean[sl]) / group.q_std[sl]  # [c, S, D]
+        y = (d.o[sl].float() - group.o_mean[sl]) / group.o_std[sl]  # [c, S, D]
         w = weight[sl] / weight[sl].mean(1, keepdim=True).clamp_min(1e-12)  # [c, S]; all-zero: a module no sample reaches
         xa = torch.cat([x, torch.ones_like(x[..., :1])], -1)  # [c, S, D+1]
         gram = xa.transpose(1, 2) @ (w[..., None] * xa) / s  # [c, D+1, D+1]
@@ -117,9 +118,9 @@ def _init_nodes_from_document(group, layers: list[int], doc_kv: list, spec: Head
 
 def group_losses(heads: NectarHeads, gi: int, d: ModuleData, rows, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-module (relative target loss [M_g], weighted lse MSE [M_g]) on the sample rows."""
-    o_hat, l_hat = heads.forward_group(gi, d.q[:, rows])
+    o_hat, l_hat = heads.forward_group(gi, d.q[:, rows].float())
     o_hat, l_hat = o_hat.float(), l_hat.float()  # losses in fp32 (under bf16 autocast too)
-    o, lse = d.o[:, rows], d.lse[:, rows]
+    o, lse = d.o[:, rows].float(), d.lse[:, rows]
     wo, wl = d.weights(rows, weighting)
     err = (o_hat - o).square().sum(-1)  # [M, S]
     rel = (wo * err).sum(1) / (wo * o.square().sum(-1)).sum(1).clamp_min(1e-12)
@@ -306,11 +307,11 @@ def layer_errors(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> dict[st
     for layer in range(spec.num_layers):
         parts = []
         for s in range(0, qs.n, chunk):
-            q = qs.q[layer][s : s + chunk]  # [N, Hkv, G, D]
+            q = qs.q[layer][s : s + chunk].float()  # [N, Hkv, G, D]
             n, hkv, g, d = q.shape
             x = q.permute(1, 0, 2, 3).reshape(hkv, n * g, d)
             o_hat, l_hat = heads.forward_layer(layer, x)
-            o = qs.o[layer][s : s + chunk].permute(1, 0, 2, 3).reshape(hkv, n * g, d)
+            o = qs.o[layer][s : s + chunk].float().permute(1, 0, 2, 3).reshape(hkv, n * g, d)
             lse = qs.lse[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g)
             share = torch.sigmoid(lse - qs.lse_loc[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g))
             seen = torch.isfinite(lse)  # past a sliding window no document key is seen: not scored

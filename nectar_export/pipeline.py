@@ -140,9 +140,11 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         train_p, held_p = split_probes(probes, seed=fit_cfg.seed)
     with timer.stage("collect queries", log):
         # two collections rather than one split afterwards: no moment with both the whole set and its halves
-        qs_train = collect_queries(model, doc, ctx.n, [p.ids for p in train_p], prefix_contexts=prefix, progress=progress)
+        store = getattr(torch, fit_cfg.query_dtype)
+        qs_train = collect_queries(model, doc, ctx.n, [p.ids for p in train_p], prefix_contexts=prefix, progress=progress,
+                                   store_dtype=store)
         qs_held = collect_queries(model, doc, ctx.n, [p.ids for p in held_p], prefix_contexts=prefix,
-                                  progress=progress, index_offset=len(train_p))
+                                  progress=progress, index_offset=len(train_p), store_dtype=store)
     doc_kv = [(c.k, c.v) for c in doc]
     with timer.stage("fit heads", log):
         result = fit_heads(qs_train, qs_held, spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress)
@@ -192,10 +194,11 @@ def _refit_on_policy(base, ctx, prefix, doc, train_p, held_p, first: FitResult, 
     from .collect import collect_queries
 
     serve = nectar_contexts(first.heads, base.config.layer_windows, ctx.n)
+    store = getattr(torch, fit_cfg.query_dtype)
     qs_train = collect_queries(base.model, doc, ctx.n, [p.ids for p in train_p], prefix_contexts=prefix,
-                               serve_contexts=serve, progress=progress)
+                               serve_contexts=serve, progress=progress, store_dtype=store)
     qs_held = collect_queries(base.model, doc, ctx.n, [p.ids for p in held_p], prefix_contexts=prefix,
-                              serve_contexts=serve, progress=progress, index_offset=len(train_p))
+                              serve_contexts=serve, progress=progress, index_offset=len(train_p), store_dtype=store)
     n_params = first.heads.spec.total_params()
     second = fit_heads(qs_train, qs_held, spec_factory(base.config, fit_cfg.variant),
                        n_params, fit_cfg, [(c.k, c.v) for c in doc], progress)

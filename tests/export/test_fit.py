@@ -27,9 +27,44 @@ def test_collected_targets_are_the_exact_document_attention(tiny):
     assert int(qs.positions.min()) >= cache.context_len
 
 
+def test_fp16_storage_is_the_fp32_records_rounded(tiny):
+    model, cache, probes = tiny
+    f32 = collect_queries(model, cache.contexts(), cache.context_len, probes[:6], progress=False)
+    f16 = collect_queries(model, cache.contexts(), cache.context_len, probes[:6], progress=False, store_dtype=torch.float16)
+    for layer in range(model.config.num_layers):
+        assert f16.q[layer].dtype == f16.o[layer].dtype == torch.float16
+        assert f16.lse[layer].dtype == f16.lse_loc[layer].dtype == torch.float32  # lse is never rounded
+        assert torch.equal(f16.q[layer], f32.q[layer].half()) and torch.equal(f16.o[layer], f32.o[layer].half())
+        assert torch.equal(f16.lse[layer], f32.lse[layer])
+        assert f16.q[layer].element_size() * 2 == f32.q[layer].element_size()
+    again = f32.stored_as(torch.float16)
+    assert all(torch.equal(a, b) for a, b in zip(again.o, f16.o)) and f16.stored_as(torch.float16) is f16
+
+
+def test_fp16_storage_refuses_an_overflow_rather_than_storing_inf(tiny):
+    from nectar_export.collect import QuerySet
+    from nectar_runtime.errors import NectarError
+
+    model, cache, probes = tiny
+    qs = collect_queries(model, cache.contexts(), cache.context_len, probes[:2], progress=False)
+    big = QuerySet([x * 1e5 for x in qs.q], qs.o, qs.lse, qs.lse_loc, qs.probe_index, qs.positions)
+    with pytest.raises(NectarError, match="beyond fp16's range.*--query-dtype float32"):
+        big.stored_as(torch.float16)
+
+
+@pytest.mark.parametrize("train_dtype", ["float32", "bfloat16"])
+def test_fp16_stored_queries_fit_like_fp32(tiny, train_dtype):
+    f32, _ = _fit(tiny, steps=100, train_dtype=train_dtype, linear_init=True)
+    f16, _ = _fit(tiny, steps=100, train_dtype=train_dtype, linear_init=True, query_dtype="float16")
+    e32, e16 = f32.heldout["o_rel_error"], f16.heldout["o_rel_error"]
+    assert e16 != e32  # the rounding does reach the fit (not silently fp32)
+    assert all(abs(a - b) <= 0.02 * a for a, b in zip(e32, e16)), (e32, e16)
+
+
 def _fit(tiny, **kw):
     model, cache, probes = tiny
-    qs = collect_queries(model, cache.contexts(), cache.context_len, probes, progress=False)
+    qs = collect_queries(model, cache.contexts(), cache.context_len, probes, progress=False,
+                         store_dtype=getattr(torch, kw.get("query_dtype", "float32")))
     held = qs.probe_index >= 20
     cfg = model.config
     spec_for = lambda w: HeadsSpec(kw.get("variant", "mlp"), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(w), cfg.scale)  # noqa: E731
