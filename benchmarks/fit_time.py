@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nectar_profiling.ort_runner import cpu_name
+from nectar_profiling.ort_runner import cpu_isa, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--target-s", type=float, default=900.0, help="the goal to compare against (default 15 min)")
+    p.add_argument("--tag", default="", help="suffix of the record and docs section (another machine type: keeps the others)")
     p.add_argument("--breakdown", help="write the in-process stage breakdown here (JSON) instead")
     p.add_argument("--model", default=None, help="for --breakdown: the model (default: nectar's default)")
     p.add_argument("--extras", action="store_true", help="for --breakdown: other batch sizes too")
@@ -55,23 +56,25 @@ def main(argv=None) -> int:
     rec = {
         "command": "nectar fit " + Path(a.doc).name + f" --device {a.device}",
         "doc": Path(a.doc).name, "n_tokens": m["document"]["n_tokens"], "device": device,
-        "machine": cpu_name() if device == "cpu" else "GPU", "threads": a.threads,
+        "machine": cpu_name() if device == "cpu" else "GPU", "isa": cpu_isa() if device == "cpu" else None,
+        "threads": a.threads,
         "wall_s": round(wall, 1), "stages_s": m["timings_s"], "target_s": a.target_s,
         "met": wall <= a.target_s, "allocation": m["allocation"], "steps": m["fit_config"]["steps"],
         "budget_fraction": m["fit_config"]["budget_fraction"], "date": time.strftime("%Y-%m-%d"),
         "artifact_bytes": m["artifact_bytes"], "kv_bytes": m["kv_bytes"],
         "heldout_o_rel_error_mean": sum(m["metrics"]["heldout"]["o_rel_error"]) / len(m["metrics"]["heldout"]["o_rel_error"]),
     }
-    out = ROOT / "benchmarks" / "results" / f"fit_time_{device}.json"
+    key = device + (f"_{a.tag}" if a.tag else "")
+    out = ROOT / "benchmarks" / "results" / f"fit_time_{key}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2))
     rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in rec["stages_s"].items())
-    block = f"""<!-- fit_time_{device}:begin -->
-## `nectar fit` wall time ({device})
+    block = f"""<!-- fit_time_{key}:begin -->
+## `nectar fit` wall time ({device}{f", {a.tag}" if a.tag else ""})
 
-Command: `python benchmarks/fit_time.py --doc {rec['doc']} --device {a.device} --threads {a.threads}`
+Command: `python benchmarks/fit_time.py --doc {rec['doc']} --device {a.device} --threads {a.threads}{f" --tag {a.tag}" if a.tag else ""}`
 (default settings: {rec['allocation']} allocation, budget {rec['budget_fraction']:g} of the document's fp16 KV
-({100 * rec['artifact_bytes'] / rec['kv_bytes']:.1f}% reached), {rec['steps']} steps). Machine: {rec['machine']}, {a.threads} threads, {rec['date']}.
+({100 * rec['artifact_bytes'] / rec['kv_bytes']:.1f}% reached), {rec['steps']} steps). Machine: {rec['machine']}{f" ({rec['isa']})" if rec['isa'] else ""}, {a.threads} threads, {rec['date']}.
 Document: {rec['doc']}, n = {rec['n_tokens']} tokens.
 
 | stage | seconds |
@@ -80,10 +83,10 @@ Document: {rec['doc']}, n = {rec['n_tokens']} tokens.
 | **total (wall, incl. model load)** | **{rec['wall_s']:.1f}** |
 
 Goal ≤ {a.target_s:.0f} s: **{'met' if rec['met'] else 'missed'}**{'' if rec['met'] else f" by {rec['wall_s'] - a.target_s:.0f} s"}.
-<!-- fit_time_{device}:end -->"""
+<!-- fit_time_{key}:end -->"""
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    b, e = f"<!-- fit_time_{device}:begin -->", f"<!-- fit_time_{device}:end -->"
+    b, e = f"<!-- fit_time_{key}:begin -->", f"<!-- fit_time_{key}:end -->"
     text = text[: text.index(b)] + block + text[text.index(e) + len(e):] if b in text else text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)
     print(json.dumps(rec, indent=2))

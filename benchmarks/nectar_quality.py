@@ -170,7 +170,7 @@ def _is_default(r: dict) -> bool:
         want = {k: v for k, v in want.items() if k not in ("distill_lr", "distill_tokens")}
     default_probes = not r.get("probe_config") and r.get("probe_scale", 1) == 1
     # the storage of the recorded queries is not a setting of the result: fp16 and fp32 gave the same
-    # fits (docs/results.md, "Fit memory")
+    # fits (docs/results.md, "fp16 storage of the recorded queries")
     return default_probes and (not r["on_policy"]) and all(fc.get(k) == v for k, v in want.items()
                                                            if k not in ("seed", "query_dtype"))
 

@@ -32,6 +32,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The vector extensions that decide CPU matmul speed here, e.g. "avx512_bf16" or "avx2" (from
+    /proc/cpuinfo; "" elsewhere): "AMD EPYC" alone names machines of very different speed."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return ""
+    for isa in ("amx_bf16", "avx512_bf16", "avx512f", "avx2"):
+        if isa in flags:
+            return isa
+    return "sse"
+
+
 def _peak_rss() -> int:
     import resource
     import sys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -16,6 +17,9 @@ def test_fit_writes_a_complete_artifact(small_artifact):
     man = json.loads((art / "manifest.json").read_text())
     assert man["document"]["n_tokens"] > 500 and man["artifact_bytes"] < man["kv_bytes"] * 0.25
     assert len(man["metrics"]["heldout"]["o_rel_error"]) == 30
+    # the real model's queries went through fp16 storage (the default) and gave finite held-out errors
+    assert man["fit_config"]["query_dtype"] == "float16"
+    assert all(math.isfinite(e) for e in man["metrics"]["heldout"]["o_rel_error"] + man["metrics"]["heldout"]["lse_abs_error"])
     assert set(man["timings_s"]) >= {"prefill document", "build probes", "collect queries", "fit heads", "distill heads"}
     dist = man["metrics"]["distill"]  # the end-to-end stage ran on the real model, scored on held-out probes
     assert dist["steps"] == 2 and [c["step"] for c in dist["curve"]] == [0, 1, 2]
