@@ -135,6 +135,9 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         full = cache.contexts()
         prefix, doc = split_prefix(full, ctx.prefix_len)
     n_params, kvb = budget_params(ctx, cfg, fit_cfg)
+    note = slow_training_note(fit_cfg, torch.device(base.device))
+    if note:
+        log(note)
     with timer.stage("build probes", log):
         probes = build_probes(model, base.tokenizer, ctx, full, probe_cfg, progress=progress)
         train_p, held_p = split_probes(probes, seed=fit_cfg.seed)
@@ -187,6 +190,19 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     manifest["artifact_bytes"] = (Path(art) / "heads.safetensors").stat().st_size
     log(fit_summary(manifest))
     return manifest
+
+
+def slow_training_note(fit_cfg: FitConfig, device: torch.device) -> str | None:
+    """A line for CPUs without native bf16, where `train_dtype="auto"` falls back to fp32: on such a
+    2-core CPU (AVX2 only) the default training took 1.3-1.4 s a step, about an hour for a 4K-token
+    document, against 12 minutes for the whole fit with AVX512-BF16 (docs/benchmarks.md)."""
+    from .fit import train_dtype
+
+    if device.type != "cpu" or fit_cfg.train_dtype != "auto" or train_dtype("auto", device) != torch.float32:
+        return None
+    return (f"[nectar fit] note: this CPU has no native bf16 (AVX512-BF16 or AMX), so the heads train in fp32, "
+            f"several times slower ({fit_cfg.steps} steps; see docs/benchmarks.md): --device cuda or fewer --steps "
+            f"shorten the fit")
 
 
 def _refit_on_policy(base, ctx, prefix, doc, train_p, held_p, first: FitResult, fit_cfg, progress):

@@ -351,3 +351,16 @@ def test_sliding_window_layer_trains_finite_and_stops_past_the_window(variant):
     assert torch.isfinite(lse[..., :2]).all() and torch.isneginf(lse[..., 2:]).all()
     _, lse0 = ctx[0](qs.q[0][:4].permute(1, 2, 0, 3)[None], pos)  # a global layer is never cut off
     assert torch.isfinite(lse0).all()
+
+
+def test_a_cpu_without_native_bf16_gets_a_note_about_fp32_training(monkeypatch):
+    import nectar_export.fit as fit
+    from nectar_export.pipeline import slow_training_note
+
+    cfg = FitConfig().for_device("cpu")
+    monkeypatch.setattr(fit, "train_dtype", lambda name, device: torch.float32)
+    note = slow_training_note(cfg, torch.device("cpu"))
+    assert note is not None and "no native bf16" in note and "--device cuda" in note and "2400 steps" in note
+    assert slow_training_note(FitConfig(train_dtype="float32").for_device("cpu"), torch.device("cpu")) is None  # asked for
+    monkeypatch.setattr(fit, "train_dtype", lambda name, device: torch.bfloat16)
+    assert slow_training_note(cfg, torch.device("cpu")) is None
