@@ -106,7 +106,7 @@ def docs_section(rep: dict, before: dict | None = None) -> str:
         lines += ["| stage | peak RSS GB |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in rep["peak_gb_by_stage"].items()]
         lines += ["", f"Peak: **{rep['peak_gb']:.2f} GB**."]
-    lines += ["The recorded queries and targets dominate (every probe token, every layer, q and o); they scale with "
+    lines += ["The recorded queries and targets (every probe token, every layer, q and o) are the largest part; they scale with "
               "the probe set, not with the document.", "", END]
     return "\n".join(lines)
 

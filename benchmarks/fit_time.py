@@ -2,8 +2,8 @@
 
     python benchmarks/fit_time.py --doc ../shared/data/manuals/grep.txt [--device cpu] [--threads 2]
 
-Writes benchmarks/results/fit_time_<device>.json and the section between
-`<!-- fit_time_<device>:begin -->` / `end` markers in docs/benchmarks.md.
+Writes benchmarks/results/fit_time_<device>[_<tag>].json and the section between
+`<!-- fit_time_<device>[_<tag>]:begin -->` / `end` markers in docs/benchmarks.md.
 
     python benchmarks/fit_time.py --breakdown OUT.json --model smol.gguf --device cuda [--doc grep.txt]
 
@@ -192,7 +192,8 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
     from nectar_export.pipeline import budget_params, spec_factory
 
     ids = [p.ids for p in train_p] + [p.ids for p in held_p]
-    qs = collect_queries(m, docp, ctx.n, ids, prefix_contexts=prefix, progress=False)
+    store = getattr(torch, FitConfig().query_dtype)  # as `nectar fit` stores them
+    qs = collect_queries(m, docp, ctx.n, ids, prefix_contexts=prefix, progress=False, store_dtype=store)
     t = lap(stages, "collect queries", t)
     held_rows = qs.probe_index >= len(train_p)
     qtr, qhe = qs.select(~held_rows), qs.select(held_rows)
@@ -243,7 +244,8 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
         rec["extras"]["sampled_answers_batch_80_s"] = round(time.perf_counter() - t, 3)
         print(f"[breakdown] sampled answers batch 80: {rec['extras']['sampled_answers_batch_80_s']:.2f} s", flush=True)
         t = time.perf_counter()
-        qs32 = collect_queries(m, docp, ctx.n, ids, prefix_contexts=prefix, progress=False, batch_size=32)
+        qs32 = collect_queries(m, docp, ctx.n, ids, prefix_contexts=prefix, progress=False, batch_size=32,
+                               store_dtype=store)
         torch.cuda.synchronize()
         rec["extras"]["collect_batch_32_s"] = round(time.perf_counter() - t, 3)
         rec["extras"]["collect_batch_32_max_abs_diff_o"] = max(float((x - y).abs().max()) for x, y in zip(qs.o, qs32.o))

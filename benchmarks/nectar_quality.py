@@ -105,7 +105,7 @@ def run(a: argparse.Namespace) -> None:
                 distill = distill_heads(model, res.heads, full, nectar_with_prefix(model, ctx, res.heads, base.device),
                                         ctx.n, [p.ids for p in train_p], [p.ids for p in held_p], fcfg.distill_steps,
                                         fcfg.distill_lr, fcfg.distill_tokens, seed=a.seed, progress=False)
-                res.heldout = layer_errors(res.heads, qhe)
+                res.heldout = layer_errors(res.heads, qhe.stored_as(getattr(torch, fcfg.query_dtype)))
                 print("distill held-out curve: " + ", ".join(f"{c['step']}: train kl {c.get('train_kl_topk', float('nan')):.4f} held-out kl {c['kl_topk']:.4f} agree {c['agreement']:.3f}"
                                                              for c in distill["curve"]), flush=True)
             t_fit = time.time() - t1
@@ -129,6 +129,7 @@ def run(a: argparse.Namespace) -> None:
                    "train_dtype": str(train_dtype(fcfg.train_dtype, qtr.q[0].device)).removeprefix("torch."), **r}
             tag = "".join(f"_{k}{v}" for k, v in {**over, **probe_over}.items())
             tag += f"_probes{a.probe_scale:g}x" if a.probe_scale != 1 else ""
+            tag += "_q16" if "query_dtype" not in over and fcfg.query_dtype == "float16" else ""  # older records: fp32
             name = f"{doc.stem}_{variant}_{alloc}_{budget:g}{'_onpolicy' if on_policy else ''}{tag}.json"
             (out_dir / name).write_text(json.dumps(rec, indent=1))
             m = r["methods"]["nectar"]

@@ -54,13 +54,25 @@ class QuerySet:
         return QuerySet(q, o, self.lse, self.lse_loc, self.probe_index, self.positions)
 
 
-def _stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x converted to the storage dtype; an overflow (|x| > 65504 in fp16) is refused, not stored as inf."""
+def _stored(x: torch.Tensor, dtype: torch.dtype, overflow: torch.Tensor | None = None) -> torch.Tensor:
+    """x converted to the storage dtype. A finite value that fp16 cannot hold (|x| > 65504) is refused,
+    not stored as inf: at once, or, with `overflow` (a bool flag on x's device), flagged there so
+    that collection checks once at the end instead of syncing the device per tensor."""
     y = x.to(dtype)
-    if dtype == torch.float16 and not torch.isfinite(y).all() and torch.isfinite(x).all():
-        raise NectarError(f"recorded queries reach {float(x.abs().max()):.3g}, beyond fp16's range: "
-                         "fit with query_dtype='float32' (nectar fit --query-dtype float32)")
+    if dtype != torch.float16:
+        return y
+    lost = (torch.isfinite(x) & ~torch.isfinite(y)).any()
+    if overflow is not None:
+        overflow |= lost
+    elif lost:
+        raise _overflow_error(x)
     return y
+
+
+def _overflow_error(x: torch.Tensor | None = None) -> NectarError:
+    peak = f" reach {float(x[torch.isfinite(x)].abs().max()):.3g}," if x is not None else ""
+    return NectarError(f"recorded queries or attention outputs{peak} beyond fp16's range: "
+                       "fit with query_dtype='float32' (nectar fit --query-dtype float32)")
 
 
 class RecordingContext:
@@ -126,6 +138,7 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
     dtypes = (store_dtype, store_dtype, torch.float32, torch.float32)
     per_layer = [[torch.empty(n_rows, *sh, device=dev, dtype=dt) for sh, dt in zip(shapes, dtypes)]
                  for _ in range(cfg.num_layers)]
+    overflow = torch.zeros((), dtype=torch.bool, device=dev)
     probe_idx = torch.empty(n_rows, dtype=torch.long)
     positions = torch.empty(n_rows, dtype=torch.long)
     order = sorted(range(len(probes_ids)), key=lambda i: len(probes_ids[i]))
@@ -146,7 +159,7 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
             _, lse_loc = attention_with_lse(q, lk.float(), lv.float(), cfg.scale, visibility(pos, lpos, cfg.layer_windows[layer]))
             lse_loc = torch.logaddexp(lse_loc, lse_p)  # the rest: local tokens + exact prefix
             for store, x in zip(per_layer[layer], (q, o, lse, lse_loc)):
-                store[row : row + nv] = _stored(_rows(x, valid_dev), store.dtype)
+                store[row : row + nv] = _stored(_rows(x, valid_dev), store.dtype, overflow)
         probe_idx[row : row + nv] = (index_offset + torch.tensor(idx))[:, None].expand(-1, t)[valid]
         positions[row : row + nv] = pos[valid_dev].cpu()
         row += nv
@@ -154,6 +167,8 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
     bar.close()
     for w in wrappers:
         w.records.clear()
+    if overflow:
+        raise _overflow_error()
     return QuerySet(
         q=[x[0] for x in per_layer], o=[x[1] for x in per_layer], lse=[x[2] for x in per_layer],
         lse_loc=[x[3] for x in per_layer], probe_index=probe_idx, positions=positions,

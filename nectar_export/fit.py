@@ -129,8 +129,8 @@ def group_losses(heads: NectarHeads, gi: int, d: ModuleData, rows, weighting: st
 
 
 def train_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The matmul dtype of training: "auto" is bfloat16 where the device computes it natively
-    (CUDA with bf16, CPUs with AVX512-BF16/AMX through oneDNN), else float32."""
+    """The matmul dtype of training: "auto" is bfloat16 where the device has bf16 matmuls (CUDA with
+    bf16; CPUs where oneDNN has them: AVX-512, natively with AVX512-BF16/AMX), else float32."""
     if name == "float32":
         return torch.float32
     if name == "bfloat16":

@@ -193,14 +193,15 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
 
 
 def slow_training_note(fit_cfg: FitConfig, device: torch.device) -> str | None:
-    """A line for CPUs without native bf16, where `train_dtype="auto"` falls back to fp32: on such a
-    2-core CPU (AVX2 only) the default training took 1.3-1.4 s a step, about an hour for a 4K-token
-    document, against 12 minutes for the whole fit with AVX512-BF16 (docs/benchmarks.md)."""
+    """A line for CPUs where `train_dtype="auto"` falls back to fp32 (oneDNN has no bf16 matmuls
+    without AVX-512): on such a 2-core CPU (AVX2 only) the default training ran at about 1.3 s a step,
+    about an hour for a 4K-token document, against 12 minutes for the whole fit on an AVX512-BF16 CPU
+    (docs/benchmarks.md)."""
     from .fit import train_dtype
 
     if device.type != "cpu" or fit_cfg.train_dtype != "auto" or train_dtype("auto", device) != torch.float32:
         return None
-    return (f"[nectar fit] note: this CPU has no native bf16 (AVX512-BF16 or AMX), so the heads train in fp32, "
+    return (f"[nectar fit] note: this CPU has no bf16 matmuls (they need AVX-512), so the heads train in fp32, "
             f"several times slower ({fit_cfg.steps} steps; see docs/benchmarks.md): --device cuda or fewer --steps "
             f"shorten the fit")
 

@@ -52,6 +52,18 @@ def test_fp16_storage_refuses_an_overflow_rather_than_storing_inf(tiny):
         big.stored_as(torch.float16)
 
 
+def test_fp16_overflow_is_caught_per_element_even_beside_a_non_finite_value():
+    from nectar_export.collect import _stored
+
+    x = torch.tensor([float("-inf"), 1.0, 7e4])  # -inf is legitimately stored; 7e4 is not fp16
+    flag = torch.zeros((), dtype=torch.bool)
+    _stored(x, torch.float16, flag)
+    assert bool(flag)
+    flag = torch.zeros((), dtype=torch.bool)
+    _stored(x[:2], torch.float16, flag)
+    assert not bool(flag)
+
+
 @pytest.mark.parametrize("train_dtype", ["float32", "bfloat16"])
 def test_fp16_stored_queries_fit_like_fp32(tiny, train_dtype):
     f32, _ = _fit(tiny, steps=100, train_dtype=train_dtype, linear_init=True)
@@ -360,7 +372,7 @@ def test_a_cpu_without_native_bf16_gets_a_note_about_fp32_training(monkeypatch):
     cfg = FitConfig().for_device("cpu")
     monkeypatch.setattr(fit, "train_dtype", lambda name, device: torch.float32)
     note = slow_training_note(cfg, torch.device("cpu"))
-    assert note is not None and "no native bf16" in note and "--device cuda" in note and "2400 steps" in note
+    assert note is not None and "no bf16 matmuls" in note and "--device cuda" in note and "2400 steps" in note
     assert slow_training_note(FitConfig(train_dtype="float32").for_device("cpu"), torch.device("cpu")) is None  # asked for
     monkeypatch.setattr(fit, "train_dtype", lambda name, device: torch.bfloat16)
     assert slow_training_note(cfg, torch.device("cpu")) is None
