@@ -179,7 +179,7 @@ def add_export_commands(sub) -> None:
                    help="probe count multiplier: more self-study conversations (time and fit memory grow in proportion; "
                         "4 lowered KL on every development manual on an H100, see docs/results.md; default %(default)g)")
     p.add_argument("--query-dtype", choices=QUERY_DTYPES, default=d.query_dtype,
-                   help="storage of the recorded queries and attention outputs, the bulk of fit memory (default %(default)s)")
+                   help="storage of the recorded queries and attention outputs, the largest part of fit memory (default %(default)s)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

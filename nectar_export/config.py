@@ -29,9 +29,9 @@ class FitConfig:
     lse_weight: float = 0.5
     probe_steps: int = 150  # short fit that decides the adaptive allocation
     width_multiple: int = 16
-    train_dtype: str = "auto"  # "auto" (bf16 where native) | "bfloat16" | "float32": matmuls while training
-    # Storage of the recorded queries and attention outputs (the bulk of a fit's memory; lse stays fp32).
-    # fp16 rounds them by ≤ 2^-11 relative, far below the heads' ~0.15 error, at half the memory.
+    train_dtype: str = "auto"  # "auto" (bf16 where the device has bf16 matmuls) | "bfloat16" | "float32": matmuls while training
+    # Storage of the recorded queries and attention outputs (the largest part of a fit's memory; lse stays fp32).
+    # fp16 rounds normal values by ≤ 2^-11 relative, far below the heads' ~0.15 error, at half the memory.
     query_dtype: str = "float16"  # "float16" | "float32"
     linear_init: bool = True  # skip + output bias start at the weighted least-squares linear fit
     # End-to-end KL fine-tuning of all heads after the per-module fit (distill.py). Off by default:
