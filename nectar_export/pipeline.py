@@ -17,7 +17,7 @@ from nectar_runtime.errors import NectarError
 
 from nectar_runtime.document import DocumentContext, make_context, read_document, read_stored_document
 from .config import FitConfig
-from .fit import FitResult, fit_heads
+from .fit import FitResult, fit_heads, train_dtype
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
 from .streaming import kv_bytes
 
@@ -197,8 +197,6 @@ def slow_training_note(fit_cfg: FitConfig, device: torch.device) -> str | None:
     without AVX-512): on such a 2-core CPU (AVX2 only) the default training ran at about 1.3 s a step,
     about an hour for a 4K-token document, against 12 minutes for the whole fit on an AVX512-BF16 CPU
     (docs/benchmarks.md)."""
-    from .fit import train_dtype
-
     if device.type != "cpu" or fit_cfg.train_dtype != "auto" or train_dtype("auto", device) != torch.float32:
         return None
     return (f"[nectar fit] note: this CPU has no bf16 matmuls (they need AVX-512), so the heads train in fp32, "

@@ -366,13 +366,13 @@ def test_sliding_window_layer_trains_finite_and_stops_past_the_window(variant):
 
 
 def test_a_cpu_without_native_bf16_gets_a_note_about_fp32_training(monkeypatch):
-    import nectar_export.fit as fit
+    import nectar_export.pipeline as pipeline
     from nectar_export.pipeline import slow_training_note
 
     cfg = FitConfig().for_device("cpu")
-    monkeypatch.setattr(fit, "train_dtype", lambda name, device: torch.float32)
+    monkeypatch.setattr(pipeline, "train_dtype", lambda name, device: torch.float32)
     note = slow_training_note(cfg, torch.device("cpu"))
     assert note is not None and "no bf16 matmuls" in note and "--device cuda" in note and "2400 steps" in note
     assert slow_training_note(FitConfig(train_dtype="float32").for_device("cpu"), torch.device("cpu")) is None  # asked for
-    monkeypatch.setattr(fit, "train_dtype", lambda name, device: torch.bfloat16)
+    monkeypatch.setattr(pipeline, "train_dtype", lambda name, device: torch.bfloat16)
     assert slow_training_note(cfg, torch.device("cpu")) is None
