@@ -47,6 +47,7 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
     from nectar_export.probes import build_probes, probe_stats, split_probes
+    from nectar_export.retained import RetainedKV, module_error_mass, retained_bytes, worst_modules
     from nectar_export.cli import read_questions
     from nectar_export.streaming import streaming_contexts, streaming_tokens_for_bytes
 
@@ -111,15 +112,29 @@ def run(a: argparse.Namespace) -> None:
             t_fit = time.time() - t1
             peak = torch.cuda.max_memory_allocated() if base.device.startswith("cuda") else None
             art_bytes = 2 * res.heads.spec.total_params()  # fp16 on disk (+ a small safetensors header)
+            mass = kept = None
+            if fcfg.retain_heads or a.retain_heads:  # exact KV kept for the worst heads (nectar_export/retained.py)
+                mass = module_error_mass(res.heads, qhe.stored_as(getattr(torch, fcfg.query_dtype)))
+            if fcfg.retain_heads:  # part of the artifact, as `nectar fit --retain-heads` makes it
+                kept = RetainedKV.from_document(docpart, worst_modules(mass, fcfg.retain_heads, cfg.layer_windows), ctx.prefix_len)
+                art_bytes += kept.nbytes()
             keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
-            methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device),
+            methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device, kept),
                        "none": None, "streaming": streaming_contexts(full, keep)}
+            retained = {}
+            for k in (int(x) for x in a.retain_heads.split(",") if x):  # diagnostics: the same heads + k retained
+                mods = worst_modules(mass, k, cfg.layer_windows)
+                methods[f"retain{k}"] = nectar_with_prefix(model, ctx, res.heads, base.device,
+                                                           RetainedKV.from_document(docpart, mods, ctx.prefix_len))
+                retained[k] = {"modules": mods, "bytes": retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, k),
+                               "error_mass_share": float(sum(mass[l, j] for l, j in mods) / mass.sum())}
             t2 = time.time()
             r = evaluate_methods(model, base.tokenizer, ctx, methods, questions, progress=False, batch_size=a.batch,
                                  embedder=None if a.semantic else False)
             rec = {"manual": doc.stem, "n_tokens": ctx.n, "variant": variant, "allocation": alloc,
                    "on_policy": on_policy, "budget_fraction": budget, "artifact_bytes": art_bytes, "kv_bytes": kvb,
-                   "streaming_tokens": keep, "widths": list(res.widths), "heldout": res.heldout, "distill": distill,
+                   "streaming_tokens": keep, "retained_modules": kept.modules if kept else None,
+                   "retain_diagnostics": retained or None, "widths": list(res.widths), "heldout": res.heldout, "distill": distill,
                    "probes": probe_stats(train_p), "probe_config": probe_over or None,
                    "probe_scale": a.probe_scale,
                    "timings_s": {"probes_and_queries": round(t_probe, 1),
@@ -139,6 +154,11 @@ def run(a: argparse.Namespace) -> None:
                   f"| fit {t_fit:.0f}s" + (f" | distill held-out kl {distill['heldout_before']['kl_topk']:.4f} -> "
                   f"{distill['heldout_after']['kl_topk']:.4f} (step {distill['kept_step']}, {distill['seconds']:.0f}s)"
                   if distill else ""), flush=True)
+            for k, info in retained.items():
+                m = r["methods"][f"retain{k}"]
+                print(f"    + exact {k:2d} heads ({100 * info['error_mass_share']:.0f}% of the error mass, "
+                      f"bytes {100 * (art_bytes + info['bytes']) / kvb:5.1f}%): agree={m['agreement']:.3f} kl={m['kl']:.4f} "
+                      f"em={m['exact_match']:.2f} rouge={m['rouge_l']:.3f}  heads {info['modules']}", flush=True)
 
 
 def overrides(text: str, d=None) -> dict:
@@ -193,6 +213,8 @@ def setting_label(r: dict) -> str:
         train += f" + distill {fc['distill_steps']}×{fc['distill_tokens']} lr {fc['distill_lr']:g}"
     if "query_dtype" in fc:  # recorded since fp16 storage became the default (older records: fp32)
         train += f", {fc['query_dtype'].removeprefix('float')}-bit queries"
+    if fc.get("retain_heads"):
+        train += f", {fc['retain_heads']} retained heads"
     return f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}{train}"
 
 
@@ -283,6 +305,8 @@ def main(argv=None) -> int:
     r.add_argument("--quick", action="store_true", help="tiny probe set (smoke test)")
     r.add_argument("--probe-scale", type=float, default=1.0, help="probe count multiplier (nectar fit --probe-scale)")
     r.add_argument("--probes", default="", help="ProbeConfig overrides, e.g. 'model_questions=64;chains=16'")
+    r.add_argument("--retain-heads", default="", help="also evaluate Nectar with exact attention kept for the k "
+                   "worst KV heads, for each k of this comma-separated list (nectar_export/retained.py)")
     r.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "quality"))
     r.set_defaults(func=run)
     q = sub.add_parser("report")

@@ -1,12 +1,14 @@
-"""The Nectar artifact: a directory with `heads.safetensors`, `manifest.json` and `document.txt`.
+"""The Nectar artifact: a directory with `heads.safetensors`, `manifest.json` and `document.txt`
+(+ `retained.safetensors` when the fit kept exact keys/values for some heads, retained.py).
 
 Written atomically (a temp dir beside the target, then rename); loaded without pickle; refused
 when the base model's weights differ from the ones it was fitted on.
 
     manifest.json = {format_version, tool_version, created, base_model: {name, sha256, family,
                      format}, document: {sha256, n_tokens, chat}, variant, spec: {...},
-                     widths, param_count, artifact_bytes, heads_sha256 (checked on load), kv_bytes,
-                     fit_config, metrics, timings}
+                     widths, param_count, artifact_bytes (all weight files), heads_sha256 (checked
+                     on load), kv_bytes, fit_config, metrics, timings, retained: null | {modules:
+                     [[layer, kv head], ...], bytes, sha256, heldout_error_mass_share}}
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from nectar_runtime.document import read_stored_document
 from nectar_runtime.errors import NectarError
 
 from .heads import HeadsSpec, NectarHeads
+from .retained import RetainedKV
 from .outdir import replace_dir, temp_dir_beside
 
 FORMAT_VERSION = 1
+RETAINED_FILE = "retained.safetensors"
 STORE_DTYPE = torch.float16  # weights on disk; computed in fp32
 
 
@@ -35,8 +39,11 @@ def heads_state(heads: NectarHeads) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(STORE_DTYPE).contiguous() for k, v in heads.state_dict().items()}
 
 
-def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_text: str) -> Path:
-    """Write the artifact directory atomically; an existing `out` is replaced only on success."""
+def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_text: str,
+                  retained: RetainedKV | None = None) -> Path:
+    """Write the artifact directory atomically; an existing `out` is replaced only on success.
+    `retained`: exact keys/values of retained heads (retained.safetensors; manifest["retained"]
+    must then describe them)."""
     from safetensors.torch import save_file
 
     state = heads_state(heads)
@@ -48,6 +55,11 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
     tmp = temp_dir_beside(out)
     try:
         save_file(state, str(tmp / "heads.safetensors"))
+        weight_bytes = (tmp / "heads.safetensors").stat().st_size
+        if retained is not None:
+            save_file(retained.state(), str(tmp / RETAINED_FILE))
+            weight_bytes += (tmp / RETAINED_FILE).stat().st_size
+            manifest = {**manifest, "retained": {**manifest["retained"], "sha256": sha256_file(tmp / RETAINED_FILE)}}
         # bytes, not text mode: the document must come back byte for byte (CRLF included), or its
         # sha256 and tokens would no longer match the manifest
         (tmp / "document.txt").write_bytes(document_text.encode("utf-8"))
@@ -57,7 +69,7 @@ def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_
             "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "spec": asdict(heads.spec),
-            "artifact_bytes": (tmp / "heads.safetensors").stat().st_size,
+            "artifact_bytes": weight_bytes,
             "heads_sha256": sha256_file(tmp / "heads.safetensors"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -129,3 +141,42 @@ def load_heads(art: str | Path, manifest: dict, base_sha256: str, device="cpu") 
         raise NectarError(f"{path}: non-finite values in {', '.join(sorted(bad)[:3])}; the artifact is corrupt: re-run `nectar fit`")
     heads.load_state_dict({k: v.float() for k, v in state.items()})
     return heads.to(device).eval()
+
+
+def load_retained(art: str | Path, manifest: dict, model_cfg, device="cpu") -> RetainedKV | None:
+    """The retained heads' exact keys/values (fp32 on `device`), None when the artifact keeps none;
+    checked against the manifest (sha256, modules, shapes) and the model (layers, heads, global layers)."""
+    from safetensors.torch import load_file
+
+    info = manifest.get("retained")
+    if not info:
+        return None
+    path = Path(art) / RETAINED_FILE
+    mf = Path(art) / "manifest.json"
+    if not path.is_file():
+        raise NectarError(f"{art}: artifact is incomplete ({RETAINED_FILE} missing); re-run `nectar fit`")
+    if sha256_file(path) != info.get("sha256"):
+        raise NectarError(f"{path}: contents do not match the manifest's sha256 (corrupt or modified); re-run `nectar fit`")
+    try:
+        modules = sorted((int(l), int(j)) for l, j in info["modules"])
+    except (KeyError, TypeError, ValueError):
+        raise NectarError(f"{mf}: retained.modules must be a list of [layer, kv_head] pairs; re-run `nectar fit`") from None
+    bad = [(l, j) for l, j in modules if not (0 <= l < model_cfg.num_layers and 0 <= j < model_cfg.num_kv_heads)
+           or model_cfg.layer_windows[l]]
+    if bad or len(set(modules)) != len(modules):
+        raise NectarError(f"{mf}: retained heads {bad or modules} do not fit the model (global-attention layers, "
+                          f"{model_cfg.num_kv_heads} KV heads each); re-run `nectar fit`")
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise NectarError(f"{path}: unreadable ({e}); re-run `nectar fit`") from None
+    doc = manifest["document"]
+    c = doc["n_tokens"] - doc.get("prefix_tokens", 0)
+    for l in sorted({l for l, _ in modules}):
+        want = (sum(1 for m in modules if m[0] == l), c, model_cfg.head_dim)
+        for kind in ("key", "value"):
+            t = state.get(f"layers.{l}.{kind}")
+            if t is None or tuple(t.shape) != want or not bool(torch.isfinite(t).all()):
+                raise NectarError(f"{path}: layers.{l}.{kind} is missing, not {list(want)} or not finite; "
+                                  "the artifact is corrupt: re-run `nectar fit`")
+    return RetainedKV.from_state(modules, state, doc.get("prefix_tokens", 0), device)

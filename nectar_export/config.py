@@ -39,6 +39,10 @@ class FitConfig:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
+    # KV heads whose exact document keys/values the artifact keeps (retained.py): the ones the fitted
+    # heads serve worst. Their bytes count in the budget; decode then reads retain_heads·n keys per
+    # token, so it is off by default (decode cost stays independent of n; docs/results.md).
+    retain_heads: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -56,6 +60,10 @@ class FitConfig:
             raise ValueError("distill_steps must be ≥ 0, distill_lr and distill_tokens positive")
         if self.budget_mb is not None and not self.budget_mb > 0:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
+        if self.retain_heads < 0:
+            raise ValueError(f"retain_heads must be ≥ 0 (got {self.retain_heads})")
+        if self.retain_heads and self.variant != "mlp":
+            raise ValueError("retain_heads needs the mlp variant (quadrature heads have no retained-head path)")
         if not 0 < self.budget_fraction <= 4:
             raise ValueError("budget_fraction must be in (0, 4]")
 

@@ -19,6 +19,7 @@ from nectar_runtime.document import DocumentContext, make_context, read_document
 from .config import FitConfig
 from .fit import FitResult, fit_heads, train_dtype
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
+from .retained import RetainedKV, module_error_mass, retained_bytes, retained_contexts, worst_modules
 from .streaming import kv_bytes
 
 
@@ -78,11 +79,12 @@ def split_prefix(contexts: list, prefix_len: int) -> tuple[list | None, list]:
     return [c.select(torch.arange(0, prefix_len, device=c.k.device)) for c in contexts], doc
 
 
-def nectar_with_prefix(model, ctx: DocumentContext, heads: NectarHeads, device) -> list:
-    """What stands for the document at inference: exact template prefix (recomputed, tiny) + heads."""
+def nectar_with_prefix(model, ctx: DocumentContext, heads: NectarHeads, device, retained: RetainedKV | None = None) -> list:
+    """What stands for the document at inference: exact template prefix (recomputed, tiny) + heads
+    (+ the exact document attention of the retained heads, if any)."""
     from nectar_models.attention import CompositeContext
 
-    served = nectar_contexts(heads, model.config.layer_windows, ctx.n)
+    served = retained_contexts(nectar_contexts(heads, model.config.layer_windows, ctx.n), retained, model.config.scale)
     if ctx.prefix_len == 0:
         return served
     prefix = model.prefill_document(torch.tensor([ctx.context_ids[: ctx.prefix_len]], device=device)).contexts()
@@ -98,12 +100,18 @@ def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[
     template-prefix KV kept at inference is charged to the budget too."""
     kvb = kv_bytes(ctx.n, model_cfg)
     budget_bytes = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kvb
+    budget_bytes -= retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads)
     return int((budget_bytes - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kvb
 
 
 def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path) -> None:
     """Refuse a budget below the smallest heads (width `width_multiple` in every layer), naming the
     sizes and what to do: a very short document, or a too small --budget-mb."""
+    cfg = base.config
+    eligible = cfg.num_kv_heads * sum(1 for w in cfg.layer_windows if not w)
+    if fit_cfg.retain_heads > eligible:
+        raise NectarError(f"--retain-heads {fit_cfg.retain_heads}: {base.name} has {eligible} KV heads in global-"
+                          f"attention layers; pass at most {eligible}")
     n_params, kvb = budget_params(ctx, base.config, fit_cfg)
     least = spec_factory(base.config, fit_cfg.variant)((fit_cfg.width_multiple,) * base.config.num_layers).total_params()
     if n_params < least:
@@ -111,16 +119,21 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
         need_mb = (2 * least + prefix) / 1e6
         given = f"--budget-mb {fit_cfg.budget_mb:g}" if fit_cfg.budget_mb else \
             f"{fit_cfg.budget_fraction:g} of its {kvb / 1e6:.2f} MB fp16 KV cache"
+        kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads)
+        if kept:
+            given += f", of which {fit_cfg.retain_heads} retained heads take {kept / 1e6:.2f} MB"
+            need_mb += kept / 1e6
         raise NectarError(f"{doc_path}: {ctx.n} tokens; the artifact budget ({given}) is below the smallest "
                           f"Nectar heads ({need_mb:.2f} MB with the exact template prefix): pass --budget-mb "
                           f"{need_mb:.2f} or more" + ("" if fit_cfg.budget_mb else
-                          ", or keep a document this short as plain context"))
+                          ", or keep a document this short as plain context")
+                          + (", or fewer --retain-heads" if kept else ""))
 
 
 def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: FitConfig,
                  probe_cfg, on_policy: bool = False, progress: bool = True, log=print) -> dict:
     """Fit Nectar heads for one document and write the artifact. Returns the manifest."""
-    from .artifact import save_artifact
+    from .artifact import read_manifest, save_artifact
     from .collect import collect_queries
     from .probes import build_probes, probe_stats, split_probes
 
@@ -166,6 +179,14 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
                                            [p.ids for p in held_p], fit_cfg.distill_steps, fit_cfg.distill_lr,
                                            fit_cfg.distill_tokens, seed=fit_cfg.seed, progress=progress)
             result.heldout = layer_errors(result.heads, qs_held)
+    retained, retained_report = None, None
+    if fit_cfg.retain_heads:
+        with timer.stage("choose retained heads", log):
+            mass = module_error_mass(result.heads, qs_held)
+            modules = worst_modules(mass, fit_cfg.retain_heads, cfg.layer_windows)
+            retained = RetainedKV.from_document(doc, modules, ctx.prefix_len)
+            retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(),
+                               "heldout_error_mass_share": float(sum(mass[l, j] for l, j in modules) / mass.sum())}
     manifest = {
         "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,
                        "format": base.lm.source_format},
@@ -182,12 +203,13 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         "metrics": {"heldout": result.heldout, "allocation_probe": result.allocation_probe,
                     "train_loss_final": float(sum(result.train_curve[-20:]) / max(1, len(result.train_curve[-20:]))),
                     "on_policy": on_policy_report, "distill": distill_report},
+        "retained": retained_report,
         "timings_s": timer.seconds,
     }
     with timer.stage("write artifact", log):
-        art = save_artifact(out, result.heads, manifest, ctx.text)
+        art = save_artifact(out, result.heads, manifest, ctx.text, retained)
     manifest["timings_s"] = timer.seconds
-    manifest["artifact_bytes"] = (Path(art) / "heads.safetensors").stat().st_size
+    manifest["artifact_bytes"] = read_manifest(art)["artifact_bytes"]  # heads (+ retained heads' KV)
     log(fit_summary(manifest))
     return manifest
 
@@ -235,7 +257,10 @@ def fit_summary(m: dict) -> str:
         f"artifact: {m['artifact_bytes'] / 1e6:.2f} MB = {100 * m['artifact_bytes'] / m['kv_bytes']:.1f}% of the "
         f"document's fp16 KV cache ({m['kv_bytes'] / 1e6:.2f} MB, n = {m['document']['n_tokens']} tokens; "
         f"the {m['document']['prefix_tokens']}-token template prefix stays exact)",
-        f"heads: {m['variant']}, {m['allocation']} widths {sorted(set(m['widths']))}, {m['param_count'] / 1e6:.2f} M params",
+        f"heads: {m['variant']}, {m['allocation']} widths {sorted(set(m['widths']))}, {m['param_count'] / 1e6:.2f} M params"
+        + (f"; {len(m['retained']['modules'])} KV heads retained exact ({m['retained']['bytes'] / 1e6:.2f} MB, "
+           f"{100 * m['retained']['heldout_error_mass_share']:.0f}% of the held-out error mass): "
+           + " ".join(f"{l}.{j}" for l, j in m["retained"]["modules"]) if m.get("retained") else ""),
         f"held-out attention error: o rel {_mean(err['o_rel_error']):.3f} (weighted {_mean(err['o_rel_error_weighted']):.3f}), "
         f"lse abs {_mean(err['lse_abs_error']):.3f}; worst layers " + ", ".join(f"{i} ({err['o_rel_error'][i]:.3f})" for i in worst),
     ]
@@ -260,23 +285,25 @@ class OpenArtifact:
     manifest: dict
     ctx: DocumentContext
     heads: NectarHeads
+    retained: RetainedKV | None = None
 
     def contexts(self):
-        return nectar_with_prefix(self.base.model, self.ctx, self.heads, self.base.device)
+        return nectar_with_prefix(self.base.model, self.ctx, self.heads, self.base.device, self.retained)
 
 
 def open_artifact(art: str | Path, device: str = "cpu", model: str | None = None) -> OpenArtifact:
     """Load the base model named in the manifest (or `model`), check its hash, load the heads."""
-    from .artifact import load_heads, read_manifest
+    from .artifact import load_heads, load_retained, read_manifest
 
     m = read_manifest(art)
     base = load_base(model or m["base_model"]["name"], device)
     heads = load_heads(art, m, base.lm.weights_sha256, device)
+    retained = load_retained(art, m, base.config, device)
     text = read_stored_document(Path(art) / "document.txt")
     ctx = make_context(base.tokenizer, text, base.config.max_position, source=str(art))
     if ctx.sha256 != m["document"]["sha256"] or ctx.n != m["document"]["n_tokens"]:
         raise NectarError(f"{art}: document.txt does not match the manifest (sha256/tokens); the artifact is corrupt")
-    return OpenArtifact(base, m, ctx, heads)
+    return OpenArtifact(base, m, ctx, heads, retained)
 
 
 
@@ -304,6 +331,8 @@ def artifact_backend(oa: OpenArtifact, log=None):
 
     if oa.base.model.embed_tokens.weight.device.type == "cuda":
         reason = fused_unavailable(oa.base.model)
+        if reason is None and oa.retained is not None:  # the fused kernels serve Nectar heads only
+            reason = 'the artifact retains exact heads'
         if reason is None:
             from nectar_runtime.backends.cuda_graph import nectar_backend_from_artifact
 

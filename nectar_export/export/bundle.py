@@ -69,7 +69,7 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
     if cfg.method == "full":
         contexts = full_contexts(document_contexts)
     else:
-        contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads)
+        contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads, oa.retained)
     writer = DecoderGraphWriter(graph_spec(model, oa.ctx.n), decoder_weights(model), contexts,
                                 DTYPES[cfg.dtype], attention_op=attention_op)
     return writer.build(f"nectar_{cfg.method}_decoder")

@@ -9,6 +9,8 @@ to the graph writer as numpy):
   a learned compact cache is attention over constants too).
 - `MLPHeads`: a Nectar target + score network, standardization folded into the weights, merged
   with the exact part by log-sum-exp: w = σ(g(q) − lse_exact), o = w·f(q) + (1 − w)·o_exact.
+- `RetainedHeads`: exact document keys/values of a few KV heads of a layer with MLP heads; for those
+  heads the exact (o, lse) over them replaces (f, g) before the merge.
 
 Shapes per layer: k/v `[Hkv, c, D]`, positions `[c]`, bias `[Hkv, 1, c]`; MLP weights are
 stacked over KV heads `[Hkv, ...]` and applied to queries grouped as `[B, Hkv, G*T, D]`.
@@ -64,11 +66,21 @@ class MLPHeads:
 
 
 @dataclass(frozen=True)
+class RetainedHeads:
+    """Exact document keys/values for the KV heads `heads` (ascending) of a global layer."""
+
+    heads: tuple[int, ...]
+    k: np.ndarray  # [R, c, D], post-RoPE
+    v: np.ndarray  # [R, c, D]
+
+
+@dataclass(frozen=True)
 class LayerContext:
     """Everything standing for the document in one layer."""
 
     baked: tuple[BakedKV, ...] = ()
     heads: MLPHeads | None = None
+    retained: RetainedHeads | None = None  # only beside `heads`
 
 
 def fold_mlp_heads(group, sel: slice) -> MLPHeads:

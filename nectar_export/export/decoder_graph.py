@@ -404,6 +404,8 @@ class StandardAttention:
         f = None
         if ctx.heads is not None:
             f, g = mlp_heads(b, f"{p}/nectar_heads", f"{wn}.nectar_heads", q, ctx.heads, wr.gelu_erf)
+            if ctx.retained is not None:
+                f, g = retained_heads(b, f"{p}/retained", f"{wn}.retained", qs, ctx.retained, f, g, s.num_kv_heads)
             if window:  # past the window the document is not seen: the pseudo-key gets no weight
                 g = b.op("Add", [g, masks[("heads", window)]], f"{p}/nectar_heads/window/Add")
             scores.append(g)  # the pseudo-key's logit: g(q) ≈ lse_ctx(q)
@@ -440,6 +442,30 @@ def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -
     y = b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul")
     f, g = b.op("Split", [y, b.const([d, 1])], f"{p}/out/Split", outputs=2, axis=-1)
     return b.op("Add", [f, skip], f"{p}/skip/Add"), g
+
+
+def retained_heads(b: GraphBuilder, p: str, wn: str, qs: str, kept, f: str, g: str, hkv: int) -> tuple[str, str]:
+    """For the retained KV heads, (f, g) := exact (o, lse) over their document keys. qs: scaled
+    queries [B, Hkv, G*T, D]; f [B, Hkv, G*T, D], g [B, Hkv, G*T, 1] -> the same with those heads
+    replaced. The pseudo-key then carries the exact document part, and the one softmax over
+    [prefix + local | pseudo-key] stays the exact log-sum-exp merge."""
+    qr = b.op("Gather", [qs, b.const(list(kept.heads))], f"{p}/q/Gather", axis=1)  # [B, R, G*T, D]
+    kt = b.weight(f"{wn}.key_t", np.ascontiguousarray(kept.k.transpose(0, 2, 1), dtype=np.float32))  # [R, D, c]
+    sc = b.op("MatMul", [qr, kt], f"{p}/scores/MatMul")  # [B, R, G*T, c]
+    lse = b.op("ReduceLogSumExp", [sc], f"{p}/lse/ReduceLogSumExp", axes=[-1], keepdims=1)  # [B, R, G*T, 1]
+    probs = b.op("Softmax", [sc], f"{p}/Softmax", axis=-1)
+    o = b.op("MatMul", [probs, b.weight(f"{wn}.value", kept.v.astype(np.float32))], f"{p}/pv/MatMul")  # [B, R, G*T, D]
+
+    def splice(nectar: str, exact: str, what: str) -> str:
+        ones = b.const([1] * hkv)
+        per_head = b.op("Split", [nectar, ones], f"{p}/{what}/nectar/Split", outputs=hkv, axis=1) if hkv > 1 else [nectar]
+        r = len(kept.heads)
+        ex = b.op("Split", [exact, b.const([1] * r)], f"{p}/{what}/exact/Split", outputs=r, axis=1) if r > 1 else [exact]
+        for i, j in enumerate(kept.heads):
+            per_head[j] = ex[i]
+        return per_head[0] if hkv == 1 else b.op("Concat", per_head, f"{p}/{what}/Concat", axis=1)
+
+    return splice(f, o, "o"), splice(g, lse, "lse")
 
 
 def _has_heads(ctx) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .context_parts import LayerContext, exact_kv, fold_mlp_heads, quadrature_nodes
+from .context_parts import LayerContext, RetainedHeads, exact_kv, fold_mlp_heads, quadrature_nodes
 from .decoder_graph import DecoderWeights, GraphSpec, LayerWeights
 
 
@@ -78,9 +78,10 @@ def full_contexts(document_contexts: list) -> list[LayerContext]:
 
 
 @torch.no_grad()
-def nectar_contexts_for_export(model, ctx, heads) -> list[LayerContext]:
+def nectar_contexts_for_export(model, ctx, heads, retained=None) -> list[LayerContext]:
     """Per layer: the template prefix's exact KV (a few tokens, the same for every document)
-    and the Nectar heads (MLP folded, or quadrature nodes as baked KV with a bias)."""
+    and the Nectar heads (MLP folded, or quadrature nodes as baked KV with a bias), with the exact
+    document KV of the layer's retained heads (`retained`: a retained.RetainedKV) if any."""
     prefix = [None] * model.config.num_layers
     if ctx.prefix_len:
         ids = torch.tensor([list(ctx.context_ids[: ctx.prefix_len])], device=model.embed_tokens.weight.device)
@@ -92,7 +93,10 @@ def nectar_contexts_for_export(model, ctx, heads) -> list[LayerContext]:
         group = heads.groups[gi]
         baked = (exact_kv(prefix[layer], "prefix"),) if prefix[layer] is not None else ()
         if heads.spec.variant == "mlp":
-            out.append(LayerContext(baked=baked, heads=fold_mlp_heads(group, sel)))
+            kept = None
+            if retained is not None and layer in retained.keys:
+                kept = RetainedHeads(tuple(retained.heads_of(layer)), _np(retained.keys[layer]), _np(retained.values[layer]))
+            out.append(LayerContext(baked=baked, heads=fold_mlp_heads(group, sel), retained=kept))
         else:
             out.append(LayerContext(baked=baked + (quadrature_nodes(group, sel),)))
     return out

@@ -1,0 +1,394 @@
+"""Retained heads (nectar_export/retained.py): exact document attention kept for a few KV heads,
+their ranking, the artifact file, and the ONNX graph splice (tiny random models, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from nectar_export.collect import QuerySet, collect_queries
+from nectar_export.config import FitConfig
+from nectar_export.heads import HeadsSpec, NectarHeads, nectar_contexts
+from nectar_export.retained import (RetainedHeadsContext, RetainedKV, module_error_mass, retained_bytes,
+                                    retained_contexts, worst_modules)
+from nectar_models.attention import CompositeContext
+from nectar_runtime.errors import NectarError
+
+N_CTX, PREFIX = 40, 5
+
+
+def _random_heads(cfg, variant: str = "mlp", seed: int = 0) -> NectarHeads:
+    """As in test_onnx_graph.py: random weights and non-identity standardization statistics."""
+    widths = tuple(8 if i % 2 else 12 for i in range(cfg.num_layers))
+    heads = NectarHeads(HeadsSpec(variant, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, widths, cfg.scale))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for b in heads.buffers():
+            b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    return heads
+
+
+def _queries(cfg, n_after: int, b: int = 2, t: int = 5, seed: int = 0):
+    """Random q [B, Hkv, G, T, D] at positions after the document (n_after, n_after + 1, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, t, cfg.head_dim, generator=g) * 2
+    pos = (n_after + torch.arange(t))[None].expand(b, -1).contiguous()
+    return q, pos
+
+
+# --- 1. the torch context ---------------------------------------------------------------------------
+
+def test_retaining_every_head_is_exact_document_attention(tiny):
+    model, cache, _ = tiny
+    cfg = model.config
+    heads = _random_heads(cfg, seed=1)
+    doc = cache.contexts()
+    every = [(l, j) for l in range(cfg.num_layers) for j in range(cfg.num_kv_heads)]
+    kept = RetainedKV.from_document(doc, every, start=0)
+    assert kept.nbytes() == retained_bytes(cache.context_len, cfg.head_dim, len(every))
+    served = retained_contexts(nectar_contexts(heads), kept, cfg.scale)
+    assert all(isinstance(c, RetainedHeadsContext) for c in served)
+    q, pos = _queries(cfg, cache.context_len)
+    for layer in range(cfg.num_layers):
+        o, lse = served[layer](q, pos)
+        o_ref, lse_ref = doc[layer](q, pos)
+        assert o.shape == o_ref.shape and lse.shape == lse_ref.shape
+        assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(lse, lse_ref, atol=1e-5), layer
+    # nothing retained: the Nectar contexts themselves
+    plain = nectar_contexts(heads)
+    assert all(a is b for a, b in zip(retained_contexts(plain, None, cfg.scale), plain))
+
+
+def test_retained_document_part_after_a_prefix_merges_to_full_attention(tiny):
+    """Document keys at positions p … n-1 (start = p) + the exact prefix = full exact attention."""
+    model, cache, _ = tiny
+    cfg = model.config
+    full, p = cache.contexts(), 6
+    n = cache.context_len
+    prefix = [c.select(torch.arange(0, p)) for c in full]
+    doc = [c.select(torch.arange(p, n)) for c in full]
+    every = [(l, j) for l in range(cfg.num_layers) for j in range(cfg.num_kv_heads)]
+    kept = RetainedKV.from_document(doc, every, start=p)
+    served = retained_contexts(nectar_contexts(_random_heads(cfg, seed=2), cfg.layer_windows, n), kept, cfg.scale)
+    q, pos = _queries(cfg, n, seed=3)
+    for layer in range(cfg.num_layers):
+        assert torch.equal(served[layer].exact.positions[0], torch.arange(p, n))
+        o, lse = CompositeContext([prefix[layer], served[layer]])(q, pos)
+        o_ref, lse_ref = full[layer](q, pos)
+        assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(lse, lse_ref, atol=1e-5), layer
+
+
+def test_retaining_some_heads_changes_only_those(tiny):
+    model, cache, _ = tiny
+    cfg = model.config
+    assert cfg.num_kv_heads == 2 and cfg.num_layers == 2
+    heads = _random_heads(cfg, seed=4)
+    doc = cache.contexts()
+    kept = RetainedKV.from_document(doc, [(1, 0), (0, 1)], start=0)  # unsorted on purpose
+    assert kept.modules == [(0, 1), (1, 0)] and kept.heads_of(0) == [1] and kept.heads_of(1) == [0]
+    assert kept.keys[0].shape == (1, cache.context_len, cfg.head_dim)
+    assert torch.equal(kept.keys[0][0], doc[0].k[0, 1]) and torch.equal(kept.values[1][0], doc[1].v[0, 0])
+    plain = nectar_contexts(heads)
+    served = retained_contexts(plain, kept, cfg.scale)
+    q, pos = _queries(cfg, cache.context_len, seed=5)
+    for layer, r in ((0, 1), (1, 0)):
+        o, lse = served[layer](q, pos)
+        o_n, lse_n = plain[layer](q, pos)
+        o_x, lse_x = doc[layer](q, pos)
+        other = 1 - r
+        assert torch.equal(o[:, other], o_n[:, other]) and torch.equal(lse[:, other], lse_n[:, other])
+        assert torch.allclose(o[:, r], o_x[:, r], atol=1e-5) and torch.allclose(lse[:, r], lse_x[:, r], atol=1e-5)
+        assert not torch.allclose(o[:, r], o_n[:, r], atol=1e-3)  # the retained head did change
+    # the state round trip (fp16 on disk)
+    back = RetainedKV.from_state(kept.modules, kept.state(), kept.start)
+    for l in kept.keys:
+        assert torch.equal(back.keys[l], kept.keys[l].half().float()) and torch.equal(back.values[l], kept.values[l].half().float())
+
+
+# --- 2. ranking ---------------------------------------------------------------------------------------
+
+def test_worst_modules_picks_the_largest_mass_of_global_layers():
+    mass = torch.tensor([[1.0, 5.0], [3.0, 0.5], [4.0, 2.0]], dtype=torch.float64)
+    before = mass.clone()
+    assert worst_modules(mass, 3) == [(0, 1), (1, 0), (2, 0)]
+    assert worst_modules(mass, 1) == [(0, 1)]
+    assert worst_modules(mass, 0) == []
+    assert worst_modules(mass, 3, (0, 0, 8)) == [(0, 0), (0, 1), (1, 0)]  # layer 2 slides: never retained
+    assert worst_modules(mass, 2, (16, 0, 0)) == [(1, 0), (2, 0)]
+    assert torch.equal(mass, before)  # not modified
+    assert worst_modules(mass, 4, (0, 0, 8)) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # every eligible head
+    with pytest.raises(ValueError, match="cannot retain 5 heads.* 4 KV heads"):
+        worst_modules(mass, 5, (0, 0, 8))
+    with pytest.raises(ValueError, match="cannot retain 7 heads"):
+        worst_modules(mass, 7)
+    # a head with zero error mass is still eligible (a global layer's head is never excluded by its mass)
+    assert worst_modules(torch.zeros(2, 2, dtype=torch.float64), 4) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_module_error_mass_ranks_a_perturbed_head_worst(tiny):
+    model, cache, probes = tiny
+    cfg = model.config
+    qs = collect_queries(model, cache.contexts(), cache.context_len, probes[:6], progress=False)
+    heads = _random_heads(cfg, seed=6)
+    mass = module_error_mass(heads, qs)
+    assert mass.shape == (cfg.num_layers, cfg.num_kv_heads) and mass.dtype == torch.float64
+    assert bool((mass >= 0).all()) and bool(torch.isfinite(mass).all()) and float(mass.sum()) > 0
+    assert torch.allclose(module_error_mass(heads, qs, chunk=7), mass, rtol=1e-6, atol=0)  # chunking only (fp32 sums per chunk)
+
+    # by hand for one module: Σ σ(lse − lse_loc)² ‖f(q) − o‖²
+    l, j = 1, 1
+    q = qs.q[l][:, j].reshape(-1, cfg.head_dim)  # [N*G, D]
+    gi, start = heads.layer_slot[l]
+    with torch.no_grad():
+        f, _ = heads.groups[gi](q[None], slice(start + j, start + j + 1))
+    w = torch.sigmoid(qs.lse[l][:, j] - qs.lse_loc[l][:, j]).reshape(-1)
+    want = (w.double() ** 2 * (f[0].double() - qs.o[l][:, j].reshape(-1, cfg.head_dim).double()).square().sum(-1)).sum()
+    assert torch.allclose(mass[l, j], want, rtol=1e-4)
+
+    worse = copy.deepcopy(heads)
+    with torch.no_grad():
+        worse.groups[gi].b3[start + 0] += 3.0  # layer 1, KV head 0: its predictions shifted
+    mass2 = module_error_mass(worse, qs)
+    assert mass2[1, 0] > 2 * mass[1, 0]
+    keep = torch.ones_like(mass, dtype=torch.bool)
+    keep[1, 0] = False
+    assert torch.allclose(mass2[keep], mass[keep], rtol=1e-9, atol=0)
+    assert worst_modules(mass2, 1) == [(1, 0)]
+
+    # queries that see no document (lse = −inf, a sliding window's far side) carry no error
+    blind = QuerySet(qs.q, qs.o, [torch.full_like(qs.lse[0], float("-inf"))] + qs.lse[1:], qs.lse_loc,
+                     qs.probe_index, qs.positions)
+    m0 = module_error_mass(heads, blind)
+    assert torch.equal(m0[0], torch.zeros(cfg.num_kv_heads, dtype=torch.float64)) and torch.equal(m0[1], mass[1])
+
+
+# --- 3. the artifact ----------------------------------------------------------------------------------
+
+def _saved(tiny, tmp_path, p: int = 6):
+    from nectar_export.artifact import save_artifact
+
+    model, cache, _ = tiny
+    cfg = model.config
+    heads = _random_heads(cfg, seed=7)
+    doc = [c.select(torch.arange(p, cache.context_len)) for c in cache.contexts()]
+    modules = [(0, 1), (1, 0), (1, 1)]
+    kept = RetainedKV.from_document(doc, modules, p)
+    man = {"base_model": {"name": "tiny", "sha256": "ab" * 32},
+           "document": {"sha256": "x", "n_tokens": cache.context_len, "prefix_tokens": p}, "kv_bytes": 1,
+           "retained": {"modules": [list(m) for m in modules], "bytes": kept.nbytes(), "heldout_error_mass_share": 0.5}}
+    return save_artifact(tmp_path / "art", heads, man, "doc", kept), kept
+
+
+def _one_line_error(fn, *needles):
+    with pytest.raises(NectarError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_artifact_round_trip_of_retained_heads(tiny, tmp_path):
+    from nectar_export.artifact import load_retained, read_manifest, sha256_file
+
+    model, _, _ = tiny
+    out, kept = _saved(tiny, tmp_path)
+    m = read_manifest(out)
+    assert m["artifact_bytes"] == (out / "heads.safetensors").stat().st_size + (out / "retained.safetensors").stat().st_size
+    assert m["retained"]["sha256"] == sha256_file(out / "retained.safetensors")
+    assert m["retained"]["modules"] == [[0, 1], [1, 0], [1, 1]] and m["retained"]["bytes"] == kept.nbytes()
+    back = load_retained(out, m, model.config)
+    assert back.modules == kept.modules and back.start == kept.start == 6
+    assert sorted(back.keys) == sorted(kept.keys) == [0, 1]
+    for l in kept.keys:
+        assert back.keys[l].dtype == torch.float32
+        assert torch.equal(back.keys[l], kept.keys[l].half().float())
+        assert torch.equal(back.values[l], kept.values[l].half().float())
+    assert load_retained(out, {**m, "retained": None}, model.config) is None
+    assert load_retained(out, {k: v for k, v in m.items() if k != "retained"}, model.config) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_damaged_or_mismatched_retained_heads_are_refused(tiny, tmp_path):
+    from nectar_export.artifact import load_retained, read_manifest
+
+    model, _, _ = tiny
+    cfg = model.config
+    out, _ = _saved(tiny, tmp_path)
+    m = read_manifest(out)
+    f = out / "retained.safetensors"
+    good = f.read_bytes()
+    # the document's token count differs: shapes no longer match (sha256 still does)
+    _one_line_error(lambda: load_retained(out, {**m, "document": {**m["document"], "n_tokens": 81}}, cfg),
+                    "retained.safetensors", "layers.0.key")
+    # retained heads in a sliding-window layer, or beyond the model's heads
+    _one_line_error(lambda: load_retained(out, m, cfg.with_(layer_windows=(0, 12))), "do not fit the model")
+    _one_line_error(lambda: load_retained(out, {**m, "retained": {**m["retained"], "modules": [[0, 2]]}}, cfg),
+                    "do not fit the model")
+    _one_line_error(lambda: load_retained(out, {**m, "retained": {**m["retained"], "modules": "nope"}}, cfg),
+                    "retained.modules")
+    # one flipped byte
+    bad = bytearray(good)
+    bad[-1] ^= 0x01
+    f.write_bytes(bytes(bad))
+    _one_line_error(lambda: load_retained(out, m, cfg), "retained.safetensors", "sha256")
+    # missing
+    f.unlink()
+    read_manifest(out)  # the heads part of the artifact is still whole
+    _one_line_error(lambda: load_retained(out, m, cfg), "retained.safetensors", "missing")
+
+
+# --- 4. the ONNX graph --------------------------------------------------------------------------------
+
+class _Ctx:  # the fields of a DocumentContext the exporter reads
+    def __init__(self, ids, prefix_len):
+        self.context_ids, self.prefix_len, self.n = ids, prefix_len, len(ids)
+
+
+def _session(proto):
+    import onnxruntime as ort
+
+    from nectar_runtime.backends.ort_backend import session_options
+
+    return ort.InferenceSession(proto.SerializeToString(), session_options(2), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
+def tiny_family(request, tmp_path_factory):
+    from nectar_models.loading import load_model
+
+    from tests.models.tiny import save_tiny
+
+    return load_model(save_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=3)).model
+
+
+def _modules_for(cfg) -> list[tuple[int, int]]:
+    """Retained heads in two global layers (one head, then every head) where the model has two."""
+    glob = [l for l, w in enumerate(cfg.layer_windows) if not w]
+    assert cfg.num_kv_heads == 2 and glob
+    if len(glob) == 1:
+        return [(glob[0], 1)]
+    return [(glob[0], 1), (glob[1], 0), (glob[1], 1)]
+
+
+def test_graph_with_retained_heads_matches_the_torch_model(tiny_family):
+    from nectar_export.export.bundle import compare_backends
+    from nectar_export.export.decoder_graph import DecoderGraphWriter
+    from nectar_export.export.from_model import decoder_weights, graph_spec, nectar_contexts_for_export
+    from nectar_export.pipeline import nectar_with_prefix
+    from nectar_runtime.backends.ort_backend import OrtBackend
+    from nectar_runtime.backends.torch_backend import TorchBackend
+
+    model = tiny_family
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (N_CTX,), generator=torch.Generator().manual_seed(1))
+    heads = _random_heads(cfg, seed=1)
+    modules = _modules_for(cfg)
+    full = model.prefill_document(ids[None]).contexts()
+    kept = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], modules, PREFIX)
+    prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
+    served = retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX), kept, cfg.scale)
+    torch_ctx = [CompositeContext([p, s]) for p, s in zip(prefix, served)]
+    plain_ctx = [CompositeContext([p, s]) for p, s in zip(prefix, nectar_contexts(heads, cfg.layer_windows, N_CTX))]
+
+    parts = nectar_contexts_for_export(model, _Ctx(ids.tolist(), PREFIX), heads, kept)
+    retained_layers = sorted({l for l, _ in modules})
+    assert [l for l, c in enumerate(parts) if c.retained is not None] == retained_layers
+    proto = DecoderGraphWriter(graph_spec(model, N_CTX), decoder_weights(model), parts, np.float32).build()
+    onnx.checker.check_model(proto)
+    names = [n.name for n in proto.graph.node]
+    assert len(set(names)) == len(names)
+    for l in range(cfg.num_layers):
+        has = any(n.startswith(f"/model/layers.{l}/attn/retained/") for n in names)
+        assert has == (l in retained_layers), l
+    inits = {t.name for t in proto.graph.initializer}
+    assert f"model.layers.{retained_layers[0]}.retained.key_t" in inits
+
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 9).tolist()
+    ref = TorchBackend(model, torch_ctx, N_CTX)
+    r = compare_backends(ref, OrtBackend(_session(proto), N_CTX, 1000), prompt, N_CTX, 12)
+    assert r["max_abs_logit_diff"] <= 1e-4 and r["top1_agreement"] == 1.0, r
+    # the retained heads matter here (the parity above is not Nectar-only on both sides) ...
+    d = compare_backends(ref, TorchBackend(model, plain_ctx, N_CTX), prompt, N_CTX, 4)
+    assert d["max_abs_logit_diff"] > 1e-3, d
+    # ... and the pipeline's contexts are these
+    same = compare_backends(ref, TorchBackend(model, nectar_with_prefix(model, _Ctx(ids.tolist(), PREFIX), heads, "cpu", kept),
+                                              N_CTX), prompt, N_CTX, 4)
+    assert same["max_abs_logit_diff"] == 0.0, same
+
+
+def test_fp16_graph_and_batched_generation_with_retained_heads(tmp_path):
+    """The retained splice in an fp16 graph (strict shape inference, tracks torch) and under
+    left-padded batches (the document's retained keys are seen by every row)."""
+    from nectar_export.export.bundle import compare_backends
+    from nectar_export.export.decoder_graph import DecoderGraphWriter
+    from nectar_export.export.from_model import decoder_weights, graph_spec, nectar_contexts_for_export
+    from nectar_models.loading import load_model
+    from nectar_runtime.backends.ort_backend import OrtBackend
+    from nectar_runtime.backends.torch_backend import TorchBackend
+    from nectar_runtime.generate import GenerationConfig, generate_ids
+    from tests.models.tiny import save_tiny
+
+    model = load_model(save_tiny("llama", tmp_path / "m", seed=5)).model
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (N_CTX,), generator=torch.Generator().manual_seed(2))
+    heads = _random_heads(cfg, seed=2)
+    full = model.prefill_document(ids[None]).contexts()
+    kept = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], _modules_for(cfg), PREFIX)
+    prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
+    served = retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX), kept, cfg.scale)
+    torch_ctx = [CompositeContext([p, s]) for p, s in zip(prefix, served)]
+    parts = nectar_contexts_for_export(model, _Ctx(ids.tolist(), PREFIX), heads, kept)
+    p16 = DecoderGraphWriter(graph_spec(model, N_CTX), decoder_weights(model), parts, np.float16).build()
+    onnx.checker.check_model(p16)
+    onnx.shape_inference.infer_shapes(p16, strict_mode=True)
+    r = compare_backends(TorchBackend(model, torch_ctx, N_CTX), OrtBackend(_session(p16), N_CTX, 1000), [3, 1, 4, 1, 5], N_CTX, 6)
+    assert r["mean_kl"] < 1e-3 and r["top1_agreement"] == 1.0, r
+    p32 = DecoderGraphWriter(graph_spec(model, N_CTX), decoder_weights(model), parts, np.float32).build()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    gen = GenerationConfig(max_new_tokens=8)
+    a = np.stack(list(generate_ids(TorchBackend(model, torch_ctx, N_CTX), prompts, gen, set())))
+    b = np.stack(list(generate_ids(OrtBackend(_session(p32), N_CTX, 1000), prompts, gen, set())))
+    assert np.array_equal(a, b)
+
+
+# --- 5. configuration and budget ----------------------------------------------------------------------
+
+def test_fit_config_refuses_bad_retain_heads():
+    assert FitConfig(retain_heads=3).retain_heads == 3
+    with pytest.raises(ValueError, match="retain_heads must be ≥ 0"):
+        FitConfig(retain_heads=-1)
+    with pytest.raises(ValueError, match="mlp variant"):
+        FitConfig(variant="quadrature", retain_heads=2)
+    FitConfig(variant="quadrature", retain_heads=0)  # the default stays valid for quadrature
+
+
+def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
+    from nectar_export.pipeline import budget_params, check_budget
+
+    model, _, _ = tiny
+    cfg = model.config
+    ctx = SimpleNamespace(n=400, prefix_len=10)
+    base_n, kvb = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5))
+    kept_n, kvb2 = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2))
+    assert kvb == kvb2
+    assert base_n - kept_n == retained_bytes(390, cfg.head_dim, 2) // 2
+    base = SimpleNamespace(config=cfg, name="tiny")
+    check_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=4), "doc.txt")  # every head of 2 global layers
+    _one_line_error(lambda: check_budget(base, ctx, FitConfig(budget_fraction=0.5, retain_heads=5), "doc.txt"),
+                    "--retain-heads 5", "4 KV heads")
+    slid = SimpleNamespace(config=cfg.with_(layer_windows=(0, 12)), name="tiny")
+    _one_line_error(lambda: check_budget(slid, ctx, FitConfig(budget_fraction=0.5, retain_heads=3), "doc.txt"),
+                    "2 KV heads in global")
+    # retained bytes eating the budget: refused, naming them
+    _one_line_error(lambda: check_budget(base, ctx, FitConfig(budget_fraction=0.05, retain_heads=4), "doc.txt"),
+                    "retained heads take", "fewer --retain-heads")
