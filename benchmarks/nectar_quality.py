@@ -116,7 +116,8 @@ def run(a: argparse.Namespace) -> None:
             if fcfg.retain_heads or a.retain_heads:  # exact KV kept for the worst heads (nectar_export/retained.py)
                 mass = module_error_mass(res.heads, qhe.stored_as(getattr(torch, fcfg.query_dtype)))
             if fcfg.retain_heads:  # part of the artifact, as `nectar fit --retain-heads` makes it
-                kept = RetainedKV.from_document(docpart, worst_modules(mass, fcfg.retain_heads, cfg.layer_windows), ctx.prefix_len)
+                kept = RetainedKV.from_document(docpart, worst_modules(mass, fcfg.retain_heads, cfg.layer_windows), ctx.prefix_len,
+                                                fcfg.retain_dtype)
                 art_bytes += kept.nbytes()
             keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
             methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device, kept),
@@ -214,7 +215,7 @@ def setting_label(r: dict) -> str:
     if "query_dtype" in fc:  # recorded since fp16 storage became the default (older records: fp32)
         train += f", {fc['query_dtype'].removeprefix('float')}-bit queries"
     if fc.get("retain_heads"):
-        train += f", {fc['retain_heads']} retained heads"
+        train += f", {fc['retain_heads']} retained heads" + (" int8" if fc.get("retain_dtype") == "int8" else "")
     return f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}{train}"
 
 

@@ -25,12 +25,17 @@ def summarize(recs: list[dict]) -> list[dict]:
     """One row per record: manual, retained heads, bytes, Nectar / streaming / none metrics."""
     rows = []
     for r in recs:
-        k = (r.get("fit_config") or {}).get("retain_heads", 0)
-        rows.append({"manual": r["manual"], "retain_heads": k, "budget_fraction": r["budget_fraction"],
+        fc = r.get("fit_config") or {}
+        k = fc.get("retain_heads", 0)
+        rows.append({"manual": r["manual"], "retain_heads": k, "retain_dtype": fc.get("retain_dtype", "float16") if k else "-", "budget_fraction": r["budget_fraction"],
                      "bytes_pct_of_kv": round(100 * r["artifact_bytes"] / r["kv_bytes"], 1),
                      "retained_modules": r.get("retained_modules"), "steps": r["steps"],
                      **{m: {c: r["methods"][m][c] for c in METRICS} for m in ("nectar", "streaming", "none")}})
-    return sorted(rows, key=lambda x: (x["manual"], x["retain_heads"]))
+    return sorted(rows, key=lambda x: (x["manual"], x["retain_dtype"] == "int8", x["retain_heads"]))
+
+
+def setting(x: dict) -> str:
+    return "none" if not x["retain_heads"] else f"{x['retain_heads']} {'int8' if x['retain_dtype'] == 'int8' else 'fp16'}"
 
 
 def strictly_better(x: dict) -> list[str]:
@@ -50,7 +55,7 @@ def table(rows: list[dict]) -> list[str]:
     lines = ["| manual | retained heads | bytes % of KV | " + " | ".join(METRICS) + " | not strictly better than streaming and none on |",
              "|---|---:|---:|" + "---:|" * len(METRICS) + "---|"]
     for x in rows:
-        lines.append(f"| {x['manual']} | {x['retain_heads']} | {x['bytes_pct_of_kv']} | "
+        lines.append(f"| {x['manual']} | {setting(x)} | {x['bytes_pct_of_kv']} | "
                      + " | ".join(f"{x['nectar'][c]:.3f}" for c in METRICS) + f" | {', '.join(strictly_better(x)) or '-'} |")
     return lines
 
@@ -58,8 +63,8 @@ def table(rows: list[dict]) -> list[str]:
 def targets_met(rows: list[dict]) -> dict:
     """Per retained-head count and target metric: how many manuals meet it, and the range."""
     out = {}
-    for k in sorted({x["retain_heads"] for x in rows}):
-        sel = [x for x in rows if x["retain_heads"] == k]
+    for k in sorted({setting(x) for x in rows}, key=lambda t: (t != "none", t)):
+        sel = [x for x in rows if setting(x) == k]
         for c, (op, bar) in TARGETS.items():
             vals = [x["nectar"][c] for x in sel]
             met = sum((v >= bar) if op == ">=" else (v <= bar) for v in vals)
@@ -74,13 +79,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     manuals = sorted({x["manual"] for x in rows})
-    ks = sorted({x["retain_heads"] for x in rows})
+    ks = sorted({setting(x) for x in rows}, key=lambda t: (t != "none", t))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, metric in zip(axes, ("agreement", "exact_match", "semantic_similarity")):
         width = 0.8 / (len(ks) + 1)
         for i, k in enumerate(ks):
-            vals = [next((x["nectar"][metric] for x in rows if x["manual"] == m and x["retain_heads"] == k), float("nan")) for m in manuals]
-            ax.bar([j + i * width for j in range(len(manuals))], vals, width, label=f"Nectar, {k} retained heads")
+            vals = [next((x["nectar"][metric] for x in rows if x["manual"] == m and setting(x) == k), float("nan")) for m in manuals]
+            ax.bar([j + i * width for j in range(len(manuals))], vals, width, label=f"Nectar, retained heads: {k}")
         vals = [next(x["streaming"][metric] for x in rows if x["manual"] == m) for m in manuals]
         ax.bar([j + len(ks) * width for j in range(len(manuals))], vals, width, label="StreamingLLM, equal bytes", color="0.6")
         if metric in TARGETS:
@@ -88,26 +93,36 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks([j + width * len(ks) / 2 for j in range(len(manuals))], manuals)
         ax.set_title(metric + " (dashed: target)")
         ax.set_ylim(0.8 if metric == "agreement" else 0, 1.0)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(ks) + 1, fontsize=8)
     fig.suptitle("SmolLM2-135M, budget 0.24 of the fp16 KV (retained heads inside it), H100 fits")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "retained_h100"))
+    p.add_argument("--records", nargs="+", default=[str(ROOT / "benchmarks" / "results" / d) for d in ("retained_h100", "retained_int8_h100")])
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "retained_h100.json"))
     p.add_argument("--png", default=str(ROOT / "docs" / "img" / "retained_heads.png"))
     p.add_argument("--no-docs", dest="docs", action="store_false")
     a = p.parse_args(argv)
-    recs = [json.loads(f.read_text()) for f in sorted(Path(a.records).glob("*.json"))]
+    # the no-retention records of the second run repeat the first's (same probes, same numbers): kept once
+    recs, seen = [], set()
+    for d in a.records:
+        for f in sorted(Path(d).glob("*.json")):
+            r = json.loads(f.read_text())
+            fc = r.get("fit_config") or {}
+            key = (r["manual"], fc.get("retain_heads", 0), fc.get("retain_dtype", "float16") if fc.get("retain_heads") else "-")
+            if key not in seen:
+                seen.add(key)
+                recs.append(r)
     if not recs:
-        print(f"{a.records}: no records (run benchmarks/nectar_quality.py run first)", file=sys.stderr)
+        print(f"{' '.join(a.records)}: no records (run benchmarks/nectar_quality.py run first)", file=sys.stderr)
         return 2
     if any(m.get("semantic_similarity") is None for r in recs for m in r["methods"].values()):
-        print(f"{a.records}: semantic similarity missing: run `python benchmarks/nectar_quality.py report --no-docs "
-              f"--out-dir {a.records}` first", file=sys.stderr)
+        print(f"semantic similarity missing: run `python benchmarks/nectar_quality.py report --no-docs --out-dir DIR` "
+              f"for each of {' '.join(a.records)} first", file=sys.stderr)
         return 2
     rows = summarize(recs)
     Path(a.json).write_text(json.dumps({"rows": rows, "targets": targets_met(rows)}, indent=1))

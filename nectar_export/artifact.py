@@ -27,7 +27,7 @@ from nectar_runtime.document import read_stored_document
 from nectar_runtime.errors import NectarError
 
 from .heads import HeadsSpec, NectarHeads
-from .retained import RetainedKV
+from .retained import RETAIN_DTYPES, RetainedKV, stored_shapes
 from .outdir import replace_dir, temp_dir_beside
 
 FORMAT_VERSION = 1
@@ -172,11 +172,16 @@ def load_retained(art: str | Path, manifest: dict, model_cfg, device="cpu") -> R
         raise NectarError(f"{path}: unreadable ({e}); re-run `nectar fit`") from None
     doc = manifest["document"]
     c = doc["n_tokens"] - doc.get("prefix_tokens", 0)
+    dtype = info.get("dtype", "float16")
+    if dtype not in RETAIN_DTYPES:
+        raise NectarError(f"{mf}: retained.dtype {dtype!r} is not one of {RETAIN_DTYPES}; re-run `nectar fit`")
     for l in sorted({l for l, _ in modules}):
-        want = (sum(1 for m in modules if m[0] == l), c, model_cfg.head_dim)
+        heads = sum(1 for m in modules if m[0] == l)
         for kind in ("key", "value"):
-            t = state.get(f"layers.{l}.{kind}")
-            if t is None or tuple(t.shape) != want or not bool(torch.isfinite(t).all()):
-                raise NectarError(f"{path}: layers.{l}.{kind} is missing, not {list(want)} or not finite; "
-                                  "the artifact is corrupt: re-run `nectar fit`")
-    return RetainedKV.from_state(modules, state, doc.get("prefix_tokens", 0), device)
+            for part, (shape, want_dtype) in stored_shapes(heads, c, model_cfg.head_dim, dtype).items():
+                name = f"layers.{l}.{kind}" + (f".{part}" if part else "")
+                t = state.get(name)
+                if t is None or tuple(t.shape) != shape or t.dtype != want_dtype or not bool(torch.isfinite(t.float()).all()):
+                    raise NectarError(f"{path}: {name} is missing, not {list(shape)} {str(want_dtype).removeprefix('torch.')} "
+                                      "or not finite; the artifact is corrupt: re-run `nectar fit`")
+    return RetainedKV.from_state(modules, state, doc.get("prefix_tokens", 0), dtype, device)

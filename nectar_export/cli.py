@@ -20,7 +20,7 @@ def _fit_config(a: argparse.Namespace) -> FitConfig:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
                          budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed,
                          distill_steps=a.distill_steps, distill_lr=a.distill_lr, query_dtype=a.query_dtype,
-                         retain_heads=a.retain_heads)
+                         retain_heads=a.retain_heads, retain_dtype=a.retain_dtype)
     except ValueError as e:  # the config names its fields; the user typed flags
         raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|steps|lr)\b",
                                                   lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
@@ -186,6 +186,9 @@ def add_export_commands(sub) -> None:
                    help="keep the exact document keys/values of the K KV heads the fitted heads serve worst, within the "
                         "budget (e.g. 18 with --budget-fraction 0.24 for SmolLM2: agreement 0.95 -> 0.98 on grep/sed, "
                         "docs/results.md); decode then reads K·n cached keys per token (default %(default)s: none)")
+    p.add_argument("--retain-dtype", choices=("float16", "int8"), default=d.retain_dtype,
+                   help="storage of the retained heads' keys/values: int8 (+ a scale per token and head) holds about "
+                        "twice the heads in the same bytes (default %(default)s)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

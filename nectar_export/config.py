@@ -43,6 +43,9 @@ class FitConfig:
     # heads serve worst. Their bytes count in the budget; decode then reads retain_heads·n keys per
     # token, so it is off by default (decode cost stays independent of n; docs/results.md).
     retain_heads: int = 0
+    # "int8" (+ an fp16 scale per token and head: about half the bytes, so the budget holds larger networks;
+    # on the six manuals 18 int8 heads beat 18 fp16 heads, docs/results.md) | "float16"
+    retain_dtype: str = "int8"
     seed: int = 0
 
     def __post_init__(self):
@@ -62,6 +65,8 @@ class FitConfig:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
         if self.retain_heads < 0:
             raise ValueError(f"retain_heads must be ≥ 0 (got {self.retain_heads})")
+        if self.retain_dtype not in ("float16", "int8"):
+            raise ValueError(f"retain_dtype must be 'float16' or 'int8' (got {self.retain_dtype!r})")
         if self.retain_heads and self.variant != "mlp":
             raise ValueError("retain_heads needs the mlp variant (quadrature heads have no retained-head path)")
         if not 0 < self.budget_fraction <= 4:

@@ -100,7 +100,7 @@ def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[
     template-prefix KV kept at inference is charged to the budget too."""
     kvb = kv_bytes(ctx.n, model_cfg)
     budget_bytes = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kvb
-    budget_bytes -= retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads)
+    budget_bytes -= retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype)
     return int((budget_bytes - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kvb
 
 
@@ -119,7 +119,7 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
         need_mb = (2 * least + prefix) / 1e6
         given = f"--budget-mb {fit_cfg.budget_mb:g}" if fit_cfg.budget_mb else \
             f"{fit_cfg.budget_fraction:g} of its {kvb / 1e6:.2f} MB fp16 KV cache"
-        kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads)
+        kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype)
         if kept:
             given += f", of which {fit_cfg.retain_heads} retained heads take {kept / 1e6:.2f} MB"
             need_mb += kept / 1e6
@@ -184,8 +184,8 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         with timer.stage("choose retained heads", log):
             mass = module_error_mass(result.heads, qs_held)
             modules = worst_modules(mass, fit_cfg.retain_heads, cfg.layer_windows)
-            retained = RetainedKV.from_document(doc, modules, ctx.prefix_len)
-            retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(),
+            retained = RetainedKV.from_document(doc, modules, ctx.prefix_len, fit_cfg.retain_dtype)
+            retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(), "dtype": fit_cfg.retain_dtype,
                                "heldout_error_mass_share": float(sum(mass[l, j] for l, j in modules) / mass.sum())}
     manifest = {
         "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,
@@ -258,7 +258,8 @@ def fit_summary(m: dict) -> str:
         f"document's fp16 KV cache ({m['kv_bytes'] / 1e6:.2f} MB, n = {m['document']['n_tokens']} tokens; "
         f"the {m['document']['prefix_tokens']}-token template prefix stays exact)",
         f"heads: {m['variant']}, {m['allocation']} widths {sorted(set(m['widths']))}, {m['param_count'] / 1e6:.2f} M params"
-        + (f"; {len(m['retained']['modules'])} KV heads retained exact ({m['retained']['bytes'] / 1e6:.2f} MB, "
+        + (f"; {len(m['retained']['modules'])} KV heads retained ({m['retained'].get('dtype', 'float16')} document KV, "
+           f"{m['retained']['bytes'] / 1e6:.2f} MB, "
            f"{100 * m['retained']['heldout_error_mass_share']:.0f}% of the held-out error mass): "
            + " ".join(f"{l}.{j}" for l, j in m["retained"]["modules"]) if m.get("retained") else ""),
         f"held-out attention error: o rel {_mean(err['o_rel_error']):.3f} (weighted {_mean(err['o_rel_error_weighted']):.3f}), "

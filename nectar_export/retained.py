@@ -55,48 +55,85 @@ def worst_modules(mass: torch.Tensor, k: int, windows=None) -> list[tuple[int, i
     return sorted((i // hkv, i % hkv) for i in flat)
 
 
+RETAIN_DTYPES = ("float16", "int8")
+
+
+def encode_kv(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """x: [R, c, D] -> stored tensors. float16: {"": x in fp16}; int8: {"q": int8 [R, c, D],
+    "scale": fp16 [R, c, 1]}, symmetric, one scale per (head, token) (as the noise-floor study's
+    int8 rounding of the document cache, docs/results.md)."""
+    if dtype == "float16":
+        return {"": x.detach().to(torch.float16).contiguous().cpu()}
+    scale = (x.detach().abs().amax(-1, keepdim=True).float() / 127).to(torch.float16)
+    safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+    q = torch.round(x.detach().float() / safe).clamp_(-127, 127).to(torch.int8)
+    return {"q": q.contiguous().cpu(), "scale": scale.contiguous().cpu()}
+
+
+def decode_kv(parts: dict[str, torch.Tensor], device="cpu") -> torch.Tensor:
+    """The stored tensors of `encode_kv` -> fp32 [R, c, D] on `device`."""
+    if "" in parts:
+        return parts[""].float().to(device)
+    return (parts["q"].float() * parts["scale"].float()).to(device)
+
+
 @dataclass
 class RetainedKV:
-    """The exact document keys/values kept for `modules`: per layer `keys[l]`, `values[l]`:
-    [R_l, c, D] for its retained heads in ascending head order, c document tokens at absolute
-    positions start … start + c − 1 (post-RoPE, as the model cached them)."""
+    """The document keys/values kept for `modules`: per layer `keys[l]`, `values[l]`: fp32
+    [R_l, c, D] for its retained heads in ascending head order (as stored: rounded to `dtype`), c
+    document tokens at absolute positions start … start + c − 1 (post-RoPE, as the model cached
+    them); `stored`: the safetensors tensors they decode from."""
 
     modules: list[tuple[int, int]]
     keys: dict[int, torch.Tensor]
     values: dict[int, torch.Tensor]
     start: int
+    dtype: str
+    stored: dict[str, torch.Tensor]
 
     def heads_of(self, layer: int) -> list[int]:
         return [j for l, j in self.modules if l == layer]
 
     def nbytes(self) -> int:
-        """Bytes on disk (fp16)."""
-        return sum(2 * (self.keys[l].numel() + self.values[l].numel()) for l in self.keys)
+        """Bytes of the stored tensors (on disk, without the safetensors header)."""
+        return sum(t.numel() * t.element_size() for t in self.stored.values())
 
     @classmethod
-    def from_document(cls, doc: list[ExactContextAttention], modules: list[tuple[int, int]], start: int) -> "RetainedKV":
+    def from_document(cls, doc: list[ExactContextAttention], modules: list[tuple[int, int]], start: int,
+                      dtype: str = "float16") -> "RetainedKV":
         """doc: the document's exact per-layer contexts (template prefix excluded, batch 1)."""
-        keys, values = {}, {}
+        stored = {}
         for layer in sorted({l for l, _ in modules}):
             idx = torch.tensor([j for l, j in modules if l == layer], device=doc[layer].k.device)
-            keys[layer] = doc[layer].k[0].index_select(0, idx).contiguous()
-            values[layer] = doc[layer].v[0].index_select(0, idx).contiguous()
-        return cls(sorted(modules), keys, values, start)
+            for kind, x in (("key", doc[layer].k), ("value", doc[layer].v)):
+                for part, t in encode_kv(x[0].index_select(0, idx), dtype).items():
+                    stored[_name(layer, kind, part)] = t
+        return cls.from_state(modules, stored, start, dtype, doc[0].k.device)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Tensors for safetensors (fp16): layers.{l}.key / layers.{l}.value."""
-        out = {}
-        for l in self.keys:
-            out[f"layers.{l}.key"] = self.keys[l].detach().to(torch.float16).contiguous().cpu()
-            out[f"layers.{l}.value"] = self.values[l].detach().to(torch.float16).contiguous().cpu()
-        return out
+        """Tensors for safetensors: layers.{l}.{key,value} (fp16), or layers.{l}.{key,value}.{q,scale} (int8)."""
+        return dict(self.stored)
 
     @classmethod
-    def from_state(cls, modules: list[tuple[int, int]], state: dict[str, torch.Tensor], start: int, device="cpu") -> "RetainedKV":
+    def from_state(cls, modules: list[tuple[int, int]], state: dict[str, torch.Tensor], start: int,
+                   dtype: str = "float16", device="cpu") -> "RetainedKV":
         layers = sorted({l for l, _ in modules})
-        keys = {l: state[f"layers.{l}.key"].float().to(device) for l in layers}
-        values = {l: state[f"layers.{l}.value"].float().to(device) for l in layers}
-        return cls(sorted(modules), keys, values, start)
+        parts = ("",) if dtype == "float16" else ("q", "scale")
+        kv = {kind: {l: decode_kv({p: state[_name(l, kind, p)] for p in parts}, device) for l in layers}
+              for kind in ("key", "value")}
+        stored = {_name(l, kind, p): state[_name(l, kind, p)] for l in layers for kind in ("key", "value") for p in parts}
+        return cls(sorted(modules), kv["key"], kv["value"], start, dtype, stored)
+
+
+def _name(layer: int, kind: str, part: str) -> str:
+    return f"layers.{layer}.{kind}" + (f".{part}" if part else "")
+
+
+def stored_shapes(layer_heads: int, c: int, d: int, dtype: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per stored part of one layer's keys (or values): (shape, dtype)."""
+    if dtype == "float16":
+        return {"": ((layer_heads, c, d), torch.float16)}
+    return {"q": ((layer_heads, c, d), torch.int8), "scale": ((layer_heads, c, 1), torch.float16)}
 
 
 class RetainedHeadsContext:
@@ -130,6 +167,8 @@ def retained_contexts(served: list[NectarContext], retained: RetainedKV | None, 
     return out
 
 
-def retained_bytes(n: int, head_dim: int, count: int) -> int:
-    """fp16 bytes of the document keys and values of `count` retained heads (n document tokens)."""
-    return count * n * 2 * head_dim * 2
+def retained_bytes(n: int, head_dim: int, count: int, dtype: str = "float16") -> int:
+    """Stored bytes of the document keys and values of `count` retained heads (n document tokens):
+    fp16 values, or int8 values + one fp16 scale per token and head."""
+    per_vector = 2 * head_dim if dtype == "float16" else head_dim + 2
+    return count * n * 2 * per_vector

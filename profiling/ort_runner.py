@@ -124,12 +124,15 @@ class OrtRunner:
         np.copyto(dst, src)
         return time.perf_counter() - t
 
-    def points(self) -> list[tuple[str, int, int]]:
-        """(method, batch, n) per bundle and batch size: what this runner measures."""
-        return [(b.manifest["method"], batch, b.context_len) for b, _, _ in self.bundles for batch in self.cfg.batch]
+    def points(self) -> list[tuple[str, int, int, int]]:
+        """(method, batch, n, bundle index) per bundle and batch size: what this runner measures (two
+        bundles of one method and n, e.g. fp32 and int4, are two points)."""
+        return [(b.manifest["method"], batch, b.context_len, i) for i, (b, _, _) in enumerate(self.bundles) for batch in self.cfg.batch]
 
-    def measure(self, method: str, batch: int, n: int) -> dict:
-        b, be, wbytes = next(x for x in self.bundles if x[0].manifest["method"] == method and x[0].context_len == n)
+    def measure(self, method: str, batch: int, n: int, index: int | None = None) -> dict:
+        if index is None:  # the first bundle of this method and n
+            index = next(i for i, x in enumerate(self.bundles) if x[0].manifest["method"] == method and x[0].context_len == n)
+        b, be, wbytes = self.bundles[index]
         cfg = self.cfg
         rng = np.random.default_rng(0)
         be.reset(batch, cfg.local_len + cfg.warmup + cfg.steps + 1)

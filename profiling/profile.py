@@ -212,11 +212,13 @@ def run_profile(cfg: ProfileConfig, json_out: str | Path, plot_out: str | Path |
     log(f"{'method':7s} {'batch':>5s} {'n':>7s} {'median ms':>10s} {'p90 ms':>8s} {'floor ms':>8s} {'tok/s':>9s} {'peak MiB':>9s}")
     # a runner may decide its own points (the ORT runner: one per bundle and batch size)
     points = runner.points() if hasattr(runner, "points") else [(m, b, n) for n in cfg.n for b in cfg.batch for m in cfg.methods]
-    for method, batch, n in points:
-        r = runner.measure(method, batch, n)
+    for point in points:
+        method, batch, n = point[:3]
+        r = runner.measure(*point)
         records.append(r)
         log(f"{method:7s} {batch:5d} {n:7d} {r['latency_ms_median']:10.3f} {r['latency_ms_p90']:8.3f} "
-            f"{r['floor_ms']:8.3f} {r['tokens_per_s']:9.1f} {r['peak_mem_bytes'] / 2**20:9.0f}")
+            f"{r['floor_ms']:8.3f} {r['tokens_per_s']:9.1f} {r['peak_mem_bytes'] / 2**20:9.0f}"
+            + (f"  {Path(r['bundle']).name} ({r['dtype']})" if r.get("bundle") else ""))
     out = {"meta": {"device": runner.device_name(), "backend": cfg.backend, "bandwidth_bytes_per_s": runner.bandwidth(),
                     "notes": runner.notes, "command": "nectar " + " ".join(sys.argv[1:]) if sys.argv else "",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},

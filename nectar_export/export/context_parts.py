@@ -70,8 +70,10 @@ class RetainedHeads:
     """Exact document keys/values for the KV heads `heads` (ascending) of a global layer."""
 
     heads: tuple[int, ...]
-    k: np.ndarray  # [R, c, D], post-RoPE
+    k: np.ndarray  # [R, c, D], post-RoPE: float, or int8 with the scales below
     v: np.ndarray  # [R, c, D]
+    k_scale: np.ndarray | None = None  # [R, c, 1] fp32 for int8 k (one scale per head and token)
+    v_scale: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

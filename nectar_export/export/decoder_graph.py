@@ -450,11 +450,22 @@ def retained_heads(b: GraphBuilder, p: str, wn: str, qs: str, kept, f: str, g: s
     replaced. The pseudo-key then carries the exact document part, and the one softmax over
     [prefix + local | pseudo-key] stays the exact log-sum-exp merge."""
     qr = b.op("Gather", [qs, b.const(list(kept.heads))], f"{p}/q/Gather", axis=1)  # [B, R, G*T, D]
-    kt = b.weight(f"{wn}.key_t", np.ascontiguousarray(kept.k.transpose(0, 2, 1), dtype=np.float32))  # [R, D, c]
+    int8 = kept.k_scale is not None  # int8 keys/values: cast per step, the per-token scales applied to scores/probs
+    kt = b.weight(f"{wn}.key_t", np.ascontiguousarray(kept.k.transpose(0, 2, 1), dtype=np.int8 if int8 else np.float32))  # [R, D, c]
+    v = b.weight(f"{wn}.value", np.ascontiguousarray(kept.v, dtype=np.int8 if int8 else np.float32))  # [R, c, D]
+    if int8:
+        kt = b.op("Cast", [kt], f"{p}/key/Cast", to=TensorProto.FLOAT)
+        v = b.op("Cast", [v], f"{p}/value/Cast", to=TensorProto.FLOAT)
     sc = b.op("MatMul", [qr, kt], f"{p}/scores/MatMul")  # [B, R, G*T, c]
+    if int8:  # q·(s_j k_j) = s_j (q·k_j): the key scale multiplies score column j
+        sc = b.op("Mul", [sc, b.weight(f"{wn}.key_scale_t", np.ascontiguousarray(kept.k_scale.transpose(0, 2, 1), dtype=np.float32))],
+                  f"{p}/scores/scale/Mul")  # [R, 1, c]
     lse = b.op("ReduceLogSumExp", [sc], f"{p}/lse/ReduceLogSumExp", axes=[-1], keepdims=1)  # [B, R, G*T, 1]
     probs = b.op("Softmax", [sc], f"{p}/Softmax", axis=-1)
-    o = b.op("MatMul", [probs, b.weight(f"{wn}.value", kept.v.astype(np.float32))], f"{p}/pv/MatMul")  # [B, R, G*T, D]
+    if int8:  # Σ p_j s_j v_j: the value scale joins the probabilities
+        probs = b.op("Mul", [probs, b.weight(f"{wn}.value_scale_t", np.ascontiguousarray(kept.v_scale.transpose(0, 2, 1), dtype=np.float32))],
+                     f"{p}/probs/scale/Mul")
+    o = b.op("MatMul", [probs, v], f"{p}/pv/MatMul")  # [B, R, G*T, D]
 
     def splice(nectar: str, exact: str, what: str) -> str:
         ones = b.const([1] * hkv)

@@ -94,7 +94,12 @@ def nectar_contexts_for_export(model, ctx, heads, retained=None) -> list[LayerCo
         baked = (exact_kv(prefix[layer], "prefix"),) if prefix[layer] is not None else ()
         if heads.spec.variant == "mlp":
             kept = None
-            if retained is not None and layer in retained.keys:
+            if retained is not None and layer in retained.keys and retained.dtype == "int8":  # stays int8 in the graph
+                st = retained.stored
+                kept = RetainedHeads(tuple(retained.heads_of(layer)), st[f"layers.{layer}.key.q"].numpy(),
+                                     st[f"layers.{layer}.value.q"].numpy(), _np(st[f"layers.{layer}.key.scale"]),
+                                     _np(st[f"layers.{layer}.value.scale"]))
+            elif retained is not None and layer in retained.keys:
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), _np(retained.keys[layer]), _np(retained.values[layer]))
             out.append(LayerContext(baked=baked, heads=fold_mlp_heads(group, sel), retained=kept))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,10 +236,14 @@ def onnx_load(path):
 def test_nectar_profile_on_ort_bundles(bundles, tmp_path):
     out = tmp_path / "p.json"
     r = nectar("profile", "--backend", "ort", "--bundle", str(bundles[1]["nectar"]), "--bundle", str(bundles[1]["full"]),
-               "--batch", "1,2", "--steps", "100", "--warmup", "2", "--local-len", "8", "--threads", "2", "--json", str(out))
+               "--bundle", str(bundles[1]["int4"]), "--batch", "1,2", "--steps", "100", "--warmup", "2", "--local-len", "8",
+               "--threads", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr
     recs = json.loads(out.read_text())["records"]
-    assert {(x["method"], x["batch"]) for x in recs} == {("nectar", 1), ("nectar", 2), ("full", 1), ("full", 2)}
+    # two bundles of one method and n (fp32 and int4 Nectar) are two points, each timing its own bundle
+    assert sorted((x["method"], x["batch"], x["dtype"], Path(x["bundle"]).name) for x in recs) == sorted(
+        (m, b, dt, name) for m, dt, name in (("nectar", "fp32", "nectar"), ("full", "fp32", "full"), ("nectar", "int4", "int4"))
+        for b in (1, 2))
     keys = {"method", "backend", "device", "dtype", "shape", "batch", "n", "local_len", "latency_ms_median",
             "latency_ms_p90", "tokens_per_s", "peak_mem_bytes", "floor_ms"}
     assert all(keys <= set(x) and x["backend"] == "ort" and x["latency_ms_p90"] >= x["latency_ms_median"] > 0 for x in recs)

@@ -15,6 +15,7 @@ import torch
 from nectar_export.collect import QuerySet, collect_queries
 from nectar_export.config import FitConfig
 from nectar_export.heads import HeadsSpec, NectarHeads, nectar_contexts
+from nectar_models.attention import ExactContextAttention
 from nectar_export.retained import (RetainedHeadsContext, RetainedKV, module_error_mass, retained_bytes,
                                     retained_contexts, worst_modules)
 from nectar_models.attention import CompositeContext
@@ -44,6 +45,12 @@ def _queries(cfg, n_after: int, b: int = 2, t: int = 5, seed: int = 0):
     return q, pos
 
 
+def _rounded(c: ExactContextAttention, dtype=torch.float16) -> ExactContextAttention:
+    """The exact context over keys/values rounded as fp16 storage rounds them (the reference the
+    retained heads serve: they keep what the artifact stores)."""
+    return ExactContextAttention(c.k.to(dtype).float(), c.v.to(dtype).float(), c.positions[0], c.window, c.scale)
+
+
 # --- 1. the torch context ---------------------------------------------------------------------------
 
 def test_retaining_every_head_is_exact_document_attention(tiny):
@@ -59,7 +66,7 @@ def test_retaining_every_head_is_exact_document_attention(tiny):
     q, pos = _queries(cfg, cache.context_len)
     for layer in range(cfg.num_layers):
         o, lse = served[layer](q, pos)
-        o_ref, lse_ref = doc[layer](q, pos)
+        o_ref, lse_ref = _rounded(doc[layer])(q, pos)
         assert o.shape == o_ref.shape and lse.shape == lse_ref.shape
         assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(lse, lse_ref, atol=1e-5), layer
     # nothing retained: the Nectar contexts themselves
@@ -82,7 +89,7 @@ def test_retained_document_part_after_a_prefix_merges_to_full_attention(tiny):
     for layer in range(cfg.num_layers):
         assert torch.equal(served[layer].exact.positions[0], torch.arange(p, n))
         o, lse = CompositeContext([prefix[layer], served[layer]])(q, pos)
-        o_ref, lse_ref = full[layer](q, pos)
+        o_ref, lse_ref = CompositeContext([prefix[layer], _rounded(doc[layer])])(q, pos)
         assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(lse, lse_ref, atol=1e-5), layer
 
 
@@ -95,14 +102,14 @@ def test_retaining_some_heads_changes_only_those(tiny):
     kept = RetainedKV.from_document(doc, [(1, 0), (0, 1)], start=0)  # unsorted on purpose
     assert kept.modules == [(0, 1), (1, 0)] and kept.heads_of(0) == [1] and kept.heads_of(1) == [0]
     assert kept.keys[0].shape == (1, cache.context_len, cfg.head_dim)
-    assert torch.equal(kept.keys[0][0], doc[0].k[0, 1]) and torch.equal(kept.values[1][0], doc[1].v[0, 0])
+    assert torch.equal(kept.keys[0][0], doc[0].k[0, 1].half().float()) and torch.equal(kept.values[1][0], doc[1].v[0, 0].half().float())
     plain = nectar_contexts(heads)
     served = retained_contexts(plain, kept, cfg.scale)
     q, pos = _queries(cfg, cache.context_len, seed=5)
     for layer, r in ((0, 1), (1, 0)):
         o, lse = served[layer](q, pos)
         o_n, lse_n = plain[layer](q, pos)
-        o_x, lse_x = doc[layer](q, pos)
+        o_x, lse_x = _rounded(doc[layer])(q, pos)
         other = 1 - r
         assert torch.equal(o[:, other], o_n[:, other]) and torch.equal(lse[:, other], lse_n[:, other])
         assert torch.allclose(o[:, r], o_x[:, r], atol=1e-5) and torch.allclose(lse[:, r], lse_x[:, r], atol=1e-5)
@@ -110,7 +117,31 @@ def test_retaining_some_heads_changes_only_those(tiny):
     # the state round trip (fp16 on disk)
     back = RetainedKV.from_state(kept.modules, kept.state(), kept.start)
     for l in kept.keys:
-        assert torch.equal(back.keys[l], kept.keys[l].half().float()) and torch.equal(back.values[l], kept.values[l].half().float())
+        assert torch.equal(back.keys[l], kept.keys[l]) and torch.equal(back.values[l], kept.values[l])
+
+
+def test_int8_retained_heads_are_close_in_half_the_bytes(tiny):
+    model, cache, _ = tiny
+    cfg = model.config
+    doc = cache.contexts()
+    every = [(l, j) for l in range(cfg.num_layers) for j in range(cfg.num_kv_heads)]
+    k16 = RetainedKV.from_document(doc, every, start=0)
+    k8 = RetainedKV.from_document(doc, every, start=0, dtype="int8")
+    assert k8.nbytes() == retained_bytes(cache.context_len, cfg.head_dim, len(every), "int8")
+    assert k8.nbytes() * 2 * cfg.head_dim == k16.nbytes() * (cfg.head_dim + 2)  # D int8 + an fp16 scale vs 2D bytes
+    for l in range(cfg.num_layers):
+        x = doc[l].k[0]
+        err = (k8.keys[l] - x).abs().amax(-1) / x.abs().amax(-1)  # per (head, token): ≤ half a step of 1/127
+        assert float(err.max()) <= 0.5 / 127 + 1e-3
+        assert k8.state()[f"layers.{l}.key.q"].dtype == torch.int8
+    back = RetainedKV.from_state(k8.modules, k8.state(), 0, "int8")
+    assert all(torch.equal(back.keys[l], k8.keys[l]) and torch.equal(back.values[l], k8.values[l]) for l in k8.keys)
+    q, pos = _queries(cfg, cache.context_len, seed=9)
+    served = retained_contexts(nectar_contexts(_random_heads(cfg, seed=9)), k8, cfg.scale)
+    for layer in range(cfg.num_layers):
+        o, lse = served[layer](q, pos)
+        o_ref, lse_ref = doc[layer](q, pos)
+        assert float((o - o_ref).norm() / o_ref.norm()) < 0.02 and float((lse - lse_ref).abs().max()) < 0.05
 
 
 # --- 2. ranking ---------------------------------------------------------------------------------------
@@ -172,7 +203,7 @@ def test_module_error_mass_ranks_a_perturbed_head_worst(tiny):
 
 # --- 3. the artifact ----------------------------------------------------------------------------------
 
-def _saved(tiny, tmp_path, p: int = 6):
+def _saved(tiny, tmp_path, p: int = 6, dtype: str = "float16"):
     from nectar_export.artifact import save_artifact
 
     model, cache, _ = tiny
@@ -180,10 +211,11 @@ def _saved(tiny, tmp_path, p: int = 6):
     heads = _random_heads(cfg, seed=7)
     doc = [c.select(torch.arange(p, cache.context_len)) for c in cache.contexts()]
     modules = [(0, 1), (1, 0), (1, 1)]
-    kept = RetainedKV.from_document(doc, modules, p)
+    kept = RetainedKV.from_document(doc, modules, p, dtype)
     man = {"base_model": {"name": "tiny", "sha256": "ab" * 32},
            "document": {"sha256": "x", "n_tokens": cache.context_len, "prefix_tokens": p}, "kv_bytes": 1,
-           "retained": {"modules": [list(m) for m in modules], "bytes": kept.nbytes(), "heldout_error_mass_share": 0.5}}
+           "retained": {"modules": [list(m) for m in modules], "bytes": kept.nbytes(), "dtype": dtype,
+                        "heldout_error_mass_share": 0.5}}
     return save_artifact(tmp_path / "art", heads, man, "doc", kept), kept
 
 
@@ -197,11 +229,12 @@ def _one_line_error(fn, *needles):
     return msg
 
 
-def test_artifact_round_trip_of_retained_heads(tiny, tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_artifact_round_trip_of_retained_heads(tiny, tmp_path, dtype):
     from nectar_export.artifact import load_retained, read_manifest, sha256_file
 
     model, _, _ = tiny
-    out, kept = _saved(tiny, tmp_path)
+    out, kept = _saved(tiny, tmp_path, dtype=dtype)
     m = read_manifest(out)
     assert m["artifact_bytes"] == (out / "heads.safetensors").stat().st_size + (out / "retained.safetensors").stat().st_size
     assert m["retained"]["sha256"] == sha256_file(out / "retained.safetensors")
@@ -211,8 +244,12 @@ def test_artifact_round_trip_of_retained_heads(tiny, tmp_path):
     assert sorted(back.keys) == sorted(kept.keys) == [0, 1]
     for l in kept.keys:
         assert back.keys[l].dtype == torch.float32
-        assert torch.equal(back.keys[l], kept.keys[l].half().float())
-        assert torch.equal(back.values[l], kept.values[l].half().float())
+        assert torch.equal(back.keys[l], kept.keys[l]) and torch.equal(back.values[l], kept.values[l])
+    assert back.dtype == dtype and all(torch.equal(back.stored[k], kept.stored[k]) for k in kept.stored)
+    # a retained file of the other dtype than the manifest says is refused
+    other = "int8" if dtype == "float16" else "float16"
+    _one_line_error(lambda: load_retained(out, {**m, "retained": {**m["retained"], "dtype": other}}, model.config),
+                    "retained.safetensors", "layers.0.key")
     assert load_retained(out, {**m, "retained": None}, model.config) is None
     assert load_retained(out, {k: v for k, v in m.items() if k != "retained"}, model.config) is None
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
@@ -280,7 +317,8 @@ def _modules_for(cfg) -> list[tuple[int, int]]:
     return [(glob[0], 1), (glob[1], 0), (glob[1], 1)]
 
 
-def test_graph_with_retained_heads_matches_the_torch_model(tiny_family):
+@pytest.mark.parametrize("retain_dtype", ["float16", "int8"])
+def test_graph_with_retained_heads_matches_the_torch_model(tiny_family, retain_dtype):
     from nectar_export.export.bundle import compare_backends
     from nectar_export.export.decoder_graph import DecoderGraphWriter
     from nectar_export.export.from_model import decoder_weights, graph_spec, nectar_contexts_for_export
@@ -294,7 +332,7 @@ def test_graph_with_retained_heads_matches_the_torch_model(tiny_family):
     heads = _random_heads(cfg, seed=1)
     modules = _modules_for(cfg)
     full = model.prefill_document(ids[None]).contexts()
-    kept = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], modules, PREFIX)
+    kept = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], modules, PREFIX, retain_dtype)
     prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
     served = retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX), kept, cfg.scale)
     torch_ctx = [CompositeContext([p, s]) for p, s in zip(prefix, served)]
@@ -312,6 +350,8 @@ def test_graph_with_retained_heads_matches_the_torch_model(tiny_family):
         assert has == (l in retained_layers), l
     inits = {t.name for t in proto.graph.initializer}
     assert f"model.layers.{retained_layers[0]}.retained.key_t" in inits
+    key_t = next(t for t in proto.graph.initializer if t.name == f"model.layers.{retained_layers[0]}.retained.key_t")
+    assert key_t.data_type == (onnx.TensorProto.INT8 if retain_dtype == "int8" else onnx.TensorProto.FLOAT)  # int8 stays int8
 
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 9).tolist()
     ref = TorchBackend(model, torch_ctx, N_CTX)
@@ -381,7 +421,7 @@ def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
     base_n, kvb = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5))
     kept_n, kvb2 = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2))
     assert kvb == kvb2
-    assert base_n - kept_n == retained_bytes(390, cfg.head_dim, 2) // 2
+    assert base_n - kept_n == retained_bytes(390, cfg.head_dim, 2, "int8") // 2  # int8 by default
     base = SimpleNamespace(config=cfg, name="tiny")
     check_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=4), "doc.txt")  # every head of 2 global layers
     _one_line_error(lambda: check_budget(base, ctx, FitConfig(budget_fraction=0.5, retain_heads=5), "doc.txt"),
