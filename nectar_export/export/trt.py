@@ -115,7 +115,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
     out = Path(out)
     oa = open_artifact(art, model=model)
     if oa.retained is not None:
-        raise NectarError(f"{art}: the artifact retains exact heads (nectar fit --retain-heads), which the NectarAttention "
+        raise NectarError(f"{art}: the artifact keeps document KV for some heads (nectar fit --retain-heads), which the NectarAttention "
                           "plugin does not serve; export it with --format onnx (ONNX Runtime's CUDA and TensorRT EPs run that graph)")
     log(f"[nectar export] building the TensorRT plugin graph ({oa.base.config.num_layers} NectarAttention nodes) …")
     proto = build_trt_proto(oa, DTYPES[cfg.dtype])
