@@ -94,9 +94,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(metric + " (dashed: target)")
         ax.set_ylim(0.8 if metric == "agreement" else 0, 1.0)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(ks) + 1, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("SmolLM2-135M, budget 0.24 of the fp16 KV (retained heads inside it), H100 fits")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
 
 
