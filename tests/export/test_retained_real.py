@@ -1,0 +1,73 @@
+"""Retained heads on the real SmolLM2: `nectar fit --retain-heads` end to end (CLI), then ask, ONNX
+export (checked against torch) and `nectar run` from the bundle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import manual_path
+from tests.runtime.test_cli import assert_one_line_error, nectar
+
+
+@pytest.fixture(scope="module")
+def retained_artifact(tmp_path_factory, smollm2_gguf):
+    """A quick fit (as conftest's small_artifact: tiny probe set, few steps) with 18 retained heads."""
+    import torch
+
+    from nectar_export.config import FitConfig
+    from nectar_export.pipeline import fit_document, load_base
+    from nectar_export.probes import ProbeConfig
+
+    d = tmp_path_factory.mktemp("retained")
+    doc = d / "doc.txt"
+    doc.write_text(open(manual_path()).read()[:3000], "utf-8")
+    torch.manual_seed(0)
+    probe_cfg = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1,
+                            max_answer_tokens=16, min_position_span=64, batch_size=8)
+    lines = []
+    fit_document(load_base(str(smollm2_gguf)), doc, d / "art", FitConfig(steps=20, probe_steps=5, retain_heads=18),
+                 probe_cfg, progress=False, log=lines.append)
+    return d / "art", "\n".join(lines)
+
+
+@pytest.mark.real
+def test_fit_cli_refuses_bad_retain_heads(retained_artifact, smollm2_gguf, tmp_path):
+    doc = retained_artifact[0] / "document.txt"
+    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "a"), "--retain-heads", "91")
+    assert_one_line_error(r, "--retain-heads 91", "90 KV heads")
+    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "b"), "--retain-heads", "2",
+               "--variant", "quadrature")
+    assert_one_line_error(r, "--retain-heads needs the mlp variant")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.real
+def test_fit_with_retained_heads_writes_them_within_the_budget(retained_artifact):
+    art, out = retained_artifact
+    assert sorted(p.name for p in art.iterdir()) == ["document.txt", "heads.safetensors", "manifest.json", "retained.safetensors"]
+    m = json.loads((art / "manifest.json").read_text())
+    ret = m["retained"]
+    assert len(ret["modules"]) == 18 and ret["dtype"] == "int8" and m["fit_config"]["retain_heads"] == 18
+    assert len({tuple(x) for x in ret["modules"]}) == 18 and all(0 <= l < 30 and 0 <= j < 3 for l, j in ret["modules"])
+    c = m["document"]["n_tokens"] - m["document"]["prefix_tokens"]
+    assert ret["bytes"] == 18 * c * 2 * (64 + 2)  # int8 keys and values + an fp16 scale per token and head
+    files = (art / "heads.safetensors").stat().st_size + (art / "retained.safetensors").stat().st_size
+    assert m["artifact_bytes"] == files <= 0.25 * m["kv_bytes"]  # the retained KV counts in the default budget
+    assert 0 < ret["heldout_error_mass_share"] <= 1
+    assert "18 KV heads retained (int8 document KV" in out
+
+
+@pytest.mark.real
+def test_retained_artifact_answers_and_exports_to_a_matching_onnx_bundle(retained_artifact, tmp_path):
+    art, _ = retained_artifact
+    r = nectar("ask", str(art), "What does sed do?", "--max-new-tokens", "8")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    b = tmp_path / "bundle"
+    r = nectar("export", str(art), "--format", "onnx", "--out", str(b))
+    assert r.returncode == 0, r.stderr[-2000:]
+    check = json.loads((b / "manifest.json").read_text())["export_check"]
+    assert check["max_abs_logit_diff"] <= 1e-3 and check["top1_agreement"] == 1.0, check
+    r = nectar("run", str(b), "--chat", "What does sed do?", "--max-new-tokens", "8")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
