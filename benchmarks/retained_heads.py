@@ -1,6 +1,7 @@
 """Retained heads: Nectar at the default budget (0.24 of the document's fp16 KV) without and with
-the exact document KV of the 15 or 18 worst-served KV heads inside that budget (`nectar fit
---retain-heads K`), per manual, against the equal-bytes StreamingLLM cache and no document.
+the stored document KV (fp16 or int8) of the 15–36 worst-served KV heads inside that budget
+(`nectar fit --retain-heads K --retain-dtype D`), per manual, against the equal-bytes StreamingLLM
+cache and no document.
 
 The records come from `benchmarks/nectar_quality.py run` on an H100 (docs/results.md, "Retained
 heads", has the device commands); semantic similarity is filled in on the CPU first:

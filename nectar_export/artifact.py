@@ -1,5 +1,5 @@
 """The Nectar artifact: a directory with `heads.safetensors`, `manifest.json` and `document.txt`
-(+ `retained.safetensors` when the fit kept exact keys/values for some heads, retained.py).
+(+ `retained.safetensors` when the fit kept document keys/values for some heads, retained.py).
 
 Written atomically (a temp dir beside the target, then rename); loaded without pickle; refused
 when the base model's weights differ from the ones it was fitted on.
@@ -8,7 +8,8 @@ when the base model's weights differ from the ones it was fitted on.
                      format}, document: {sha256, n_tokens, chat}, variant, spec: {...},
                      widths, param_count, artifact_bytes (all weight files), heads_sha256 (checked
                      on load), kv_bytes, fit_config, metrics, timings, retained: null | {modules:
-                     [[layer, kv head], ...], bytes, sha256, heldout_error_mass_share}}
+                     [[layer, kv head], ...], dtype (int8 | float16), bytes, sha256,
+                     heldout_error_mass_share}}
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def heads_state(heads: NectarHeads) -> dict[str, torch.Tensor]:
 def save_artifact(out: str | Path, heads: NectarHeads, manifest: dict, document_text: str,
                   retained: RetainedKV | None = None) -> Path:
     """Write the artifact directory atomically; an existing `out` is replaced only on success.
-    `retained`: exact keys/values of retained heads (retained.safetensors; manifest["retained"]
+    `retained`: stored keys/values of retained heads (retained.safetensors; manifest["retained"]
     must then describe them)."""
     from safetensors.torch import save_file
 
@@ -144,7 +145,7 @@ def load_heads(art: str | Path, manifest: dict, base_sha256: str, device="cpu") 
 
 
 def load_retained(art: str | Path, manifest: dict, model_cfg, device="cpu") -> RetainedKV | None:
-    """The retained heads' exact keys/values (fp32 on `device`), None when the artifact keeps none;
+    """The retained heads' stored keys/values (decoded to fp32 on `device`), None when the artifact keeps none;
     checked against the manifest (sha256, modules, shapes) and the model (layers, heads, global layers)."""
     from safetensors.torch import load_file
 
@@ -153,6 +154,9 @@ def load_retained(art: str | Path, manifest: dict, model_cfg, device="cpu") -> R
         return None
     path = Path(art) / RETAINED_FILE
     mf = Path(art) / "manifest.json"
+    if not isinstance(info, dict) or manifest.get("variant", "mlp") != "mlp":
+        raise NectarError(f"{mf}: retained heads need an mlp artifact with a retained object in the manifest; "
+                          "the artifact is corrupt: re-run `nectar fit`")
     if not path.is_file():
         raise NectarError(f"{art}: artifact is incomplete ({RETAINED_FILE} missing); re-run `nectar fit`")
     if sha256_file(path) != info.get("sha256"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nectar_runtime.errors import NectarError
 
-from .config import ALLOCATIONS, DEFAULT_STEPS, QUERY_DTYPES, VARIANTS, FitConfig
+from .config import ALLOCATIONS, DEFAULT_STEPS, QUERY_DTYPES, RETAIN_DTYPES, VARIANTS, FitConfig
 
 
 def _fit_config(a: argparse.Namespace) -> FitConfig:
@@ -186,7 +186,7 @@ def add_export_commands(sub) -> None:
                    help="keep the document keys/values of the K KV heads the fitted heads serve worst, within the "
                         "budget (18 for SmolLM2 at the default budget: agreement 0.95-0.97 -> 0.98-0.99 on six manuals, "
                         "docs/results.md); decode then reads K·n stored keys per token (default %(default)s: none)")
-    p.add_argument("--retain-dtype", choices=("float16", "int8"), default=d.retain_dtype,
+    p.add_argument("--retain-dtype", choices=RETAIN_DTYPES, default=d.retain_dtype,
                    help="storage of the retained heads' keys/values: int8 (+ a scale per token and head) holds about "
                         "twice the heads in the same bytes (default %(default)s)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")

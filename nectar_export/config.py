@@ -8,6 +8,7 @@ VARIANTS = ("mlp", "quadrature")
 ALLOCATIONS = ("uniform", "adaptive")
 WEIGHT_FLOOR = 0.02
 QUERY_DTYPES = ("float16", "float32")
+RETAIN_DTYPES = ("int8", "float16")  # storage of retained heads' document KV (retained.py)
 # Training steps when FitConfig.steps is None, by device type: a GPU fit trains twice as long (on the
 # H100 it costs ~7 s more; at budget 0.24 it lowered KL on 6 of 6 manuals and lifted grep's agreement
 # from 0.942 to 0.952); on a CPU the default stays where a ~4K-token manual fits within 15 minutes on
@@ -65,8 +66,11 @@ class FitConfig:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
         if self.retain_heads < 0:
             raise ValueError(f"retain_heads must be ≥ 0 (got {self.retain_heads})")
-        if self.retain_dtype not in ("float16", "int8"):
+        if self.retain_dtype not in RETAIN_DTYPES:
             raise ValueError(f"retain_dtype must be 'float16' or 'int8' (got {self.retain_dtype!r})")
+        if self.retain_heads and self.distill_steps:
+            raise ValueError("retain_heads with distill_steps: distillation would tune the networks of heads that "
+                             "are then replaced; use one or the other")
         if self.retain_heads and self.variant != "mlp":
             raise ValueError("retain_heads needs the mlp variant (quadrature heads have no retained-head path)")
         if not 0 < self.budget_fraction <= 4:

@@ -81,7 +81,7 @@ def split_prefix(contexts: list, prefix_len: int) -> tuple[list | None, list]:
 
 def nectar_with_prefix(model, ctx: DocumentContext, heads: NectarHeads, device, retained: RetainedKV | None = None) -> list:
     """What stands for the document at inference: exact template prefix (recomputed, tiny) + heads
-    (+ the exact document attention of the retained heads, if any)."""
+    (+ attention over the retained heads' stored document KV, if any)."""
     from nectar_models.attention import CompositeContext
 
     served = retained_contexts(nectar_contexts(heads, model.config.layer_windows, ctx.n), retained, model.config.scale)
@@ -141,6 +141,9 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     torch.manual_seed(fit_cfg.seed)
     fit_cfg = fit_cfg.for_device(torch.device(base.device).type)  # the manifest records the steps actually trained
     model, cfg = base.model, base.config
+    if on_policy and fit_cfg.retain_heads:
+        raise NectarError("nectar fit: --on-policy with --retain-heads is not supported (the re-collection would serve "
+                          "networks of heads that are then replaced); use one or the other")
     ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
     check_budget(base, ctx, fit_cfg, doc_path)
     with timer.stage("prefill document", log):

@@ -1,9 +1,10 @@
-"""Retained heads: exact document attention kept for the few KV heads Nectar serves worst.
+"""Retained heads: document attention kept for the few KV heads Nectar serves worst.
 
 A handful of retrieval-like heads (sharp attention over a query-dependent set of document
 tokens) keep a large held-out error whatever the network width (docs/results.md). Keeping the
-document's exact keys and values for those heads only costs n·2·D·2 bytes per head (fp16), 1/(L·Hkv)
-of the document KV, and serves them exactly; every other head stays Nectar.
+document's keys and values for those heads only costs n·2·D·2 bytes per head in fp16 (1/(L·Hkv) of
+the document KV) or n·2·(D + 2) in int8 with a per-token scale, and serves them by attention over that
+stored KV; every other head stays Nectar.
 
 Ranking: per module (layer l, KV head j) the error that reaches the merged output, Σ w²‖f(q) − o_ctx‖²
 over the given queries (w = σ(lse_ctx − lse_loc), the document's share of the output).
@@ -18,6 +19,7 @@ import torch
 from nectar_models.attention import ExactContextAttention
 
 from .collect import QuerySet
+from .config import RETAIN_DTYPES  # noqa: F401  (the artifact loader imports it from here)
 from .heads import NectarContext, NectarHeads
 
 
@@ -54,8 +56,6 @@ def worst_modules(mass: torch.Tensor, k: int, windows=None) -> list[tuple[int, i
     hkv = mass.shape[1]
     return sorted((i // hkv, i % hkv) for i in flat)
 
-
-RETAIN_DTYPES = ("float16", "int8")
 
 
 def encode_kv(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
@@ -102,6 +102,7 @@ class RetainedKV:
     def from_document(cls, doc: list[ExactContextAttention], modules: list[tuple[int, int]], start: int,
                       dtype: str = "float16") -> "RetainedKV":
         """doc: the document's exact per-layer contexts (template prefix excluded, batch 1)."""
+        modules = sorted(modules)  # heads_of / from_state read them in this order
         stored = {}
         for layer in sorted({l for l, _ in modules}):
             idx = torch.tensor([j for l, j in modules if l == layer], device=doc[layer].k.device)
@@ -137,19 +138,21 @@ def stored_shapes(layer_heads: int, c: int, d: int, dtype: str) -> dict[str, tup
 
 
 class RetainedHeadsContext:
-    """One layer's document part: Nectar for every KV head except `retained`, exact attention for those.
+    """One layer's document part: Nectar for every KV head except `retained`, attention over their stored KV for those.
 
     nectar: the layer's NectarContext; exact: ExactContextAttention over the document with k/v
     holding only the retained heads, `[1, R, n, D]`, in the order of `retained`."""
 
     def __init__(self, nectar: NectarContext, exact: ExactContextAttention, retained: list[int]):
         self.nectar, self.exact, self.retained = nectar, exact, retained
+        self.index = torch.tensor(retained, device=exact.k.device)
 
     def __call__(self, q: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [B, Hkv, G, T, D] -> o [B, Hkv, G, T, D], lse [B, Hkv, G, T]."""
+        """q: [B, Hkv, G, T, D] -> o [B, Hkv, G, T, D], lse [B, Hkv, G, T]. The stored KV is fp32, so the
+        retained heads' queries are too (a model cast to bf16/fp16 gets its dtype back in o)."""
         o, lse = self.nectar(q, q_pos)
-        idx = torch.tensor(self.retained, device=q.device)
-        oe, le = self.exact(q.index_select(1, idx), q_pos)
+        idx = self.index if self.index.device == q.device else self.index.to(q.device)
+        oe, le = self.exact(q.index_select(1, idx).float(), q_pos)
         o, lse = o.clone(), lse.clone()
         o[:, idx], lse[:, idx] = oe.to(o.dtype), le.to(lse.dtype)
         return o, lse

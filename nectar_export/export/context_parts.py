@@ -9,8 +9,8 @@ to the graph writer as numpy):
   a learned compact cache is attention over constants too).
 - `MLPHeads`: a Nectar target + score network, standardization folded into the weights, merged
   with the exact part by log-sum-exp: w = σ(g(q) − lse_exact), o = w·f(q) + (1 − w)·o_exact.
-- `RetainedHeads`: exact document keys/values of a few KV heads of a layer with MLP heads; for those
-  heads the exact (o, lse) over them replaces (f, g) before the merge.
+- `RetainedHeads`: stored document keys/values (fp32, or int8 + scales) of a few KV heads of a layer
+  with MLP heads; for those heads the attention's (o, lse) over them replaces (f, g) before the merge.
 
 Shapes per layer: k/v `[Hkv, c, D]`, positions `[c]`, bias `[Hkv, 1, c]`; MLP weights are
 stacked over KV heads `[Hkv, ...]` and applied to queries grouped as `[B, Hkv, G*T, D]`.

@@ -432,3 +432,39 @@ def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
     # retained bytes eating the budget: refused, naming them
     _one_line_error(lambda: check_budget(base, ctx, FitConfig(budget_fraction=0.05, retain_heads=4), "doc.txt"),
                     "retained heads take", "fewer --retain-heads")
+
+
+def test_retained_heads_serve_a_half_precision_model(tiny):
+    """A model cast to bf16 (nectar generate --dtype bfloat16) sends bf16 queries; the stored KV is fp32."""
+    model, cache, _ = tiny
+    cfg = model.config
+    doc = cache.contexts()
+    kept = RetainedKV.from_document(doc, [(0, 1), (1, 0)], start=0, dtype="int8")
+    served = retained_contexts(nectar_contexts(_random_heads(cfg, seed=11)), kept, cfg.scale)
+    q, pos = _queries(cfg, cache.context_len, seed=12)
+    for layer in range(cfg.num_layers):
+        o32, lse32 = served[layer](q, pos)
+        o16, lse16 = served[layer](q.bfloat16(), pos)
+        assert o16.dtype == torch.bfloat16 and lse16.dtype == torch.float32
+        assert float((o16.float() - o32).norm() / o32.norm()) < 0.02
+
+
+def test_retain_heads_refuses_distillation_and_bad_manifests(tiny, tmp_path):
+    from nectar_export.artifact import load_retained, read_manifest
+
+    with pytest.raises(ValueError, match="retain_heads with distill_steps"):
+        FitConfig(retain_heads=2, distill_steps=5)
+    model, _, _ = tiny
+    out, _ = _saved(tiny, tmp_path)
+    m = read_manifest(out)
+    _one_line_error(lambda: load_retained(out, {**m, "retained": [1, 2]}, model.config), "retained heads need an mlp artifact")
+    _one_line_error(lambda: load_retained(out, {**m, "variant": "quadrature"}, model.config), "need an mlp artifact")
+
+
+def test_fit_refuses_on_policy_with_retained_heads_before_any_work(tmp_path):
+    from nectar_export.pipeline import fit_document
+
+    base = SimpleNamespace(device="cpu", model=None, config=None)
+    _one_line_error(lambda: fit_document(base, tmp_path / "doc.txt", tmp_path / "art", FitConfig(retain_heads=2), None,
+                                         on_policy=True), "--on-policy with --retain-heads")
+    assert list(tmp_path.iterdir()) == []
