@@ -40,7 +40,7 @@ class FitConfig:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
-    # KV heads whose exact document keys/values the artifact keeps (retained.py): the ones the fitted
+    # KV heads whose document keys/values the artifact keeps (retained.py): the ones the fitted
     # heads serve worst. Their bytes count in the budget; decode then reads retain_heads·n keys per
     # token, so it is off by default (decode cost stays independent of n; docs/results.md).
     retain_heads: int = 0
