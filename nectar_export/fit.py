@@ -298,6 +298,18 @@ _BAR_EVERY = 200  # graphed training reads its loss curve (one sync) this often
 
 
 @torch.no_grad()
+def heldout_chunk(heads: NectarHeads, qs: QuerySet, layer: int, rows: slice):
+    """One layer's predictions next to the recorded targets for the query rows `rows`, laid out per
+    module: o_hat, o [Hkv, S, D]; l_hat, lse, share [Hkv, S] (S = rows × G, fp32)."""
+    q = qs.q[layer][rows].float()  # [N, Hkv, G, D]
+    n, hkv, g, d = q.shape
+    o_hat, l_hat = heads.forward_layer(layer, q.permute(1, 0, 2, 3).reshape(hkv, n * g, d))
+    o = qs.o[layer][rows].float().permute(1, 0, 2, 3).reshape(hkv, n * g, d)
+    lse = qs.lse[layer][rows].permute(1, 0, 2).reshape(hkv, n * g)
+    share = torch.sigmoid(lse - qs.lse_loc[layer][rows].permute(1, 0, 2).reshape(hkv, n * g))
+    return o_hat, l_hat, o, lse, share
+
+
 def layer_errors(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> dict[str, list[float]]:
     """Held-out fidelity per layer: relative o error, share-weighted relative o error, lse MAE.
     The per-chunk sums stay on the device until one transfer at the end (summed on the host in
@@ -307,13 +319,7 @@ def layer_errors(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> dict[st
     for layer in range(spec.num_layers):
         parts = []
         for s in range(0, qs.n, chunk):
-            q = qs.q[layer][s : s + chunk].float()  # [N, Hkv, G, D]
-            n, hkv, g, d = q.shape
-            x = q.permute(1, 0, 2, 3).reshape(hkv, n * g, d)
-            o_hat, l_hat = heads.forward_layer(layer, x)
-            o = qs.o[layer][s : s + chunk].float().permute(1, 0, 2, 3).reshape(hkv, n * g, d)
-            lse = qs.lse[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g)
-            share = torch.sigmoid(lse - qs.lse_loc[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g))
+            o_hat, l_hat, o, lse, share = heldout_chunk(heads, qs, layer, slice(s, s + chunk))
             seen = torch.isfinite(lse)  # past a sliding window no document key is seen: not scored
             e = torch.where(seen, (o_hat - o).square().sum(-1), 0.0)
             o2 = torch.where(seen, o.square().sum(-1), 0.0)

@@ -20,6 +20,7 @@ from nectar_models.attention import ExactContextAttention
 
 from .collect import QuerySet
 from .config import RETAIN_DTYPES  # noqa: F401  (the artifact loader imports it from here)
+from .fit import heldout_chunk
 from .heads import NectarContext, NectarHeads
 
 
@@ -30,12 +31,7 @@ def module_error_mass(heads: NectarHeads, qs: QuerySet, chunk: int = 8192) -> to
     out = torch.zeros(spec.num_layers, spec.kv_heads, dtype=torch.float64)
     for layer in range(spec.num_layers):
         for s in range(0, qs.n, chunk):
-            q = qs.q[layer][s : s + chunk].float()  # [N, Hkv, G, D]
-            n, hkv, g, d = q.shape
-            o_hat, _ = heads.forward_layer(layer, q.permute(1, 0, 2, 3).reshape(hkv, n * g, d))
-            o = qs.o[layer][s : s + chunk].float().permute(1, 0, 2, 3).reshape(hkv, n * g, d)
-            lse = qs.lse[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g)
-            share = torch.sigmoid(lse - qs.lse_loc[layer][s : s + chunk].permute(1, 0, 2).reshape(hkv, n * g))
+            o_hat, _, o, lse, share = heldout_chunk(heads, qs, layer, slice(s, s + chunk))
             e = torch.where(torch.isfinite(lse), share.square() * (o_hat - o).square().sum(-1), 0.0)
             out[layer] += e.sum(-1).double().cpu()
     return out

@@ -34,7 +34,8 @@ def tiny_model(request, tmp_path_factory):
     return load_model(save_tiny(request.param, tmp_path_factory.mktemp(request.param), seed=3)).model
 
 
-def _random_heads(cfg, variant: str, seed: int) -> NectarHeads:
+def _random_heads(cfg, variant: str = "mlp", seed: int = 0) -> NectarHeads:
+    """Random weights and non-identity standardization statistics (shared with test_retained.py)."""
     widths = tuple(8 if i % 2 else 12 for i in range(cfg.num_layers))
     heads = NectarHeads(HeadsSpec(variant, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, widths, cfg.scale))
     g = torch.Generator().manual_seed(seed)

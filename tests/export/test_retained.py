@@ -1,4 +1,4 @@
-"""Retained heads (nectar_export/retained.py): exact document attention kept for a few KV heads,
+"""Retained heads (nectar_export/retained.py): document attention over stored KV kept for a few KV heads,
 their ranking, the artifact file, and the ONNX graph splice (tiny random models, seconds)."""
 
 from __future__ import annotations
@@ -14,27 +14,12 @@ import torch
 
 from nectar_export.collect import QuerySet, collect_queries
 from nectar_export.config import FitConfig
-from nectar_export.heads import HeadsSpec, NectarHeads, nectar_contexts
-from nectar_models.attention import ExactContextAttention
+from nectar_export.heads import nectar_contexts
 from nectar_export.retained import (RetainedHeadsContext, RetainedKV, module_error_mass, retained_bytes,
                                     retained_contexts, worst_modules)
-from nectar_models.attention import CompositeContext
+from nectar_models.attention import CompositeContext, ExactContextAttention
 from nectar_runtime.errors import NectarError
-
-N_CTX, PREFIX = 40, 5
-
-
-def _random_heads(cfg, variant: str = "mlp", seed: int = 0) -> NectarHeads:
-    """As in test_onnx_graph.py: random weights and non-identity standardization statistics."""
-    widths = tuple(8 if i % 2 else 12 for i in range(cfg.num_layers))
-    heads = NectarHeads(HeadsSpec(variant, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, widths, cfg.scale))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for b in heads.buffers():
-            b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return heads
+from tests.export.test_onnx_graph import N_CTX, PREFIX, _Ctx, _random_heads, _session
 
 
 def _queries(cfg, n_after: int, b: int = 2, t: int = 5, seed: int = 0):
@@ -285,19 +270,6 @@ def test_damaged_or_mismatched_retained_heads_are_refused(tiny, tmp_path):
 
 
 # --- 4. the ONNX graph --------------------------------------------------------------------------------
-
-class _Ctx:  # the fields of a DocumentContext the exporter reads
-    def __init__(self, ids, prefix_len):
-        self.context_ids, self.prefix_len, self.n = ids, prefix_len, len(ids)
-
-
-def _session(proto):
-    import onnxruntime as ort
-
-    from nectar_runtime.backends.ort_backend import session_options
-
-    return ort.InferenceSession(proto.SerializeToString(), session_options(2), providers=["CPUExecutionProvider"])
-
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
 def tiny_family(request, tmp_path_factory):
