@@ -11,7 +11,7 @@
 #                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|defer|coldfit|sweep|partials|smol|setup|real|refit|fitgpu|profiles|quality|noise|gpart|gemma}
+stage=${1:?stage: probe|kern|defer|coldfit|sweep|partials|smol|setup|real|refit|fitgpu|profiles|fitdefault|quality|noise|gpart|gemma}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -169,6 +169,19 @@ profiles)  # the published profiles: both shapes, n 1K..128K, batch 1 and 16, + 
     python3 benchmarks/step_breakdown.py --shape smollm2-135m --n $n --batch 1 2>&1 | grep -v Warn | tee -a "$OUT/breakdown.log"
   done
   python3 benchmarks/step_breakdown.py --shape llama3-8b --n 131072 --batch 1 2>&1 | grep -v Warn | tee -a "$OUT/breakdown.log"
+  ;;
+fitdefault)  # after setup (carry .carry/b, with doc_7000.txt): default `nectar fit` of grep.txt and of the first 7,000
+            # tokens of the manuals on CUDA; the artifacts come back as one tar in ≤ 15 MiB pieces
+            # (cat $OUT/arts.tar.* | tar x), for benchmarks/default_heads_cpu.py on a CPU
+  smol_model || exit 1
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  mkdir -p /root/arts
+  for doc in /root/manuals/grep.txt .carry/b/doc_7000.txt; do
+    name=$(basename "$doc" .txt)
+    nectar fit "$doc" --model /root/smol.gguf --device cuda --out /root/arts/$name.nectar 2>&1 | tr '\r' '\n' \
+      | grep -E -v '^[^|]*: +[0-9]{1,2}%\|' | tee -a "$OUT/fit.log"
+  done
+  (cd /root && tar cf - arts) | split -b 15M - "$OUT/arts.tar."
   ;;
 quality)  # after setup (carry .carry/b on the first call): with FIT=1 the fresh-machine `nectar fit` timing and the
           # real-artifact parity tests (CLI on the CUDA-graph step); then benchmarks/nectar_quality.py on the manuals

@@ -33,6 +33,9 @@ class ExportConfig:
     dtype: str = "fp32"
     quantize: str | None = None
     max_local_len: int = 4096
+    # with --quantize: the Nectar heads' weights at 8 bits too (quantize.py); False keeps them fp32
+    # (benchmarks/default_heads_cpu.py measures both)
+    quantize_heads: bool = True
     check: bool = True  # run the exported graph against the torch backend before renaming it into place
 
     def __post_init__(self):
@@ -75,12 +78,12 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
     return writer.build(f"nectar_{cfg.method}_decoder")
 
 
-def quantize_proto(proto, kind: str):
-    """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls, in place (returns `proto`);
-    see quantize.py."""
+def quantize_proto(proto, kind: str, heads: bool = True):
+    """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls and (`heads`) of the Nectar
+    heads at 8 bits, in place (returns `proto`); see quantize.py."""
     from .quantize import quantize_graph
 
-    quantize_graph(proto, kind)
+    quantize_graph(proto, kind, heads=heads)
     return proto
 
 
@@ -120,7 +123,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     proto = build_decoder_proto(oa, cfg, document_contexts, attention_op)
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
-        proto = quantize_proto(proto, cfg.quantize)
+        proto = quantize_proto(proto, cfg.quantize, heads=cfg.quantize_heads)
     tmp = temp_dir_beside(out)
     try:
         log("[nectar export] writing graph and weights …")
@@ -138,6 +141,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             "method": cfg.method,
             "dtype": cfg.dtype,
             "quantize": cfg.quantize,
+            "quantize_heads": bool(cfg.quantize and cfg.quantize_heads and cfg.method == "nectar" and oa.manifest["variant"] == "mlp"),
             "opset": proto.opset_import[0].version,
             "graph": {"file": GRAPH_FILE, "weights": DATA_FILE, **graph_io(proto),
                       "node_names": "docs/onnx.md#node-names"},

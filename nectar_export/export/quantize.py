@@ -14,8 +14,14 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
     int8        every 2-D matmul at 8 bits (integer zero points: within half a step of a Q4_1
                 grid point, 1/32 of a Q4_1 step)
 
-Nectar heads, baked KV and the RoPE rotation stay fp32. `accuracy_level` 4 lets ORT's CPU kernels
-quantize activations to int8 per block and use integer dot products.
+Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
+`[B, Hkv, G*T, K]`) go to 8 bits in every kind: one `MatMulNBits` per KV head between a Split and a
+Concat over the head axis (ORT's kernel takes 2-D weights only). At the default budget the heads hold
+tens of MB of fp32 weights, read in full at every token; 8 bits keep their rounding (~1/255 of a
+block's range) far below the heads' own ~0.15 relative error. K need not be a multiple of 32: the
+last block's weight rows are zero-padded (ORT reads only K inputs). Baked KV, retained KV and the
+RoPE rotation stay as they are. `accuracy_level` 4 lets ORT's CPU kernels quantize activations to int8
+per block and use integer dot products.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ BLOCK = 32
 KINDS = ("int8", "int4", "int4-rtn")
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero: bool = False):
+def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero: bool = False, pad: bool = False):
     """w: [K, N] (x @ w) -> (packed [N, K/block, block*bits/8] uint8, scales [N*K/block] fp32,
     zero points), w ≈ (q − z) · s. Zero points: fp32 [N*K/block] with `float_zero` (4 bits only),
     else integers as ORT packs them — uint8 [N*K/block] at 8 bits, two per byte at 4 bits
-    ([N, ceil(K/block / 2)], low nibble first)."""
+    ([N, ceil(K/block / 2)], low nibble first). `pad`: a K that is not a multiple of `block` gets
+    zero rows up to the next multiple (K/block rounds up; MatMulNBits keeps the true K)."""
     k, n = w.shape
+    if k % block and pad:
+        w = np.concatenate([w, np.zeros((block - k % block, n), w.dtype)], axis=0)
+        k = w.shape[0]
     if k % block:
         raise ValueError(f"K={k} is not a multiple of the block size {block}")
     levels = (1 << bits) - 1
@@ -60,8 +70,9 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     return packed, scale, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
 
 
-def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
-    """Replace 2-D weight MatMuls of `proto` in place; returns {node name: bits}.
+def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True) -> dict:
+    """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones (per KV
+    head, 8 bits); returns {node name: bits}.
 
     int4: 4-bit weights use ORT's fast symmetric kernel (implicit zero point 8) plus an exact
     correction for the true per-block offset: x @ W = MatMulNBits(x) + blocksum(x) @ C with
@@ -79,6 +90,13 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4) -> dict:
     done, new_nodes, drop, blocksums, eight_bit = {}, [], set(), {}, {}
     for node in proto.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if heads and w is not None and len(w.dims) == 3 and ".nectar_heads." in w.name:
+            new_nodes += _per_head_nbits(proto, node, numpy_helper.to_array(w).astype(np.float32), accuracy_level)
+            done[node.name] = 8
+            users[w.name] -= 1
+            if users[w.name] == 0:
+                drop.add(w.name)
+            continue
         # model weights only ("...weight" / "...weight_t"): never the RoPE rotation or the heads
         if w is None or len(w.dims) != 2 or w.dims[0] % BLOCK or not w.name.rsplit(".", 1)[-1].startswith("weight"):
             new_nodes.append(node)
@@ -162,6 +180,29 @@ def _quantized_embedding_lookup(proto, nodes: list, eight_bit: dict, users: dict
         users[node.input[0]] -= 1
         if users[node.input[0]] == 0:
             drop.add(node.input[0])
+    return out
+
+
+def _per_head_nbits(proto, node, w: np.ndarray, accuracy_level: int) -> list:
+    """`MatMul(x [B, H, R, K], w [H, K, N])` -> Split(x, axis 1) -> H × MatMulNBits-8 -> Concat(axis 1).
+
+    Names: `<node>/heads/Split`, `<node>/head{i}/MatMulNBits8`, `<node>/heads/Concat`; weights
+    `<w>.head{i}.q8` with `.scales` and `.zero_points`."""
+    h, k, n = w.shape
+    base_name = node.name.rsplit("/", 1)[0]
+    parts = [f"{base_name}/heads/Split/output_{i}" for i in range(h)]
+    ones = _const(proto, f"/quantize/const/ones_{h}", np.ones(h, np.int64))
+    out = [helper.make_node("Split", [node.input[0], ones], parts, name=f"{base_name}/heads/Split", axis=1)]
+    ys = []
+    for i in range(h):
+        packed, scales, zeros = quantize_blockwise(w[i], 8, pad=True)
+        base = f"{node.input[1]}.head{i}.q8"
+        proto.graph.initializer.extend([numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
+                                        numpy_helper.from_array(zeros, f"{base}.zero_points")])
+        name = f"{base_name}/head{i}/MatMulNBits8"
+        ys.append(f"{name}/output_0")
+        out.append(_nbits(parts[i], base, True, [ys[-1]], name, k, n, 8, accuracy_level))
+    out.append(helper.make_node("Concat", ys, list(node.output), name=f"{base_name}/heads/Concat", axis=1))
     return out
 
 

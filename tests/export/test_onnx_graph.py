@@ -201,3 +201,55 @@ def test_decode_steps_allocate_nothing_per_token(tmp_path):
     ours = [s for s in stats if s.traceback[0].filename.endswith("ort_backend.py")]
     grown = sum(s.size_diff for s in ours)
     assert grown <= 256, [(str(s.traceback), s.size_diff, s.count_diff) for s in ours]  # one returned view object
+
+
+def test_heads_batched_matmul_goes_to_8_bits_per_kv_head():
+    """A heads MatMul x [B, H, R, K] @ w [H, K, N] (K not a multiple of 32) becomes Split + H
+    MatMulNBits-8 + Concat that computes x @ dequantized(w_h) for every head h."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nectar_export.export.quantize import quantize_graph
+
+    rng = np.random.default_rng(12)
+    h, r, k, n = 3, 5, 45, 70
+    w = rng.standard_normal((h, k, n)).astype(np.float32)
+    name = "model.layers.0.nectar_heads.w2"
+    node = helper.make_node("MatMul", ["x", name], ["y"], name="/model/layers.0/attn/nectar_heads/mid/MatMul")
+    g = helper.make_graph([node], "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, h, r, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, name)])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    # accuracy_level 0: fp32 activations, so the graph must equal x @ dequantized weights to fp32 rounding
+    assert quantize_graph(proto, "int4", accuracy_level=0) == {node.name: 8}
+    names = [nd.name for nd in proto.graph.node]
+    assert names == ["/model/layers.0/attn/nectar_heads/mid/heads/Split"] + \
+        [f"/model/layers.0/attn/nectar_heads/mid/head{i}/MatMulNBits8" for i in range(h)] + \
+        ["/model/layers.0/attn/nectar_heads/mid/heads/Concat"]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert name not in inits  # the fp32 weight is gone
+    deq = []
+    for i in range(h):
+        q, s, z = (inits[f"{name}.head{i}.q8{sfx}"] for sfx in ("", ".scales", ".zero_points"))
+        blocks = q.shape[1]  # ceil(45 / 32) = 2: zero-padded rows
+        full = ((q.astype(np.float64) - z.reshape(n, blocks, 1)) * s.reshape(n, blocks, 1)).reshape(n, -1).T
+        assert blocks == 2 and np.abs(full[k:]).max() < 1e-6
+        deq.append(full[:k])
+        assert np.abs(full[:k] - w[i]).max() <= (w[i].max() - w[i].min()) / 255  # within one 8-bit step
+    x = rng.standard_normal((2, h, r, k)).astype(np.float32)
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, np.einsum("bhrk,hkn->bhrn", x.astype(np.float64), np.stack(deq)), rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
+    from nectar_models.loading import load_model
+
+    model = load_model(save_tiny("llama", tmp_path / "m", seed=13)).model
+    _, _, proto = _backends(model, "nectar", seed=14)
+    q = quantize_proto(proto, "int8")
+    assert not [t.name for t in q.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name]
+    per_layer = [n.name for n in q.graph.node if n.name.startswith("/model/layers.0/attn/nectar_heads/") and n.op_type == "MatMulNBits"]
+    assert len(per_layer) == 3 * model.config.num_kv_heads  # in, mid, out for each KV head
+    _, _, proto = _backends(model, "nectar", seed=14)
+    kept = quantize_proto(proto, "int8", heads=False)  # ExportConfig(quantize_heads=False): the heads stay fp32
+    assert "model.layers.0.nectar_heads.w2" in {t.name for t in kept.graph.initializer}
+    assert not [n for n in kept.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
