@@ -217,7 +217,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.4))
     series = defaultdict(list)
     for r in report["bundles"]:
         if r.get("budget") == "fixed" or r["method"] == "full":
@@ -228,12 +228,16 @@ def plot(report: dict, path: Path) -> None:
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if "llama" in name else "-", label=name)
+    for r in report["bundles"]:  # default-budget heads (one document size): stars
+        if r.get("budget") == "default":
+            ax.plot([r["n"]], [r["tokens_per_s"]], marker="*", ms=11, ls="none",
+                    label=f"nectar {r['quantize']}, default-budget heads ({r['heads_mb']:.0f} MB)")
     ax.set_xlabel("document tokens n")
     ax.set_ylabel("decode tokens/s (2 threads)")
     ax.set_xscale("log")
     ax.set_title("SmolLM2-135M decode after a document, CPU")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)

@@ -97,7 +97,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
             if users[w.name] == 0:
                 drop.add(w.name)
             continue
-        # model weights only ("...weight" / "...weight_t"): never the RoPE rotation or the heads
+        # model weights only ("...weight" / "...weight_t"): never the RoPE rotation or baked/retained KV
         if w is None or len(w.dims) != 2 or w.dims[0] % BLOCK or not w.name.rsplit(".", 1)[-1].startswith("weight"):
             new_nodes.append(node)
             continue
