@@ -54,6 +54,17 @@ def manual_of(art: Path) -> Path:
     raise SystemExit(f"{art}: its document starts with none of the manuals in {MANUALS}; pass artifacts fitted on them")
 
 
+def _exported_as(bundle: Path, kw: dict) -> bool:
+    """Whether `bundle` exists and was exported with `kw` (its manifest's quantize / quantize_heads);
+    a bundle from another exporter version or setting is exported again."""
+    try:
+        m = json.loads((bundle / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    want_heads = bool(kw.get("quantize")) and kw.get("quantize_heads", True)
+    return m.get("quantize") == kw.get("quantize") and m.get("quantize_heads") == want_heads
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "params_m": man["param_count"] / 1e6, "manual": manual_of(art).name})
         for v, kw in VARIANTS:
             out = work / f"{name}_{v}"
-            if not (out / "manifest.json").is_file():
+            if not _exported_as(out, kw):
                 log(f"exporting {out.name} …")
                 export_onnx_bundle(art, out, ExportConfig(**kw), model=a.model, log=lambda s: None)
             planned.append((name, v, out))

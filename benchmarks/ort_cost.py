@@ -2,9 +2,9 @@
 
 For each bundle (default: the n=512 bundles benchmarks/ort_decode.py leaves in its work folder):
   * total: ms per greedy decode token, timed like ort_decode.py (round-robin, median of runs);
-  * weight floor: the same bundle's weight matmuls alone — every MatMulNBits node and every
-    MatMul whose weight has ≥ 64K elements, with the bundle's own weights, fed random
-    activations of one token, nothing else in the graph;
+  * weight floor: the same bundle's model weight matmuls alone — every MatMulNBits node and every
+    MatMul with a 2-D weight of ≥ 64K elements, outside the Nectar heads, with the bundle's own
+    weights, fed random activations of one token, nothing else in the graph;
   * rest = total − floor: attention, Nectar heads, norms, RoPE, the exact-Q4_1 offsets (int4);
   * nodes: the graph's node count after ORT's optimizations, and the cost of one trivial node
     (a chain of 1,000 Adds on [1, 1, 576]), so the rest can be compared with node overhead.
@@ -62,9 +62,12 @@ def weight_floor_ms(graph: Path, threads: int) -> tuple[float, int, float]:
     nodes, used, feeds, inputs, outputs = [], set(), {}, [], []
     rng = np.random.default_rng(0)
     for node in m.graph.node:
-        if node.op_type == "MatMulNBits":
+        # the model's weight matmuls only: the Nectar heads (3-D weights, or per-head 8-bit since
+        # 2026-11-24) count in the rest in every bundle, so fp32 and quantized floors compare alike
+        if node.op_type == "MatMulNBits" and "/nectar_heads/" not in node.name:
             k = next(a.i for a in node.attribute if a.name == "K")
-        elif node.op_type == "MatMul" and node.input[1] in inits and np.prod(inits[node.input[1]].dims) >= BIG:
+        elif node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2 \
+                and np.prod(inits[node.input[1]].dims) >= BIG:
             k = inits[node.input[1]].dims[0]
         else:
             continue

@@ -33,8 +33,8 @@ class ExportConfig:
     dtype: str = "fp32"
     quantize: str | None = None
     max_local_len: int = 4096
-    # with --quantize: the Nectar heads' weights at 8 bits too (quantize.py); False keeps them fp32
-    # (benchmarks/default_heads_cpu.py measures both)
+    # with `quantize`: the Nectar heads' weights at 8 bits too (quantize.py); False keeps them fp32.
+    # Python API only (`nectar export` always quantizes them): benchmarks/default_heads_cpu.py measures both.
     quantize_heads: bool = True
     check: bool = True  # run the exported graph against the torch backend before renaming it into place
 
@@ -81,10 +81,15 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
 def quantize_proto(proto, kind: str, heads: bool = True):
     """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls and (`heads`) of the Nectar
     heads at 8 bits, in place (returns `proto`); see quantize.py."""
+    quantize_proto_report(proto, kind, heads)
+    return proto
+
+
+def quantize_proto_report(proto, kind: str, heads: bool = True) -> dict:
+    """As `quantize_proto`; returns {MatMul node name: bits} of what was quantized."""
     from .quantize import quantize_graph
 
-    quantize_graph(proto, kind, heads=heads)
-    return proto
+    return quantize_graph(proto, kind, heads=heads)
 
 
 def _save(proto, path: Path) -> None:
@@ -121,9 +126,11 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     log(f"[nectar export] building the {cfg.method} graph ({mcfg.num_layers} layers, document n={oa.ctx.n}) …")
     document_contexts = torch_document_contexts(oa, cfg.method)
     proto = build_decoder_proto(oa, cfg, document_contexts, attention_op)
+    heads_quantized = False
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
-        proto = quantize_proto(proto, cfg.quantize, heads=cfg.quantize_heads)
+        done = quantize_proto_report(proto, cfg.quantize, heads=cfg.quantize_heads)
+        heads_quantized = any("/nectar_heads/" in name for name in done)
     tmp = temp_dir_beside(out)
     try:
         log("[nectar export] writing graph and weights …")
@@ -141,7 +148,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             "method": cfg.method,
             "dtype": cfg.dtype,
             "quantize": cfg.quantize,
-            "quantize_heads": bool(cfg.quantize and cfg.quantize_heads and cfg.method == "nectar" and oa.manifest["variant"] == "mlp"),
+            "quantize_heads": heads_quantized,  # the Nectar MLP heads' weights are 8-bit in this graph
             "opset": proto.opset_import[0].version,
             "graph": {"file": GRAPH_FILE, "weights": DATA_FILE, **graph_io(proto),
                       "node_names": "docs/onnx.md#node-names"},

@@ -89,6 +89,7 @@ def test_quantized_bundles_track_fp32(bundles, kind):
     m = json.loads((bundles[1][kind] / "manifest.json").read_text())
     chk = m["export_check"]
     assert m["quantize"] == kind and chk["top1_agreement"] >= 0.8 and chk["mean_kl"] < 0.05, chk
+    assert m["quantize_heads"] is True and json.loads((bundles[1]["nectar"] / "manifest.json").read_text())["quantize_heads"] is False
     fp32 = (bundles[1]["nectar"] / "model.onnx.data").stat().st_size
     assert (bundles[1][kind] / "model.onnx.data").stat().st_size < 0.6 * fp32
 

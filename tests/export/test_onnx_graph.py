@@ -203,16 +203,18 @@ def test_decode_steps_allocate_nothing_per_token(tmp_path):
     assert grown <= 256, [(str(s.traceback), s.size_diff, s.count_diff) for s in ours]  # one returned view object
 
 
-def test_heads_batched_matmul_goes_to_8_bits_per_kv_head():
+@pytest.mark.parametrize("h", [3, 1])
+def test_heads_batched_matmul_goes_to_8_bits_per_kv_head(h):
     """A heads MatMul x [B, H, R, K] @ w [H, K, N] (K not a multiple of 32) becomes Split + H
-    MatMulNBits-8 + Concat that computes x @ dequantized(w_h) for every head h."""
+    MatMulNBits-8 + Concat (one MatMulNBits alone when H = 1) that computes x @ dequantized(w_h)
+    for every head h."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from nectar_export.export.quantize import quantize_graph
 
     rng = np.random.default_rng(12)
-    h, r, k, n = 3, 5, 45, 70
+    r, k, n = 5, 45, 70
     w = rng.standard_normal((h, k, n)).astype(np.float32)
     name = "model.layers.0.nectar_heads.w2"
     node = helper.make_node("MatMul", ["x", name], ["y"], name="/model/layers.0/attn/nectar_heads/mid/MatMul")
@@ -222,9 +224,9 @@ def test_heads_batched_matmul_goes_to_8_bits_per_kv_head():
     # accuracy_level 0: fp32 activations, so the graph must equal x @ dequantized weights to fp32 rounding
     assert quantize_graph(proto, "int4", accuracy_level=0) == {node.name: 8}
     names = [nd.name for nd in proto.graph.node]
-    assert names == ["/model/layers.0/attn/nectar_heads/mid/heads/Split"] + \
-        [f"/model/layers.0/attn/nectar_heads/mid/head{i}/MatMulNBits8" for i in range(h)] + \
-        ["/model/layers.0/attn/nectar_heads/mid/heads/Concat"]
+    per_head = [f"/model/layers.0/attn/nectar_heads/mid/head{i}/MatMulNBits8" for i in range(h)]
+    assert names == (per_head if h == 1 else ["/model/layers.0/attn/nectar_heads/mid/heads/Split", *per_head,
+                                               "/model/layers.0/attn/nectar_heads/mid/heads/Concat"])
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert name not in inits  # the fp32 weight is gone
     deq = []
@@ -241,6 +243,7 @@ def test_heads_batched_matmul_goes_to_8_bits_per_kv_head():
 
 
 def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
+    """int8 replaces every fp32 heads weight by per-KV-head 8-bit ones; heads=False keeps them fp32."""
     from nectar_models.loading import load_model
 
     model = load_model(save_tiny("llama", tmp_path / "m", seed=13)).model

@@ -1,0 +1,101 @@
+"""What one 8-bit `MatMulNBits` costs on this CPU at the shapes of Nectar heads (ONNX Runtime, CPU).
+
+Two measurements, each a chain of matmuls in one graph, timed over `--repeats` runs after warm-up:
+  * fixed cost per call: a chain of 270 tiny 64 × 64 matmuls (one token of a SmolLM2 bundle has 270
+    heads calls), 8-bit `MatMulNBits` against fp32 `MatMul`;
+  * weight rate: chains of 30 square K × K matmuls (K = 608, 761: the widest default-budget heads of
+    a 7,000-token document, plain and block-diagonal), with 1 and 3 activation rows (a KV head serves
+    its G = 3 query heads), in GB/s of weights read.
+
+    python benchmarks/heads_matmul_rate.py [--threads 2]
+
+Writes benchmarks/results/heads_matmul_rate.json and prints a table (docs/benchmarks.md quotes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chain(kind: str, k: int, rows: int, length: int, rng):
+    """A graph x [1, 1, rows, k] -> `length` k × k matmuls in a row ('nbits': 8-bit MatMulNBits)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nectar_export.export.quantize import quantize_blockwise
+
+    nodes, inits, x = [], [], "x"
+    for i in range(length):
+        w = (rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)
+        if kind == "nbits":
+            packed, scales, zeros = quantize_blockwise(w, 8, pad=True)
+            b = f"w{i}"
+            inits += [numpy_helper.from_array(packed, b), numpy_helper.from_array(scales, b + ".s"),
+                      numpy_helper.from_array(zeros, b + ".z")]
+            nodes.append(helper.make_node("MatMulNBits", [x, b, b + ".s", b + ".z"], [f"y{i}"], domain="com.microsoft",
+                                          K=k, N=k, bits=8, block_size=32, accuracy_level=4))
+        else:
+            inits.append(numpy_helper.from_array(w, f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
+        x = f"y{i}"
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, rows, k])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def time_ms(model, rows: int, k: int, threads: int, repeats: int, rng) -> float:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 1, rows, k)).astype(np.float32)
+    for _ in range(20):
+        sess.run(None, {"x": x})
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "heads_matmul_rate.json"))
+    a = ap.parse_args(argv)
+    import onnxruntime
+
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for kind in ("nbits", "fp32"):
+        ms = time_ms(chain(kind, 64, 3, 270, rng), 3, 64, a.threads, a.repeats, rng)
+        rows_out.append({"what": "fixed cost", "kind": kind, "k": 64, "rows": 3, "calls": 270, "ms": ms, "us_per_call": 1000 * ms / 270})
+    for k in (608, 761):
+        for rows in (1, 3):
+            for kind in ("nbits", "fp32"):
+                ms = time_ms(chain(kind, k, rows, 30, rng), rows, k, a.threads, a.repeats // 2, rng)
+                nbytes = 30 * k * k * (1 if kind == "nbits" else 4)
+                rows_out.append({"what": "weight rate", "kind": kind, "k": k, "rows": rows, "calls": 30, "ms": ms,
+                                 "weight_gb_per_s": nbytes / (ms / 1000) / 1e9})
+    report = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "onnxruntime": onnxruntime.__version__, "rows": rows_out}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print("| measurement | kind | K | rows | ms | µs per call | weight GB/s |\n|---|---|---:|---:|---:|---:|---:|")
+    for r in rows_out:
+        print(f"| {r['what']} | {r['kind']} | {r['k']} | {r['rows']} | {r['ms']:.2f} | {r.get('us_per_call', float('nan')):.2f} | "
+              f"{r.get('weight_gb_per_s', float('nan')):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
