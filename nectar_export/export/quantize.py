@@ -16,7 +16,7 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
 
 Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind: one `MatMulNBits` per KV head between a Split and a
-Concat over the head axis (ORT's kernel takes 2-D weights only). At the default budget the heads hold
+Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs neither). At the default budget the heads hold
 tens of MB of fp32 weights, read in full at every token; 8 bits keep their rounding (~1/255 of a
 block's range) far below the heads' own ~0.15 relative error. K need not be a multiple of 32: the
 last block's weight rows are zero-padded (ORT reads only K inputs). Baked KV, retained KV and the
