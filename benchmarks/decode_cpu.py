@@ -322,6 +322,15 @@ def _contention_text(c: dict | None) -> str:
             f"run, so any such disturbance falls on both.")
 
 
+def write_outputs(report: dict, out: Path, png: Path, plot, section, begin: str, end: str, docs: Path) -> None:
+    """A benchmark's results: `report` as JSON at `out`, `plot(report, png)`, and `section(report, png
+    relative to docs/)` between the markers `begin`/`end` of `docs`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, png)
+    write_docs(docs, section(report, str(png.relative_to(docs.parent))), begin, end)
+
+
 def write_docs(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the part of `path` between the markers `begin` and `end` by `section` (which
     carries the markers itself), or append it when the markers are not there yet."""

@@ -30,9 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_cpu import CpuContention, machine_info, write_docs  # noqa: E402
+from decode_cpu import CpuContention, machine_info, write_outputs  # noqa: E402
 from ort_decode import THREADS, export, time_bundles  # noqa: E402
-from quant_quality import compare  # noqa: E402
+from quant_quality import compare, reference_answers  # noqa: E402
 
 MANUALS = REPO.parent / "shared" / "data" / "manuals"
 BEGIN, END = "<!-- default_heads_cpu:begin -->", "<!-- default_heads_cpu:end -->"
@@ -159,17 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         qf = (MANUALS / art["manual"]).with_suffix(".questions.jsonl")
         qs = [json.loads(x)["question"] for x in qf.read_text().splitlines() if x.strip()][: a.questions]
         ref = work / f"{art['name']}_fp32"
+        answers = reference_answers(ref, qs, a.max_tokens)  # the fp32 bundle's greedy answers, once per document
         for r in report["bundles"]:
             if r["artifact_name"] == art["name"] and r["variant"] != "fp32":
                 log(f"fidelity of {r['bundle']} …")
-                r["fidelity"] = compare(ref, work / r["bundle"], qs, a.max_tokens, ref)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+                r["fidelity"] = compare(ref, work / r["bundle"], answers)
     png = REPO / "docs" / "img" / "default_heads_cpu.png"
-    plot(report, png)
-    write_docs(REPO / "docs" / "benchmarks.md", docs_section(report, "img/default_heads_cpu.png"), BEGIN, END)
-    log(f"wrote {out}, {png}, docs/benchmarks.md")
+    write_outputs(report, Path(a.out), png, plot, docs_section, BEGIN, END, REPO / "docs" / "benchmarks.md")
+    log(f"wrote {a.out}, {png}, docs/benchmarks.md")
     return 0
 
 

@@ -40,7 +40,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_cpu import CpuContention, machine_info, write_docs  # noqa: E402
+from decode_cpu import CpuContention, machine_info, write_outputs  # noqa: E402
 
 MANUALS = REPO.parent / "shared" / "data" / "manuals"
 MODEL = "smollm2-135m-instruct"
@@ -383,12 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     report["contention"] = contention.result()
     report["sizes"] = sorted({r["n"] for r in report["bundles"]})
     report["targets"] = targets(report)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    png = REPO / "docs" / "img" / "ort_decode.png"
-    plot(report, png)
-    write_docs(REPO / "docs" / "benchmarks.md", docs_section(report, "img/ort_decode.png"), BEGIN, END)
+    write_outputs(report, Path(a.out), REPO / "docs" / "img" / "ort_decode.png", plot, docs_section, BEGIN, END,
+                  REPO / "docs" / "benchmarks.md")
     for k, v in report["targets"].items():
         print(f"{k}: {v}")
     return 0

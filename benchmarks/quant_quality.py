@@ -60,22 +60,25 @@ def teacher_forced_logprobs(backend, context_len: int, prompt: list[int], answer
     return np.array(rows)
 
 
-def compare(ref_bundle: Path, other: Path, questions: list[str], max_tokens: int, answers_from: Path) -> dict:
-    """Teacher-forced over the greedy answers of `answers_from` (the full-context fp32 bundle of
+def reference_answers(answers_from: Path, questions: list[str], max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, greedy answer ids) per question from `answers_from`; empty answers dropped."""
+    src = session(answers_from)
+    return [pa for pa in (greedy_answer(src, q, max_tokens) for q in questions) if pa[1]]
+
+
+def compare(ref_bundle: Path, other: Path, answers: list[tuple[list[int], list[int]]]) -> dict:
+    """Teacher-forced over `answers` (`reference_answers`, e.g. of the full-context fp32 bundle of
     the same document): the same token sequences for every method, whatever its own answers."""
-    ref, oth, src = session(ref_bundle), session(other), session(answers_from)
+    ref, oth = session(ref_bundle), session(other)
     n = ref.backend.context_len
     agree, kls, tokens = [], [], 0
-    for q in questions:
-        prompt, ans = greedy_answer(src, q, max_tokens)
-        if not ans:
-            continue
+    for prompt, ans in answers:
         a = teacher_forced_logprobs(ref.backend, n, prompt, ans)
         b = teacher_forced_logprobs(oth.backend, n, prompt, ans)
         agree += list(a.argmax(-1) == b.argmax(-1))
         kls += list((np.exp(a) * (a - b)).sum(-1))
         tokens += len(ans)
-    return {"agreement": float(np.mean(agree)), "kl": float(np.mean(kls)), "tokens": tokens, "questions": len(questions)}
+    return {"agreement": float(np.mean(agree)), "kl": float(np.mean(kls)), "tokens": tokens, "questions": len(answers)}
 
 
 def main(argv=None) -> int:
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     first_manual = sorted(MANUALS.glob("*.txt"))[0]
     qs = [json.loads(x)["question"] for x in first_manual.with_suffix(".questions.jsonl").read_text().splitlines() if x.strip()]
     qs = qs[: a.questions]
-    rows = []
+    rows, answers = [], {}  # answers: per full-context bundle, generated once
     for ref in sorted(root.glob("*_fp32_*")):
         if not (ref / "manifest.json").is_file():
             continue
@@ -100,7 +103,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             m = json.loads((ref / "manifest.json").read_text())
             full = root / f"full_fp32_{ref.name.split('_')[2]}"
-            r = compare(ref, other, qs, a.max_tokens, full)
+            if full not in answers:
+                answers[full] = reference_answers(full, qs, a.max_tokens)
+            r = compare(ref, other, answers[full])
             r.update(method=m["method"], quantize=kind, n=m["context_len"], reference=ref.name,
                      bundle_mb=sum(f.stat().st_size for f in other.iterdir()) / 1e6,
                      fp32_mb=sum(f.stat().st_size for f in ref.iterdir()) / 1e6, seconds=round(time.perf_counter() - t0, 1))

@@ -81,15 +81,10 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
 def quantize_proto(proto, kind: str, heads: bool = True):
     """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls and (`heads`) of the Nectar
     heads at 8 bits, in place (returns `proto`); see quantize.py."""
-    quantize_proto_report(proto, kind, heads)
-    return proto
-
-
-def quantize_proto_report(proto, kind: str, heads: bool = True) -> dict:
-    """As `quantize_proto`; returns {MatMul node name: bits} of what was quantized."""
     from .quantize import quantize_graph
 
-    return quantize_graph(proto, kind, heads=heads)
+    quantize_graph(proto, kind, heads=heads)
+    return proto
 
 
 def _save(proto, path: Path) -> None:
@@ -129,7 +124,9 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     heads_quantized = False
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
-        done = quantize_proto_report(proto, cfg.quantize, heads=cfg.quantize_heads)
+        from .quantize import quantize_graph
+
+        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads)  # {MatMul node name: bits}
         heads_quantized = any("/nectar_heads/" in name for name in done)
     tmp = temp_dir_beside(out)
     try:
