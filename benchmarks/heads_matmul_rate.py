@@ -5,9 +5,13 @@ Two measurements, each a chain of matmuls in one graph, timed over `--repeats` r
     heads calls), 8-bit `MatMulNBits` against fp32 `MatMul`;
   * weight rate: chains of 30 square K × K matmuls (K = 608, 761: the widest default-budget heads of
     a 7,000-token document, plain and block-diagonal), with 1 and 3 activation rows (a KV head serves
-    its G = 3 query heads), in GB/s of weights read.
+    its G = 3 query heads), in GB/s of weights read;
+  * break-even (`--break-even`): a whole heads matmul as the exporter writes it — one batched fp32
+    `MatMul` of x [1, 3, 3, K] by w [3, K, K] against the quantizer's Split → 3 × 8-bit
+    `MatMulNBits` → Concat — in chains of 30 (one per layer), K = 64 … 768, to place
+    `nectar_export.export.bundle.HEADS_MIN_BYTES` (below it a heads weight stays fp32).
 
-    python benchmarks/heads_matmul_rate.py [--threads 2]
+    python benchmarks/heads_matmul_rate.py [--threads 2] [--break-even]
 
 Writes benchmarks/results/heads_matmul_rate.json and prints a table (docs/benchmarks.md quotes it).
 """
@@ -50,13 +54,35 @@ def chain(kind: str, k: int, rows: int, length: int, rng):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def time_ms(model, rows: int, k: int, threads: int, repeats: int, rng) -> float:
+def heads_chain(k: int, quantized: bool, rng, hkv: int = 3, rows: int = 3, length: int = 30):
+    """30 layers' worth of one heads matmul, x [1, hkv, rows, k] @ w [hkv, k, k], as exported
+    (`quantized`: through quantize_graph, i.e. Split → per-head MatMulNBits-8 → Concat)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nectar_export.export.quantize import quantize_graph
+
+    nodes, inits, x = [], [], "x"
+    for i in range(length):
+        w = (rng.standard_normal((hkv, k, k)) / np.sqrt(k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"model.layers.{i}.nectar_heads.w2"))
+        nodes.append(helper.make_node("MatMul", [x, f"model.layers.{i}.nectar_heads.w2"], [f"y{i}"],
+                                      name=f"/model/layers.{i}/attn/nectar_heads/mid/MatMul"))
+        x = f"y{i}"
+    g = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hkv, rows, k])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    if quantized:
+        quantize_graph(m, "int8")
+    return m
+
+
+def time_ms(model, rows: int, k: int, threads: int, repeats: int, rng, hkv: int = 1) -> float:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((1, 1, rows, k)).astype(np.float32)
+    x = rng.standard_normal((1, hkv, rows, k)).astype(np.float32)
     for _ in range(20):
         sess.run(None, {"x": x})
     ts = []
@@ -71,11 +97,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--break-even", action="store_true", help="only the fp32 vs 8-bit heads break-even")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "heads_matmul_rate.json"))
     a = ap.parse_args(argv)
     import onnxruntime
 
     rng = np.random.default_rng(0)
+    if a.break_even:
+        return break_even(a, rng)
     rows_out = []
     for kind in ("nbits", "fp32"):
         ms = time_ms(chain(kind, 64, 3, 270, rng), 3, 64, a.threads, a.repeats, rng)
@@ -94,6 +123,34 @@ def main(argv=None) -> int:
     for r in rows_out:
         print(f"| {r['what']} | {r['kind']} | {r['k']} | {r['rows']} | {r['ms']:.2f} | {r.get('us_per_call', float('nan')):.2f} | "
               f"{r.get('weight_gb_per_s', float('nan')):.1f} |")
+    return 0
+
+
+def break_even(a, rng) -> int:
+    """fp32 vs 8-bit heads matmuls per layer, median of 5 alternating passes (the machine is noisy)."""
+    import onnxruntime
+
+    from nectar_export.export.bundle import HEADS_MIN_BYTES
+
+    out = Path(a.out).with_name("heads_break_even.json") if a.out.endswith("heads_matmul_rate.json") else Path(a.out)
+    rows_out = []
+    for k in (64, 128, 192, 256, 320, 384, 512, 768):
+        models = {q: heads_chain(k, q, rng) for q in (False, True)}
+        ms = {False: [], True: []}
+        for _ in range(5):
+            for q, m in models.items():
+                ms[q].append(time_ms(m, 3, k, a.threads, a.repeats // 2, rng, hkv=3))
+        f, e = float(np.median(ms[False])), float(np.median(ms[True]))
+        rows_out.append({"k": k, "fp32_bytes_per_weight": 3 * k * k * 4, "fp32_us_per_layer": 1000 * f / 30,
+                         "int8_us_per_layer": 1000 * e / 30, "ratio_int8_to_fp32": e / f})
+    report = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "onnxruntime": onnxruntime.__version__,
+              "heads_min_bytes": HEADS_MIN_BYTES, "rows": rows_out}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}\n| K | fp32 KB per weight | fp32 µs per layer | 8-bit µs per layer | 8-bit / fp32 |\n|---:|---:|---:|---:|---:|")
+    for r in rows_out:
+        print(f"| {r['k']} | {r['fp32_bytes_per_weight'] / 1e3:.0f} | {r['fp32_us_per_layer']:.1f} | {r['int8_us_per_layer']:.1f} | "
+              f"{r['ratio_int8_to_fp32']:.2f} |")
     return 0
 
 

@@ -22,6 +22,11 @@ from nectar_runtime.errors import NectarError
 from ..outdir import replace_dir, temp_dir_beside
 
 METHODS = ("nectar", "full")
+# A Nectar heads weight below this many fp32 bytes stays fp32 in quantized bundles: there one
+# batched fp32 MatMul is faster than Split + one 8-bit MatMulNBits per KV head + Concat (on a 2-core
+# AVX2 EPYC, 30 layers' [3, K, K] weights: 8-bit took 1.46x the fp32 time at 197 KB and 0.77x at
+# 442 KB; `python benchmarks/heads_matmul_rate.py --break-even`, benchmarks/results/heads_break_even.json).
+HEADS_MIN_BYTES = 256 * 1024
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 QUANTIZE = ("int8", "int4", "int4-rtn")
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -36,6 +41,11 @@ class ExportConfig:
     # with `quantize`: the Nectar heads' weights at 8 bits too (quantize.py); False keeps them fp32.
     # Python API only (`nectar export` always quantizes them): benchmarks/default_heads_cpu.py measures both.
     quantize_heads: bool = True
+    # ... those weights of at least this many fp32 bytes (HEADS_MIN_BYTES above)
+    heads_min_bytes: int = HEADS_MIN_BYTES
+    # with `quantize`: ONNX Runtime's fused RotaryEmbedding / SkipSimplifiedLayerNormalization
+    # (decoder_graph.py, `ort_fused`); the quantized graph is ORT-only anyway. Python API only, for A/B runs.
+    ort_fused: bool = True
     check: bool = True  # run the exported graph against the torch backend before renaming it into place
 
     def __post_init__(self):
@@ -74,16 +84,17 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
     else:
         contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads, oa.retained)
     writer = DecoderGraphWriter(graph_spec(model, oa.ctx.n), decoder_weights(model), contexts,
-                                DTYPES[cfg.dtype], attention_op=attention_op)
+                                DTYPES[cfg.dtype], attention_op=attention_op,
+                                ort_fused=bool(cfg.quantize) and cfg.ort_fused and attention_op is None)
     return writer.build(f"nectar_{cfg.method}_decoder")
 
 
-def quantize_proto(proto, kind: str, heads: bool = True):
+def quantize_proto(proto, kind: str, heads: bool = True, heads_min_bytes: int = HEADS_MIN_BYTES):
     """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls and (`heads`) of the Nectar
-    heads at 8 bits, in place (returns `proto`); see quantize.py."""
+    heads weights of ≥ `heads_min_bytes` at 8 bits, in place (returns `proto`); see quantize.py."""
     from .quantize import quantize_graph
 
-    quantize_graph(proto, kind, heads=heads)
+    quantize_graph(proto, kind, heads=heads, heads_min_bytes=heads_min_bytes)
     return proto
 
 
@@ -126,7 +137,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
         from .quantize import quantize_graph
 
-        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads)  # {MatMul node name: bits}
+        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes)  # {MatMul: bits}
         heads_quantized = any("/nectar_heads/" in name for name in done)
     tmp = temp_dir_beside(out)
     try:
@@ -145,7 +156,8 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             "method": cfg.method,
             "dtype": cfg.dtype,
             "quantize": cfg.quantize,
-            "quantize_heads": heads_quantized,  # the Nectar MLP heads' weights are 8-bit in this graph
+            "quantize_heads": heads_quantized,  # some Nectar MLP heads' weights are 8-bit in this graph
+            "heads_min_bytes": cfg.heads_min_bytes if cfg.quantize and cfg.quantize_heads else None,
             "opset": proto.opset_import[0].version,
             "graph": {"file": GRAPH_FILE, "weights": DATA_FILE, **graph_io(proto),
                       "node_names": "docs/onnx.md#node-names"},

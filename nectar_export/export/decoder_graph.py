@@ -92,12 +92,22 @@ class DecoderGraphWriter:
     """Writes the decoder into a GraphBuilder. `attention_op` (optional) replaces the standard-op
     attention of each layer (e.g. by one custom `NectarAttention` node for TensorRT); it is called
     as op(writer, layer, q [B, Hkv, G*T, D] fp32, [past_k, new_k], [past_v, new_v], masks) -> o,
-    the local keys/values given as the pieces to concatenate along the sequence axis."""
+    the local keys/values given as the pieces to concatenate along the sequence axis.
+
+    `ort_fused`: write RoPE as `com.microsoft.RotaryEmbedding` and each residual Add + RMSNorm as
+    `com.microsoft.SkipSimplifiedLayerNormalization` (fp32 only) — ONNX Runtime's contrib ops, for
+    bundles that are ORT-only anyway (quantized: MatMulNBits). On a 2-core CPU a decode step is
+    dominated by per-node cost (~2–4 µs a node), and these take 5 nodes per layer off."""
 
     def __init__(self, spec: GraphSpec, weights: DecoderWeights, contexts: list[LayerContext],
-                 dtype=np.float32, attention_op=None):
+                 dtype=np.float32, attention_op=None, ort_fused: bool = False):
         self.s, self.w, self.ctx, self.dt = spec, weights, contexts, np.dtype(dtype)
+        if ort_fused and self.dt != np.float32:
+            raise ValueError("ort_fused graphs are fp32 (the quantized bundles')")
+        self.fused = ort_fused
         self.b = GraphBuilder()
+        if ort_fused:
+            self.b.custom_domains["com.microsoft"] = 1
         self.attention_op = attention_op or StandardAttention()
         self._cache: dict = {}
 
@@ -117,6 +127,21 @@ class DecoderGraphWriter:
         rs = b.op("Sqrt", [b.op("Add", [ms, b.const(self.s.rms_eps, np.float32)], f"{prefix}/Add")], f"{prefix}/Sqrt")
         y = b.op("Mul", [b.op("Div", [xf, rs], f"{prefix}/Div"), b.weight(wname, w.astype(np.float32))], f"{prefix}/Mul")
         return self.to_dt(y, f"{prefix}/Cast_out")
+
+    def residual_norm(self, x: str, delta: str | None, w: np.ndarray, prefix: str, wname: str, add_name: str) -> tuple[str, str]:
+        """(rms_norm(x + delta), x + delta); delta None: (rms_norm(x), x). Fused: one
+        SkipSimplifiedLayerNormalization `{prefix}/SkipSimplifiedLayerNormalization` (output 3 is
+        the sum); else the Add `add_name` and rms_norm."""
+        b = self.b
+        if delta is None:
+            return self.rms_norm(x, w, prefix, wname), x
+        if not self.fused:
+            x = b.op("Add", [x, delta], add_name)
+            return self.rms_norm(x, w, prefix, wname), x
+        y, _, _, total = b.op("SkipSimplifiedLayerNormalization", [x, delta, b.weight(wname, w.astype(np.float32))],
+                              f"{prefix}/SkipSimplifiedLayerNormalization", outputs=[True, False, False, True],
+                              domain="com.microsoft", epsilon=float(self.s.rms_eps))
+        return y, total
 
     def matmul(self, x: str, w: np.ndarray, prefix: str, wname: str) -> str:
         return self.b.op("MatMul", [x, self.b.weight(wname, w.astype(self.dt))], f"{prefix}/MatMul")
@@ -254,14 +279,25 @@ class DecoderGraphWriter:
         bias = b.op("Unsqueeze", [bias, b.const([1])], f"{p}/Unsqueeze")  # [B, 1, T, K]
         return b.op("Tile", [bias, b.const([1, 1, self.s.group, 1])], f"{p}/Tile")  # rows g*T + t
 
-    def rope_tables(self, pos: str) -> list[tuple[str, str]]:
-        """cos, sin [B, 1, T, D] fp32 per RoPE table (NeoX layout: halves duplicated)."""
+    def rope_tables(self, pos: str) -> list[tuple[str, ...]]:
+        """Per RoPE table: cos, sin [B, 1, T, D] fp32 (NeoX layout: halves duplicated). Fused:
+        cos, sin [B*T, D/2] — RotaryEmbedding's cache holding just this call's B*T positions — and
+        the cache rows [B, T] (0 … B*T−1) that the op looks up; the same fp32 angles either way."""
         b = self.b
         posf = b.op("Cast", [b.op("Unsqueeze", [pos, b.const([-1])], "/model/rope/Unsqueeze")], "/model/rope/Cast", to=TensorProto.FLOAT)
+        rows = None
+        if self.fused:
+            count = b.op("ReduceProd", [self.shape_bt()], "/model/rope/rows/ReduceProd", keepdims=0)
+            rows = b.op("Reshape", [b.op("Range", [b.const(0), count, b.const(1)], "/model/rope/rows/Range"), self.shape_bt()],
+                        "/model/rope/rows/Reshape")
         out = []
         for r, inv in enumerate(self.s.inv_freqs):
             p = f"/model/rope.{r}"
             ang = b.op("Mul", [posf, b.weight(f"model.rope.{r}.inv_freq", inv.astype(np.float32))], f"{p}/Mul")  # [B,T,D/2]
+            if self.fused:
+                ang = b.op("Reshape", [ang, b.const([-1, len(inv)])], f"{p}/Reshape")
+                out.append((b.op("Cos", [ang], f"{p}/Cos"), b.op("Sin", [ang], f"{p}/Sin"), rows))
+                continue
             ang = b.op("Unsqueeze", [b.op("Concat", [ang, ang], f"{p}/Concat", axis=-1), b.const([1])], f"{p}/Unsqueeze")
             out.append((b.op("Cos", [ang], f"{p}/Cos"), b.op("Sin", [ang], f"{p}/Sin")))
         return out
@@ -284,10 +320,14 @@ class DecoderGraphWriter:
             x = b.op("Mul", [x, b.const(self.s.embed_scale, self.dt)], f"{p}/Mul_scale")
         return x
 
-    def layer(self, i: int, x: str, io: dict, masks: dict, ropes: list, presents: list) -> str:
+    def layer(self, i: int, x: str, delta: str | None, io: dict, masks: dict, ropes: list, presents: list) -> tuple[str, str]:
+        """One decoder layer on the residual stream x + delta (delta None for the first layer:
+        the residual Adds are deferred so that each can fuse with the norm after it); returns
+        (x, delta) for the next layer."""
         s, w, b = self.s, self.w.layers[i], self.b
         p, wn = f"/model/layers.{i}", f"model.layers.{i}"
-        h = self.rms_norm(x, w.input_norm, f"{p}/input_norm", f"{wn}.input_norm.weight")
+        add_name = f"/model/layers.{i - 1}/mlp_residual/Add"
+        h, x = self.residual_norm(x, delta, w.input_norm, f"{p}/input_norm", f"{wn}.input_norm.weight", add_name)
         q, k, v = self.qkv(i, h, ropes[s.layer_rope[i]])
         pk, pv = io["past"][i]
         presents.append((k, v))
@@ -299,16 +339,15 @@ class DecoderGraphWriter:
         a = self.matmul(o, w.o_proj, f"{p}/attn/o_proj", f"{wn}.attn.o_proj.weight")
         if s.sandwich_norms:
             a = self.rms_norm(a, w.post_attn_norm, f"{p}/post_attn_norm", f"{wn}.post_attn_norm.weight")
-        x = b.op("Add", [x, a], f"{p}/attn_residual/Add")
         pre = w.pre_ff_norm if s.sandwich_norms else w.post_attn_norm
-        h = self.rms_norm(x, pre, f"{p}/pre_ff_norm", f"{wn}.pre_ff_norm.weight")
+        h, x = self.residual_norm(x, a, pre, f"{p}/pre_ff_norm", f"{wn}.pre_ff_norm.weight", f"{p}/attn_residual/Add")
         gu = self.matmul(h, w.gate_up, f"{p}/mlp/gate_up_proj", f"{wn}.mlp.gate_up_proj.weight")
         gate, up = b.op("Split", [gu, b.const([w.down.shape[0]] * 2)], f"{p}/mlp/Split", outputs=2, axis=-1)
         m = b.op("Mul", [self.activation(gate, f"{p}/mlp/act"), up], f"{p}/mlp/Mul")
         m = self.matmul(m, w.down, f"{p}/mlp/down_proj", f"{wn}.mlp.down_proj.weight")
         if s.sandwich_norms:
             m = self.rms_norm(m, w.post_ff_norm, f"{p}/post_ff_norm", f"{wn}.post_ff_norm.weight")
-        return b.op("Add", [x, m], f"{p}/mlp_residual/Add")
+        return x, m
 
     def qkv(self, i: int, h: str, rope: tuple[str, str]) -> tuple[str, str, str]:
         """-> q [B, Hkv, G*T, D] fp32 (post-RoPE, unscaled), k, v [B, Hkv, T, D] (kv dtype)."""
@@ -328,10 +367,15 @@ class DecoderGraphWriter:
             k_ = self.rms_norm(k_, w.k_norm, f"{p}/k_norm", f"{wn}.attn.k_norm.weight")
             qk = b.op("Concat", [q_, k_], f"{p}/qk_norm/Concat", axis=1)
             qk = self.f32(qk, f"{p}/qk_norm/Cast")
-        cos, sin = rope
-        rot = b.op("MatMul", [qk, self.rotate_half(d)], f"{p}/qk_rope/rotate_half/MatMul")  # [-x2, x1], exactly
-        qk = b.op("Add", [b.op("Mul", [qk, cos], f"{p}/qk_rope/Mul_cos"), b.op("Mul", [rot, sin], f"{p}/qk_rope/Mul_sin")],
-                  f"{p}/qk_rope/Add")
+        if self.fused:
+            cos, sin, rows = rope
+            qk = b.op("RotaryEmbedding", [qk, rows, cos, sin], f"{p}/qk_rope/RotaryEmbedding", domain="com.microsoft",
+                      interleaved=0)
+        else:
+            cos, sin = rope
+            rot = b.op("MatMul", [qk, self.rotate_half(d)], f"{p}/qk_rope/rotate_half/MatMul")  # [-x2, x1], exactly
+            qk = b.op("Add", [b.op("Mul", [qk, cos], f"{p}/qk_rope/Mul_cos"), b.op("Mul", [rot, sin], f"{p}/qk_rope/Mul_sin")],
+                      f"{p}/qk_rope/Add")
         q, k = b.op("Split", [qk, b.const([hq, hkv])], f"{p}/q_k/Split", outputs=2, axis=1)
         q = b.op("Reshape", [q, b.const([0, hkv, -1, d])], f"{p}/q_groups/Reshape")  # [B, Hkv, G*T, D]
         return q, self.to_dt(k, f"{p}/k/Cast"), v
@@ -343,8 +387,10 @@ class DecoderGraphWriter:
         ropes = self.rope_tables(io["pos"])
         x = self.embed(io["ids"])
         presents: list = []
+        delta = None
         for i in range(s.num_layers):
-            x = self.layer(i, x, io, masks, ropes, presents)
+            x, delta = self.layer(i, x, delta, io, masks, ropes, presents)
+        x = b.op("Add", [x, delta], f"/model/layers.{s.num_layers - 1}/mlp_residual/Add")
         last = b.op("Slice", [x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])], "/model/last_token/Slice")
         h = self.rms_norm(last, self.w.final_norm, "/model/final_norm", "model.norm.weight")
         if self.w.lm_head is None:

@@ -84,14 +84,18 @@ class GraphBuilder:
             self._consts[key] = self.weight(f"/const/{a.dtype.name}/{list(a.shape)}/{label}/{len(self._consts)}", a)
         return self._consts[key]
 
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> str | list[str]:
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[bool] = 1, domain: str = "",
+           **attrs) -> str | list[str]:
         """Add node `name` (its path in the model, e.g. '/model/layers.0/attn/Softmax');
-        returns its output name, or a list of them when `outputs` > 1."""
-        outs = [f"{name}/output_{i}" for i in range(outputs)]
+        returns its output name, or a list of them when `outputs` > 1. `outputs` as a list of
+        flags: which of the node's optional outputs exist (a skipped one gets the name "")."""
+        want = [True] * outputs if isinstance(outputs, int) else list(outputs)
+        outs = [f"{name}/output_{i}" if w else "" for i, w in enumerate(want)]
         for o in outs:
-            self._claim(o)
+            if o:
+                self._claim(o)
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._claim(name), domain=domain or None, **attrs))
-        return outs[0] if outputs == 1 else outs
+        return outs[0] if len(outs) == 1 else outs
 
     def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)

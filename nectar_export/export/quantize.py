@@ -15,11 +15,14 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
                 grid point, 1/32 of a Q4_1 step)
 
 Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
-`[B, Hkv, G*T, K]`) go to 8 bits in every kind: one `MatMulNBits` per KV head between a Split and a
-Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs neither). At the default budget the heads hold
-tens of MB of fp32 weights, read in full at every token; 8 bits keep their rounding (~1/255 of a
-block's range) far below the heads' own ~0.15 relative error. K need not be a multiple of 32: the
-last block's weight rows are zero-padded (ORT reads only K inputs). Baked KV, retained KV and the
+`[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
+fp32 (the exporter's default: bundle.HEADS_MIN_BYTES): one `MatMulNBits` per KV head between a
+Split and a Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs
+neither). At the default budget the heads hold tens of MB of fp32 weights, read in full at every
+token; 8 bits keep their rounding (~1/255 of a block's range) far below the heads' own ~0.15
+relative error. Smaller weights stay one fp32 MatMul: there the Hkv + 2 nodes cost more than the
+bytes saved. K need not be a multiple of 32: the last block's weight rows are zero-padded (ORT
+reads only K inputs). Baked KV, retained KV and the
 RoPE rotation stay as they are. `accuracy_level` 4 lets ORT's CPU kernels quantize activations to int8
 per block and use integer dot products.
 """
@@ -70,9 +73,9 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     return packed, scale, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
 
 
-def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True) -> dict:
-    """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones (per KV
-    head, 8 bits); returns {node name: bits}.
+def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, heads_min_bytes: int = 0) -> dict:
+    """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
+    least `heads_min_bytes` fp32 bytes (per KV head, 8 bits); returns {node name: bits}.
 
     int4: 4-bit weights use ORT's fast symmetric kernel (implicit zero point 8) plus an exact
     correction for the true per-block offset: x @ W = MatMulNBits(x) + blocksum(x) @ C with
@@ -90,7 +93,8 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
     done, new_nodes, drop, blocksums, eight_bit, head_weights = {}, [], set(), {}, {}, set()
     for node in proto.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if heads and w is not None and len(w.dims) == 3 and ".nectar_heads." in w.name:
+        if heads and w is not None and len(w.dims) == 3 and ".nectar_heads." in w.name \
+                and 4 * int(np.prod(w.dims)) >= heads_min_bytes:
             new_nodes += _per_head_nbits(proto, node, numpy_helper.to_array(w).astype(np.float32), accuracy_level, head_weights)
             done[node.name] = 8
             users[w.name] -= 1

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from tests.conftest import manual_path
@@ -24,7 +25,7 @@ def bundles(small_artifact, tmp_path_factory):
     d = tmp_path_factory.mktemp("bundles")
     out = {}
     for name, cfg in {"nectar": ExportConfig(), "full": ExportConfig(method="full"),
-                      "int8": ExportConfig(quantize="int8"), "int4": ExportConfig(quantize="int4")}.items():
+                      "int8": ExportConfig(quantize="int8", heads_min_bytes=0), "int4": ExportConfig(quantize="int4")}.items():
         out[name] = export_onnx_bundle(art, d / name, cfg, log=lambda s: None)
     return art, out
 
@@ -89,7 +90,25 @@ def test_quantized_bundles_track_fp32(bundles, kind):
     m = json.loads((bundles[1][kind] / "manifest.json").read_text())
     chk = m["export_check"]
     assert m["quantize"] == kind and chk["top1_agreement"] >= 0.8 and chk["mean_kl"] < 0.05, chk
-    assert m["quantize_heads"] is True and json.loads((bundles[1]["nectar"] / "manifest.json").read_text())["quantize_heads"] is False
+    assert json.loads((bundles[1]["nectar"] / "manifest.json").read_text())["quantize_heads"] is False
+    # int8: every heads weight at 8 bits (heads_min_bytes=0); int4: the exporter's default floor —
+    # heads weights under HEADS_MIN_BYTES of fp32 stay fp32, the others are 8-bit per KV head
+    from nectar_export.export.bundle import HEADS_MIN_BYTES
+
+    def heads_weights(bundle):
+        g = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+        return g, {t.name: 4 * int(np.prod(t.dims)) for t in g.initializer if ".nectar_heads.w" in t.name}
+
+    _, ref = heads_weights(bundles[1]["nectar"])
+    g, have = heads_weights(bundles[1][kind])
+    floor = 0 if kind == "int8" else HEADS_MIN_BYTES
+    small = {n for n, b in ref.items() if b < floor}
+    assert {n for n in have if ".q8" not in n} == small
+    assert {n.split(".head")[0] for n in have if n.endswith(".q8")} == set(ref) - small
+    assert m["quantize_heads"] is (len(small) < len(ref)) and m["heads_min_bytes"] == floor
+    if kind == "int4":
+        assert small, "the small artifact no longer has heads weights below the floor: this test checks nothing there"
+    assert {"MatMulNBits", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= {n.op_type for n in g.node}  # ORT-fused form
     fp32 = (bundles[1]["nectar"] / "model.onnx.data").stat().st_size
     assert (bundles[1][kind] / "model.onnx.data").stat().st_size < 0.6 * fp32
 

@@ -82,6 +82,31 @@ def test_graph_matches_the_torch_model(tiny_model, method, variant):
     assert {o.domain for o in proto.opset_import} == {""} and proto.opset_import[0].version >= 17  # standard ops only
 
 
+def test_ort_fused_graph_matches_the_torch_model(tiny_model):
+    """The quantized bundles' graph form (`ort_fused`: com.microsoft RotaryEmbedding and
+    SkipSimplifiedLayerNormalization), at fp32 weights, equals the torch model as the standard one
+    does — prefill, decode steps and a left-padded batch."""
+    cfg = tiny_model.config
+    ids = torch.randint(0, cfg.vocab_size, (N_CTX,), generator=torch.Generator().manual_seed(21))
+    heads = _random_heads(cfg, "mlp", 21)
+    prefix = tiny_model.prefill_document(ids[None, :PREFIX]).contexts()
+    torch_ctx = [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads, cfg.layer_windows, N_CTX))]
+    parts = nectar_contexts_for_export(tiny_model, _Ctx(ids.tolist(), PREFIX), heads)
+    proto = DecoderGraphWriter(graph_spec(tiny_model, N_CTX), decoder_weights(tiny_model), parts, ort_fused=True).build()
+    onnx.checker.check_model(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("RotaryEmbedding") == cfg.num_layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * cfg.num_layers - 1  # every residual Add but the last
+    assert not [n for n in proto.graph.node if "rotate_half" in n.name or n.name.endswith("attn_residual/Add")]
+    ref, ort_b = TorchBackend(tiny_model, torch_ctx, N_CTX), OrtBackend(_session(proto), N_CTX, 1000)
+    prompt = np.random.default_rng(21).integers(0, cfg.vocab_size, 9).tolist()
+    r = compare_backends(ref, ort_b, prompt, N_CTX, 12)
+    assert r["max_abs_logit_diff"] <= 1e-4 and r["top1_agreement"] == 1.0, r
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]  # rows at different positions: RotaryEmbedding's per-row cache lookup
+    gen = GenerationConfig(max_new_tokens=6)
+    assert np.array_equal(np.stack(list(generate_ids(ref, prompts, gen, set()))), np.stack(list(generate_ids(ort_b, prompts, gen, set()))))
+
+
 def test_batched_left_padded_generation_equals_torch(tiny_model):
     ref, ort_b, _ = _backends(tiny_model, "nectar", seed=2)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -243,12 +268,16 @@ def test_heads_batched_matmul_goes_to_8_bits_per_kv_head(h):
 
 
 def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
-    """int8 replaces every fp32 heads weight by per-KV-head 8-bit ones; heads=False keeps them fp32."""
+    """int8 replaces every fp32 heads weight by per-KV-head 8-bit ones; heads=False keeps them fp32,
+    and so does the default size floor for weights this small (a few KB)."""
     from nectar_models.loading import load_model
 
     model = load_model(save_tiny("llama", tmp_path / "m", seed=13)).model
     _, _, proto = _backends(model, "nectar", seed=14)
-    q = quantize_proto(proto, "int8")
+    small = quantize_proto(onnx.ModelProto.FromString(proto.SerializeToString()), "int8")  # default heads_min_bytes
+    assert "model.layers.0.nectar_heads.w2" in {t.name for t in small.graph.initializer}
+    assert not [n for n in small.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
+    q = quantize_proto(proto, "int8", heads_min_bytes=0)
     assert not [t.name for t in q.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name]
     per_layer = [n.name for n in q.graph.node if n.name.startswith("/model/layers.0/attn/nectar_heads/") and n.op_type == "MatMulNBits"]
     assert len(per_layer) == 3 * model.config.num_kv_heads  # in, mid, out for each KV head
@@ -263,7 +292,7 @@ def test_int8_bundle_with_8_bit_heads_tracks_the_torch_model(tiny_model):
     matmul, and the quantized graph stays within int8 rounding of the fp32 torch model."""
     ref, _, proto = _backends(tiny_model, "nectar", seed=15)
     batched = [n.name for n in proto.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMul"]
-    q = quantize_proto(proto, "int8")
+    q = quantize_proto(proto, "int8", heads_min_bytes=0)
     per_head = [n.name for n in q.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
     assert batched and len(per_head) == len(batched) * tiny_model.config.num_kv_heads
     r = compare_backends(ref, OrtBackend(_session(q), N_CTX, 1000), [5, 6, 7, 8], N_CTX, 8)
