@@ -4,8 +4,9 @@ At the default budget (0.24 of the document's fp16 KV) the heads grow with the d
 parameters for grep.txt (n = 4,032), 18.8 M for 7,000 tokens. A decode step reads all of them, so
 in a quantized bundle whose transformer weights are 4 bits, fp32 heads can cost more than the model.
 This benchmark times, per artifact, the fp32 bundle and the int8 / int4 bundles with the heads at 8
-bits (the exporter's default) and at fp32 (`ExportConfig(quantize_heads=False)`, the exporter before
-2026-11-23), and measures each quantized bundle's fidelity to the fp32 bundle.
+bits (the exporter's default: every heads weight of at least 256 KiB of fp32; smaller ones stay fp32)
+and at fp32 (`ExportConfig(quantize_heads=False)`, the exporter before 2026-11-23), and measures each
+quantized bundle's fidelity to the fp32 bundle.
 
     python benchmarks/default_heads_cpu.py --artifacts A.nectar,B.nectar [--model GGUF]
 
@@ -55,14 +56,17 @@ def manual_of(art: Path) -> Path:
 
 
 def _exported_as(bundle: Path, kw: dict) -> bool:
-    """Whether `bundle` exists and was exported with `kw` (its manifest's quantize / quantize_heads);
-    a bundle from another exporter version or setting is exported again."""
+    """Whether `bundle` exists and was exported with `kw` (its manifest's quantize / quantize_heads /
+    ort_fused); a bundle from another exporter version or setting is exported again."""
+    from nectar_export.export.bundle import ExportConfig, uses_ort_fused
+
     try:
         m = json.loads((bundle / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
     want_heads = bool(kw.get("quantize")) and kw.get("quantize_heads", True)
-    return m.get("quantize") == kw.get("quantize") and m.get("quantize_heads") == want_heads
+    return (m.get("quantize") == kw.get("quantize") and m.get("quantize_heads") == want_heads
+            and m.get("ort_fused") == uses_ort_fused(ExportConfig(check=False, **kw)))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -108,7 +112,8 @@ def docs_section(report: dict, png_rel: str) -> str:
         for r in rows:
             q = r.get("fidelity") or {}
             fid = f"{q['agreement']:.3f} | {q['kl']:.4f}" if q else "(reference) | "
-            heads = "fp32" if r["variant"] == "fp32" or r["variant"].endswith("heads-fp32") else "8-bit"
+            # "8-bit": the exporter's default, heads weights of >= heads_min_bytes (256 KiB) at 8 bits, smaller ones fp32
+            heads = "fp32" if r["variant"] == "fp32" or r["variant"].endswith("heads-fp32") else "8-bit (≥ 256 KiB)"
             lines.append(f"| {a['name']} (n={a['n']}, {a['params_m']:.1f} M head params) | {r['quantize']} | {heads} | "
                          f"{r['bundle_bytes'] / 1e6:.0f} | {r['ms_per_token_median']:.2f} | {r['tokens_per_s']:.1f} | "
                          f"{base['ms_per_token_median'] / r['ms_per_token_median']:.2f}× | {fid} |")

@@ -197,10 +197,11 @@ def docs_section(rep: dict) -> str:
                      f"({r['weight_mb']:.0f}) | {r['rest_ms']:.2f} | {r['nodes_optimized']} | {ratio} |")
     by = {r["quantize"]: r for r in rep["bundles"]}
     lines += ["", "Reading it:", "",
-              f"- One trivial ORT node (a chain of 1,000 Adds on [1, 1, 576]) costs {rep['trivial_node_us']:.2f} µs: the "
+              f"- One trivial ORT node (a chain of 1,000 Adds on [1, 1, 576]) costs {rep['trivial_node_us']:.2f} µs, a lower "
+              f"bound: the graph's small nodes (tiny matmuls, splits, concats) cost more each, so the "
               f"{min(r['nodes_optimized'] for r in rep['bundles'])}–{max(r['nodes_optimized'] for r in rep['bundles'])} "
-              "nodes account for only a fraction of the rest; the rest is the small ops' own work (attention over the "
-              "prefix and local tokens, the Nectar heads' fp32 matmuls, norms, RoPE), about the same in every bundle.",
+              "nodes are a large part of the rest, beside their own work (attention over the prefix and local tokens, the "
+              "Nectar heads, norms, RoPE). `benchmarks/graph_form_ab.py` measures what removing nodes saves.",
               f"- ORT's profiler reports {rep['trivial_node_profiled_us']:.1f} µs of kernel time for that same trivial node, "
               "so per-op profiles (as in the section above) overstate small ops by about that much per node."]
     if "int4" in by and "int4-rtn" in by:

@@ -80,10 +80,17 @@ def fit_quick(base, doc: Path, out: Path, budget_mb: float | None) -> Path:
 
 
 def export(art: Path, out: Path, **kw) -> Path:
-    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle
+    """The bundle of `art` in `out`, exported again when missing or written by an exporter whose
+    graph form differs (manifest key `ort_fused`, added with the fused form of quantized bundles)."""
+    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle, uses_ort_fused
 
-    if not (out / "manifest.json").is_file():
-        export_onnx_bundle(art, out, ExportConfig(**kw), log=lambda s: None)
+    cfg = ExportConfig(**kw)
+    try:
+        current = json.loads((out / "manifest.json").read_text()).get("ort_fused") == uses_ort_fused(cfg)
+    except (OSError, ValueError):
+        current = False
+    if not current:
+        export_onnx_bundle(art, out, cfg, log=lambda s: None)
     return out
 
 

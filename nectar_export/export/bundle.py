@@ -72,6 +72,12 @@ def torch_document_contexts(oa, method: str) -> list:
     return oa.contexts()
 
 
+def uses_ort_fused(cfg: ExportConfig, attention_op=None) -> bool:
+    """Whether the graph takes ORT's fused contrib ops (decoder_graph.DecoderGraphWriter `ort_fused`):
+    quantized bundles (ORT-only anyway), unless turned off or a custom attention op is used."""
+    return bool(cfg.quantize) and cfg.ort_fused and attention_op is None
+
+
 def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attention_op=None):
     """The decoder ModelProto for an opened artifact (nectar_export.pipeline.OpenArtifact);
     `document_contexts` from `torch_document_contexts` (used by --method full)."""
@@ -85,7 +91,7 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
         contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads, oa.retained)
     writer = DecoderGraphWriter(graph_spec(model, oa.ctx.n), decoder_weights(model), contexts,
                                 DTYPES[cfg.dtype], attention_op=attention_op,
-                                ort_fused=bool(cfg.quantize) and cfg.ort_fused and attention_op is None)
+                                ort_fused=uses_ort_fused(cfg, attention_op))
     return writer.build(f"nectar_{cfg.method}_decoder")
 
 
@@ -158,6 +164,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             "quantize": cfg.quantize,
             "quantize_heads": heads_quantized,  # some Nectar MLP heads' weights are 8-bit in this graph
             "heads_min_bytes": cfg.heads_min_bytes if cfg.quantize and cfg.quantize_heads else None,
+            "ort_fused": uses_ort_fused(cfg, attention_op),  # com.microsoft RotaryEmbedding / SkipSimplifiedLayerNormalization
             "opset": proto.opset_import[0].version,
             "graph": {"file": GRAPH_FILE, "weights": DATA_FILE, **graph_io(proto),
                       "node_names": "docs/onnx.md#node-names"},

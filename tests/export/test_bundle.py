@@ -109,6 +109,7 @@ def test_quantized_bundles_track_fp32(bundles, kind):
     if kind == "int4":
         assert small, "the small artifact no longer has heads weights below the floor: this test checks nothing there"
     assert {"MatMulNBits", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= {n.op_type for n in g.node}  # ORT-fused form
+    assert m["ort_fused"] is True and json.loads((bundles[1]["nectar"] / "manifest.json").read_text())["ort_fused"] is False
     fp32 = (bundles[1]["nectar"] / "model.onnx.data").stat().st_size
     assert (bundles[1][kind] / "model.onnx.data").stat().st_size < 0.6 * fp32
 
