@@ -81,6 +81,22 @@ def compare(ref_bundle: Path, other: Path, answers: list[tuple[list[int], list[i
     return {"agreement": float(np.mean(agree)), "kl": float(np.mean(kls)), "tokens": tokens, "questions": len(answers)}
 
 
+def docs_section(report: dict) -> str:
+    lines = [BEGIN, "## Quantized bundles against fp32 (ONNX Runtime)", "",
+             f"Command: `python benchmarks/quant_quality.py {report['argv']}` ({report['date']}). Teacher-forced over the full-context "
+             f"fp32 bundle's greedy answers (≤ {report['max_tokens']} tokens) to the first {report['questions']} questions of "
+             f"{report['manual']} (the documents start with it); the Nectar rows use the short-fit artifacts of "
+             "benchmarks/ort_decode.py (quantization error only: both sides have the same heads). *heads*: the artifact's "
+             "budget, and whether the quantized bundle holds its heads at 8 bits (weights of ≥ 256 KiB) or fp32.", "",
+             "| method | n | heads | quantize | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | answer tokens | bundle MB (fp32 MB) |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in sorted(report["rows"], key=lambda r: (r["method"], r["n"], r.get("heads", ""), r["quantize"])):
+        lines.append(f"| {r['method']} | {r['n']} | {r.get('heads', '')} | {r['quantize']} | {r['agreement']:.3f} | {r['kl']:.4f} | "
+                     f"{r['tokens']} | {r['bundle_mb']:.0f} ({r['fp32_mb']:.0f}) |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundles", default=str(REPO / "benchmarks" / "work" / "ort_decode"))
@@ -106,26 +122,19 @@ def main(argv=None) -> int:
             if full not in answers:
                 answers[full] = reference_answers(full, qs, a.max_tokens)
             r = compare(ref, other, answers[full])
-            r.update(method=m["method"], quantize=kind, n=m["context_len"], reference=ref.name,
+            mq = json.loads((other / "manifest.json").read_text())
+            heads = "" if m["method"] == "full" else (
+                f"{'default budget' if ref.name.endswith('_default') else 'fixed 2.8 MB'}, {'8-bit' if mq.get('quantize_heads') else 'fp32'}")
+            r.update(method=m["method"], quantize=kind, n=m["context_len"], reference=ref.name, heads=heads,
                      bundle_mb=sum(f.stat().st_size for f in other.iterdir()) / 1e6,
                      fp32_mb=sum(f.stat().st_size for f in ref.iterdir()) / 1e6, seconds=round(time.perf_counter() - t0, 1))
             print(json.dumps(r), file=sys.stderr)
             rows.append(r)
-    report = {"date": time.strftime("%Y-%m-%d"), "manual": first_manual.name, "argv": " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}
+    report = {"date": time.strftime("%Y-%m-%d"), "manual": first_manual.name, "argv": " ".join(argv if argv is not None else sys.argv[1:]),
+              "questions": len(qs), "max_tokens": a.max_tokens, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2))
-    lines = [BEGIN, "## Quantized bundles against fp32 (ONNX Runtime)", "",
-             f"Command: `python benchmarks/quant_quality.py {report['argv']}`. Teacher-forced over the full-context fp32 bundle's "
-             f"greedy answers (≤ {a.max_tokens} tokens) to the first {len(qs)} questions of {first_manual.name} (the documents start "
-             "with it); the Nectar rows use the short-fit artifacts of benchmarks/ort_decode.py (quantization error only: "
-             "both sides have the same heads).", "",
-             "| method | n | quantize | top-1 agreement with fp32 | mean KL(fp32 ‖ q) | answer tokens | bundle MB (fp32 MB) |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["method"], r["n"], r["quantize"])):
-        lines.append(f"| {r['method']} | {r['n']} | {r['quantize']} | {r['agreement']:.3f} | {r['kl']:.4f} | {r['tokens']} | "
-                     f"{r['bundle_mb']:.0f} ({r['fp32_mb']:.0f}) |")
-    lines += ["", END]
-    write_docs(REPO / "docs" / "results.md", "\n".join(lines), BEGIN, END)
+    write_docs(REPO / "docs" / "results.md", docs_section(report), BEGIN, END)
     return 0
 
 
