@@ -56,17 +56,16 @@ def manual_of(art: Path) -> Path:
 
 
 def _exported_as(bundle: Path, kw: dict) -> bool:
-    """Whether `bundle` exists and was exported with `kw` (its manifest's quantize / quantize_heads /
-    ort_fused); a bundle from another exporter version or setting is exported again."""
-    from nectar_export.export.bundle import ExportConfig, uses_ort_fused
+    """Whether `bundle` exists and was exported with `kw` (its manifest's quantize and graph form:
+    ort_fused, heads_min_bytes); a bundle from another exporter version or setting is exported again."""
+    from nectar_export.export.bundle import ExportConfig, graph_form
 
     try:
         m = json.loads((bundle / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    want_heads = bool(kw.get("quantize")) and kw.get("quantize_heads", True)
-    return (m.get("quantize") == kw.get("quantize") and m.get("quantize_heads") == want_heads
-            and m.get("ort_fused") == uses_ort_fused(ExportConfig(check=False, **kw)))
+    cfg = ExportConfig(check=False, **kw)
+    return m.get("quantize") == cfg.quantize and all(m.get(k) == v for k, v in graph_form(cfg).items())
 
 
 def plot(report: dict, path: Path) -> None:

@@ -51,6 +51,22 @@ def optimized_nodes(graph: Path, threads: int) -> int:
         return len(onnx.load(str(Path(d) / "opt.onnx"), load_external_data=False).graph.node)
 
 
+def table(report: dict) -> str:
+    """Markdown table of a report; "paired": per round, the variant's block median over the "before"
+    block's of the same round (drift of the machine cancels), median over rounds and how many were faster."""
+    lines = ["| bundle | graph form | ms/token (median) | vs before | paired: median change, rounds faster | nodes after ORT | "
+             "8-bit heads | export check top-1 / KL |", "|---|---|---:|---:|---|---:|---|---|"]
+    for r in report["rows"]:
+        base = next(x for x in report["rows"] if x["kind"] == r["kind"] and x["variant"] == "before")
+        d = np.array(r["ms_per_token_per_round"]) / np.array(base["ms_per_token_per_round"]) - 1
+        paired = "—" if r is base else f"{np.median(d):+.1%}, {int((d < 0).sum())} of {len(d)}"
+        c = r["export_check"]
+        lines.append(f"| {r['kind']} | {r['variant']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / base['ms_per_token'] - 1:+.1%} | "
+                     f"{paired} | {r['nodes_after_ort']} | {'yes' if r['quantize_heads'] else 'no'} | "
+                     f"{c['top1_agreement']:.3f} / {c['mean_kl']:.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--artifact", default=str(REPO / "benchmarks" / "work" / "ort_decode" / "art_512_fixed"))
@@ -81,33 +97,34 @@ def main(argv=None) -> int:
         backends[key] = (b, OrtBackend.from_bundle(b, threads=a.threads))
     rng = np.random.default_rng(0)
     times = {key: [] for key in bundles}
+    per_round = {key: [] for key in bundles}  # median ms per token of each block: the spread of the noise
     for r in range(a.rounds):
         for key, (b, be) in backends.items():
+            block = []
             be.reset(1, 40 + a.block + 1)
             be.step(rng.integers(0, 1000, (1, 40)), np.arange(40)[None] + b.context_len)
             for i in range(a.block):
                 t = time.perf_counter()
                 be.step(np.array([[5 + i]]), np.array([[40 + i + b.context_len]]))
                 if i >= 8:
-                    times[key].append(time.perf_counter() - t)
+                    block.append(time.perf_counter() - t)
+            times[key] += block
+            per_round[key].append(1000 * float(np.median(block)))
         print(f"[graph_form_ab] round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
     rows = []
     for (kind, name), path in bundles.items():
         m = json.loads((path / "manifest.json").read_text())
-        rows.append({"kind": kind, "variant": name, **VARIANTS[name], "ms_per_token": 1000 * float(np.median(times[(kind, name)])),
-                     "nodes_after_ort": optimized_nodes(path / "model.onnx", a.threads), "quantize_heads": m["quantize_heads"],
-                     "export_check": m["export_check"]})
+        rows.append({"kind": kind, "variant": name, "ort_fused": m["ort_fused"], "heads_min_bytes": m["heads_min_bytes"],
+                     "quantize_heads": m["quantize_heads"], "ms_per_token": 1000 * float(np.median(times[(kind, name)])),
+                     "ms_per_token_per_round": per_round[(kind, name)],
+                     "nodes_after_ort": optimized_nodes(path / "model.onnx", a.threads), "export_check": m["export_check"]})
+    art = Path(a.artifact).resolve()
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(a.threads), "threads": a.threads,
-              "onnxruntime": onnxruntime.__version__, "artifact": a.artifact, "rounds": a.rounds, "block": a.block, "rows": rows}
+              "onnxruntime": onnxruntime.__version__, "artifact": str(art.relative_to(REPO)) if art.is_relative_to(REPO) else str(art),
+              "rounds": a.rounds, "block": a.block, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {a.out}\n| bundle | variant | ms/token (median) | vs before | nodes after ORT | 8-bit heads | check top-1 / KL |")
-    print("|---|---|---:|---:|---:|---|---|")
-    for r in rows:
-        base = next(x for x in rows if x["kind"] == r["kind"] and x["variant"] == "before")
-        c = r["export_check"]
-        print(f"| {r['kind']} | {r['variant']} | {r['ms_per_token']:.2f} | {r['ms_per_token'] / base['ms_per_token'] - 1:+.1%} | "
-              f"{r['nodes_after_ort']} | {'yes' if r['quantize_heads'] else 'no'} | {c['top1_agreement']:.3f} / {c['mean_kl']:.4f} |")
+    print(f"wrote {a.out}\n" + table(report))
     return 0
 
 

@@ -13,7 +13,8 @@ Two measurements, each a chain of matmuls in one graph, timed over `--repeats` r
 
     python benchmarks/heads_matmul_rate.py [--threads 2] [--break-even]
 
-Writes benchmarks/results/heads_matmul_rate.json and prints a table (docs/benchmarks.md quotes it).
+Writes benchmarks/results/heads_matmul_rate.json (`--break-even`: heads_break_even.json beside it) and
+prints a table (docs/benchmarks.md quotes it).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def heads_chain(k: int, quantized: bool, rng, hkv: int = 3, rows: int = 3, lengt
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     if quantized:
-        quantize_graph(m, "int8")
+        quantize_graph(m, "int8", heads_min_bytes=0)
     return m
 
 

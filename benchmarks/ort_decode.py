@@ -80,13 +80,14 @@ def fit_quick(base, doc: Path, out: Path, budget_mb: float | None) -> Path:
 
 
 def export(art: Path, out: Path, **kw) -> Path:
-    """The bundle of `art` in `out`, exported again when missing or written by an exporter whose
-    graph form differs (manifest key `ort_fused`, added with the fused form of quantized bundles)."""
-    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle, uses_ort_fused
+    """The bundle of `art` in `out`, exported again when missing or written by an exporter of
+    another graph form (manifest keys `ort_fused`, `heads_min_bytes`; absent in older bundles)."""
+    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle, graph_form
 
     cfg = ExportConfig(**kw)
     try:
-        current = json.loads((out / "manifest.json").read_text()).get("ort_fused") == uses_ort_fused(cfg)
+        m = json.loads((out / "manifest.json").read_text())
+        current = m.get("quantize") == cfg.quantize and all(m.get(k) == v for k, v in graph_form(cfg).items())
     except (OSError, ValueError):
         current = False
     if not current:

@@ -72,6 +72,13 @@ def torch_document_contexts(oa, method: str) -> list:
     return oa.contexts()
 
 
+def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
+    """The manifest keys that say how a bundle's graph was written from its artifact (beyond
+    method/dtype/quantize): benchmarks compare them to re-export bundles of another form."""
+    return {"ort_fused": uses_ort_fused(cfg, attention_op),
+            "heads_min_bytes": cfg.heads_min_bytes if cfg.quantize and cfg.quantize_heads else None}
+
+
 def uses_ort_fused(cfg: ExportConfig, attention_op=None) -> bool:
     """Whether the graph takes ORT's fused contrib ops (decoder_graph.DecoderGraphWriter `ort_fused`):
     quantized bundles (ORT-only anyway), unless turned off or a custom attention op is used."""
@@ -143,7 +150,8 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
         from .quantize import quantize_graph
 
-        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes)  # {MatMul: bits}
+        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads,
+                              heads_min_bytes=cfg.heads_min_bytes)  # {MatMul node name: bits}
         heads_quantized = any("/nectar_heads/" in name for name in done)
     tmp = temp_dir_beside(out)
     try:
@@ -163,8 +171,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             "dtype": cfg.dtype,
             "quantize": cfg.quantize,
             "quantize_heads": heads_quantized,  # some Nectar MLP heads' weights are 8-bit in this graph
-            "heads_min_bytes": cfg.heads_min_bytes if cfg.quantize and cfg.quantize_heads else None,
-            "ort_fused": uses_ort_fused(cfg, attention_op),  # com.microsoft RotaryEmbedding / SkipSimplifiedLayerNormalization
+            **graph_form(cfg, attention_op),  # ort_fused (com.microsoft RoPE / residual norms), heads_min_bytes
             "opset": proto.opset_import[0].version,
             "graph": {"file": GRAPH_FILE, "weights": DATA_FILE, **graph_io(proto),
                       "node_names": "docs/onnx.md#node-names"},

@@ -1,5 +1,6 @@
-"""The decoder as one ONNX graph (standard ops, opset 17), with the document baked in as
-per-layer context parts (context_parts.py) — exact KV, or Nectar heads, never both.
+"""The decoder as one ONNX graph (standard ops, opset 17; the `ort_fused` form adds two ONNX Runtime
+contrib ops), with the document baked in as per-layer context parts (context_parts.py) — exact KV,
+or Nectar heads, never both.
 
 Graph interface (B batch, T new tokens, P past slots, S = P + T):
 
@@ -16,9 +17,10 @@ The past buffer may hold empty slots (mask 0) anywhere: key positions are rebuil
 (n + cumsum − 1), so a fixed-capacity buffer is passed as is, no per-token reshaping or copying.
 One graph serves prefill (T > 1) and decode (T = 1).
 
-Node names: `/model/embed/*`, `/model/masks/*`, `/model/rope.{r}/*`, `/model/layers.{i}/{input_norm,
-attn,post_attn_norm,mlp}/*` (attention: `qkv_proj`, `qk_rope`, `scores`, `context.{part}`,
-`nectar_heads`, `merge`, `o_proj`), `/model/final_norm/*`, `/model/lm_head/MatMul`; weights
+Node names: `/model/embed/*`, `/model/masks/*`, `/model/rope/*`, `/model/rope.{r}/*`,
+`/model/layers.{i}/{input_norm,attn,post_attn_norm,pre_ff_norm,mlp}/*` (attention: `qkv_proj`,
+`qk_rope`, `scores`, `context.{part}`, `nectar_heads`, `merge`, `o_proj`; ort_fused: `qk_rope/RotaryEmbedding`,
+`{input_norm,pre_ff_norm}/SkipSimplifiedLayerNormalization`), `/model/final_norm/*`, `/model/lm_head/MatMul`; weights
 `model.layers.{i}.attn.qkv_proj.weight` etc. (see docs/onnx.md).
 """
 
@@ -96,8 +98,9 @@ class DecoderGraphWriter:
 
     `ort_fused`: write RoPE as `com.microsoft.RotaryEmbedding` and each residual Add + RMSNorm as
     `com.microsoft.SkipSimplifiedLayerNormalization` (fp32 only) — ONNX Runtime's contrib ops, for
-    bundles that are ORT-only anyway (quantized: MatMulNBits). On a 2-core CPU a decode step is
-    dominated by per-node cost (~2–4 µs a node), and these take 5 nodes per layer off."""
+    bundles that are ORT-only anyway (quantized: MatMulNBits). On a 2-core CPU per-node cost is a
+    good part of a decode step (about 2–3 µs per node removed, docs/benchmarks.md), and these take 5
+    nodes per layer off."""
 
     def __init__(self, spec: GraphSpec, weights: DecoderWeights, contexts: list[LayerContext],
                  dtype=np.float32, attention_op=None, ort_fused: bool = False):
@@ -349,7 +352,7 @@ class DecoderGraphWriter:
             m = self.rms_norm(m, w.post_ff_norm, f"{p}/post_ff_norm", f"{wn}.post_ff_norm.weight")
         return x, m
 
-    def qkv(self, i: int, h: str, rope: tuple[str, str]) -> tuple[str, str, str]:
+    def qkv(self, i: int, h: str, rope: tuple[str, ...]) -> tuple[str, str, str]:
         """-> q [B, Hkv, G*T, D] fp32 (post-RoPE, unscaled), k, v [B, Hkv, T, D] (kv dtype)."""
         s, w, b = self.s, self.w.layers[i], self.b
         p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"

@@ -22,9 +22,9 @@ neither). At the default budget the heads hold tens of MB of fp32 weights, read 
 token; 8 bits keep their rounding (~1/255 of a block's range) far below the heads' own ~0.15
 relative error. Smaller weights stay one fp32 MatMul: there the Hkv + 2 nodes cost more than the
 bytes saved. K need not be a multiple of 32: the last block's weight rows are zero-padded (ORT
-reads only K inputs). Baked KV, retained KV and the
-RoPE rotation stay as they are. `accuracy_level` 4 lets ORT's CPU kernels quantize activations to int8
-per block and use integer dot products.
+reads only K inputs). Baked KV, retained KV and (standard graph form) the RoPE rotation matrix stay
+as they are. `accuracy_level` 4 lets ORT's CPU kernels quantize activations to int8 per block and use
+integer dot products.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     return packed, scale, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
 
 
-def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, heads_min_bytes: int = 0) -> dict:
+def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
     least `heads_min_bytes` fp32 bytes (per KV head, 8 bits); returns {node name: bits}.
 

@@ -247,7 +247,7 @@ def test_heads_batched_matmul_goes_to_8_bits_per_kv_head(h):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, name)])
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     # accuracy_level 0: fp32 activations, so the graph must equal x @ dequantized weights to fp32 rounding
-    assert quantize_graph(proto, "int4", accuracy_level=0) == {node.name: 8}
+    assert quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=0) == {node.name: 8}
     names = [nd.name for nd in proto.graph.node]
     per_head = [f"/model/layers.0/attn/nectar_heads/mid/head{i}/MatMulNBits8" for i in range(h)]
     assert names == (per_head if h == 1 else ["/model/layers.0/attn/nectar_heads/mid/heads/Split", *per_head,
