@@ -55,19 +55,6 @@ def manual_of(art: Path) -> Path:
     raise SystemExit(f"{art}: its document starts with none of the manuals in {MANUALS}; pass artifacts fitted on them")
 
 
-def _exported_as(bundle: Path, kw: dict) -> bool:
-    """Whether `bundle` exists and was exported with `kw` (its manifest's quantize and graph form:
-    ort_fused, heads_min_bytes); a bundle from another exporter version or setting is exported again."""
-    from nectar_export.export.bundle import ExportConfig, graph_form
-
-    try:
-        m = json.loads((bundle / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    cfg = ExportConfig(check=False, **kw)
-    return m.get("quantize") == cfg.quantize and all(m.get(k) == v for k, v in graph_form(cfg).items())
-
-
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -133,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import onnxruntime
 
-    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle
-
     work = Path(a.work)
     arts = [Path(p) for p in a.artifacts.split(",")]
     report = {"date": time.strftime("%Y-%m-%d"), "argv": " ".join(argv if argv is not None else sys.argv[1:]),
@@ -148,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "artifact_bytes": man["artifact_bytes"], "widths": man["widths"],
                                     "params_m": man["param_count"] / 1e6, "manual": manual_of(art).name})
         for v, kw in VARIANTS:
-            out = work / f"{name}_{v}"
-            if not _exported_as(out, kw):
-                log(f"exporting {out.name} …")
-                export_onnx_bundle(art, out, ExportConfig(**kw), model=a.model, log=lambda s: None)
-            planned.append((name, v, out))
+            planned.append((name, v, export(art, work / f"{name}_{v}", model=a.model, log=log, **kw)))
     contention = CpuContention()
     log(f"timing {len(planned)} bundles round-robin …")
     for (name, v, _), r in zip(planned, time_bundles([p for _, _, p in planned], a.steps, a.repeats, log)):

@@ -9,12 +9,15 @@ folder), exported once per variant and quantization kind:
     heads-fp32  standard ops, heads under the size floor fp32 (ort_fused=False, default heads_min_bytes)
     after       both: the exporter's defaults
 
-Each bundle decodes in blocks of `--block` tokens after a 40-token prompt (the first 8 of a block
-are not timed), blocks rotating over the bundles for `--rounds` rounds, so that drift of this noisy
-machine hits every variant alike; the result is the median ms per token, plus the graph's node
-count after ORT's optimizations.
+The bundles are timed by ort_decode.py's round-robin timer (`time_bundles`: greedy decoding of
+`--steps` tokens after its question, one run of every bundle per round, `--rounds` rounds, 2
+threads), so that drift of this noisy machine hits every variant alike; the result is the median ms
+per token, each round's median (for paired comparisons), and the graph's node count after ORT's
+optimizations.
 
     python benchmarks/graph_form_ab.py [--artifact ART] [--kinds int4,int8] [--rounds 12]
+
+Bundles already in the work folder with the same quantization and graph form are reused.
 
 Writes benchmarks/results/graph_form_ab.json and prints a table (docs/benchmarks.md quotes it).
 """
@@ -33,6 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_cpu import machine_info  # noqa: E402
+from ort_decode import THREADS, export, time_bundles  # noqa: E402
 
 VARIANTS = {"before": {"ort_fused": False, "heads_min_bytes": 0}, "fused": {"ort_fused": True, "heads_min_bytes": 0},
             "heads-fp32": {"ort_fused": False}, "after": {}}
@@ -52,8 +56,8 @@ def optimized_nodes(graph: Path, threads: int) -> int:
 
 
 def table(report: dict) -> str:
-    """Markdown table of a report; "paired": per round, the variant's block median over the "before"
-    block's of the same round (drift of the machine cancels), median over rounds and how many were faster."""
+    """Markdown table of a report; "paired": per round, the variant's run median over the "before"
+    run's of the same round (drift of the machine cancels), median over rounds and how many were faster."""
     lines = ["| bundle | graph form | ms/token (median) | vs before | paired: median change, rounds faster | nodes after ORT | "
              "8-bit heads | export check top-1 / KL |", "|---|---|---:|---:|---|---:|---|---|"]
     for r in report["rows"]:
@@ -72,56 +76,32 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", default=str(REPO / "benchmarks" / "work" / "ort_decode" / "art_512_fixed"))
     ap.add_argument("--kinds", default="int4,int8")
     ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--block", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=64, help="greedy tokens per timed run")
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "graph_form_ab"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "graph_form_ab.json"))
     a = ap.parse_args(argv)
     import onnxruntime
 
-    from nectar_export.export.bundle import ExportConfig, export_onnx_bundle
-    from nectar_runtime.backends.ort_backend import OrtBackend
-    from nectar_runtime.bundle import read_bundle
+    def log(msg: str) -> None:
+        print(f"[graph_form_ab] {msg}", file=sys.stderr, flush=True)
 
     work = Path(a.work)
-    bundles = {}
-    for kind in a.kinds.split(","):
-        for name, kw in VARIANTS.items():
-            out = work / f"{kind}_{name}"
-            print(f"[graph_form_ab] export {out.name}", file=sys.stderr, flush=True)
-            export_onnx_bundle(a.artifact, out, ExportConfig(quantize=kind, **kw), log=lambda s: None)
-            bundles[(kind, name)] = out
-    backends = {}
-    for key, path in bundles.items():
-        b = read_bundle(path)
-        backends[key] = (b, OrtBackend.from_bundle(b, threads=a.threads))
-    rng = np.random.default_rng(0)
-    times = {key: [] for key in bundles}
-    per_round = {key: [] for key in bundles}  # median ms per token of each block: the spread of the noise
-    for r in range(a.rounds):
-        for key, (b, be) in backends.items():
-            block = []
-            be.reset(1, 40 + a.block + 1)
-            be.step(rng.integers(0, 1000, (1, 40)), np.arange(40)[None] + b.context_len)
-            for i in range(a.block):
-                t = time.perf_counter()
-                be.step(np.array([[5 + i]]), np.array([[40 + i + b.context_len]]))
-                if i >= 8:
-                    block.append(time.perf_counter() - t)
-            times[key] += block
-            per_round[key].append(1000 * float(np.median(block)))
-        print(f"[graph_form_ab] round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
+    bundles = {(kind, name): export(Path(a.artifact), work / f"{kind}_{name}", log=log, quantize=kind, **kw)
+               for kind in a.kinds.split(",") for name, kw in VARIANTS.items()}
+    keys = list(bundles)
+    timed = time_bundles([bundles[k] for k in keys], a.steps, a.rounds, log=log)
+    results = dict(zip(keys, timed))
     rows = []
     for (kind, name), path in bundles.items():
         m = json.loads((path / "manifest.json").read_text())
         rows.append({"kind": kind, "variant": name, "ort_fused": m["ort_fused"], "heads_min_bytes": m["heads_min_bytes"],
-                     "quantize_heads": m["quantize_heads"], "ms_per_token": 1000 * float(np.median(times[(kind, name)])),
-                     "ms_per_token_per_round": per_round[(kind, name)],
-                     "nodes_after_ort": optimized_nodes(path / "model.onnx", a.threads), "export_check": m["export_check"]})
+                     "quantize_heads": m["quantize_heads"], "ms_per_token": results[(kind, name)]["ms_per_token_median"],
+                     "ms_per_token_per_round": [r["ms_per_token_median"] for r in results[(kind, name)]["runs"]],
+                     "nodes_after_ort": optimized_nodes(path / "model.onnx", THREADS), "export_check": m["export_check"]})
     art = Path(a.artifact).resolve()
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(a.threads), "threads": a.threads,
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(THREADS), "threads": THREADS,
               "onnxruntime": onnxruntime.__version__, "artifact": str(art.relative_to(REPO)) if art.is_relative_to(REPO) else str(art),
-              "rounds": a.rounds, "block": a.block, "rows": rows}
+              "rounds": a.rounds, "steps": a.steps, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {a.out}\n" + table(report))

@@ -79,9 +79,10 @@ def fit_quick(base, doc: Path, out: Path, budget_mb: float | None) -> Path:
     return out
 
 
-def export(art: Path, out: Path, **kw) -> Path:
-    """The bundle of `art` in `out`, exported again when missing or written by an exporter of
-    another graph form (manifest keys `ort_fused`, `heads_min_bytes`; absent in older bundles)."""
+def export(art: Path, out: Path, model: str | None = None, log=None, **kw) -> Path:
+    """The bundle of `art` in `out` (ExportConfig(**kw); `model`: the base model, default the
+    manifest's), exported again when missing or written with another quantization or graph form
+    (manifest keys `ort_fused`, `heads_min_bytes`; absent in older bundles)."""
     from nectar_export.export.bundle import ExportConfig, export_onnx_bundle, graph_form
 
     cfg = ExportConfig(**kw)
@@ -91,7 +92,9 @@ def export(art: Path, out: Path, **kw) -> Path:
     except (OSError, ValueError):
         current = False
     if not current:
-        export_onnx_bundle(art, out, cfg, log=lambda s: None)
+        if log:
+            log(f"exporting {out.name} …")
+        export_onnx_bundle(art, out, cfg, model=model, log=lambda s: None)
     return out
 
 
