@@ -47,7 +47,8 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
     from nectar_export.probes import build_probes, probe_stats, split_probes
-    from nectar_export.retained import RetainedKV, module_error_mass, retained_bytes, worst_modules
+    from nectar_export.retained import (RetainedKV, module_error_mass, retained_bytes, retained_tokens, select_tokens,
+                                        subset_error, worst_modules)
     from nectar_export.cli import read_questions
     from nectar_export.streaming import streaming_contexts, streaming_tokens_for_bytes
 
@@ -115,9 +116,13 @@ def run(a: argparse.Namespace) -> None:
             mass = kept = None
             if fcfg.retain_heads or a.retain_heads:  # exact KV kept for the worst heads (nectar_export/retained.py)
                 mass = module_error_mass(res.heads, qhe.stored_as(getattr(torch, fcfg.query_dtype)))
-            if fcfg.retain_heads:  # part of the artifact, as `nectar fit --retain-heads` makes it
-                kept = RetainedKV.from_document(docpart, worst_modules(mass, fcfg.retain_heads, cfg.layer_windows), ctx.prefix_len,
-                                                fcfg.retain_dtype)
+            subset_err = None
+            if fcfg.retain_heads:  # part of the artifact, as `nectar fit --retain-heads [--retain-tokens]` makes it
+                mods = worst_modules(mass, fcfg.retain_heads, cfg.layer_windows)
+                c = retained_tokens(ctx.n - ctx.prefix_len, fcfg.retain_tokens)
+                picked = select_tokens(docpart, mods, qtr, c) if c < ctx.n - ctx.prefix_len else None
+                kept = RetainedKV.from_document(docpart, mods, ctx.prefix_len, fcfg.retain_dtype, picked)
+                subset_err = subset_error(docpart, kept, qhe)
                 art_bytes += kept.nbytes()
             keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
             methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device, kept),
@@ -135,6 +140,7 @@ def run(a: argparse.Namespace) -> None:
             rec = {"manual": doc.stem, "n_tokens": ctx.n, "variant": variant, "allocation": alloc,
                    "on_policy": on_policy, "budget_fraction": budget, "artifact_bytes": art_bytes, "kv_bytes": kvb,
                    "streaming_tokens": keep, "retained_modules": kept.modules if kept else None,
+                   "retained_tokens": kept.length if kept else None, "retained_heldout_subset_error": subset_err,
                    "retain_diagnostics": retained or None, "widths": list(res.widths), "heldout": res.heldout, "distill": distill,
                    "probes": probe_stats(train_p), "probe_config": probe_over or None,
                    "probe_scale": a.probe_scale,
@@ -152,7 +158,8 @@ def run(a: argparse.Namespace) -> None:
             print(f"{doc.stem:6s} {variant:10s} {alloc:8s} b={budget:<5g} on={int(on_policy)} "
                   f"bytes={100 * art_bytes / kvb:5.1f}%  agree={m['agreement']:.3f} kl={m['kl']:.3f} "
                   f"em={m['exact_match']:.2f} rouge={m['rouge_l']:.3f} | stream agree={r['methods']['streaming']['agreement']:.3f} "
-                  f"| fit {t_fit:.0f}s" + (f" | distill held-out kl {distill['heldout_before']['kl_topk']:.4f} -> "
+                  f"| fit {t_fit:.0f}s" + (f" | retained {fcfg.retain_heads}x{kept.length} tokens, held-out subset err "
+                                           f"{subset_err:.4f}" if kept else "") + (f" | distill held-out kl {distill['heldout_before']['kl_topk']:.4f} -> "
                   f"{distill['heldout_after']['kl_topk']:.4f} (step {distill['kept_step']}, {distill['seconds']:.0f}s)"
                   if distill else ""), flush=True)
             for k, info in retained.items():
@@ -216,6 +223,7 @@ def setting_label(r: dict) -> str:
         train += f", {fc['query_dtype'].removeprefix('float')}-bit queries"
     if fc.get("retain_heads"):
         train += f", {fc['retain_heads']} retained heads" + (" int8" if fc.get("retain_dtype") == "int8" else "")
+        train += f" × {fc['retain_tokens']} tokens" if fc.get("retain_tokens") else ""
     return f"{r['variant']} {r['allocation']} {r['budget_fraction']:g}{' on-policy' if r['on_policy'] else ''}{train}"
 
 

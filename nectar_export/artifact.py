@@ -175,7 +175,11 @@ def load_retained(art: str | Path, manifest: dict, model_cfg, device="cpu") -> R
     except Exception as e:
         raise NectarError(f"{path}: unreadable ({e}); re-run `nectar fit`") from None
     doc = manifest["document"]
-    c = doc["n_tokens"] - doc.get("prefix_tokens", 0)
+    n_doc = doc["n_tokens"] - doc.get("prefix_tokens", 0)
+    budget = info.get("tokens", n_doc)
+    if not isinstance(budget, int) or not 0 < budget <= n_doc:
+        raise NectarError(f"{mf}: retained.tokens must be a token count in 1..{n_doc} (got {budget!r}); re-run `nectar fit`")
+    c = budget
     dtype = info.get("dtype", "float16")
     if dtype not in RETAIN_DTYPES:
         raise NectarError(f"{mf}: retained.dtype {dtype!r} is not one of {RETAIN_DTYPES}; re-run `nectar fit`")
@@ -188,4 +192,11 @@ def load_retained(art: str | Path, manifest: dict, model_cfg, device="cpu") -> R
                 if t is None or tuple(t.shape) != shape or t.dtype != want_dtype or not bool(torch.isfinite(t.float()).all()):
                     raise NectarError(f"{path}: {name} is missing, not {list(shape)} {str(want_dtype).removeprefix('torch.')} "
                                       "or not finite; the artifact is corrupt: re-run `nectar fit`")
+        if c < n_doc:  # a token budget: the kept tokens' document indices, per head ascending and distinct
+            t = state.get(f"layers.{l}.tokens")
+            ok = t is not None and tuple(t.shape) == (heads, c) and t.dtype == torch.int32 and \
+                bool(((t >= 0) & (t < n_doc)).all()) and bool((t.diff(dim=-1) > 0).all())
+            if not ok:
+                raise NectarError(f"{path}: layers.{l}.tokens is missing, not [{heads}, {c}] int32 or not ascending "
+                                  f"indices below {n_doc}; the artifact is corrupt: re-run `nectar fit`")
     return RetainedKV.from_state(modules, state, doc.get("prefix_tokens", 0), dtype, device)

@@ -20,9 +20,10 @@ def _fit_config(a: argparse.Namespace) -> FitConfig:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
                          budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed,
                          distill_steps=a.distill_steps, distill_lr=a.distill_lr, query_dtype=a.query_dtype,
-                         retain_heads=a.retain_heads, retain_dtype=a.retain_dtype)
+                         retain_heads=a.retain_heads, retain_dtype=a.retain_dtype,
+                         retain_tokens=a.retain_tokens)
     except ValueError as e:  # the config names its fields; the user typed flags
-        raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|steps|lr)\b",
+        raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|retain_tokens|steps|lr)\b",
                                                   lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
@@ -189,6 +190,9 @@ def add_export_commands(sub) -> None:
     p.add_argument("--retain-dtype", choices=RETAIN_DTYPES, default=d.retain_dtype,
                    help="storage of the retained heads' keys/values: int8 (+ a scale per token and head) holds about "
                         "twice the heads in the same bytes (default %(default)s)")
+    p.add_argument("--retain-tokens", type=int, default=d.retain_tokens, metavar="M",
+                   help="with --retain-heads: keep only the M document tokens per retained head that the training probes "
+                        "weigh most, so decode reads K·M stored keys whatever the document's length (default %(default)s: all)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

@@ -47,6 +47,10 @@ class FitConfig:
     # "int8" (+ an fp16 scale per token and head: about half the bytes, so the budget holds larger networks;
     # on the six manuals 18 int8 heads beat 18 fp16 heads, docs/results.md) | "float16"
     retain_dtype: str = "int8"
+    # Per retained head, keep only this many document tokens (0: all n): the ones the training probes'
+    # queries weigh most (retained.select_tokens). Decode then reads retain_heads·retain_tokens stored
+    # keys per token, a bound that does not grow with the document.
+    retain_tokens: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -66,6 +70,8 @@ class FitConfig:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
         if self.retain_heads < 0:
             raise ValueError(f"retain_heads must be ≥ 0 (got {self.retain_heads})")
+        if self.retain_tokens < 0:
+            raise ValueError(f"retain_tokens must be ≥ 0 (got {self.retain_tokens}; 0 keeps every document token)")
         if self.retain_dtype not in RETAIN_DTYPES:
             raise ValueError(f"retain_dtype must be 'float16' or 'int8' (got {self.retain_dtype!r})")
         if self.retain_heads and self.distill_steps:

@@ -19,7 +19,8 @@ from nectar_runtime.document import DocumentContext, make_context, read_document
 from .config import FitConfig
 from .fit import FitResult, fit_heads, train_dtype
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
-from .retained import RetainedKV, module_error_mass, retained_bytes, retained_contexts, worst_modules
+from .retained import (RetainedKV, module_error_mass, retained_bytes, retained_contexts, retained_tokens, select_tokens,
+                       subset_error, worst_modules)
 from .streaming import kv_bytes
 
 
@@ -100,7 +101,8 @@ def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[
     template-prefix KV kept at inference is charged to the budget too."""
     kvb = kv_bytes(ctx.n, model_cfg)
     budget_bytes = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kvb
-    budget_bytes -= retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype)
+    budget_bytes -= retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
+                                   fit_cfg.retain_tokens)
     return int((budget_bytes - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kvb
 
 
@@ -119,7 +121,8 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
         need_mb = (2 * least + prefix) / 1e6
         given = f"--budget-mb {fit_cfg.budget_mb:g}" if fit_cfg.budget_mb else \
             f"{fit_cfg.budget_fraction:g} of its {kvb / 1e6:.2f} MB fp16 KV cache"
-        kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype)
+        kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
+                              fit_cfg.retain_tokens)
         if kept:
             given += f", of which {fit_cfg.retain_heads} retained heads take {kept / 1e6:.2f} MB"
             need_mb += kept / 1e6
@@ -187,8 +190,11 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         with timer.stage("choose retained heads", log):
             mass = module_error_mass(result.heads, qs_held)
             modules = worst_modules(mass, fit_cfg.retain_heads, cfg.layer_windows)
-            retained = RetainedKV.from_document(doc, modules, ctx.prefix_len, fit_cfg.retain_dtype)
+            c = retained_tokens(ctx.n - ctx.prefix_len, fit_cfg.retain_tokens)
+            tokens = select_tokens(doc, modules, qs_train, c) if c < ctx.n - ctx.prefix_len else None
+            retained = RetainedKV.from_document(doc, modules, ctx.prefix_len, fit_cfg.retain_dtype, tokens)
             retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(), "dtype": fit_cfg.retain_dtype,
+                               "tokens": c, "heldout_subset_error": subset_error(doc, retained, qs_held),
                                "heldout_error_mass_share": float(sum(mass[l, j] for l, j in modules) / mass.sum())}
     manifest = {
         "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,
@@ -263,7 +269,10 @@ def fit_summary(m: dict) -> str:
         f"heads: {m['variant']}, {m['allocation']} widths {sorted(set(m['widths']))}, {m['param_count'] / 1e6:.2f} M params"
         + (f"; {len(m['retained']['modules'])} KV heads retained ({m['retained'].get('dtype', 'float16')} document KV, "
            f"{m['retained']['bytes'] / 1e6:.2f} MB, "
-           f"{100 * m['retained']['heldout_error_mass_share']:.0f}% of the held-out error mass): "
+           + (f"{m['retained']['tokens']} of {m['document']['n_tokens'] - m['document']['prefix_tokens']} document tokens "
+              f"each, held-out error of that subset {m['retained']['heldout_subset_error']:.4f}, "
+              if m["retained"].get("tokens", 0) < m["document"]["n_tokens"] - m["document"]["prefix_tokens"] else "")
+           + f"{100 * m['retained']['heldout_error_mass_share']:.0f}% of the held-out error mass): "
            + " ".join(f"{l}.{j}" for l, j in m["retained"]["modules"]) if m.get("retained") else ""),
         f"held-out attention error: o rel {_mean(err['o_rel_error']):.3f} (weighted {_mean(err['o_rel_error_weighted']):.3f}), "
         f"lse abs {_mean(err['lse_abs_error']):.3f}; worst layers " + ", ".join(f"{i} ({err['o_rel_error'][i]:.3f})" for i in worst),

@@ -8,6 +8,11 @@ stored KV; every other head stays Nectar.
 
 Ranking: per module (layer l, KV head j) the error that reaches the merged output, Σ w²‖f(q) − o_ctx‖²
 over the given queries (w = σ(lse_ctx − lse_loc), the document's share of the output).
+
+Token budget (`retain_tokens` m): a retained head may keep only m document tokens, the ones with the
+largest weight any training probe query gives them in full attention (max over queries of
+w·softmax_doc(q·k)): decode then reads R·m stored keys whatever the document's length. Attention over
+that subset drops the other tokens' mass; `subset_error` measures what that costs on held-out probes.
 """
 
 from __future__ import annotations
@@ -54,6 +59,53 @@ def worst_modules(mass: torch.Tensor, k: int, windows=None) -> list[tuple[int, i
 
 
 
+@torch.no_grad()
+def select_tokens(doc: list[ExactContextAttention], modules: list[tuple[int, int]], qs: QuerySet, m: int,
+                  chunk: int = 4096) -> dict[int, torch.Tensor]:
+    """Per layer with retained heads: document token indices [R_l, m] (ascending, heads in ascending
+    order) — per head the m tokens of largest max-over-queries full-attention weight
+    w·softmax_doc(q·k·scale) over the query rows of `qs` (its G query heads' rows of every probe token)."""
+    out: dict[int, torch.Tensor] = {}
+    for layer in sorted({l for l, _ in modules}):
+        k = doc[layer].k[0].float()  # [Hkv, n, D]
+        picks = []
+        for j in sorted(h for l, h in modules if l == layer):
+            best = torch.zeros(k.shape[1], device=k.device)
+            for s in range(0, qs.n, chunk):
+                q = qs.q[layer][s:s + chunk, j].float().to(k.device)  # [S, G, D]
+                share = torch.sigmoid(qs.lse[layer][s:s + chunk, j] - qs.lse_loc[layer][s:s + chunk, j]).to(k.device)  # [S, G]
+                sc = torch.einsum("sgd,nd->sgn", q, k[j]) * doc[layer].scale
+                wt = torch.softmax(sc, -1) * share[..., None]
+                wt = torch.nan_to_num(wt, nan=0.0)  # a row no document key reaches (never in global layers)
+                best = torch.maximum(best, wt.flatten(0, 1).amax(0))
+            picks.append(torch.sort(torch.topk(best, min(m, k.shape[1])).indices).values)
+        out[layer] = torch.stack(picks)
+    return out
+
+
+@torch.no_grad()
+def subset_error(doc: list[ExactContextAttention], retained: "RetainedKV", qs: QuerySet, chunk: int = 4096) -> float:
+    """Share-weighted relative output error of the retained heads' stored attention (their kept tokens,
+    as rounded) against exact attention over the whole document on `qs`: Σ w²‖o_kept − o‖² / Σ w²‖o‖².
+    0 up to rounding when every token is kept."""
+    num = den = 0.0
+    for layer, keys in retained.keys.items():
+        heads = retained.heads_of(layer)
+        scale = doc[layer].scale
+        for r, j in enumerate(heads):
+            for s in range(0, qs.n, chunk):
+                q = qs.q[layer][s:s + chunk, j].float().to(keys.device)  # [S, G, D]
+                o = qs.o[layer][s:s + chunk, j].float().to(keys.device)
+                lse = qs.lse[layer][s:s + chunk, j].to(keys.device)
+                w2 = torch.sigmoid(lse - qs.lse_loc[layer][s:s + chunk, j].to(keys.device)).square()
+                p = torch.softmax(torch.einsum("sgd,nd->sgn", q, keys[r]) * scale, -1)
+                ok = torch.isfinite(lse)
+                o_kept = torch.einsum("sgn,nd->sgd", p, retained.values[layer][r])
+                num += float(torch.where(ok, w2 * (o_kept - o).square().sum(-1), 0.0).sum())
+                den += float(torch.where(ok, w2 * o.square().sum(-1), 0.0).sum())
+    return num / den if den else 0.0
+
+
 def encode_kv(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     """x: [R, c, D] -> stored tensors. float16: {"": x in fp16}; int8: {"q": int8 [R, c, D],
     "scale": fp16 [R, c, 1]}, symmetric, one scale per (head, token) (as the noise-floor study's
@@ -77,8 +129,10 @@ def decode_kv(parts: dict[str, torch.Tensor], device="cpu") -> torch.Tensor:
 class RetainedKV:
     """The document keys/values kept for `modules`: per layer `keys[l]`, `values[l]`: fp32
     [R_l, c, D] for its retained heads in ascending head order (as stored: rounded to `dtype`), c
-    document tokens at absolute positions start … start + c − 1 (post-RoPE, as the model cached
-    them); `stored`: the safetensors tensors they decode from."""
+    document tokens (post-RoPE, as the model cached them): every token, at absolute positions
+    start … start + c − 1, or with a token budget per head the tokens `tokens[l]` [R_l, c] (document
+    indices, ascending); `stored`: the safetensors tensors they decode from (`layers.{l}.tokens`
+    int32 among them when a budget applied)."""
 
     modules: list[tuple[int, int]]
     keys: dict[int, torch.Tensor]
@@ -86,6 +140,12 @@ class RetainedKV:
     start: int
     dtype: str
     stored: dict[str, torch.Tensor]
+    tokens: dict[int, torch.Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        """c: document tokens stored per retained head."""
+        return next(iter(self.keys.values())).shape[1] if self.keys else 0
 
     def heads_of(self, layer: int) -> list[int]:
         return [j for l, j in self.modules if l == layer]
@@ -96,19 +156,27 @@ class RetainedKV:
 
     @classmethod
     def from_document(cls, doc: list[ExactContextAttention], modules: list[tuple[int, int]], start: int,
-                      dtype: str = "float16") -> "RetainedKV":
-        """doc: the document's exact per-layer contexts (template prefix excluded, batch 1)."""
+                      dtype: str = "float16", tokens: dict[int, torch.Tensor] | None = None) -> "RetainedKV":
+        """doc: the document's exact per-layer contexts (template prefix excluded, batch 1); `tokens`:
+        per layer the kept document indices [R_l, c] (`select_tokens`), None for every token."""
         modules = sorted(modules)  # heads_of / from_state read them in this order
         stored = {}
         for layer in sorted({l for l, _ in modules}):
             idx = torch.tensor([j for l, j in modules if l == layer], device=doc[layer].k.device)
             for kind, x in (("key", doc[layer].k), ("value", doc[layer].v)):
-                for part, t in encode_kv(x[0].index_select(0, idx), dtype).items():
+                x = x[0].index_select(0, idx)  # [R_l, n, D]
+                if tokens is not None:
+                    t = tokens[layer].to(x.device)
+                    x = torch.gather(x, 1, t[..., None].expand(-1, -1, x.shape[-1]))
+                for part, t in encode_kv(x, dtype).items():
                     stored[_name(layer, kind, part)] = t
+            if tokens is not None:
+                stored[f"layers.{layer}.tokens"] = tokens[layer].to(torch.int32).contiguous().cpu()
         return cls.from_state(modules, stored, start, dtype, doc[0].k.device)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Tensors for safetensors: layers.{l}.{key,value} (fp16), or layers.{l}.{key,value}.{q,scale} (int8)."""
+        """Tensors for safetensors: layers.{l}.{key,value} (fp16), or layers.{l}.{key,value}.{q,scale} (int8),
+        and layers.{l}.tokens (int32) under a token budget."""
         return dict(self.stored)
 
     @classmethod
@@ -119,7 +187,11 @@ class RetainedKV:
         kv = {kind: {l: decode_kv({p: state[_name(l, kind, p)] for p in parts}, device) for l in layers}
               for kind in ("key", "value")}
         stored = {_name(l, kind, p): state[_name(l, kind, p)] for l in layers for kind in ("key", "value") for p in parts}
-        return cls(sorted(modules), kv["key"], kv["value"], start, dtype, stored)
+        tokens = None
+        if layers and f"layers.{layers[0]}.tokens" in state:
+            tokens = {l: state[f"layers.{l}.tokens"].long() for l in layers}
+            stored.update({f"layers.{l}.tokens": state[f"layers.{l}.tokens"] for l in layers})
+        return cls(sorted(modules), kv["key"], kv["value"], start, dtype, stored, tokens)
 
 
 def _name(layer: int, kind: str, part: str) -> str:
@@ -160,14 +232,23 @@ def retained_contexts(served: list[NectarContext], retained: RetainedKV | None, 
     if retained is None:
         return out
     for layer, k in retained.keys.items():
+        # Positions only mask sliding windows, and retained heads are in global layers: a token subset
+        # (whose positions differ per head) is masked by none, as all n would be.
         pos = torch.arange(retained.start, retained.start + k.shape[1], device=k.device)
         exact = ExactContextAttention(k[None], retained.values[layer][None], pos, 0, scale)
         out[layer] = RetainedHeadsContext(served[layer], exact, retained.heads_of(layer))
     return out
 
 
-def retained_bytes(n: int, head_dim: int, count: int, dtype: str = "float16") -> int:
-    """Stored bytes of the document keys and values of `count` retained heads (n document tokens):
-    fp16 values, or int8 values + one fp16 scale per token and head."""
+def retained_tokens(n: int, budget: int) -> int:
+    """Document tokens kept per retained head: n, or the token budget when it is smaller (0: no budget)."""
+    return min(n, budget) if budget else n
+
+
+def retained_bytes(n: int, head_dim: int, count: int, dtype: str = "float16", tokens: int = 0) -> int:
+    """Stored bytes of the document keys and values of `count` retained heads (n document tokens;
+    `tokens`: the per-head token budget, 0 for all n): fp16 values, or int8 values + one fp16 scale
+    per token and head; under a budget smaller than n also the kept tokens' int32 indices."""
     per_vector = 2 * head_dim if dtype == "float16" else head_dim + 2
-    return count * n * 2 * per_vector
+    c = retained_tokens(n, tokens)
+    return count * c * (2 * per_vector + (4 if c < n else 0))

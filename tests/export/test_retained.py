@@ -16,7 +16,7 @@ from nectar_export.collect import QuerySet, collect_queries
 from nectar_export.config import FitConfig
 from nectar_export.heads import nectar_contexts
 from nectar_export.retained import (RetainedHeadsContext, RetainedKV, module_error_mass, retained_bytes,
-                                    retained_contexts, worst_modules)
+                                    retained_contexts, retained_tokens, select_tokens, subset_error, worst_modules)
 from nectar_models.attention import CompositeContext, ExactContextAttention
 from nectar_runtime.errors import NectarError
 from tests.export.test_onnx_graph import N_CTX, PREFIX, _Ctx, _random_heads, _session
@@ -186,9 +186,67 @@ def test_module_error_mass_ranks_a_perturbed_head_worst(tiny):
     assert torch.equal(m0[0], torch.zeros(cfg.num_kv_heads, dtype=torch.float64)) and torch.equal(m0[1], mass[1])
 
 
+# --- 2b. a token budget per retained head ------------------------------------------------------------
+
+def _planted(cfg, n: int = 40, rows: int = 30, seed: int = 0):
+    """A one-layer document whose every query points at one of a few planted keys: queries of KV
+    head j hit tokens `hits[j]` (large dot products there, small elsewhere); -> (doc, QuerySet, hits)."""
+    g = torch.Generator().manual_seed(seed)
+    hkv, grp, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    k = torch.randn(1, hkv, n, d, generator=g) * 0.1
+    v = torch.randn(1, hkv, n, d, generator=g)
+    hits = [sorted(torch.randperm(n, generator=g)[:3].tolist()) for _ in range(hkv)]
+    q = torch.zeros(rows, hkv, grp, d)
+    for j in range(hkv):
+        for t in hits[j]:
+            k[0, j, t] = torch.randn(d, generator=g)
+            k[0, j, t] *= 4 / k[0, j, t].norm()
+        for r in range(rows):  # each row asks for one planted token, in turn
+            q[r, j] = k[0, j, hits[j][r % 3]] * 4 + torch.randn(grp, d, generator=g) * 0.01
+    doc = [ExactContextAttention(k, v, torch.arange(n), 0, cfg.scale)]
+    o, lse = doc[0](q.permute(1, 2, 0, 3)[None], torch.full((1, rows), n))  # [1, Hkv, G, rows, D]
+    qs = QuerySet([q], [o[0].permute(2, 0, 1, 3)], [lse[0].permute(2, 0, 1)], [torch.zeros(rows, hkv, grp)],
+                  torch.arange(rows), torch.full((rows,), n))
+    return doc, qs, hits
+
+
+def test_select_tokens_keeps_the_tokens_queries_weigh(tiny):
+    model, _, _ = tiny
+    cfg = model.config
+    doc, qs, hits = _planted(cfg)
+    modules = [(0, j) for j in range(cfg.num_kv_heads)]
+    picked = select_tokens(doc, modules, qs, 3)
+    assert list(picked) == [0] and picked[0].shape == (cfg.num_kv_heads, 3) and picked[0].dtype == torch.long
+    assert [p.tolist() for p in picked[0]] == hits  # exactly the planted tokens, ascending
+    assert torch.equal(select_tokens(doc, modules, qs, 3, chunk=7)[0], picked[0])  # chunking only
+    wide = select_tokens(doc, modules, qs, 8)[0]
+    assert all(set(h) <= set(w.tolist()) for h, w in zip(hits, wide)) and bool((wide.diff(dim=-1) > 0).all())
+    # retained on those tokens, the held-out error of the subset is tiny; on other tokens it is not
+    kept = RetainedKV.from_document(doc, modules, 0, "float16", picked)
+    assert kept.length == 3 and kept.tokens is not None
+    assert kept.nbytes() == retained_bytes(40, cfg.head_dim, len(modules), "float16", tokens=3)
+    for r, j in enumerate(kept.heads_of(0)):
+        assert torch.equal(kept.keys[0][r], doc[0].k[0, j, hits[j]].half().float())
+    good = subset_error(doc, kept, qs)
+    assert 0 <= good < 1e-3, good
+    others = {0: torch.stack([torch.tensor([t for t in range(40) if t not in h][:3]) for h in hits])}
+    bad = subset_error(doc, RetainedKV.from_document(doc, modules, 0, "float16", others), qs)
+    assert bad > 0.5, bad
+    # every token kept: the error is fp16 rounding only
+    assert subset_error(doc, RetainedKV.from_document(doc, modules, 0, "float16"), qs) < 1e-5
+
+
+def test_token_budget_bytes():
+    assert retained_tokens(500, 0) == 500 and retained_tokens(500, 128) == 128 and retained_tokens(100, 128) == 100
+    assert retained_bytes(500, 64, 18, "int8", tokens=128) == 18 * 128 * (2 * 66 + 4)  # + int32 indices
+    assert retained_bytes(100, 64, 18, "int8", tokens=128) == retained_bytes(100, 64, 18, "int8")  # no subset: no indices
+    with pytest.raises(ValueError, match="retain_tokens"):
+        FitConfig(retain_tokens=-1)
+
+
 # --- 3. the artifact ----------------------------------------------------------------------------------
 
-def _saved(tiny, tmp_path, p: int = 6, dtype: str = "float16"):
+def _saved(tiny, tmp_path, p: int = 6, dtype: str = "float16", tokens: int = 0):
     from nectar_export.artifact import save_artifact
 
     model, cache, _ = tiny
@@ -196,11 +254,16 @@ def _saved(tiny, tmp_path, p: int = 6, dtype: str = "float16"):
     heads = _random_heads(cfg, seed=7)
     doc = [c.select(torch.arange(p, cache.context_len)) for c in cache.contexts()]
     modules = [(0, 1), (1, 0), (1, 1)]
-    kept = RetainedKV.from_document(doc, modules, p, dtype)
+    picked = None
+    if tokens:  # any ascending subset will do for the file format
+        g = torch.Generator().manual_seed(3)
+        picked = {l: torch.stack([torch.sort(torch.randperm(cache.context_len - p, generator=g)[:tokens]).values
+                                  for _ in range(sum(1 for m in modules if m[0] == l))]) for l in (0, 1)}
+    kept = RetainedKV.from_document(doc, modules, p, dtype, picked)
     man = {"base_model": {"name": "tiny", "sha256": "ab" * 32},
            "document": {"sha256": "x", "n_tokens": cache.context_len, "prefix_tokens": p}, "kv_bytes": 1,
            "retained": {"modules": [list(m) for m in modules], "bytes": kept.nbytes(), "dtype": dtype,
-                        "heldout_error_mass_share": 0.5}}
+                        "heldout_error_mass_share": 0.5, **({"tokens": tokens} if tokens else {})}}
     return save_artifact(tmp_path / "art", heads, man, "doc", kept), kept
 
 
@@ -214,12 +277,12 @@ def _one_line_error(fn, *needles):
     return msg
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_artifact_round_trip_of_retained_heads(tiny, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,tokens", [("float16", 0), ("int8", 0), ("int8", 17)])
+def test_artifact_round_trip_of_retained_heads(tiny, tmp_path, dtype, tokens):
     from nectar_export.artifact import load_retained, read_manifest, sha256_file
 
     model, _, _ = tiny
-    out, kept = _saved(tiny, tmp_path, dtype=dtype)
+    out, kept = _saved(tiny, tmp_path, dtype=dtype, tokens=tokens)
     m = read_manifest(out)
     assert m["artifact_bytes"] == (out / "heads.safetensors").stat().st_size + (out / "retained.safetensors").stat().st_size
     assert m["retained"]["sha256"] == sha256_file(out / "retained.safetensors")
@@ -231,6 +294,9 @@ def test_artifact_round_trip_of_retained_heads(tiny, tmp_path, dtype):
         assert back.keys[l].dtype == torch.float32
         assert torch.equal(back.keys[l], kept.keys[l]) and torch.equal(back.values[l], kept.values[l])
     assert back.dtype == dtype and all(torch.equal(back.stored[k], kept.stored[k]) for k in kept.stored)
+    assert sorted(back.stored) == sorted(kept.stored) and back.length == (tokens or kept.length)
+    if tokens:
+        assert all(torch.equal(back.tokens[l], kept.tokens[l]) for l in kept.keys)
     # a retained file of the other dtype than the manifest says is refused
     other = "int8" if dtype == "float16" else "float16"
     _one_line_error(lambda: load_retained(out, {**m, "retained": {**m["retained"], "dtype": other}}, model.config),
@@ -269,6 +335,30 @@ def test_damaged_or_mismatched_retained_heads_are_refused(tiny, tmp_path):
     _one_line_error(lambda: load_retained(out, m, cfg), "retained.safetensors", "missing")
 
 
+def test_token_budget_mismatches_are_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from nectar_export.artifact import load_retained, read_manifest, sha256_file
+
+    model, _, _ = tiny
+    cfg = model.config
+    out, kept = _saved(tiny, tmp_path, dtype="int8", tokens=17)
+    m = read_manifest(out)
+    for bad in (0, 10_000, "17"):
+        _one_line_error(lambda: load_retained(out, {**m, "retained": {**m["retained"], "tokens": bad}}, cfg),
+                        "retained.tokens")
+    # shapes of another budget
+    _one_line_error(lambda: load_retained(out, {**m, "retained": {**m["retained"], "tokens": 16}}, cfg),
+                    "retained.safetensors", "layers.0.key")
+    # indices that are not ascending (a hand-edited file whose sha256 was updated too)
+    f = out / "retained.safetensors"
+    state = load_file(str(f))
+    state["layers.1.tokens"] = state["layers.1.tokens"].flip(-1).contiguous()
+    save_file(state, str(f))
+    m2 = {**m, "retained": {**m["retained"], "sha256": sha256_file(f)}}
+    _one_line_error(lambda: load_retained(out, m2, cfg), "layers.1.tokens", "ascending")
+
+
 # --- 4. the ONNX graph --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
@@ -289,8 +379,8 @@ def _modules_for(cfg) -> list[tuple[int, int]]:
     return [(glob[0], 1), (glob[1], 0), (glob[1], 1)]
 
 
-@pytest.mark.parametrize("retain_dtype", ["float16", "int8"])
-def test_graph_with_retained_heads_matches_the_torch_model(tiny_family, retain_dtype):
+@pytest.mark.parametrize("retain_dtype,tokens", [("float16", 0), ("int8", 0), ("int8", 11)])
+def test_graph_with_retained_heads_matches_the_torch_model(tiny_family, retain_dtype, tokens):
     from nectar_export.export.bundle import compare_backends
     from nectar_export.export.decoder_graph import DecoderGraphWriter
     from nectar_export.export.from_model import decoder_weights, graph_spec, nectar_contexts_for_export
@@ -304,7 +394,13 @@ def test_graph_with_retained_heads_matches_the_torch_model(tiny_family, retain_d
     heads = _random_heads(cfg, seed=1)
     modules = _modules_for(cfg)
     full = model.prefill_document(ids[None]).contexts()
-    kept = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], modules, PREFIX, retain_dtype)
+    picked = None
+    if tokens:  # a token budget: a different subset per retained head
+        g = torch.Generator().manual_seed(5)
+        picked = {l: torch.stack([torch.sort(torch.randperm(N_CTX - PREFIX, generator=g)[:tokens]).values
+                                  for _ in range(sum(1 for m in modules if m[0] == l))]) for l in sorted({l for l, _ in modules})}
+    kept = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], modules, PREFIX, retain_dtype, picked)
+    assert kept.length == (tokens or N_CTX - PREFIX)
     prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
     served = retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX), kept, cfg.scale)
     torch_ctx = [CompositeContext([p, s]) for p, s in zip(prefix, served)]

@@ -13,7 +13,8 @@ from tests.runtime.test_cli import assert_one_line_error, nectar
 
 @pytest.fixture(scope="module")
 def retained_artifact(tmp_path_factory, smollm2_gguf):
-    """A quick fit (as conftest's small_artifact: tiny probe set, few steps) with 18 retained heads."""
+    """A quick fit (as conftest's small_artifact: tiny probe set, few steps) with 18 retained heads of
+    256 document tokens each (a token budget below the excerpt's ~700 tokens)."""
     import torch
 
     from nectar_export.config import FitConfig
@@ -27,7 +28,7 @@ def retained_artifact(tmp_path_factory, smollm2_gguf):
     probe_cfg = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1,
                             max_answer_tokens=16, min_position_span=64, batch_size=8)
     lines = []
-    fit_document(load_base(str(smollm2_gguf)), doc, d / "art", FitConfig(steps=20, probe_steps=5, retain_heads=18),
+    fit_document(load_base(str(smollm2_gguf)), doc, d / "art", FitConfig(steps=20, probe_steps=5, retain_heads=18, retain_tokens=256),
                  probe_cfg, progress=False, log=lines.append)
     return d / "art", "\n".join(lines)
 
@@ -51,12 +52,15 @@ def test_fit_with_retained_heads_writes_them_within_the_budget(retained_artifact
     ret = m["retained"]
     assert len(ret["modules"]) == 18 and ret["dtype"] == "int8" and m["fit_config"]["retain_heads"] == 18
     assert len({tuple(x) for x in ret["modules"]}) == 18 and all(0 <= l < 30 and 0 <= j < 3 for l, j in ret["modules"])
-    c = m["document"]["n_tokens"] - m["document"]["prefix_tokens"]
-    assert ret["bytes"] == 18 * c * 2 * (64 + 2)  # int8 keys and values + an fp16 scale per token and head
+    n_doc = m["document"]["n_tokens"] - m["document"]["prefix_tokens"]
+    assert n_doc > 256 and ret["tokens"] == 256 and m["fit_config"]["retain_tokens"] == 256
+    # int8 keys and values + an fp16 scale per token and head, and the kept tokens' int32 indices
+    assert ret["bytes"] == 18 * 256 * (2 * (64 + 2) + 4)
+    assert 0 < ret["heldout_subset_error"] < 1
     files = (art / "heads.safetensors").stat().st_size + (art / "retained.safetensors").stat().st_size
     assert m["artifact_bytes"] == files <= 0.25 * m["kv_bytes"]  # the retained KV counts in the default budget
     assert 0 < ret["heldout_error_mass_share"] <= 1
-    assert "18 KV heads retained (int8 document KV" in out
+    assert "18 KV heads retained (int8 document KV" in out and f"256 of {n_doc} document tokens each" in out
 
 
 @pytest.mark.real
