@@ -122,7 +122,7 @@ def run(a: argparse.Namespace) -> None:
                 c = retained_tokens(ctx.n - ctx.prefix_len, fcfg.retain_tokens)
                 picked = select_tokens(docpart, mods, qtr, c) if c < ctx.n - ctx.prefix_len else None
                 kept = RetainedKV.from_document(docpart, mods, ctx.prefix_len, fcfg.retain_dtype, picked)
-                subset_err = subset_error(docpart, kept, qhe)
+                subset_err = subset_error(res.heads, kept, qhe)
                 art_bytes += kept.nbytes()
             keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
             methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device, kept),
@@ -140,7 +140,7 @@ def run(a: argparse.Namespace) -> None:
             rec = {"manual": doc.stem, "n_tokens": ctx.n, "variant": variant, "allocation": alloc,
                    "on_policy": on_policy, "budget_fraction": budget, "artifact_bytes": art_bytes, "kv_bytes": kvb,
                    "streaming_tokens": keep, "retained_modules": kept.modules if kept else None,
-                   "retained_tokens": kept.length if kept else None, "retained_heldout_subset_error": subset_err,
+                   "retained_tokens": kept.length if kept else None, "retained_heldout_error": subset_err,
                    "retain_diagnostics": retained or None, "widths": list(res.widths), "heldout": res.heldout, "distill": distill,
                    "probes": probe_stats(train_p), "probe_config": probe_over or None,
                    "probe_scale": a.probe_scale,
@@ -158,8 +158,8 @@ def run(a: argparse.Namespace) -> None:
             print(f"{doc.stem:6s} {variant:10s} {alloc:8s} b={budget:<5g} on={int(on_policy)} "
                   f"bytes={100 * art_bytes / kvb:5.1f}%  agree={m['agreement']:.3f} kl={m['kl']:.3f} "
                   f"em={m['exact_match']:.2f} rouge={m['rouge_l']:.3f} | stream agree={r['methods']['streaming']['agreement']:.3f} "
-                  f"| fit {t_fit:.0f}s" + (f" | retained {fcfg.retain_heads}x{kept.length} tokens, held-out subset err "
-                                           f"{subset_err:.4f}" if kept else "") + (f" | distill held-out kl {distill['heldout_before']['kl_topk']:.4f} -> "
+                  f"| fit {t_fit:.0f}s" + (f" | retained {fcfg.retain_heads}x{kept.length} tokens, held-out err o "
+                                           f"{subset_err['o']:.4f} lse {subset_err['lse']:.4f}" if kept else "") + (f" | distill held-out kl {distill['heldout_before']['kl_topk']:.4f} -> "
                   f"{distill['heldout_after']['kl_topk']:.4f} (step {distill['kept_step']}, {distill['seconds']:.0f}s)"
                   if distill else ""), flush=True)
             for k, info in retained.items():

@@ -194,7 +194,7 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
             tokens = select_tokens(doc, modules, qs_train, c) if c < ctx.n - ctx.prefix_len else None
             retained = RetainedKV.from_document(doc, modules, ctx.prefix_len, fit_cfg.retain_dtype, tokens)
             retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(), "dtype": fit_cfg.retain_dtype,
-                               "tokens": c, "heldout_subset_error": subset_error(doc, retained, qs_held),
+                               "tokens": c, "heldout_error": subset_error(result.heads, retained, qs_held),
                                "heldout_error_mass_share": float(sum(mass[l, j] for l, j in modules) / mass.sum())}
     manifest = {
         "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,
@@ -270,7 +270,7 @@ def fit_summary(m: dict) -> str:
         + (f"; {len(m['retained']['modules'])} KV heads retained ({m['retained'].get('dtype', 'float16')} document KV, "
            f"{m['retained']['bytes'] / 1e6:.2f} MB, "
            + (f"{m['retained']['tokens']} of {m['document']['n_tokens'] - m['document']['prefix_tokens']} document tokens "
-              f"each, held-out error of that subset {m['retained']['heldout_subset_error']:.4f}, "
+              f"each, held-out error o rel {m['retained']['heldout_error']['o']:.4f}, lse {m['retained']['heldout_error']['lse']:.4f}, "
               if m["retained"].get("tokens", 0) < m["document"]["n_tokens"] - m["document"]["prefix_tokens"] else "")
            + f"{100 * m['retained']['heldout_error_mass_share']:.0f}% of the held-out error mass): "
            + " ".join(f"{l}.{j}" for l, j in m["retained"]["modules"]) if m.get("retained") else ""),

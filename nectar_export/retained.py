@@ -12,7 +12,9 @@ over the given queries (w = σ(lse_ctx − lse_loc), the document's share of the
 Token budget (`retain_tokens` m): a retained head may keep only m document tokens, the ones with the
 largest weight any training probe query gives them in full attention (max over queries of
 w·softmax_doc(q·k)): decode then reads R·m stored keys whatever the document's length. Attention over
-that subset drops the other tokens' mass; `subset_error` measures what that costs on held-out probes.
+that subset alone would drop the other tokens' mass, so the score network's g(q) (trained on the whole
+document) sets the kept tokens' share r = min(1, exp(lse_kept − g)) and the target network's f(q) stands
+for the rest (RetainedHeadsContext); `subset_error` measures what the budget costs on held-out probes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from nectar_models.attention import ExactContextAttention
 from .collect import QuerySet
 from .config import RETAIN_DTYPES  # noqa: F401  (the artifact loader imports it from here)
 from .fit import heldout_chunk
-from .heads import NectarContext, NectarHeads
+from .heads import NectarContext, NectarHeads, nectar_contexts
 
 
 @torch.no_grad()
@@ -84,26 +86,30 @@ def select_tokens(doc: list[ExactContextAttention], modules: list[tuple[int, int
 
 
 @torch.no_grad()
-def subset_error(doc: list[ExactContextAttention], retained: "RetainedKV", qs: QuerySet, chunk: int = 4096) -> float:
-    """Share-weighted relative output error of the retained heads' stored attention (their kept tokens,
-    as rounded) against exact attention over the whole document on `qs`: Σ w²‖o_kept − o‖² / Σ w²‖o‖².
-    0 up to rounding when every token is kept."""
-    num = den = 0.0
-    for layer, keys in retained.keys.items():
-        heads = retained.heads_of(layer)
-        scale = doc[layer].scale
-        for r, j in enumerate(heads):
-            for s in range(0, qs.n, chunk):
-                q = qs.q[layer][s:s + chunk, j].float().to(keys.device)  # [S, G, D]
-                o = qs.o[layer][s:s + chunk, j].float().to(keys.device)
-                lse = qs.lse[layer][s:s + chunk, j].to(keys.device)
-                w2 = torch.sigmoid(lse - qs.lse_loc[layer][s:s + chunk, j].to(keys.device)).square()
-                p = torch.softmax(torch.einsum("sgd,nd->sgn", q, keys[r]) * scale, -1)
-                ok = torch.isfinite(lse)
-                o_kept = torch.einsum("sgn,nd->sgd", p, retained.values[layer][r])
-                num += float(torch.where(ok, w2 * (o_kept - o).square().sum(-1), 0.0).sum())
-                den += float(torch.where(ok, w2 * o.square().sum(-1), 0.0).sum())
-    return num / den if den else 0.0
+def subset_error(heads: NectarHeads, retained: "RetainedKV", qs: QuerySet, chunk: int = 4096) -> dict[str, float]:
+    """How the retained heads serve `qs` against exact attention over the whole document, as decode
+    serves them (stored rounding; under a token budget the kept tokens merged with the network for
+    the rest): {"o": Σ w²‖o_served − o‖² / Σ w²‖o‖², "lse": Σ w·|lse_served − lse| / Σ w} over
+    every retained head's query rows (w = σ(lse − lse_loc), the document's share)."""
+    served = retained_contexts(nectar_contexts(heads), retained, heads.spec.scale)
+    num = den = lnum = lden = 0.0
+    for layer in retained.keys:
+        idx = torch.tensor(retained.heads_of(layer))
+        for s in range(0, qs.n, chunk):
+            rows = slice(s, s + chunk)
+            q = qs.q[layer][rows].float().permute(1, 2, 0, 3)[None]  # [1, Hkv, G, S, D]
+            dev = retained.keys[layer].device
+            o_hat, l_hat = served[layer](q.to(dev), qs.positions[rows][None].to(dev))
+            o_hat, l_hat = o_hat[0, idx.to(dev)].permute(2, 0, 1, 3).cpu(), l_hat[0, idx.to(dev)].permute(2, 0, 1).cpu()
+            o = qs.o[layer][rows][:, idx].float().cpu()  # [S, R, G, D]
+            lse = qs.lse[layer][rows][:, idx].float().cpu()
+            w = torch.sigmoid(lse - qs.lse_loc[layer][rows][:, idx].float().cpu())
+            ok = torch.isfinite(lse)
+            num += float(torch.where(ok, w.square() * (o_hat - o).square().sum(-1), 0.0).sum())
+            den += float(torch.where(ok, w.square() * o.square().sum(-1), 0.0).sum())
+            lnum += float(torch.where(ok, w * (l_hat - lse).abs(), 0.0).sum())
+            lden += float(torch.where(ok, w, 0.0).sum())
+    return {"o": num / den if den else 0.0, "lse": lnum / lden if lden else 0.0}
 
 
 def encode_kv(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
@@ -209,10 +215,14 @@ class RetainedHeadsContext:
     """One layer's document part: Nectar for every KV head except `retained`, attention over their stored KV for those.
 
     nectar: the layer's NectarContext; exact: ExactContextAttention over the document with k/v
-    holding only the retained heads, `[1, R, n, D]`, in the order of `retained`."""
+    holding only the retained heads, `[1, R, c, D]`, in the order of `retained`. `subset` (a token
+    budget, c < n): the kept tokens' exact attention (o_S, lse_S) is merged with the network's (f, g)
+    for the rest: r = min(1, exp(lse_S − g)) is the kept tokens' share of the document's mass as the
+    score network puts it, o = r·o_S + (1 − r)·f, lse = max(g, lse_S). Without it the dropped tokens'
+    mass would be lost and the local tokens over-weighted in the merge."""
 
-    def __init__(self, nectar: NectarContext, exact: ExactContextAttention, retained: list[int]):
-        self.nectar, self.exact, self.retained = nectar, exact, retained
+    def __init__(self, nectar: NectarContext, exact: ExactContextAttention, retained: list[int], subset: bool = False):
+        self.nectar, self.exact, self.retained, self.subset = nectar, exact, retained, subset
         self.index = torch.tensor(retained, device=exact.k.device)
 
     def __call__(self, q: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +231,10 @@ class RetainedHeadsContext:
         o, lse = self.nectar(q, q_pos)
         idx = self.index if self.index.device == q.device else self.index.to(q.device)
         oe, le = self.exact(q.index_select(1, idx).float(), q_pos)
+        if self.subset:
+            f, g = o.index_select(1, idx).float(), lse.index_select(1, idx).float()
+            r = torch.exp(torch.clamp(le - g, max=0.0))
+            oe, le = r[..., None] * oe + (1 - r[..., None]) * f, torch.maximum(le, g)
         o, lse = o.clone(), lse.clone()
         o[:, idx], lse[:, idx] = oe.to(o.dtype), le.to(lse.dtype)
         return o, lse
@@ -236,7 +250,7 @@ def retained_contexts(served: list[NectarContext], retained: RetainedKV | None, 
         # (whose positions differ per head) is masked by none, as all n would be.
         pos = torch.arange(retained.start, retained.start + k.shape[1], device=k.device)
         exact = ExactContextAttention(k[None], retained.values[layer][None], pos, 0, scale)
-        out[layer] = RetainedHeadsContext(served[layer], exact, retained.heads_of(layer))
+        out[layer] = RetainedHeadsContext(served[layer], exact, retained.heads_of(layer), subset=retained.tokens is not None)
     return out
 
 

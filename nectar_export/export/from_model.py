@@ -98,9 +98,10 @@ def nectar_contexts_for_export(model, ctx, heads, retained=None) -> list[LayerCo
                 st = retained.stored
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), st[f"layers.{layer}.key.q"].numpy(),
                                      st[f"layers.{layer}.value.q"].numpy(), _np(st[f"layers.{layer}.key.scale"]),
-                                     _np(st[f"layers.{layer}.value.scale"]))
+                                     _np(st[f"layers.{layer}.value.scale"]), subset=retained.tokens is not None)
             elif retained is not None and layer in retained.keys:
-                kept = RetainedHeads(tuple(retained.heads_of(layer)), _np(retained.keys[layer]), _np(retained.values[layer]))
+                kept = RetainedHeads(tuple(retained.heads_of(layer)), _np(retained.keys[layer]), _np(retained.values[layer]),
+                                     subset=retained.tokens is not None)
             out.append(LayerContext(baked=baked, heads=fold_mlp_heads(group, sel), retained=kept))
         else:
             out.append(LayerContext(baked=baked + (quadrature_nodes(group, sel),)))

@@ -221,19 +221,47 @@ def test_select_tokens_keeps_the_tokens_queries_weigh(tiny):
     assert torch.equal(select_tokens(doc, modules, qs, 3, chunk=7)[0], picked[0])  # chunking only
     wide = select_tokens(doc, modules, qs, 8)[0]
     assert all(set(h) <= set(w.tolist()) for h, w in zip(hits, wide)) and bool((wide.diff(dim=-1) > 0).all())
-    # retained on those tokens, the held-out error of the subset is tiny; on other tokens it is not
+    # retained on those tokens, their served output is nearly exact; on other tokens it is not
+    heads = _random_heads(cfg, seed=2)
     kept = RetainedKV.from_document(doc, modules, 0, "float16", picked)
     assert kept.length == 3 and kept.tokens is not None
     assert kept.nbytes() == retained_bytes(40, cfg.head_dim, len(modules), "float16", tokens=3)
     for r, j in enumerate(kept.heads_of(0)):
         assert torch.equal(kept.keys[0][r], doc[0].k[0, j, hits[j]].half().float())
-    good = subset_error(doc, kept, qs)
-    assert 0 <= good < 1e-3, good
+    good = subset_error(heads, kept, qs)
+    assert 0 <= good["o"] < 1e-3 and good["lse"] < 1e-2, good
     others = {0: torch.stack([torch.tensor([t for t in range(40) if t not in h][:3]) for h in hits])}
-    bad = subset_error(doc, RetainedKV.from_document(doc, modules, 0, "float16", others), qs)
-    assert bad > 0.5, bad
-    # every token kept: the error is fp16 rounding only
-    assert subset_error(doc, RetainedKV.from_document(doc, modules, 0, "float16"), qs) < 1e-5
+    bad = subset_error(heads, RetainedKV.from_document(doc, modules, 0, "float16", others), qs)
+    assert bad["o"] > 0.5 and bad["lse"] > 1, bad
+    # every token kept: fp16 rounding only
+    every = subset_error(heads, RetainedKV.from_document(doc, modules, 0, "float16"), qs)
+    assert every["o"] < 1e-5 and every["lse"] < 1e-2, every  # logits near 16: fp16 keys move them by ~1e-3
+
+
+def test_a_token_subset_merges_with_the_network_for_the_rest(tiny):
+    """With a network that served the dropped tokens exactly (f = o over the rest, g = lse over the whole
+    document), the subset context is exact attention over the whole document; the kept tokens alone
+    (no merge) are not, and with r ≥ 1 (g below the kept tokens' lse) the kept tokens are used alone."""
+    model, cache, _ = tiny
+    cfg = model.config
+    doc = cache.contexts()[0]
+    n = doc.length
+    keep = torch.tensor(sorted(torch.randperm(n, generator=torch.Generator().manual_seed(4))[: n // 3].tolist()))
+    rest = torch.tensor([t for t in range(n) if t not in set(keep.tolist())])
+    heads_kept = [0, cfg.num_kv_heads - 1]
+    q, pos = _queries(cfg, n)
+    o_full, lse_full = doc(q, pos)
+    o_rest, _ = doc.select(rest)(q, pos)
+    sub = doc.select(keep)
+    idx = torch.tensor(heads_kept)
+    exact = ExactContextAttention(sub.k[:, idx], sub.v[:, idx], sub.positions[0], 0, cfg.scale)
+    ctx = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_full), exact, heads_kept, subset=True)
+    o, lse = ctx(q, pos)
+    assert torch.allclose(o[:, idx], o_full[:, idx], atol=1e-5) and torch.allclose(lse[:, idx], lse_full[:, idx], atol=1e-5)
+    alone, lse_alone = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_full), exact, heads_kept)(q, pos)
+    assert not torch.allclose(alone[:, idx], o_full[:, idx], atol=1e-3) and bool((lse_alone[:, idx] < lse_full[:, idx]).all())
+    low = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_full - 100), exact, heads_kept, subset=True)(q, pos)
+    assert torch.allclose(low[0][:, idx], alone[:, idx]) and torch.allclose(low[1][:, idx], lse_alone[:, idx])
 
 
 def test_token_budget_bytes():

@@ -56,7 +56,7 @@ def test_fit_with_retained_heads_writes_them_within_the_budget(retained_artifact
     assert n_doc > 256 and ret["tokens"] == 256 and m["fit_config"]["retain_tokens"] == 256
     # int8 keys and values + an fp16 scale per token and head, and the kept tokens' int32 indices
     assert ret["bytes"] == 18 * 256 * (2 * (64 + 2) + 4)
-    assert 0 < ret["heldout_subset_error"] < 1
+    assert 0 < ret["heldout_error"]["o"] < 1 and ret["heldout_error"]["lse"] >= 0
     files = (art / "heads.safetensors").stat().st_size + (art / "retained.safetensors").stat().st_size
     assert m["artifact_bytes"] == files <= 0.25 * m["kv_bytes"]  # the retained KV counts in the default budget
     assert 0 < ret["heldout_error_mass_share"] <= 1
