@@ -47,8 +47,8 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
     from nectar_export.probes import build_probes, probe_stats, split_probes
-    from nectar_export.retained import (RetainedKV, module_error_mass, retained_bytes, retained_tokens, select_tokens,
-                                        subset_error, worst_modules)
+    from nectar_export.retained import (RetainedKV, complement_targets, module_error_mass, retained_bytes, retained_tokens,
+                                        select_tokens, subset_error, worst_modules)
     from nectar_export.cli import read_questions
     from nectar_export.streaming import streaming_contexts, streaming_tokens_for_bytes
 
@@ -121,6 +121,12 @@ def run(a: argparse.Namespace) -> None:
                 mods = worst_modules(mass, fcfg.retain_heads, cfg.layer_windows)
                 c = retained_tokens(ctx.n - ctx.prefix_len, fcfg.retain_tokens)
                 picked = select_tokens(docpart, mods, qtr, c) if c < ctx.n - ctx.prefix_len else None
+                if picked is not None:  # as `nectar fit`: the retained heads' networks refitted to the tokens not kept
+                    qd, t_r = getattr(torch, fcfg.query_dtype), time.time()
+                    res = fit_heads(complement_targets(docpart, mods, picked, qtr.stored_as(qd)),
+                                    complement_targets(docpart, mods, picked, qhe.stored_as(qd)), spec_factory(cfg, variant),
+                                    n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
+                    t_fit += time.time() - t_r
                 kept = RetainedKV.from_document(docpart, mods, ctx.prefix_len, fcfg.retain_dtype, picked)
                 subset_err = subset_error(res.heads, kept, qhe)
                 art_bytes += kept.nbytes()

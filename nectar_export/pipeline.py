@@ -19,8 +19,8 @@ from nectar_runtime.document import DocumentContext, make_context, read_document
 from .config import FitConfig
 from .fit import FitResult, fit_heads, train_dtype
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
-from .retained import (RetainedKV, module_error_mass, retained_bytes, retained_contexts, retained_tokens, select_tokens,
-                       subset_error, worst_modules)
+from .retained import (RetainedKV, complement_targets, module_error_mass, retained_bytes, retained_contexts,
+                       retained_tokens, select_tokens, subset_error, worst_modules)
 from .streaming import kv_bytes
 
 
@@ -192,6 +192,12 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
             modules = worst_modules(mass, fit_cfg.retain_heads, cfg.layer_windows)
             c = retained_tokens(ctx.n - ctx.prefix_len, fit_cfg.retain_tokens)
             tokens = select_tokens(doc, modules, qs_train, c) if c < ctx.n - ctx.prefix_len else None
+        if tokens is not None:  # the retained heads' networks now serve only the tokens they do not keep
+            with timer.stage("refit heads on the tokens not kept", log):
+                # (the manifest's held-out errors are then the networks' own, on what they serve)
+                result = fit_heads(complement_targets(doc, modules, tokens, qs_train), complement_targets(doc, modules, tokens, qs_held),
+                                   spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress)
+        with timer.stage("store retained heads", log):
             retained = RetainedKV.from_document(doc, modules, ctx.prefix_len, fit_cfg.retain_dtype, tokens)
             retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(), "dtype": fit_cfg.retain_dtype,
                                "tokens": c, "heldout_error": subset_error(result.heads, retained, qs_held),

@@ -9,12 +9,13 @@ stored KV; every other head stays Nectar.
 Ranking: per module (layer l, KV head j) the error that reaches the merged output, Σ w²‖f(q) − o_ctx‖²
 over the given queries (w = σ(lse_ctx − lse_loc), the document's share of the output).
 
-Token budget (`retain_tokens` m): a retained head may keep only m document tokens, the ones with the
+Token budget (`retain_tokens` m): a retained head may keep only m document tokens S, the ones with the
 largest weight any training probe query gives them in full attention (max over queries of
-w·softmax_doc(q·k)): decode then reads R·m stored keys whatever the document's length. Attention over
-that subset alone would drop the other tokens' mass, so the score network's g(q) (trained on the whole
-document) sets the kept tokens' share r = min(1, exp(lse_kept − g)) and the target network's f(q) stands
-for the rest (RetainedHeadsContext); `subset_error` measures what the budget costs on held-out probes.
+w·softmax_doc(q·k)): decode then reads R·m stored keys whatever the document's length. The head's
+network is then refitted to the rest of the document R (the document tokens not in S) (`complement_targets`: o and lse over
+R), and decode merges the two disjoint parts exactly, as it merges document and local tokens:
+lse = logaddexp(lse_S, g_R), o = e^(lse_S − lse)·o_S + e^(g_R − lse)·f_R (RetainedHeadsContext).
+`subset_error` measures what the budget costs on held-out probes.
 """
 
 from __future__ import annotations
@@ -83,6 +84,29 @@ def select_tokens(doc: list[ExactContextAttention], modules: list[tuple[int, int
             picks.append(torch.sort(torch.topk(best, min(m, k.shape[1])).indices).values)
         out[layer] = torch.stack(picks)
     return out
+
+
+@torch.no_grad()
+def complement_targets(doc: list[ExactContextAttention], modules: list[tuple[int, int]], tokens: dict[int, torch.Tensor],
+                       qs: QuerySet, chunk: int = 4096) -> QuerySet:
+    """`qs` with the recorded targets of each retained module (layer l, KV head j) replaced by exact
+    attention over the document tokens it does not keep: o, lse over the document tokens not in tokens[l][r] (fp32 math,
+    stored in qs's dtype); every other module's targets are shared, not copied."""
+    o, lse = list(qs.o), list(qs.lse)
+    for layer in sorted({l for l, _ in modules}):
+        o[layer], lse[layer] = o[layer].clone(), lse[layer].clone()
+        k, v = doc[layer].k[0].float(), doc[layer].v[0].float()  # [Hkv, n, D]
+        for r, j in enumerate(sorted(h for l, h in modules if l == layer)):
+            rest = torch.ones(k.shape[1], dtype=torch.bool, device=k.device)
+            rest[tokens[layer][r].to(k.device)] = False
+            kr, vr = k[j][rest], v[j][rest]  # [n − c, D]
+            for s in range(0, qs.n, chunk):
+                q = qs.q[layer][s:s + chunk, j].float().to(k.device)  # [S, G, D]
+                sc = torch.einsum("sgd,nd->sgn", q, kr) * doc[layer].scale
+                lr = torch.logsumexp(sc, -1)
+                o[layer][s:s + chunk, j] = torch.einsum("sgn,nd->sgd", torch.exp(sc - lr[..., None]), vr).to(o[layer].dtype).to(o[layer].device)
+                lse[layer][s:s + chunk, j] = lr.to(lse[layer].dtype).to(lse[layer].device)
+    return QuerySet(qs.q, o, lse, qs.lse_loc, qs.probe_index, qs.positions)
 
 
 @torch.no_grad()
@@ -216,10 +240,9 @@ class RetainedHeadsContext:
 
     nectar: the layer's NectarContext; exact: ExactContextAttention over the document with k/v
     holding only the retained heads, `[1, R, c, D]`, in the order of `retained`. `subset` (a token
-    budget, c < n): the kept tokens' exact attention (o_S, lse_S) is merged with the network's (f, g)
-    for the rest: r = min(1, exp(lse_S − g)) is the kept tokens' share of the document's mass as the
-    score network puts it, o = r·o_S + (1 − r)·f, lse = max(g, lse_S). Without it the dropped tokens'
-    mass would be lost and the local tokens over-weighted in the merge."""
+    budget, c < n: the retained heads' networks were fitted to the other n − c tokens): the kept
+    tokens' exact attention (o_S, lse_S) and the network's (f_R, g_R) for the rest are merged by
+    log-sum-exp, lse = logaddexp(lse_S, g_R), o = e^(lse_S − lse)·o_S + e^(g_R − lse)·f_R."""
 
     def __init__(self, nectar: NectarContext, exact: ExactContextAttention, retained: list[int], subset: bool = False):
         self.nectar, self.exact, self.retained, self.subset = nectar, exact, retained, subset
@@ -233,8 +256,8 @@ class RetainedHeadsContext:
         oe, le = self.exact(q.index_select(1, idx).float(), q_pos)
         if self.subset:
             f, g = o.index_select(1, idx).float(), lse.index_select(1, idx).float()
-            r = torch.exp(torch.clamp(le - g, max=0.0))
-            oe, le = r[..., None] * oe + (1 - r[..., None]) * f, torch.maximum(le, g)
+            both = torch.logaddexp(le, g)
+            oe, le = torch.exp(le - both)[..., None] * oe + torch.exp(g - both)[..., None] * f, both
         o, lse = o.clone(), lse.clone()
         o[:, idx], lse[:, idx] = oe.to(o.dtype), le.to(lse.dtype)
         return o, lse

@@ -74,8 +74,8 @@ class RetainedHeads:
     v: np.ndarray  # [R, c, D]
     k_scale: np.ndarray | None = None  # [R, c, 1] fp32 for int8 k (one scale per head and token)
     v_scale: np.ndarray | None = None
-    # a token subset (retained.py, token budget): the rest of the document's mass comes from the Nectar
-    # network, o = r·o_kept + (1 − r)·f(q), lse = max(g(q), lse_kept), r = min(1, exp(lse_kept − g(q)))
+    # a token subset (retained.py, token budget): the head's network serves the other tokens, merged by
+    # log-sum-exp with the kept tokens' exact attention
     subset: bool = False
 
 

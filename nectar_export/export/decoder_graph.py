@@ -515,14 +515,16 @@ def retained_heads(b: GraphBuilder, p: str, wn: str, qs: str, kept, f: str, g: s
         probs = b.op("Mul", [probs, b.weight(f"{wn}.value_scale_t", np.ascontiguousarray(kept.v_scale.transpose(0, 2, 1), dtype=np.float32))],
                      f"{p}/probs/scale/Mul")
     o = b.op("MatMul", [probs, v], f"{p}/pv/MatMul")  # [B, R, G*T, D]
-    if kept.subset:  # kept tokens only: the network's f, g stand for the rest of the document (retained.py)
+    if kept.subset:  # kept tokens S; the network (f, g) serves the rest of the document: log-sum-exp merge
         heads = b.const(list(kept.heads))
         fr = b.op("Gather", [f, heads], f"{p}/subset/f/Gather", axis=1)
         gr = b.op("Gather", [g, heads], f"{p}/subset/g/Gather", axis=1)
-        r = b.op("Exp", [b.op("Min", [b.op("Sub", [lse, gr], f"{p}/subset/Sub"), b.const(0.0, np.float32)], f"{p}/subset/Min")],
-                 f"{p}/subset/Exp")  # the kept tokens' share of the document's mass, by the score network
-        o = b.op("Add", [b.op("Mul", [r, b.op("Sub", [o, fr], f"{p}/subset/o/Sub")], f"{p}/subset/o/Mul"), fr], f"{p}/subset/o/Add")
-        lse = b.op("Max", [lse, gr], f"{p}/subset/lse/Max")
+        both = b.op("Concat", [lse, gr], f"{p}/subset/Concat", axis=-1)  # [B, R, G*T, 2]
+        w_s, w_r = b.op("Split", [b.op("Softmax", [both], f"{p}/subset/Softmax", axis=-1), b.const([1, 1])], f"{p}/subset/Split",
+                        outputs=2, axis=-1)
+        o = b.op("Add", [b.op("Mul", [w_s, o], f"{p}/subset/o_kept/Mul"), b.op("Mul", [w_r, fr], f"{p}/subset/o_rest/Mul")],
+                 f"{p}/subset/o/Add")
+        lse = b.op("ReduceLogSumExp", [both], f"{p}/subset/lse/ReduceLogSumExp", axes=[-1], keepdims=1)
 
     def splice(nectar: str, exact: str, what: str) -> str:
         ones = b.const([1] * hkv)

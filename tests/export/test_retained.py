@@ -16,7 +16,8 @@ from nectar_export.collect import QuerySet, collect_queries
 from nectar_export.config import FitConfig
 from nectar_export.heads import nectar_contexts
 from nectar_export.retained import (RetainedHeadsContext, RetainedKV, module_error_mass, retained_bytes,
-                                    retained_contexts, retained_tokens, select_tokens, subset_error, worst_modules)
+                                    retained_contexts, retained_tokens, select_tokens, subset_error, worst_modules,
+                                    complement_targets)
 from nectar_models.attention import CompositeContext, ExactContextAttention
 from nectar_runtime.errors import NectarError
 from tests.export.test_onnx_graph import N_CTX, PREFIX, _Ctx, _random_heads, _session
@@ -239,9 +240,8 @@ def test_select_tokens_keeps_the_tokens_queries_weigh(tiny):
 
 
 def test_a_token_subset_merges_with_the_network_for_the_rest(tiny):
-    """With a network that served the dropped tokens exactly (f = o over the rest, g = lse over the whole
-    document), the subset context is exact attention over the whole document; the kept tokens alone
-    (no merge) are not, and with r ≥ 1 (g below the kept tokens' lse) the kept tokens are used alone."""
+    """With a network that serves the tokens not kept exactly (f = o, g = lse over the rest), the subset
+    context is exact attention over the whole document; the kept tokens alone are not."""
     model, cache, _ = tiny
     cfg = model.config
     doc = cache.contexts()[0]
@@ -251,17 +251,44 @@ def test_a_token_subset_merges_with_the_network_for_the_rest(tiny):
     heads_kept = [0, cfg.num_kv_heads - 1]
     q, pos = _queries(cfg, n)
     o_full, lse_full = doc(q, pos)
-    o_rest, _ = doc.select(rest)(q, pos)
+    o_rest, lse_rest = doc.select(rest)(q, pos)
     sub = doc.select(keep)
     idx = torch.tensor(heads_kept)
     exact = ExactContextAttention(sub.k[:, idx], sub.v[:, idx], sub.positions[0], 0, cfg.scale)
-    ctx = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_full), exact, heads_kept, subset=True)
-    o, lse = ctx(q, pos)
+    o, lse = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_rest), exact, heads_kept, subset=True)(q, pos)
     assert torch.allclose(o[:, idx], o_full[:, idx], atol=1e-5) and torch.allclose(lse[:, idx], lse_full[:, idx], atol=1e-5)
-    alone, lse_alone = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_full), exact, heads_kept)(q, pos)
+    others = [j for j in range(cfg.num_kv_heads) if j not in heads_kept]  # the network's own heads pass through
+    assert torch.equal(o[:, others], o_rest[:, others]) and torch.equal(lse[:, others], lse_rest[:, others])
+    alone, lse_alone = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_rest), exact, heads_kept)(q, pos)
     assert not torch.allclose(alone[:, idx], o_full[:, idx], atol=1e-3) and bool((lse_alone[:, idx] < lse_full[:, idx]).all())
-    low = RetainedHeadsContext(lambda q_, p_: (o_rest, lse_full - 100), exact, heads_kept, subset=True)(q, pos)
-    assert torch.allclose(low[0][:, idx], alone[:, idx]) and torch.allclose(low[1][:, idx], lse_alone[:, idx])
+
+
+def test_complement_targets_are_attention_over_the_tokens_not_kept(tiny):
+    model, cache, probes = tiny
+    cfg = model.config
+    doc = cache.contexts()
+    qs = collect_queries(model, doc, cache.context_len, probes[:4], progress=False)
+    modules = [(0, 1), (1, 0), (1, 1)]
+    g = torch.Generator().manual_seed(8)
+    n = cache.context_len
+    tokens = {l: torch.stack([torch.sort(torch.randperm(n, generator=g)[:9]).values for _ in range(sum(1 for m in modules if m[0] == l))])
+              for l in (0, 1)}
+    out = complement_targets(doc, modules, tokens, qs, chunk=5)
+    for l in range(cfg.num_layers):
+        for j in range(cfg.num_kv_heads):
+            if (l, j) not in modules:
+                assert torch.equal(out.o[l][:, j], qs.o[l][:, j]) and torch.equal(out.lse[l][:, j], qs.lse[l][:, j])
+                continue
+            r = sorted(h for ll, h in modules if ll == l).index(j)
+            rest = torch.tensor([t for t in range(n) if t not in set(tokens[l][r].tolist())])
+            part = doc[l].select(rest)
+            q = qs.q[l][:, j].float().permute(1, 0, 2)[None, None]  # [1, 1, G, N, D]
+            o_ref, lse_ref = ExactContextAttention(part.k[:, j:j + 1], part.v[:, j:j + 1], part.positions[0], 0, cfg.scale)(
+                q, torch.zeros(1, q.shape[3], dtype=torch.long))
+            assert torch.allclose(out.o[l][:, j].float(), o_ref[0, 0].permute(1, 0, 2), atol=1e-4)
+            assert torch.allclose(out.lse[l][:, j], lse_ref[0, 0].permute(1, 0), atol=1e-4)
+    assert out.q is qs.q and torch.equal(out.lse_loc[0], qs.lse_loc[0])  # queries shared, not copied
+    assert not torch.equal(out.lse[1], qs.lse[1])  # ... and the inputs left as they were
 
 
 def test_token_budget_bytes():
