@@ -47,8 +47,8 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
     from nectar_export.probes import build_probes, probe_stats, split_probes
-    from nectar_export.retained import (RetainedKV, complement_targets, module_error_mass, retained_bytes, retained_tokens,
-                                        select_tokens, subset_error, worst_modules)
+    from nectar_export.retained import (RetainedKV, TokenBudgetChoice, module_error_mass, retained_bytes, retained_tokens,
+                                        subset_error, worst_modules)
     from nectar_export.cli import read_questions
     from nectar_export.streaming import streaming_contexts, streaming_tokens_for_bytes
 
@@ -93,8 +93,12 @@ def run(a: argparse.Namespace) -> None:
                 res = copy.deepcopy(fitted[key])
             else:
                 qd = getattr(torch, fcfg.query_dtype)
+                c = retained_tokens(ctx.n - ctx.prefix_len, fcfg.retain_tokens)
+                choice = TokenBudgetChoice(docpart, fcfg.retain_heads, c, cfg.layer_windows) \
+                    if fcfg.retain_heads and c < ctx.n - ctx.prefix_len else None  # as `nectar fit --retain-tokens`
                 res = fit_heads(qtr.stored_as(qd), qhe.stored_as(qd), spec_factory(cfg, variant), n_params, fcfg,
-                                [(c.k, c.v) for c in docpart], progress=False)
+                                [(c.k, c.v) for c in docpart], progress=False, retarget=choice)
+                res.choice = choice
             if on_policy and key not in fitted:
                 qs2 = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
                                       prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads, cfg.layer_windows, ctx.n),
@@ -118,15 +122,11 @@ def run(a: argparse.Namespace) -> None:
                 mass = module_error_mass(res.heads, qhe.stored_as(getattr(torch, fcfg.query_dtype)))
             subset_err = None
             if fcfg.retain_heads:  # part of the artifact, as `nectar fit --retain-heads [--retain-tokens]` makes it
-                mods = worst_modules(mass, fcfg.retain_heads, cfg.layer_windows)
-                c = retained_tokens(ctx.n - ctx.prefix_len, fcfg.retain_tokens)
-                picked = select_tokens(docpart, mods, qtr, c) if c < ctx.n - ctx.prefix_len else None
-                if picked is not None:  # as `nectar fit`: the retained heads' networks refitted to the tokens not kept
-                    qd, t_r = getattr(torch, fcfg.query_dtype), time.time()
-                    res = fit_heads(complement_targets(docpart, mods, picked, qtr.stored_as(qd)),
-                                    complement_targets(docpart, mods, picked, qhe.stored_as(qd)), spec_factory(cfg, variant),
-                                    n_params, fcfg, [(c.k, c.v) for c in docpart], progress=False)
-                    t_fit += time.time() - t_r
+                choice = getattr(res, "choice", None)
+                if choice is not None:  # chosen after the probe fit; those heads' networks serve the tokens not kept
+                    mass, mods, picked = choice.mass, choice.modules, choice.tokens
+                else:
+                    mods, picked = worst_modules(mass, fcfg.retain_heads, cfg.layer_windows), None
                 kept = RetainedKV.from_document(docpart, mods, ctx.prefix_len, fcfg.retain_dtype, picked)
                 subset_err = subset_error(res.heads, kept, qhe)
                 art_bytes += kept.nbytes()

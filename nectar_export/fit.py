@@ -385,8 +385,13 @@ class FitResult:
 
 
 def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: int, cfg: FitConfig,
-              doc_kv: list | None = None, progress: bool = True) -> FitResult:
-    """Choose widths (uniform or adaptive), build, initialize and train all heads."""
+              doc_kv: list | None = None, progress: bool = True, retarget=None) -> FitResult:
+    """Choose widths (uniform or adaptive), build, initialize and train all heads.
+
+    `retarget(probe_heads, qs_train, qs_held) -> (qs_train, qs_held)`: called once with the heads of a
+    short probe fit (the adaptive allocation's, or one of `probe_steps` at uniform widths) to replace
+    the sets the final fit trains and is scored on (retained heads under a token budget: their
+    networks serve only the tokens not kept)."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     num_layers = len(qs_train.q)
@@ -394,14 +399,18 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
     cfg = cfg.for_device(device.type)
     widths = uniform = uniform_widths(spec_for, num_layers, budget_params, cfg.width_multiple)
     probe = None
-    if cfg.allocation == "adaptive":
+    if cfg.allocation == "adaptive" or retarget is not None:
         heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
         train_heads(heads, data, cfg, cfg.probe_steps, desc="allocation probe", progress=progress)
-        errs = layer_errors(heads, qs_held)
-        key = "o_rel_error_weighted" if cfg.weighting == "share" else "o_rel_error"
-        widths = adaptive_widths(spec_for, errs[key], budget_params, cfg.width_multiple)
-        probe = {"uniform_widths": list(uniform), "errors": errs[key]}
-        del heads, data  # the probe's copy of the training data must go before the final one is built
+        if cfg.allocation == "adaptive":
+            errs = layer_errors(heads, qs_held)
+            key = "o_rel_error_weighted" if cfg.weighting == "share" else "o_rel_error"
+            widths = adaptive_widths(spec_for, errs[key], budget_params, cfg.width_multiple)
+            probe = {"uniform_widths": list(uniform), "errors": errs[key]}
+        del data  # the probe's copy of the training data must go before the final one is built
+        if retarget is not None:
+            qs_train, qs_held = retarget(heads.eval(), qs_train, qs_held)
+        del heads
     torch.manual_seed(cfg.seed)
     heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
     curve = train_heads(heads, data, cfg, cfg.steps, progress=progress)

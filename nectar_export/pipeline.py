@@ -19,8 +19,8 @@ from nectar_runtime.document import DocumentContext, make_context, read_document
 from .config import FitConfig
 from .fit import FitResult, fit_heads, train_dtype
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
-from .retained import (RetainedKV, complement_targets, module_error_mass, retained_bytes, retained_contexts,
-                       retained_tokens, select_tokens, subset_error, worst_modules)
+from .retained import (RetainedKV, TokenBudgetChoice, module_error_mass, retained_bytes, retained_contexts,
+                       retained_tokens, subset_error, worst_modules)
 from .streaming import kv_bytes
 
 
@@ -168,8 +168,13 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         qs_held = collect_queries(model, doc, ctx.n, [p.ids for p in held_p], prefix_contexts=prefix,
                                   progress=progress, index_offset=len(train_p), store_dtype=store)
     doc_kv = [(c.k, c.v) for c in doc]
+    c = retained_tokens(ctx.n - ctx.prefix_len, fit_cfg.retain_tokens)
+    # a token budget: the retained heads are chosen after the probe fit and their networks fitted to the rest
+    choice = TokenBudgetChoice(doc, fit_cfg.retain_heads, c, cfg.layer_windows) \
+        if fit_cfg.retain_heads and c < ctx.n - ctx.prefix_len else None
     with timer.stage("fit heads", log):
-        result = fit_heads(qs_train, qs_held, spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress)
+        result = fit_heads(qs_train, qs_held, spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress,
+                           retarget=choice)
     on_policy_report = None
     if on_policy:
         with timer.stage("on-policy re-collection and refit", log):
@@ -188,16 +193,11 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     retained, retained_report = None, None
     if fit_cfg.retain_heads:
         with timer.stage("choose retained heads", log):
-            mass = module_error_mass(result.heads, qs_held)
-            modules = worst_modules(mass, fit_cfg.retain_heads, cfg.layer_windows)
-            c = retained_tokens(ctx.n - ctx.prefix_len, fit_cfg.retain_tokens)
-            tokens = select_tokens(doc, modules, qs_train, c) if c < ctx.n - ctx.prefix_len else None
-        if tokens is not None:  # the retained heads' networks now serve only the tokens they do not keep
-            with timer.stage("refit heads on the tokens not kept", log):
-                # (the manifest's held-out errors are then the networks' own, on what they serve)
-                result = fit_heads(complement_targets(doc, modules, tokens, qs_train), complement_targets(doc, modules, tokens, qs_held),
-                                   spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress)
-        with timer.stage("store retained heads", log):
+            if choice is not None:  # chosen during the fit; the networks of those heads serve the tokens not kept
+                mass, modules, tokens = choice.mass, choice.modules, choice.tokens
+            else:
+                mass, tokens = module_error_mass(result.heads, qs_held), None
+                modules = worst_modules(mass, fit_cfg.retain_heads, cfg.layer_windows)
             retained = RetainedKV.from_document(doc, modules, ctx.prefix_len, fit_cfg.retain_dtype, tokens)
             retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(), "dtype": fit_cfg.retain_dtype,
                                "tokens": c, "heldout_error": subset_error(result.heads, retained, qs_held),

@@ -12,8 +12,9 @@ over the given queries (w = σ(lse_ctx − lse_loc), the document's share of the
 Token budget (`retain_tokens` m): a retained head may keep only m document tokens S, the ones with the
 largest weight any training probe query gives them in full attention (max over queries of
 w·softmax_doc(q·k)): decode then reads R·m stored keys whatever the document's length. The head's
-network is then refitted to the rest of the document R (the document tokens not in S) (`complement_targets`: o and lse over
-R), and decode merges the two disjoint parts exactly, as it merges document and local tokens:
+network is then fitted to the rest of the document R (the document tokens not in S; `complement_targets`:
+o and lse over R) — the heads and tokens are chosen after the short probe fit, before the one final fit
+(`TokenBudgetChoice`) — and decode merges the two disjoint parts exactly, as it merges document and local tokens:
 lse = logaddexp(lse_S, g_R), o = e^(lse_S − lse)·o_S + e^(g_R − lse)·f_R (RetainedHeadsContext).
 `subset_error` measures what the budget costs on held-out probes.
 """
@@ -107,6 +108,25 @@ def complement_targets(doc: list[ExactContextAttention], modules: list[tuple[int
                 o[layer][s:s + chunk, j] = torch.einsum("sgn,nd->sgd", torch.exp(sc - lr[..., None]), vr).to(o[layer].dtype).to(o[layer].device)
                 lse[layer][s:s + chunk, j] = lr.to(lse[layer].dtype).to(lse[layer].device)
     return QuerySet(qs.q, o, lse, qs.lse_loc, qs.probe_index, qs.positions)
+
+
+class TokenBudgetChoice:
+    """`fit_heads`'s retarget hook for retained heads under a token budget: with the probe fit's heads,
+    rank the modules (held-out error mass), keep the `count` worst (global layers), pick each one's
+    `tokens` document tokens (`select_tokens`, training queries) and hand back both query sets with
+    those modules' targets over the tokens not kept (`complement_targets`), so that one final fit
+    trains their networks for what they will serve. Afterwards: `mass`, `modules`, `tokens`."""
+
+    def __init__(self, doc: list[ExactContextAttention], count: int, tokens: int, windows=None):
+        self.doc, self.count, self.budget, self.windows = doc, count, tokens, windows
+        self.mass = self.modules = self.tokens = None
+
+    def __call__(self, probe_heads: NectarHeads, qs_train: QuerySet, qs_held: QuerySet) -> tuple[QuerySet, QuerySet]:
+        self.mass = module_error_mass(probe_heads, qs_held)
+        self.modules = worst_modules(self.mass, self.count, self.windows)
+        self.tokens = select_tokens(self.doc, self.modules, qs_train, self.budget)
+        return (complement_targets(self.doc, self.modules, self.tokens, qs_train),
+                complement_targets(self.doc, self.modules, self.tokens, qs_held))
 
 
 @torch.no_grad()

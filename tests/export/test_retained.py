@@ -591,3 +591,36 @@ def test_fit_refuses_on_policy_with_retained_heads_before_any_work(tmp_path):
     _one_line_error(lambda: fit_document(base, tmp_path / "doc.txt", tmp_path / "art", FitConfig(retain_heads=2), None,
                                          on_policy=True), "--on-policy with --retain-heads")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
+def test_token_budget_choice_retargets_the_one_final_fit(tiny, allocation):
+    """fit_heads calls the retarget hook once, after a probe fit of `probe_steps` (also at uniform
+    widths), and the final heads train and are scored on the sets it returns: for the chosen
+    modules, attention over the tokens they do not keep."""
+    from nectar_export.fit import fit_heads, layer_errors
+    from nectar_export.heads import HeadsSpec
+    from nectar_export.retained import TokenBudgetChoice, complement_targets
+
+    model, cache, probes = tiny
+    cfg = model.config
+    doc = cache.contexts()
+    qs = collect_queries(model, doc, cache.context_len, probes, progress=False)
+    held = qs.probe_index >= 20
+    qtr, qhe = qs.select(~held), qs.select(held)
+    spec_for = lambda w: HeadsSpec("mlp", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(w), cfg.scale)  # noqa: E731
+    choice = TokenBudgetChoice(doc, 2, 12, cfg.layer_windows)
+    calls = []
+
+    def hook(heads, a, b):
+        calls.append((heads.training, a is qtr, b is qhe))
+        return choice(heads, a, b)
+
+    fit_cfg = FitConfig(steps=30, batch=256, seed=3, allocation=allocation, probe_steps=10, train_dtype="float32", linear_init=False)
+    res = fit_heads(qtr, qhe, spec_for, 20_000, fit_cfg, progress=False, retarget=hook)
+    assert calls == [(False, True, True)]
+    assert len(choice.modules) == 2 and choice.mass.shape == (cfg.num_layers, cfg.num_kv_heads)
+    assert all(t.shape == (sum(1 for l, _ in choice.modules if l == layer), 12) for layer, t in choice.tokens.items())
+    rest_held = complement_targets(doc, choice.modules, choice.tokens, qhe)
+    assert layer_errors(res.heads, rest_held)["o_rel_error"] == res.heldout["o_rel_error"]
+    assert (res.allocation_probe is not None) == (allocation == "adaptive")
