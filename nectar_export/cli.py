@@ -184,15 +184,17 @@ def add_export_commands(sub) -> None:
     p.add_argument("--query-dtype", choices=QUERY_DTYPES, default=d.query_dtype,
                    help="storage of the recorded queries and attention outputs, the largest part of fit memory (default %(default)s)")
     p.add_argument("--retain-heads", type=int, default=d.retain_heads, metavar="K",
-                   help="keep the document keys/values of the K KV heads the fitted heads serve worst, within the "
-                        "budget (18 for SmolLM2 at the default budget: agreement 0.95-0.97 -> 0.98-0.99 on six manuals, "
-                        "docs/results.md); decode then reads K·n stored keys per token (default %(default)s: none)")
+                   help="keep the document keys/values (--retain-tokens of them) of the K KV heads the networks serve "
+                        "worst, within the budget (18 on SmolLM2 at the default budget: agreement 0.949-0.969 -> "
+                        "0.970-0.983 on six manuals, docs/results.md); such artifacts decode on the torch and ONNX paths, "
+                        "not the fused CUDA step or TensorRT (default %(default)s: none)")
     p.add_argument("--retain-dtype", choices=RETAIN_DTYPES, default=d.retain_dtype,
                    help="storage of the retained heads' keys/values: int8 (+ a scale per token and head) holds about "
                         "twice the heads in the same bytes (default %(default)s)")
     p.add_argument("--retain-tokens", type=int, default=d.retain_tokens, metavar="M",
-                   help="with --retain-heads: keep only the M document tokens per retained head that the training probes "
-                        "weigh most, so decode reads K·M stored keys whatever the document's length (default %(default)s: all)")
+                   help="document tokens each retained head keeps: the M the training probes weigh most (the head's network "
+                        "serves the others), so decode reads K·M stored keys whatever the document's length; 0 keeps all "
+                        "(default %(default)s)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

@@ -40,17 +40,17 @@ class FitConfig:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
-    # KV heads whose document keys/values the artifact keeps (retained.py): the ones the fitted
-    # heads serve worst. Their bytes count in the budget; decode then reads retain_heads·n keys per
-    # token, so it is off by default (decode cost stays independent of n; docs/results.md).
+    # KV heads whose document keys/values the artifact keeps (retained.py): the ones the heads serve
+    # worst. Their bytes count in the budget. Off by default: the fused CUDA step and the TensorRT
+    # plugin serve Nectar heads only (an artifact with retained heads decodes on the torch and ONNX paths).
     retain_heads: int = 0
     # "int8" (+ an fp16 scale per token and head: about half the bytes, so the budget holds larger networks;
     # on the six manuals 18 int8 heads beat 18 fp16 heads, docs/results.md) | "float16"
     retain_dtype: str = "int8"
     # Per retained head, keep only this many document tokens (0: all n): the ones the training probes'
-    # queries weigh most (retained.select_tokens). Decode then reads retain_heads·retain_tokens stored
-    # keys per token, a bound that does not grow with the document.
-    retain_tokens: int = 0
+    # queries weigh most (retained.select_tokens); the head's network serves the others. Decode then reads
+    # retain_heads·retain_tokens stored keys per token, a bound that does not grow with the document.
+    retain_tokens: int = 1024
     seed: int = 0
 
     def __post_init__(self):

@@ -98,7 +98,7 @@ def spec_factory(cfg, variant: str):
 
 def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[int, int]:
     """(parameter budget, document fp16 KV bytes). Weights are stored as fp16 (2 bytes); the exact
-    template-prefix KV kept at inference is charged to the budget too."""
+    template-prefix KV kept at inference is charged to the budget too, and so are retained heads."""
     kvb = kv_bytes(ctx.n, model_cfg)
     budget_bytes = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kvb
     budget_bytes -= retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
@@ -106,11 +106,16 @@ def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[
     return int((budget_bytes - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kvb
 
 
+def eligible_kv_heads(model_cfg) -> int:
+    """KV heads of global-attention layers: the ones that can be retained."""
+    return model_cfg.num_kv_heads * sum(1 for w in model_cfg.layer_windows if not w)
+
+
 def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path) -> None:
     """Refuse a budget below the smallest heads (width `width_multiple` in every layer), naming the
     sizes and what to do: a very short document, or a too small --budget-mb."""
     cfg = base.config
-    eligible = cfg.num_kv_heads * sum(1 for w in cfg.layer_windows if not w)
+    eligible = eligible_kv_heads(cfg)
     if fit_cfg.retain_heads > eligible:
         raise NectarError(f"--retain-heads {fit_cfg.retain_heads}: {base.name} has {eligible} KV heads in global-"
                           f"attention layers; pass at most {eligible}")

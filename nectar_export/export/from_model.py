@@ -94,7 +94,9 @@ def nectar_contexts_for_export(model, ctx, heads, retained=None) -> list[LayerCo
         baked = (exact_kv(prefix[layer], "prefix"),) if prefix[layer] is not None else ()
         if heads.spec.variant == "mlp":
             kept = None
-            if retained is not None and layer in retained.keys and retained.dtype == "int8":  # stays int8 in the graph
+            # int8 KV of every document token stays int8 in the graph (cast per step); a token budget's few
+            # tokens go in as fp32 (their decoded values): no per-step cast of the KV (docs/onnx.md)
+            if retained is not None and layer in retained.keys and retained.dtype == "int8" and retained.tokens is None:
                 st = retained.stored
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), st[f"layers.{layer}.key.q"].numpy(),
                                      st[f"layers.{layer}.value.q"].numpy(), _np(st[f"layers.{layer}.key.scale"]),

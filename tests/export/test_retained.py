@@ -474,7 +474,8 @@ def test_graph_with_retained_heads_matches_the_torch_model(tiny_family, retain_d
     inits = {t.name for t in proto.graph.initializer}
     assert f"model.layers.{retained_layers[0]}.retained.key_t" in inits
     key_t = next(t for t in proto.graph.initializer if t.name == f"model.layers.{retained_layers[0]}.retained.key_t")
-    assert key_t.data_type == (onnx.TensorProto.INT8 if retain_dtype == "int8" else onnx.TensorProto.FLOAT)  # int8 stays int8
+    # int8 stays int8 (cast per step), except a token budget's few tokens: fp32, no per-step cast
+    assert key_t.data_type == (onnx.TensorProto.INT8 if retain_dtype == "int8" and not tokens else onnx.TensorProto.FLOAT)
 
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 9).tolist()
     ref = TorchBackend(model, torch_ctx, N_CTX)
@@ -541,10 +542,15 @@ def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
     model, _, _ = tiny
     cfg = model.config
     ctx = SimpleNamespace(n=400, prefix_len=10)
-    base_n, kvb = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5))
-    kept_n, kvb2 = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2))
+    base_n, kvb = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=0))
+    kept_n, kvb2 = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2, retain_tokens=0))
     assert kvb == kvb2
     assert base_n - kept_n == retained_bytes(390, cfg.head_dim, 2, "int8") // 2  # int8 by default
+    budget_n, _ = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2, retain_tokens=100))
+    assert base_n - budget_n == retained_bytes(390, cfg.head_dim, 2, "int8", tokens=100) // 2
+    # the default token budget (1,024) holds all 390 tokens here: no indices
+    all_n, _ = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2))
+    assert all_n == kept_n
     base = SimpleNamespace(config=cfg, name="tiny")
     check_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=4), "doc.txt")  # every head of 2 global layers
     _one_line_error(lambda: check_budget(base, ctx, FitConfig(budget_fraction=0.5, retain_heads=5), "doc.txt"),
