@@ -73,8 +73,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     return packed, scale, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
 
 
-def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int,
-                   layer_block8: int = BLOCK) -> dict:
+def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
     least `heads_min_bytes` fp32 bytes (per KV head, 8 bits); returns {node name: bits}.
 
@@ -109,15 +108,14 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
         bits = 8 if kind == "int8" or "lm_head" in node.name else 4
         k, n = w.dims
         exact = kind == "int4" and bits == 4
-        block = layer_block8 if bits == 8 and "lm_head" not in node.name else BLOCK
-        packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits, block, float_zero=exact, pad=True)
+        packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits, float_zero=exact)
         base, name = f"{w.name}.q{bits}", node.name.replace("/MatMul", f"/MatMulNBits{bits}")
         extra = [numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales")]
         if not exact:
             extra.append(numpy_helper.from_array(zeros, f"{base}.zero_points"))
             if bits == 8:
                 eight_bit[w.name] = (base, k, n, scales, zeros)
-            new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level, block))
+            new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level))
         else:
             x = node.input[0]
             if x not in blocksums:  # x @ Bk, Bk [K, K/32] the block indicator: one small matmul
@@ -218,10 +216,10 @@ def _per_head_nbits(proto, node, w: np.ndarray, accuracy_level: int, done_weight
     return out
 
 
-def _nbits(x, base, with_zero, outputs, name, k, n, bits, accuracy_level, block=BLOCK):
+def _nbits(x, base, with_zero, outputs, name, k, n, bits, accuracy_level):
     inputs = [x, base, f"{base}.scales"] + ([f"{base}.zero_points"] if with_zero else [])
     return helper.make_node("MatMulNBits", inputs, outputs, name=name, domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)
+                            K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level)
 
 
 def _const(proto, name: str, value: np.ndarray) -> str:
