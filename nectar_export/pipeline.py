@@ -175,6 +175,7 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     doc_kv = [(c.k, c.v) for c in doc]
     c = retained_tokens(ctx.n - ctx.prefix_len, fit_cfg.retain_tokens)
     # a token budget: the retained heads are chosen after the probe fit and their networks fitted to the rest
+    # (the manifest's per-layer held-out errors then score those heads against the tokens they do not keep)
     choice = TokenBudgetChoice(doc, fit_cfg.retain_heads, c, cfg.layer_windows) \
         if fit_cfg.retain_heads and c < ctx.n - ctx.prefix_len else None
     with timer.stage("fit heads", log):

@@ -100,7 +100,7 @@ def nectar_contexts_for_export(model, ctx, heads, retained=None) -> list[LayerCo
                 st = retained.stored
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), st[f"layers.{layer}.key.q"].numpy(),
                                      st[f"layers.{layer}.value.q"].numpy(), _np(st[f"layers.{layer}.key.scale"]),
-                                     _np(st[f"layers.{layer}.value.scale"]), subset=retained.tokens is not None)
+                                     _np(st[f"layers.{layer}.value.scale"]))
             elif retained is not None and layer in retained.keys:
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), _np(retained.keys[layer]), _np(retained.values[layer]),
                                      subset=retained.tokens is not None)
