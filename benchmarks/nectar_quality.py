@@ -47,8 +47,8 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.pipeline import (budget_params, document_context, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
     from nectar_export.probes import build_probes, probe_stats, split_probes
-    from nectar_export.retained import (RetainedKV, TokenBudgetChoice, module_error_mass, retained_bytes, retained_tokens,
-                                        subset_error, worst_modules)
+    from nectar_export.retained import (RetainedKV, module_error_mass, retain_after_fit, retained_bytes, subset_error,
+                                        token_budget_choice, worst_modules)
     from nectar_export.cli import read_questions
     from nectar_export.streaming import streaming_contexts, streaming_tokens_for_bytes
 
@@ -81,7 +81,7 @@ def run(a: argparse.Namespace) -> None:
         del qs  # the whole set and its halves at once would double the largest tensors
         t_probe = time.time() - t0
         questions = read_questions(doc.with_suffix(".questions.jsonl"))
-        fitted = {}
+        fitted, choices = {}, {}  # choices: per fit key, the retained heads a token budget picked during it
         for budget, alloc, variant, on_policy, over in settings:
             fcfg = FitConfig(**{"variant": variant, "allocation": alloc, "budget_fraction": budget, "seed": a.seed,
                                 **({"steps": a.steps} if a.steps else {}), **over}).for_device(a.device.split(":")[0])
@@ -93,12 +93,9 @@ def run(a: argparse.Namespace) -> None:
                 res = copy.deepcopy(fitted[key])
             else:
                 qd = getattr(torch, fcfg.query_dtype)
-                c = retained_tokens(ctx.n - ctx.prefix_len, fcfg.retain_tokens)
-                choice = TokenBudgetChoice(docpart, fcfg.retain_heads, c, cfg.layer_windows) \
-                    if fcfg.retain_heads and c < ctx.n - ctx.prefix_len else None  # as `nectar fit --retain-tokens`
+                choices[key] = token_budget_choice(docpart, fcfg, cfg.layer_windows)  # as `nectar fit --retain-tokens`
                 res = fit_heads(qtr.stored_as(qd), qhe.stored_as(qd), spec_factory(cfg, variant), n_params, fcfg,
-                                [(c.k, c.v) for c in docpart], progress=False, retarget=choice)
-                res.choice = choice
+                                [(c.k, c.v) for c in docpart], progress=False, retarget=choices[key])
             if on_policy and key not in fitted:
                 qs2 = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
                                       prefix_contexts=prefix, serve_contexts=nectar_contexts(res.heads, cfg.layer_windows, ctx.n),
@@ -117,23 +114,17 @@ def run(a: argparse.Namespace) -> None:
             t_fit = time.time() - t1
             peak = torch.cuda.max_memory_allocated() if base.device.startswith("cuda") else None
             art_bytes = 2 * res.heads.spec.total_params()  # fp16 on disk (+ a small safetensors header)
-            mass = kept = None
-            if fcfg.retain_heads or a.retain_heads:  # exact KV kept for the worst heads (nectar_export/retained.py)
-                mass = module_error_mass(res.heads, qhe.stored_as(getattr(torch, fcfg.query_dtype)))
-            subset_err = None
+            held = qhe.stored_as(getattr(torch, fcfg.query_dtype))
+            kept = subset_err = None
             if fcfg.retain_heads:  # part of the artifact, as `nectar fit --retain-heads [--retain-tokens]` makes it
-                choice = getattr(res, "choice", None)
-                if choice is not None:  # chosen after the probe fit; those heads' networks serve the tokens not kept
-                    mass, mods, picked = choice.mass, choice.modules, choice.tokens
-                else:
-                    mods, picked = worst_modules(mass, fcfg.retain_heads, cfg.layer_windows), None
-                kept = RetainedKV.from_document(docpart, mods, ctx.prefix_len, fcfg.retain_dtype, picked)
+                kept, _ = retain_after_fit(docpart, res.heads, held, fcfg, ctx.prefix_len, cfg.layer_windows, choices[key])
                 subset_err = subset_error(res.heads, kept, qhe)
                 art_bytes += kept.nbytes()
             keep = min(ctx.n, streaming_tokens_for_bytes(art_bytes, cfg) + ctx.prefix_len)
             methods = {"full": full, "nectar": nectar_with_prefix(model, ctx, res.heads, base.device, kept),
                        "none": None, "streaming": streaming_contexts(full, keep)}
             retained = {}
+            mass = module_error_mass(res.heads, held) if a.retain_heads else None  # diagnostics rank the fitted heads
             for k in (int(x) for x in a.retain_heads.split(",") if x):  # diagnostics: the same heads + k retained
                 mods = worst_modules(mass, k, cfg.layer_windows)
                 methods[f"retain{k}"] = nectar_with_prefix(model, ctx, res.heads, base.device,

@@ -176,10 +176,9 @@ def load_retained(art: str | Path, manifest: dict, model_cfg, device="cpu") -> R
         raise NectarError(f"{path}: unreadable ({e}); re-run `nectar fit`") from None
     doc = manifest["document"]
     n_doc = doc["n_tokens"] - doc.get("prefix_tokens", 0)
-    budget = info.get("tokens", n_doc)
-    if not isinstance(budget, int) or not 0 < budget <= n_doc:
-        raise NectarError(f"{mf}: retained.tokens must be a token count in 1..{n_doc} (got {budget!r}); re-run `nectar fit`")
-    c = budget
+    c = info.get("tokens", n_doc)  # per retained head: every document token, or a token budget
+    if not isinstance(c, int) or not 0 < c <= n_doc:
+        raise NectarError(f"{mf}: retained.tokens must be a token count in 1..{n_doc} (got {c!r}); re-run `nectar fit`")
     dtype = info.get("dtype", "float16")
     if dtype not in RETAIN_DTYPES:
         raise NectarError(f"{mf}: retained.dtype {dtype!r} is not one of {RETAIN_DTYPES}; re-run `nectar fit`")

@@ -19,8 +19,8 @@ from nectar_runtime.document import DocumentContext, make_context, read_document
 from .config import FitConfig
 from .fit import FitResult, fit_heads, train_dtype
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
-from .retained import (RetainedKV, TokenBudgetChoice, module_error_mass, retained_bytes, retained_contexts,
-                       retained_tokens, subset_error, worst_modules)
+from .retained import (RetainedKV, retain_after_fit, retained_bytes, retained_contexts, subset_error,
+                       token_budget_choice)
 from .streaming import kv_bytes
 
 
@@ -173,11 +173,9 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         qs_held = collect_queries(model, doc, ctx.n, [p.ids for p in held_p], prefix_contexts=prefix,
                                   progress=progress, index_offset=len(train_p), store_dtype=store)
     doc_kv = [(c.k, c.v) for c in doc]
-    c = retained_tokens(ctx.n - ctx.prefix_len, fit_cfg.retain_tokens)
     # a token budget: the retained heads are chosen after the probe fit and their networks fitted to the rest
     # (the manifest's per-layer held-out errors then score those heads against the tokens they do not keep)
-    choice = TokenBudgetChoice(doc, fit_cfg.retain_heads, c, cfg.layer_windows) \
-        if fit_cfg.retain_heads and c < ctx.n - ctx.prefix_len else None
+    choice = token_budget_choice(doc, fit_cfg, cfg.layer_windows)
     with timer.stage("fit heads", log):
         result = fit_heads(qs_train, qs_held, spec_factory(cfg, fit_cfg.variant), n_params, fit_cfg, doc_kv, progress,
                            retarget=choice)
@@ -199,14 +197,10 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     retained, retained_report = None, None
     if fit_cfg.retain_heads:
         with timer.stage("choose retained heads", log):
-            if choice is not None:  # chosen during the fit; the networks of those heads serve the tokens not kept
-                mass, modules, tokens = choice.mass, choice.modules, choice.tokens
-            else:
-                mass, tokens = module_error_mass(result.heads, qs_held), None
-                modules = worst_modules(mass, fit_cfg.retain_heads, cfg.layer_windows)
-            retained = RetainedKV.from_document(doc, modules, ctx.prefix_len, fit_cfg.retain_dtype, tokens)
+            retained, mass = retain_after_fit(doc, result.heads, qs_held, fit_cfg, ctx.prefix_len, cfg.layer_windows, choice)
+            modules = retained.modules
             retained_report = {"modules": [list(m) for m in modules], "bytes": retained.nbytes(), "dtype": fit_cfg.retain_dtype,
-                               "tokens": c, "heldout_error": subset_error(result.heads, retained, qs_held),
+                               "tokens": retained.length, "heldout_error": subset_error(result.heads, retained, qs_held),
                                "heldout_error_mass_share": float(sum(mass[l, j] for l, j in modules) / mass.sum())}
     manifest = {
         "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,

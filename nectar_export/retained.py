@@ -28,7 +28,7 @@ import torch
 from nectar_models.attention import ExactContextAttention
 
 from .collect import QuerySet
-from .config import RETAIN_DTYPES  # noqa: F401  (the artifact loader imports it from here)
+from .config import RETAIN_DTYPES, FitConfig  # noqa: F401  (the artifact loader imports RETAIN_DTYPES from here)
 from .fit import heldout_chunk
 from .heads import NectarContext, NectarHeads, nectar_contexts
 
@@ -127,6 +127,27 @@ class TokenBudgetChoice:
         self.tokens = select_tokens(self.doc, self.modules, qs_train, self.budget)
         return (complement_targets(self.doc, self.modules, self.tokens, qs_train),
                 complement_targets(self.doc, self.modules, self.tokens, qs_held))
+
+
+def token_budget_choice(doc: list[ExactContextAttention], fit_cfg: FitConfig, windows=None) -> TokenBudgetChoice | None:
+    """`fit_heads`'s retarget hook when `fit_cfg` retains heads that keep fewer tokens than the document
+    has (doc: the document's contexts, template prefix excluded); None otherwise."""
+    n_doc = doc[0].length
+    c = retained_tokens(n_doc, fit_cfg.retain_tokens)
+    return TokenBudgetChoice(doc, fit_cfg.retain_heads, c, windows) if fit_cfg.retain_heads and c < n_doc else None
+
+
+def retain_after_fit(doc: list[ExactContextAttention], heads: NectarHeads, qs_held: QuerySet, fit_cfg: FitConfig,
+                     start: int, windows=None, choice: TokenBudgetChoice | None = None) -> tuple["RetainedKV", torch.Tensor]:
+    """(the retained heads' stored KV, the module error mass that chose them): the heads and tokens
+    `choice` picked during the fit, or, every token kept, the `fit_cfg.retain_heads` worst-served
+    modules of the fitted `heads` on `qs_held`."""
+    if choice is not None:
+        mass, modules, tokens = choice.mass, choice.modules, choice.tokens
+    else:
+        mass, tokens = module_error_mass(heads, qs_held), None
+        modules = worst_modules(mass, fit_cfg.retain_heads, windows)
+    return RetainedKV.from_document(doc, modules, start, fit_cfg.retain_dtype, tokens), mass
 
 
 @torch.no_grad()

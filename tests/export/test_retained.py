@@ -630,3 +630,16 @@ def test_token_budget_choice_retargets_the_one_final_fit(tiny, allocation):
     rest_held = complement_targets(doc, choice.modules, choice.tokens, qhe)
     assert layer_errors(res.heads, rest_held)["o_rel_error"] == res.heldout["o_rel_error"]
     assert (res.allocation_probe is not None) == (allocation == "adaptive")
+
+
+def test_token_budget_choice_only_under_a_budget(tiny):
+    from nectar_export.retained import TokenBudgetChoice, token_budget_choice
+
+    _, cache, _ = tiny
+    doc = cache.contexts()
+    n = cache.context_len
+    assert token_budget_choice(doc, FitConfig(retain_heads=0, retain_tokens=5)) is None  # nothing retained
+    assert token_budget_choice(doc, FitConfig(retain_heads=2, retain_tokens=n)) is None  # every token fits
+    assert token_budget_choice(doc, FitConfig(retain_heads=2, retain_tokens=0)) is None  # no budget
+    c = token_budget_choice(doc, FitConfig(retain_heads=2, retain_tokens=n - 1), (0, 0))
+    assert isinstance(c, TokenBudgetChoice) and (c.count, c.budget, c.windows) == (2, n - 1, (0, 0))
