@@ -36,7 +36,7 @@ real_artifact_tests() {  # the real-artifact parity tests (CLI on the CUDA-graph
 }
 quality_run() {  # quality_run MODEL: benchmarks/nectar_quality.py on $MANUALS with $QARGS (records in $OUT/q)
   mkdir -p "$OUT/q"
-  python3 benchmarks/nectar_quality.py run --manuals /root/manuals --model "$1" --device cuda --only "${MANUALS:?}" \
+  python3 benchmarks/nectar_quality.py run --manuals "${MANUALS_DIR:-/root/manuals}" --model "$1" --device cuda --only "${MANUALS:?}" \
     --no-semantic ${QARGS:-} --out-dir "$OUT/q" 2>&1 | grep -v Warn | tee "$OUT/q.log"
 }
 case $stage in

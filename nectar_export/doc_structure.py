@@ -78,7 +78,7 @@ _CAPS = re.compile(r"[A-Z][A-Z0-9 ,&'/()\-]*")
 # one flag with an optional argument: -e PATTERNS, --regexp=PATTERNS, --color[=WHEN], -E <cert>
 _FLAG = re.compile(
     r"(-[A-Za-z0-9?]|--[a-z0-9][a-z0-9\-]*)"
-    r"(\[?=[^\s,\]]+\]?|\s(?:<[^>]+>|\[[^\]]+\]|[A-Z][A-Z0-9_:\[\]]*)(?=[\s,]|$))?"
+    r"(\[?=[^\s,\]]*\]?|\s(?:<[^>]+>|\[[^\]]+\]|[A-Z][A-Z0-9_:\[\]]*)(?=[\s,]|$))?"
 )
 _FLAG_SEP = re.compile(r",\s*|\s*/\s*|\s+(?:and|or)\s+")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-\u2010]*[A-Za-z]|[A-Za-z]")
@@ -193,6 +193,12 @@ def parse_flags(s: str) -> tuple[tuple[str, ...], str | None, str]:
         rest = rest[sep.end() :]
     if flags and (m := re.fullmatch(r"((?:\s+[\w\-\[\]<>.]+){1,3}):\s*", rest)):
         arg, rest = arg or m.group(1).strip(), ":"  # "--arg name value:" (a list item's label)
+    elif flags and (m := re.fullmatch(r" ([^\s,]+)((?:,\s*--?[A-Za-z0-9]\S*)*)", rest)) \
+            and not re.fullmatch(r"[A-Z][a-z]+[.:]?", m.group(1)):
+        # BSD mdoc and systemd pages: "-B bind_interface", "-b [[ID]|all], --boot[=[ID]|all]": a lone
+        # argument placeholder (any case) after the flag and nothing else; the description sits below.
+        arg, rest = arg or m.group(1), ""
+        flags += re.findall(r",\s*(--?[A-Za-z0-9][\w\-]*)", m.group(2))
     return tuple(flags), arg, rest
 
 

@@ -159,6 +159,27 @@ def test_help_listing_and_prose_dashes():
     assert find_options(novel) == []
 
 
+@pytest.mark.parametrize("line, flags, arg", [
+    ("-C dir, --directory=dir", ("-C", "--directory"), "dir"),  # GNU roff: lowercase placeholders
+    ("-n max-args, --max-args=max-args", ("-n", "--max-args"), "max-args"),
+    ("-B bind_interface", ("-B",), "bind_interface"),  # BSD mdoc
+    ("-L [bind_address:]port:host:hostport", ("-L",), "[bind_address:]port:host:hostport"),
+    ("-M, --machine=", ("-M", "--machine"), None),  # systemd: an empty "=" argument
+    ("-S, --since=, -U, --until=", ("-S", "--since", "-U", "--until"), None),
+    ("-b [[ID][±offset]|all], --boot[=[ID][±offset]|all]", ("-b", "--boot"), "[[ID][±offset]|all]"),
+])
+def test_option_definition_styles(line, flags, arg):
+    page = f"OPTIONS\n     {line}\n             Does something useful here.\n\n     -q      Quiet mode.\n"
+    opts = find_options(page)
+    assert [o.flags for o in opts] == [flags, ("-q",)]
+    assert (opts[0].arg or None) == arg and opts[0].description == "Does something useful here."
+
+
+def test_capitalized_word_after_a_flag_is_a_description_not_an_argument():
+    opts = find_options("     -q Quiet.\n     -v  Verbose\n")
+    assert all(o.arg is None for o in opts)
+
+
 def test_templated_questions_cover_each_category():
     st = extract_structure(MAN)
     qs = P.templated_questions(MAN, st, 30, random.Random(1))
