@@ -27,8 +27,8 @@ MIN_CHARS, MAX_CHARS = 12_000, 20_000
 def render_page(name: str) -> str:
     """The page as plain text, normalised as the development set's README says."""
     env = dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8", LANG="C.UTF-8")
-    raw = subprocess.run(f"man -P cat {name} | col -bx", shell=True, env=env, check=True,
-                         capture_output=True, text=True).stdout
+    page = subprocess.run(["man", "-P", "cat", name], env=env, capture_output=True, text=True).stdout
+    raw = subprocess.run(["col", "-bx"], input=page, env=env, check=True, capture_output=True, text=True).stdout
     if not raw.strip():
         raise SystemExit(f"heldout_manuals: `man {name}` rendered nothing; is its man page installed?")
     lines = [ln.rstrip() for ln in raw.splitlines()]
@@ -63,7 +63,7 @@ def cut_excerpt(text: str) -> tuple[str, str]:
         raise SystemExit("heldout_manuals: no section or paragraph boundary within 12,000-20,000 characters")
     excerpt = "\n".join(lines[:stop]).rstrip("\n") + "\n"
     kind = "section" if stop == best_section else "paragraph"
-    after = lines[stop] if lines[stop].strip() else lines[stop + 1]
+    after = next((ln for ln in lines[stop:] if ln.strip()), "")
     return excerpt, f"lines 1-{stop} of {len(lines)} (cut at a {kind} boundary before: {after.strip()[:60]!r})"
 
 
