@@ -41,8 +41,8 @@ class FitConfig:
     distill_lr: float = 1e-4
     distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
     # KV heads whose document keys/values the artifact keeps (retained.py): the ones the heads serve
-    # worst. Their bytes count in the budget. Off by default: the fused CUDA step and the TensorRT
-    # plugin serve Nectar heads only (an artifact with retained heads decodes on the torch and ONNX paths).
+    # worst. Their bytes count in the budget. Off by default: the TensorRT plugin serves Nectar heads only
+    # (an artifact with retained heads decodes on the torch backend, the fused CUDA step and ONNX bundles).
     retain_heads: int = 0
     # "int8" (+ an fp16 scale per token and head: about half the bytes, so the budget holds larger networks;
     # on the six manuals 18 int8 heads beat 18 fp16 heads, docs/results.md) | "float16"

@@ -350,8 +350,6 @@ def artifact_backend(oa: OpenArtifact, log=None):
 
     if oa.base.model.embed_tokens.weight.device.type == "cuda":
         reason = fused_unavailable(oa.base.model)
-        if reason is None and oa.retained is not None:  # the fused kernels serve Nectar heads only
-            reason = 'the artifact keeps document KV for some heads (--retain-heads)'
         if reason is None:
             from nectar_runtime.backends.cuda_graph import nectar_backend_from_artifact
 

@@ -97,6 +97,25 @@ class DecodeState:
         return self.k.shape[3]
 
 
+@dataclass
+class RetainedLayer:
+    """One layer's retained heads on the fused step (nectar fit --retain-heads): their document part is
+    attention over stored keys/values instead of (or, under a token budget, beside) their networks.
+
+    kv: [R] KV-head indices; qh: [R*G] their query heads (KV head-major); k, v: [R, c, D] fp32 stored
+    post-RoPE keys/values; subset: the heads' networks serve the c tokens not kept (merged by log-sum-exp),
+    with their packed weights heads_w / heads_b: [R, P] fp32 (mlp, `width`)."""
+
+    kv: torch.Tensor
+    qh: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    subset: bool
+    heads_w: torch.Tensor | None = None
+    heads_b: torch.Tensor | None = None
+    width: int = 0
+
+
 def check_supported(cfg) -> None:
     if cfg.family != "llama" or cfg.qk_norm or any(cfg.layer_windows) or cfg.embed_scale or cfg.activation != "silu":
         raise NectarError(f"the fused CUDA-graph decoder supports LLaMA-family models without q/k norms or "
@@ -125,6 +144,7 @@ class FusedDecoder:
         if self.small_model and _fused_layer_on():  # only then: the copies cost a third of the layer weights
             self._transpose_for_fused()
         self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
+        self.retained: dict[int, RetainedLayer] = {}  # layer -> its retained heads (set_retained)
 
     @property
     def device(self):
@@ -185,6 +205,27 @@ class FusedDecoder:
         """packed[l] = (heads_w, heads_b, variant, width); prefix = (k, v) [L, Hkv, P, D] exact KV
         of the template prefix (positions 0..P-1), kept in the local cache's first P slots."""
         self.document, self.context_len, self.prefix = ("nectar", packed), n, prefix
+
+    def set_retained(self, layers: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]], subset: bool) -> None:
+        """Retained heads over the Nectar document: layers[l] = (KV heads, k, v) with k, v: [R, c, D] their
+        stored document keys/values (post-RoPE). subset: a token budget (their networks serve the other
+        tokens); else the stored KV replaces their networks. The Triton kernels still run every head; a
+        retained head's rows are then recomputed in torch ops (`_retained_attention`), which CUDA graphs
+        capture like the rest of the step."""
+        if self.document is None or self.document[0] != "nectar":
+            raise NectarError("retained heads need the Nectar document set first (set_nectar_document)")
+        g = self.cfg.num_heads // self.cfg.num_kv_heads
+        self.retained = {}
+        for layer, (kv, k, v) in layers.items():
+            hw, hb, variant, width = self.document[1][layer]
+            if variant != "mlp":
+                raise NectarError("retained heads need mlp heads (quadrature heads have no retained-head path)")
+            idx = torch.tensor(kv, device=self.device, dtype=torch.long)
+            qh = (idx[:, None] * g + torch.arange(g, device=self.device)).reshape(-1)
+            self.retained[layer] = RetainedLayer(
+                idx, qh, k.to(self.device, torch.float32), v.to(self.device, torch.float32), subset,
+                hw.index_select(0, idx).float() if subset else None, hb.index_select(0, idx).float() if subset else None,
+                int(width))
 
     # ---------------------------------------------------------------- running
     def precompile(self, batches, ts: tuple[int, ...] = (1,)) -> int:
@@ -281,7 +322,8 @@ class FusedDecoder:
     def fused_layer(self, rows: int) -> bool:
         """Whether a CUDA step of `rows` = B*T rows runs the fused layer (small models only; off
         unless FUSED_LAYER or NECTAR_FUSED_LAYER=1)."""
-        return _fused_layer_on() and self.small_model and rows <= FUSED_LAYER_MAX_ROWS and self.layers[0].wo_t is not None
+        return (_fused_layer_on() and self.small_model and rows <= FUSED_LAYER_MAX_ROWS and self.layers[0].wo_t is not None
+                and not self.retained)  # the fused layer projects o in the attention launch: no room to fix rows
 
     def _transpose_for_fused(self) -> None:
         """The fused o-projection and MLP read W_o and W_down transposed (row slices)."""
@@ -352,8 +394,40 @@ class FusedDecoder:
             else:
                 full_layer_attention(q, self.document[1][i], self.document[2][i], kl, vl, st.kv_len, scale,
                                      st.kv_start, out=out, o_proj=o_proj, zero=zero)
-            return
-        out.copy_(_cpu_attention(self.document, i, q, kl, vl, st, scale))
+        else:
+            out.copy_(_cpu_attention(self.document, i, q, kl, vl, st, scale))
+        if i in self.retained:
+            if o_proj is not None:
+                raise NectarError("the fused o-projection cannot serve retained heads")  # fused_layer() keeps it off
+            self._retained_attention(self.retained[i], q, st.k[i], st.v[i], st, out)
+
+    def _retained_attention(self, rl: RetainedLayer, q: torch.Tensor, kl: torch.Tensor, vl: torch.Tensor,
+                            st: DecodeState, out: torch.Tensor) -> None:
+        """Overwrite the retained heads' rows of `out` [B, Hq, T, D]: their document part (stored KV, or
+        under a token budget the kept tokens merged with the network's rest), merged with their local
+        attention over kl / vl [B, Hkv, C, D]. fp32, as the torch backend's RetainedHeadsContext."""
+        from nectar_kernels.reference import local_attention_reference, nectar_heads_reference
+
+        b, _, t, d = q.shape
+        r, scale = rl.kv.numel(), self.cfg.scale
+        qr = q.index_select(1, rl.qh).float()  # [B, R*G, T, D]
+        g = qr.shape[1] // r
+        qs = qr.view(b, r, g, t, d)
+        sc = scale * torch.einsum("brgtd,rcd->brgtc", qs, rl.k)
+        lse = torch.logsumexp(sc, -1)  # [B, R, G, T]
+        o = torch.einsum("brgtc,rcd->brgtd", torch.softmax(sc, -1), rl.v)
+        if rl.subset:
+            x = qs.permute(1, 0, 2, 3, 4).reshape(r, b * g * t, d)
+            f, gn = nectar_heads_reference(x, rl.heads_w, rl.heads_b, "mlp", rl.width, scale)
+            f = f.view(r, b, g, t, d).permute(1, 0, 2, 3, 4)
+            gn = gn.view(r, b, g, t).permute(1, 0, 2, 3)
+            both = torch.logaddexp(lse, gn)
+            o = torch.exp(lse - both)[..., None] * o + torch.exp(gn - both)[..., None] * f
+            lse = both
+        o_loc, lse_loc = local_attention_reference(qr, kl.index_select(1, rl.kv), vl.index_select(1, rl.kv),
+                                                   st.kv_len, st.kv_start, scale)
+        w = torch.sigmoid(lse.reshape(b, r * g, t) - lse_loc)[..., None]  # lse_loc = -inf (no local key): w = 1
+        out.index_copy_(1, rl.qh, (w * o.reshape(b, r * g, t, d) + (1 - w) * o_loc).to(out.dtype))
 
     def attention_shares(self, i: int, q: torch.Tensor, st: DecodeState):
         """Layer i's Nectar attention with its merge deferred to the o-projection (NectarShares),
@@ -363,7 +437,7 @@ class FusedDecoder:
 
         b, hq, t, d = q.shape
         if (q.device.type != "cuda" or not self.document or self.document[0] != "nectar"
-                or b * t > ROW_KERNEL_MAX_ROWS or hq * d > ROW_KERNEL_MAX_K
+                or b * t > ROW_KERNEL_MAX_ROWS or hq * d > ROW_KERNEL_MAX_K or i in self.retained
                 or not _switch("NECTAR_DEFERRED_MERGE", DEFERRED_MERGE)):
             return None
         hw, hb, variant, width = self.document[1][i]
@@ -520,4 +594,7 @@ def nectar_backend_from_artifact(oa, dtype=None, weight_dtype=None) -> CudaGraph
         cache = model.prefill_document(torch.tensor([oa.ctx.context_ids[: oa.ctx.prefix_len]], device=dec.device))
         prefix = (torch.stack([c.k[0] for c in cache.contexts()]), torch.stack([c.v[0] for c in cache.contexts()]))
     dec.set_nectar_document(packed, oa.ctx.n, prefix)
+    if oa.retained is not None:
+        r = oa.retained
+        dec.set_retained({l: (r.heads_of(l), r.keys[l], r.values[l]) for l in r.keys}, subset=r.tokens is not None)
     return CudaGraphBackend(dec)
