@@ -186,8 +186,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--retain-heads", type=int, default=d.retain_heads, metavar="K",
                    help="keep the document keys/values (--retain-tokens of them) of the K KV heads the networks serve "
                         "worst, within the budget (18 on SmolLM2 at the default budget: agreement 0.949-0.969 -> "
-                        "0.973-0.991 on ten manuals, docs/results.md); such artifacts decode on the torch backend, the fused "
-                        "CUDA step and ONNX bundles, not TensorRT (default %(default)s: none)")
+                        "0.973-0.991 on ten manuals, docs/results.md); every backend serves them; on a CPU they cost "
+                        "decode time (default %(default)s: none)")
     p.add_argument("--retain-dtype", choices=RETAIN_DTYPES, default=d.retain_dtype,
                    help="storage of the retained heads' keys/values: int8 (+ a scale per token and head) holds about "
                         "twice the heads in the same bytes (default %(default)s)")

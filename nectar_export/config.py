@@ -41,8 +41,9 @@ class FitConfig:
     distill_lr: float = 1e-4
     distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
     # KV heads whose document keys/values the artifact keeps (retained.py): the ones the heads serve
-    # worst. Their bytes count in the budget. Off by default: the TensorRT plugin serves Nectar heads only
-    # (an artifact with retained heads decodes on the torch backend, the fused CUDA step and ONNX bundles).
+    # worst. Their bytes count in the budget. Every backend serves them (torch, the fused CUDA step, ONNX,
+    # TensorRT graphs with those layers in standard ops). Off by default for their CPU decode cost
+    # (+10-22% per token at n = 7,000 with 2,048 tokens, docs/benchmarks.md).
     retain_heads: int = 0
     # "int8" (+ an fp16 scale per token and head: about half the bytes, so the budget holds larger networks;
     # on the six manuals 18 int8 heads beat 18 fp16 heads, docs/results.md) | "float16"

@@ -114,11 +114,10 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
     t0 = time.perf_counter()
     out = Path(out)
     oa = open_artifact(art, model=model)
-    if oa.retained is not None:
-        raise NectarError(f"{art}: the artifact keeps document KV for some heads (nectar fit --retain-heads), which the NectarAttention "
-                          "plugin does not serve; export it with --format onnx (ONNX Runtime's CUDA and TensorRT EPs run that graph)")
-    log(f"[nectar export] building the TensorRT plugin graph ({oa.base.config.num_layers} NectarAttention nodes) …")
     proto = build_trt_proto(oa, DTYPES[cfg.dtype])
+    plugin = sum(n.op_type == "NectarAttention" for n in proto.graph.node)
+    log(f"[nectar export] TensorRT plugin graph: {plugin} NectarAttention nodes, {oa.base.config.num_layers - plugin} layers "
+        "in standard ops (sliding windows, retained heads)")
     tmp = temp_dir_beside(out)
     try:
         _save(proto, tmp / GRAPH_FILE)

@@ -10,8 +10,10 @@ kernels/trt_plugin.py, whose kernel is the Triton kernel of kernels/triton_necta
 
 k/v hold, in order, the template prefix's exact keys (a constant, a few tokens), the past local
 tokens and this call's tokens; kv_len = S, kv_start = 0: TensorRT bundles run one sequence
-(batch 1, no padding). Layers the kernel does not cover (sliding-window layers) keep the
-standard-op attention. The packed weight layout is kernels/weights.py's.
+(batch 1, no padding). Layers the kernel does not cover keep the standard-op attention inside the
+engine: sliding-window layers, and layers with retained heads (`nectar fit --retain-heads`: their stored
+document KV, merged with the networks as in the ONNX bundle; docs/onnx.md). The packed weight layout is
+kernels/weights.py's.
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ DOMAIN = "nectar"
 class NectarAttentionOp:
     """attention_op for DecoderGraphWriter emitting one NectarAttention node per layer."""
 
-    def __init__(self, heads, prefix_kv: list | None):
-        """heads: NectarHeads (torch); prefix_kv: per layer (k, v) numpy [Hkv, c, D] or None."""
-        self.heads, self.prefix_kv = heads, prefix_kv
+    def __init__(self, heads, prefix_kv: list | None, standard_layers: frozenset[int] = frozenset()):
+        """heads: NectarHeads (torch); prefix_kv: per layer (k, v) numpy [Hkv, c, D] or None;
+        standard_layers: layers left to standard ops (their retained heads), besides sliding-window ones."""
+        self.heads, self.prefix_kv, self.standard_layers = heads, prefix_kv, standard_layers
         self.fallback = StandardAttention()
 
     def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_parts: list[str], v_parts: list[str], masks: dict) -> str:
         from nectar_kernels.weights import pack_layer
 
         s, b = wr.s, wr.b
-        if s.layer_windows[i]:
+        if s.layer_windows[i] or i in self.standard_layers:
             return self.fallback(wr, i, q, k_parts, v_parts, masks)
         b.custom_domains[DOMAIN] = 1
         p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"
@@ -68,7 +71,7 @@ def build_trt_proto(oa, dtype=np.float32):
     from .from_model import decoder_weights, graph_spec, nectar_contexts_for_export
 
     model = oa.base.model
-    contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads)
+    contexts = nectar_contexts_for_export(model, oa.ctx, oa.heads, oa.retained)
     # the prefix joins the local KV inside the NectarAttention node, so layers served by the
     # plugin get it as (k, v) and their baked parts are dropped; fallback layers keep theirs
     prefix_kv = []
@@ -76,6 +79,7 @@ def build_trt_proto(oa, dtype=np.float32):
         pre = next((p for p in c.baked if p.name == "prefix"), None)
         prefix_kv.append(None if pre is None else (pre.k, pre.v))
     writer = DecoderGraphWriter(graph_spec(model, oa.ctx.n), decoder_weights(model), contexts, dtype,
-                                attention_op=NectarAttentionOp(oa.heads, prefix_kv))
+                                attention_op=NectarAttentionOp(oa.heads, prefix_kv, frozenset(
+                                    i for i, c in enumerate(contexts) if c.retained is not None)))
     return writer.build("nectar_trt_decoder")
 

@@ -15,9 +15,9 @@ from tests.models.tiny import save_tiny
 
 
 class _Artifact:  # the fields of an OpenArtifact build_trt_proto reads
-    def __init__(self, model, ids, heads):
+    def __init__(self, model, ids, heads, retained=None):
         self.base = type("Base", (), {"model": model})()
-        self.ctx, self.heads = _Ctx(ids, PREFIX), heads
+        self.ctx, self.heads, self.retained = _Ctx(ids, PREFIX), heads, retained
 
 
 def _nectar_attention_op():
@@ -75,6 +75,57 @@ def test_trt_graph_checks_and_matches_the_torch_model(tmp_path, variant):
         assert np.abs(got - want).max() < 1e-4
         names = [o.name for o in proto.graph.output]
         for name, val in zip(names[1:], outs[1:]):
+            key = name.replace("present", "past_key_values")
+            past[key] = np.concatenate([past[key], val], axis=2)
+        toks, pos = want.argmax(-1)[:, None], pos[:, -1:] + 1
+
+
+@pytest.mark.parametrize("tokens", [0, 11], ids=["all-tokens", "token-budget"])
+def test_trt_graph_with_retained_heads_keeps_those_layers_in_standard_ops(tmp_path, tokens):
+    """Layers with retained heads (nectar fit --retain-heads) are not NectarAttention nodes: they keep the
+    ONNX bundle's standard-op attention (stored KV merged with the networks) inside the engine; the graph
+    still gives the torch model's logits (RetainedHeadsContext)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from nectar_export.export.trt_graph import build_trt_proto
+    from nectar_export.heads import nectar_contexts
+    from nectar_export.retained import RetainedKV, retained_contexts
+    from nectar_models.attention import CompositeContext
+    from nectar_models.loading import load_model
+    from nectar_runtime.backends.torch_backend import TorchBackend
+
+    model = load_model(save_tiny("llama", tmp_path / "m", seed=11)).model
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (N_CTX,), generator=torch.Generator().manual_seed(12))
+    heads = _random_heads(cfg, "mlp", 13)
+    modules = [(0, 1), (cfg.num_layers - 1, 0)]
+    picked = None
+    if tokens:
+        g = torch.Generator().manual_seed(5)
+        picked = {l: torch.sort(torch.randperm(N_CTX - PREFIX, generator=g)[:tokens]).values[None] for l, _ in modules}
+    full = model.prefill_document(ids[None]).contexts()
+    kept = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], modules, PREFIX, "int8", picked)
+    proto = build_trt_proto(_Artifact(model, ids.tolist(), heads, kept))
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(proto)
+    plugin_layers = {int(n.name.split("layers.")[1].split("/")[0]) for n in proto.graph.node if n.op_type == "NectarAttention"}
+    assert plugin_layers == set(range(cfg.num_layers)) - {l for l, _ in modules}
+    assert any(n.name.startswith(f"/model/layers.{cfg.num_layers - 1}/attn/retained/") for n in proto.graph.node)
+
+    prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
+    served = retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX), kept, cfg.scale)
+    ref = TorchBackend(model, [CompositeContext([p, h]) for p, h in zip(prefix, served)], N_CTX)
+    ref.reset(1, 32)
+    ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op()])
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers) for k in ("key", "value")}
+    toks, pos, total = np.array([[3, 1, 4, 1, 5]]), N_CTX + np.arange(5)[None], 0
+    for _ in range(3):
+        want = ref.step(toks, pos)
+        total += toks.shape[1]
+        outs = ev.run(None, {"input_ids": toks, "position_ids": pos, "attention_mask": np.ones((1, total), np.int64), **past})
+        assert np.abs(outs[0][:, -1] - want).max() < 1e-4
+        for name, val in zip([o.name for o in proto.graph.output][1:], outs[1:]):
             key = name.replace("present", "past_key_values")
             past[key] = np.concatenate([past[key], val], axis=2)
         toks, pos = want.argmax(-1)[:, None], pos[:, -1:] + 1
