@@ -67,11 +67,15 @@ def cut_excerpt(text: str) -> tuple[str, str]:
     return excerpt, f"lines 1-{stop} of {len(lines)} (cut at a {kind} boundary before: {after.strip()[:60]!r})"
 
 
-def package_of(name: str) -> tuple[str, str]:
+def package_of(name: str) -> tuple[str, str, list[str]]:
+    """(Debian package, version, the licences its copyright file names) of a man page."""
     path = subprocess.run(["man", "-w", name], capture_output=True, text=True).stdout.strip()
     owner = subprocess.run(["dpkg", "-S", path], capture_output=True, text=True).stdout.split(":")[0]
     version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", owner], capture_output=True, text=True).stdout
-    return owner, version
+    copyright = Path("/usr/share/doc") / owner / "copyright"
+    lines = copyright.read_text(errors="replace").splitlines() if copyright.is_file() else []
+    licences = list(dict.fromkeys(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("License:")))
+    return owner, version, licences
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.pages:
         text, what = cut_excerpt(render_page(name))
         (args.out / f"{name}.txt").write_text(text, encoding="utf-8")
-        package, version = package_of(name)
+        package, version, licences = package_of(name)
         entry = {"name": name, "file": f"{name}.txt", "chars": len(text), "bytes": len(text.encode()),
                  "sha256": hashlib.sha256(text.encode()).hexdigest(), "excerpt": what,
-                 "whole_page": what == "whole page", "package": package, "package_version": version}
+                 "whole_page": what == "whole page", "package": package, "package_version": version,
+                 "licenses_in_package": licences}
         qfile = args.out / f"{name}.questions.jsonl"
         if qfile.exists():
             entry["questions_file"] = qfile.name
