@@ -407,27 +407,24 @@ class FusedDecoder:
         under a token budget the kept tokens merged with the network's rest), merged with their local
         attention over kl / vl [B, Hkv, C, D]. fp32, as the torch backend's RetainedHeadsContext."""
         from nectar_kernels.reference import local_attention_reference, nectar_heads_reference
+        from nectar_models.attention import attention_with_lse, merge_attention
 
         b, _, t, d = q.shape
         r, scale = rl.kv.numel(), self.cfg.scale
         qr = q.index_select(1, rl.qh).float()  # [B, R*G, T, D]
         g = qr.shape[1] // r
         qs = qr.view(b, r, g, t, d)
-        sc = scale * torch.einsum("brgtd,rcd->brgtc", qs, rl.k)
-        lse = torch.logsumexp(sc, -1)  # [B, R, G, T]
-        o = torch.einsum("brgtc,rcd->brgtd", torch.softmax(sc, -1), rl.v)
+        o, lse = attention_with_lse(qs, rl.k[None], rl.v[None], scale, None)  # [B, R, G, T, D], [B, R, G, T]
         if rl.subset:
             x = qs.permute(1, 0, 2, 3, 4).reshape(r, b * g * t, d)
             f, gn = nectar_heads_reference(x, rl.heads_w, rl.heads_b, "mlp", rl.width, scale)
             f = f.view(r, b, g, t, d).permute(1, 0, 2, 3, 4)
             gn = gn.view(r, b, g, t).permute(1, 0, 2, 3)
-            both = torch.logaddexp(lse, gn)
-            o = torch.exp(lse - both)[..., None] * o + torch.exp(gn - both)[..., None] * f
-            lse = both
+            o, lse = merge_attention(o, lse, f, gn), torch.logaddexp(lse, gn)
         o_loc, lse_loc = local_attention_reference(qr, kl.index_select(1, rl.kv), vl.index_select(1, rl.kv),
                                                    st.kv_len, st.kv_start, scale)
-        w = torch.sigmoid(lse.reshape(b, r * g, t) - lse_loc)[..., None]  # lse_loc = -inf (no local key): w = 1
-        out.index_copy_(1, rl.qh, (w * o.reshape(b, r * g, t, d) + (1 - w) * o_loc).to(out.dtype))
+        o = merge_attention(o.reshape(b, r * g, t, d), lse.reshape(b, r * g, t), o_loc, lse_loc)
+        out.index_copy_(1, rl.qh, o.to(out.dtype))
 
     def attention_shares(self, i: int, q: torch.Tensor, st: DecodeState):
         """Layer i's Nectar attention with its merge deferred to the o-projection (NectarShares),

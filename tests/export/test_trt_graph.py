@@ -39,10 +39,30 @@ def _nectar_attention_op():
     return NectarAttention
 
 
-@pytest.mark.parametrize("variant", ["mlp", "quadrature"])
-def test_trt_graph_checks_and_matches_the_torch_model(tmp_path, variant):
+def _check_graph_steps(proto, ref, cfg, steps: int) -> None:
+    """Run the plugin graph (ONNX's reference evaluator, the kernel's PyTorch reference standing in for
+    the plugin) and the torch backend `ref` side by side: a 5-token prompt, then greedy tokens; the
+    graph's last logits must match at every step, its present KV fed back as the next past."""
     from onnx.reference import ReferenceEvaluator
 
+    ref.reset(1, 32)
+    ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op()])
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers) for k in ("key", "value")}
+    toks, pos, total = np.array([[3, 1, 4, 1, 5]]), N_CTX + np.arange(5)[None], 0
+    for _ in range(steps):
+        want = ref.step(toks, pos)
+        total += toks.shape[1]
+        outs = ev.run(None, {"input_ids": toks, "position_ids": pos, "attention_mask": np.ones((1, total), np.int64), **past})
+        assert np.abs(outs[0][:, -1] - want).max() < 1e-4
+        for name, val in zip([o.name for o in proto.graph.output][1:], outs[1:]):
+            key = name.replace("present", "past_key_values")
+            past[key] = np.concatenate([past[key], val], axis=2)
+        toks, pos = want.argmax(-1)[:, None], pos[:, -1:] + 1
+
+
+@pytest.mark.parametrize("variant", ["mlp", "quadrature"])
+def test_trt_graph_checks_and_matches_the_torch_model(tmp_path, variant):
     from nectar_export.export.trt_graph import build_trt_proto
     from nectar_export.heads import nectar_contexts
     from nectar_models.attention import CompositeContext
@@ -62,22 +82,7 @@ def test_trt_graph_checks_and_matches_the_torch_model(tmp_path, variant):
 
     prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
     ref = TorchBackend(model, [CompositeContext([p, h]) for p, h in zip(prefix, nectar_contexts(heads, cfg.layer_windows, N_CTX))], N_CTX)
-    ref.reset(1, 32)
-    ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op()])
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-            for i in range(cfg.num_layers) for k in ("key", "value")}
-    toks, pos, total = np.array([[3, 1, 4, 1, 5]]), N_CTX + np.arange(5)[None], 0
-    for _ in range(4):
-        want = ref.step(toks, pos)
-        total += toks.shape[1]
-        outs = ev.run(None, {"input_ids": toks, "position_ids": pos, "attention_mask": np.ones((1, total), np.int64), **past})
-        got = outs[0][:, -1]
-        assert np.abs(got - want).max() < 1e-4
-        names = [o.name for o in proto.graph.output]
-        for name, val in zip(names[1:], outs[1:]):
-            key = name.replace("present", "past_key_values")
-            past[key] = np.concatenate([past[key], val], axis=2)
-        toks, pos = want.argmax(-1)[:, None], pos[:, -1:] + 1
+    _check_graph_steps(proto, ref, cfg, 4)
 
 
 @pytest.mark.parametrize("tokens", [0, 11], ids=["all-tokens", "token-budget"])
@@ -85,8 +90,6 @@ def test_trt_graph_with_retained_heads_keeps_those_layers_in_standard_ops(tmp_pa
     """Layers with retained heads (nectar fit --retain-heads) are not NectarAttention nodes: they keep the
     ONNX bundle's standard-op attention (stored KV merged with the networks) inside the engine; the graph
     still gives the torch model's logits (RetainedHeadsContext)."""
-    from onnx.reference import ReferenceEvaluator
-
     from nectar_export.export.trt_graph import build_trt_proto
     from nectar_export.heads import nectar_contexts
     from nectar_export.retained import RetainedKV, retained_contexts
@@ -114,21 +117,7 @@ def test_trt_graph_with_retained_heads_keeps_those_layers_in_standard_ops(tmp_pa
 
     prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
     served = retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX), kept, cfg.scale)
-    ref = TorchBackend(model, [CompositeContext([p, h]) for p, h in zip(prefix, served)], N_CTX)
-    ref.reset(1, 32)
-    ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op()])
-    past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
-            for i in range(cfg.num_layers) for k in ("key", "value")}
-    toks, pos, total = np.array([[3, 1, 4, 1, 5]]), N_CTX + np.arange(5)[None], 0
-    for _ in range(3):
-        want = ref.step(toks, pos)
-        total += toks.shape[1]
-        outs = ev.run(None, {"input_ids": toks, "position_ids": pos, "attention_mask": np.ones((1, total), np.int64), **past})
-        assert np.abs(outs[0][:, -1] - want).max() < 1e-4
-        for name, val in zip([o.name for o in proto.graph.output][1:], outs[1:]):
-            key = name.replace("present", "past_key_values")
-            past[key] = np.concatenate([past[key], val], axis=2)
-        toks, pos = want.argmax(-1)[:, None], pos[:, -1:] + 1
+    _check_graph_steps(proto, TorchBackend(model, [CompositeContext([p, h]) for p, h in zip(prefix, served)], N_CTX), cfg, 3)
 
 
 def test_trt_engine_builds_and_runs(tmp_path):

@@ -104,7 +104,10 @@ def test_fused_nectar_with_retained_heads_matches_decoder(tiny, budget):
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
     _compare(TorchBackend(tiny, contexts, n), CudaGraphBackend(dec), prompts)
     if DEV == "cuda":
-        return  # the check below builds a third CUDA-graph step in this test: on CPU is enough
+        # On the H100, this third CUDA-graph step (a plain Nectar decoder, after the all-tokens case ran)
+        # failed at capture (cudaErrorStreamCaptureInvalidated in the deferred-merge launch); not
+        # investigated, so the check runs on CPU only.
+        return
     # the retained rows matter: without them the fused step answers differently
     plain = FusedDecoder.from_decoder(tiny)
     plain.set_nectar_document(dec.document[1], n, dec.prefix)
