@@ -94,13 +94,13 @@ def nectar_contexts_for_export(model, ctx, heads, retained=None) -> list[LayerCo
         baked = (exact_kv(prefix[layer], "prefix"),) if prefix[layer] is not None else ()
         if heads.spec.variant == "mlp":
             kept = None
-            # int8 KV of every document token stays int8 in the graph (cast per step); a token budget's few
-            # tokens go in as fp32 (their decoded values): no per-step cast of the KV (docs/onnx.md)
-            if retained is not None and layer in retained.keys and retained.dtype == "int8" and retained.tokens is None:
+            # int8 KV goes in as stored (integers + per-token scales); the graph writer picks its form
+            # (decoder_graph.retained_heads: MatMulNBits, decoded constants or a per-step cast; docs/onnx.md)
+            if retained is not None and layer in retained.keys and retained.dtype == "int8":
                 st = retained.stored
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), st[f"layers.{layer}.key.q"].numpy(),
                                      st[f"layers.{layer}.value.q"].numpy(), _np(st[f"layers.{layer}.key.scale"]),
-                                     _np(st[f"layers.{layer}.value.scale"]))
+                                     _np(st[f"layers.{layer}.value.scale"]), subset=retained.tokens is not None)
             elif retained is not None and layer in retained.keys:
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), _np(retained.keys[layer]), _np(retained.values[layer]),
                                      subset=retained.tokens is not None)
