@@ -15,6 +15,16 @@ from nectar_runtime.errors import NectarError
 from .config import ALLOCATIONS, DEFAULT_STEPS, QUERY_DTYPES, RETAIN_DTYPES, VARIANTS, FitConfig
 
 
+def _retain_heads(text: str) -> int | None:
+    """--retain-heads: a count ≥ 0, or auto (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of KV heads or 'auto', got {text!r}") from None
+
+
 def _fit_config(a: argparse.Namespace) -> FitConfig:
     try:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
@@ -46,7 +56,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     base = load_base(a.model, a.device)
     load_s = time.perf_counter() - t0
     ctx = document_context(base, a.document)  # beyond the window: one error line, before any progress output
-    check_budget(base, ctx, fit_cfg, a.document)  # too small a budget (a very short document): likewise
+    check_budget(base, ctx, fit_cfg, a.document, a.on_policy)  # too small a budget (a very short document): likewise
     print(f"[nectar fit] load model: {load_s:.1f} s", file=sys.stderr)
     fit_document(base, a.document, a.out, fit_cfg, probe_cfg, on_policy=a.on_policy, log=lambda s: print(s, file=sys.stderr))
     print(a.out)
@@ -183,11 +193,12 @@ def add_export_commands(sub) -> None:
                         "4 lowered KL on every development manual on an H100, see docs/results.md; default %(default)g)")
     p.add_argument("--query-dtype", choices=QUERY_DTYPES, default=d.query_dtype,
                    help="storage of the recorded queries and attention outputs, the largest part of fit memory (default %(default)s)")
-    p.add_argument("--retain-heads", type=int, default=d.retain_heads, metavar="K",
+    p.add_argument("--retain-heads", type=_retain_heads, default=d.retain_heads, metavar="K|auto",
                    help="keep the document keys/values (--retain-tokens of them) of the K KV heads the networks serve "
-                        "worst, within the budget (18 on SmolLM2 at the default budget: agreement 0.949-0.969 -> "
-                        "0.973-0.991 on ten manuals, docs/results.md); every backend serves them; on a CPU they cost "
-                        "decode time (default %(default)s: none)")
+                        "worst, within the budget; every backend serves them. auto (the default): a fifth of the KV "
+                        "heads of global-attention layers, rounded down, within half the budget (18 on SmolLM2: "
+                        "agreement 0.949-0.969 -> 0.973-0.991 on ten manuals, docs/results.md; none on Gemma 3 270M); "
+                        "0: none")
     p.add_argument("--retain-dtype", choices=RETAIN_DTYPES, default=d.retain_dtype,
                    help="storage of the retained heads' keys/values: int8 (+ a scale per token and head) holds about "
                         "twice the heads in the same bytes (default %(default)s)")

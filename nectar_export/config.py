@@ -14,6 +14,8 @@ RETAIN_DTYPES = ("int8", "float16")  # storage of retained heads' document KV (r
 # from 0.942 to 0.952); on a CPU the default stays where a ~4K-token manual fits within 15 minutes on
 # 2 cores (docs/results.md).
 DEFAULT_STEPS = {"cuda": 4800, "cpu": 2400}
+AUTO_RETAIN_SHARE = 0.2  # of the retainable KV heads, for --retain-heads auto
+AUTO_RETAIN_MAX_BUDGET = 0.5  # auto keeps at least this share of the budget for the networks
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,12 @@ class FitConfig:
     distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
     # KV heads whose document keys/values the artifact keeps (retained.py): the ones the heads serve
     # worst. Their bytes count in the budget. Every backend serves them (torch, the fused CUDA step, ONNX,
-    # TensorRT graphs with those layers in standard ops). Off by default for their CPU decode cost
-    # (+10-22% per token at n = 7,000 with 2,048 tokens, docs/benchmarks.md).
-    retain_heads: int = 0
+    # TensorRT graphs with those layers in standard ops). None = auto (`auto_retain_heads`):
+    # AUTO_RETAIN_SHARE of the KV heads of global-attention layers, rounded down (18 on SmolLM2: agreement
+    # 0.949-0.969 -> 0.973-0.991 on ten manuals, docs/results.md; +3-10% CPU decode time at n = 7,000 since
+    # quantized bundles read their int8 KV through MatMulNBits, docs/benchmarks.md); none where the fit
+    # cannot retain (quadrature, distillation, on-policy) or fewer than one head would result.
+    retain_heads: int | None = None
     # "int8" (+ an fp16 scale per token and head: about half the bytes, so the budget holds larger networks;
     # on the six manuals 18 int8 heads beat 18 fp16 heads, docs/results.md) | "float16"
     retain_dtype: str = "int8"
@@ -71,8 +76,8 @@ class FitConfig:
             raise ValueError("distill_steps must be ≥ 0, distill_lr and distill_tokens positive")
         if self.budget_mb is not None and not self.budget_mb > 0:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
-        if self.retain_heads < 0:
-            raise ValueError(f"retain_heads must be ≥ 0 (got {self.retain_heads})")
+        if self.retain_heads is not None and self.retain_heads < 0:
+            raise ValueError(f"retain_heads must be ≥ 0 or auto (got {self.retain_heads})")
         if self.retain_tokens < 0:
             raise ValueError(f"retain_tokens must be ≥ 0 (got {self.retain_tokens}; 0 keeps every document token)")
         if self.retain_dtype not in RETAIN_DTYPES:
@@ -84,6 +89,18 @@ class FitConfig:
             raise ValueError("retain_heads needs the mlp variant (quadrature heads have no retained-head path)")
         if not 0 < self.budget_fraction <= 4:
             raise ValueError("budget_fraction must be in (0, 4]")
+
+    def auto_retain_heads(self, eligible: int, head_bytes: int, budget_bytes: float, on_policy: bool = False) -> "FitConfig":
+        """This config with `retain_heads` resolved: unchanged if set, else AUTO_RETAIN_SHARE of the
+        `eligible` KV heads (global-attention layers) rounded down, as many as keep their `head_bytes`
+        each within AUTO_RETAIN_MAX_BUDGET of `budget_bytes`; 0 where retention does not apply (a
+        quadrature variant, distillation, an on-policy refit)."""
+        if self.retain_heads is not None:
+            return self
+        k = 0 if self.variant != "mlp" or self.distill_steps or on_policy else int(AUTO_RETAIN_SHARE * eligible)
+        if head_bytes > 0:
+            k = min(k, int(AUTO_RETAIN_MAX_BUDGET * budget_bytes // head_bytes))
+        return replace(self, retain_heads=max(k, 0))
 
     def for_device(self, device_type: str) -> "FitConfig":
         """This config with `steps` resolved (None -> DEFAULT_STEPS[device_type], CPU's for other devices)."""

@@ -111,11 +111,19 @@ def eligible_kv_heads(model_cfg) -> int:
     return model_cfg.num_kv_heads * sum(1 for w in model_cfg.layer_windows if not w)
 
 
-def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path) -> None:
+def resolve_retain_heads(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig, on_policy: bool = False) -> FitConfig:
+    """`fit_cfg` with `--retain-heads auto` (None) made a count for this model and document (FitConfig.auto_retain_heads)."""
+    budget = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kv_bytes(ctx.n, model_cfg)
+    one = retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, 1, fit_cfg.retain_dtype, fit_cfg.retain_tokens)
+    return fit_cfg.auto_retain_heads(eligible_kv_heads(model_cfg), one, budget, on_policy)
+
+
+def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path, on_policy: bool = False) -> None:
     """Refuse a budget below the smallest heads (width `width_multiple` in every layer), naming the
     sizes and what to do: a very short document, or a too small --budget-mb."""
     cfg = base.config
     eligible = eligible_kv_heads(cfg)
+    fit_cfg = resolve_retain_heads(ctx, cfg, fit_cfg, on_policy)
     if fit_cfg.retain_heads > eligible:
         raise NectarError(f"--retain-heads {fit_cfg.retain_heads}: {base.name} has {eligible} KV heads in global-"
                           f"attention layers; pass at most {eligible}")
@@ -153,7 +161,8 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         raise NectarError("nectar fit: --on-policy with --retain-heads is not supported (the re-collection would serve "
                           "networks of heads that are then replaced); use one or the other")
     ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
-    check_budget(base, ctx, fit_cfg, doc_path)
+    fit_cfg = resolve_retain_heads(ctx, cfg, fit_cfg, on_policy)  # the manifest records the count
+    check_budget(base, ctx, fit_cfg, doc_path, on_policy)
     with timer.stage("prefill document", log):
         cache = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device))
         full = cache.contexts()

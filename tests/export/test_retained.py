@@ -544,7 +544,31 @@ def test_fit_config_refuses_bad_retain_heads():
         FitConfig(retain_heads=-1)
     with pytest.raises(ValueError, match="mlp variant"):
         FitConfig(variant="quadrature", retain_heads=2)
-    FitConfig(variant="quadrature", retain_heads=0)  # the default stays valid for quadrature
+    FitConfig(variant="quadrature", retain_heads=0)
+    FitConfig(variant="quadrature")  # auto, the default, stays valid for quadrature (it resolves to none)
+
+
+def test_auto_retain_heads_takes_a_fifth_of_the_global_heads_within_half_the_budget():
+    auto = FitConfig()
+    assert auto.retain_heads is None
+    assert auto.auto_retain_heads(90, 1000, 1e9).retain_heads == 18  # SmolLM2: 30 layers x 3 KV heads
+    assert auto.auto_retain_heads(3, 1000, 1e9).retain_heads == 0  # Gemma 3 270M: 3 global layers x 1 KV head
+    assert auto.auto_retain_heads(90, 1000, 20_000).retain_heads == 10  # half the budget holds 10 heads
+    assert auto.auto_retain_heads(90, 0, 1e9).retain_heads == 18  # nothing to store (a document of template only)
+    for other in (FitConfig(variant="quadrature"), FitConfig(distill_steps=5)):
+        assert other.auto_retain_heads(90, 1000, 1e9).retain_heads == 0  # fits that cannot retain
+    assert auto.auto_retain_heads(90, 1000, 1e9, on_policy=True).retain_heads == 0
+    assert FitConfig(retain_heads=4).auto_retain_heads(90, 1000, 10.0).retain_heads == 4  # a count given is kept
+
+
+def test_fit_cli_takes_auto_or_a_count_of_retained_heads():
+    import argparse
+
+    from nectar_export.cli import _retain_heads
+
+    assert _retain_heads("auto") is None and _retain_heads("0") == 0 and _retain_heads("18") == 18
+    with pytest.raises(argparse.ArgumentTypeError, match="'auto'"):
+        _retain_heads("many")
 
 
 def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
