@@ -8,7 +8,7 @@ Per document:
   * a Nectar artifact fitted with a FIXED budget (--budget-mb, the same for both documents, so
     the heads are the same size: flatness is a property at fixed artifact size), and for the
     long document also one at the default budget (0.24 of its fp16 KV: the heads a user gets,
-    which grow with n). The fits are deliberately short (tiny probe set, 30 steps): this benchmark
+    which grow with n, and since --retain-heads auto the 18 retained heads' int8 KV of 2,048 tokens). The fits are deliberately short (tiny probe set, 30 steps): this benchmark
     times decoding, whose cost depends on the heads' sizes, not on how well they were trained;
   * bundles: nectar fp32 / int8 / int4 / int4-rtn (fixed budget), nectar fp32 / int8 / int4 (default
     budget; the quantized bundles hold the heads at 8 bits), full (document KV baked in) fp32 / int4;
@@ -74,7 +74,9 @@ def fit_quick(base, doc: Path, out: Path, budget_mb: float | None) -> Path:
         return out
     probe = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1, max_answer_tokens=16,
                         min_position_span=64, batch_size=8)
-    cfg = FitConfig(steps=30, probe_steps=5, budget_mb=budget_mb)
+    # a fixed budget retains no heads (the same networks at every n: flatness at one artifact size);
+    # the default budget takes every default, retained heads included (--retain-heads auto)
+    cfg = FitConfig(steps=30, probe_steps=5, budget_mb=budget_mb, **({"retain_heads": 0} if budget_mb else {}))
     fit_document(base, doc, out, cfg, probe, progress=False, log=lambda s: None)
     return out
 
@@ -240,10 +242,10 @@ def plot(report: dict, path: Path) -> None:
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if "llama" in name else "-", label=name)
-    for r in report["bundles"]:  # default-budget heads (one document size): stars
+    for r in report["bundles"]:  # the default artifact (one document size): stars
         if r.get("budget") == "default":
             ax.plot([r["n"]], [r["tokens_per_s"]], marker="*", ms=11, ls="none",
-                    label=f"nectar {r['quantize']}, default-budget heads ({r['heads_mb']:.0f} MB)")
+                    label=f"nectar {r['quantize']}, default artifact ({r['heads_mb']:.0f} MB)")
     ax.set_xlabel("document tokens n")
     ax.set_ylabel("decode tokens/s (2 threads)")
     ax.set_xscale("log")
@@ -265,7 +267,9 @@ def docs_section(report: dict, png_rel: str) -> str:
     for r in sorted(report["bundles"], key=lambda r: (r["n"], r["method"], r["quantize"])):
         chk = r.get("export_check") or {}
         c = f"top-1 {chk.get('top1_agreement', float('nan')):.3f}, KL {chk.get('mean_kl', float('nan')):.4f}" if chk else ""
-        label = f"{r['method']} {r['quantize']}" + (f" (heads {r['heads_mb']:.1f} MB, {r['budget']})" if r["method"] == "nectar" else "")
+        label = f"{r['method']} {r['quantize']}" + (f" (artifact {r['heads_mb']:.1f} MB, {r['budget']}"
+                                                    + (f", {r['retained']} retained" if r.get("retained") else "") + ")"
+                                                    if r["method"] == "nectar" else "")
         lines.append(f"| {label} | {r['n']} | {r['bundle_bytes'] / 1e6:.0f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ms_per_token_median']:.2f} | {r['prefill_s']:.2f} | {c} |")
     for r in report["llama_cpp"]:
@@ -309,12 +313,12 @@ def targets(report: dict) -> dict:
     best_hi = max(lcpp.get((hi, False), 0), lcpp.get((hi, True), 0))
     out[f"Nectar int4 ≥ 2× llama.cpp at n={hi}"] = f"{b:.1f} vs {best_hi:.1f} (best of FA off/on) = {b / best_hi:.2f}× — {'met' if b >= 2 * best_hi else 'missed'}"
     d32, d4 = find(hi, "nectar", "fp32", "default"), find(hi, "nectar", "int4", "default")
-    if not (math.isnan(d4) or math.isnan(d32)):  # default-budget heads (they grow with n; 8-bit in the quantized bundles)
-        out[f"Nectar int4, default-budget heads, ≥ 2× llama.cpp at n={hi}"] = \
+    if not (math.isnan(d4) or math.isnan(d32)):  # default artifact: heads that grow with n (8-bit in the quantized bundles) + retained heads
+        out[f"Nectar int4, default artifact, ≥ 2× llama.cpp at n={hi}"] = \
             f"{d4:.1f} vs {best_hi:.1f} = {d4 / best_hi:.2f}× — {'met' if d4 >= 2 * best_hi else 'missed'}"
         for q in ("int8", "int4"):
             r_d = find(hi, "nectar", q, "default") / d32
-            out[f"Nectar {q} ≥ 2× fp32, default-budget heads (n={hi})"] = f"{r_d:.2f}× — {'met' if r_d >= 2 else 'missed'}"
+            out[f"Nectar {q} ≥ 2× fp32, default artifact (n={hi})"] = f"{r_d:.2f}× — {'met' if r_d >= 2 else 'missed'}"
     l_lo = max(lcpp.get((lo, False), 0), lcpp.get((lo, True), 0)) or float("nan")  # the faster llama.cpp, as above
     out[f"Nectar int4 within 1.2× of llama.cpp at n={lo}"] = (f"{a:.1f} vs {l_lo:.1f} (best of FA off/on) = {a / l_lo:.2f}× — "
                                                             f"{'met' if a * 1.2 >= l_lo else 'missed'}")
@@ -368,10 +372,12 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{method}_{q or 'fp32'}_{n}" + (f"_{budget}" if method == "nectar" else "")
             log(f"bundle {name}")
             planned.append((export(arts[budget], work / name, method=method, quantize=q), budget,
-                            json.loads((arts[budget] / "manifest.json").read_text())["artifact_bytes"] / 1e6))
+                            json.loads((arts[budget] / "manifest.json").read_text())))
     log(f"timing {len(planned)} bundles round-robin, {a.repeats} runs of {a.steps} tokens each")
-    for (path, budget, heads_mb), r in zip(planned, time_bundles([p for p, _, _ in planned], a.steps, a.repeats, log)):
-        r["budget"], r["heads_mb"] = budget, heads_mb
+    for (path, budget, man), r in zip(planned, time_bundles([p for p, _, _ in planned], a.steps, a.repeats, log)):
+        kept = man.get("retained") or {}
+        r["budget"], r["heads_mb"] = budget, man["artifact_bytes"] / 1e6  # the artifact: heads + any retained KV
+        r["retained"] = f"{len(kept['modules'])}x{kept.get('tokens') or 'all'}" if kept else None
         big = max(sizes)
         if path.name in (f"nectar_int4_{big}_fixed", f"nectar_int4-rtn_{big}_fixed", f"full_int4_{big}"):
             r["profile"] = profile_bundle(path, a.steps, prof_dir)  # where the time goes (untimed pass)

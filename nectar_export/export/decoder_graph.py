@@ -588,7 +588,7 @@ def retained_columns(b: GraphBuilder, p: str, wn: str, q: str, kept, hkv: int, s
     Both hold the stored integers exactly (no second rounding); the new error is ORT's int8 rounding
     of the queries and of the scaled probabilities. Their columns join the layer's one softmax, so a
     layer adds 8 + 2R nodes (R retained heads) and no separate merge. q: unscaled queries
-    [B, Hkv, G*T, D] (the heads' MatMulNBits split the same tensor; ORT merges the two Splits).
+    [B, Hkv, G*T, D] (the attention scale is folded into the key scales).
     Nodes under `{p}`: `q/Split`, `head{j}/scores/MatMulNBits8`, `fill/{Shape,Expand}`, `scores/Concat`,
     `probs/scale/Mul`, `probs/Split`, `head{j}/pv/MatMulNBits8`, `zeros/Mul`, `pv/Concat`, `g/Add`;
     weights `{wn}.head{j}.{key,value}.q8` with `.scales` and `.zero_points` (j the KV head)."""
@@ -618,12 +618,10 @@ def retained_columns(b: GraphBuilder, p: str, wn: str, q: str, kept, hkv: int, s
     sc = first if hkv == 1 else b.op("Concat", [scores.get(j, fill) for j in range(hkv)], f"{p}/scores/Concat", axis=1)
     vs = np.zeros((hkv, 1, c), np.float32)
     vs[list(kept.heads)] = kept.v_scale.transpose(0, 2, 1)
-    values = {i: j for i, j in enumerate(kept.heads)}
-
     def term(pr: str) -> str:
         ph = per_head(b.op("Mul", [pr, b.weight(f"{wn}.value_scale_t", vs)], f"{p}/probs/scale/Mul"), "probs")
         outs = {}
-        for i, j in values.items():
+        for i, j in enumerate(kept.heads):
             vt = np.full((d, cb * blk), 128, np.uint8)
             vt[:, :c] = (kept.v[i].astype(np.int16) + 128).astype(np.uint8).T  # [D, c]: N = D, K = c tokens
             outs[j] = nbits(ph[j], f"{wn}.head{j}.value.q8", vt.reshape(d, cb, blk), np.ones(d * cb), c, d, blk,

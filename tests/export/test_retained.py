@@ -534,6 +534,17 @@ def test_fp16_graph_and_batched_generation_with_retained_heads(tmp_path):
     a = np.stack(list(generate_ids(TorchBackend(model, torch_ctx, N_CTX), prompts, gen, set())))
     b = np.stack(list(generate_ids(OrtBackend(_session(p32), N_CTX, 1000), prompts, gen, set())))
     assert np.array_equal(a, b)
+    # the quantized bundles' form (int8 KV as MatMulNBits columns) batches the same way
+    kept8 = RetainedKV.from_document([c.select(torch.arange(PREFIX, N_CTX)) for c in full], _modules_for(cfg), PREFIX, "int8")
+    ctx8 = [CompositeContext([p, s]) for p, s in zip(prefix, retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX),
+                                                                                 kept8, cfg.scale))]
+    fused = DecoderGraphWriter(graph_spec(model, N_CTX), decoder_weights(model),
+                               nectar_contexts_for_export(model, _Ctx(ids.tolist(), PREFIX), heads, kept8), np.float32,
+                               ort_fused=True).build()
+    assert any(n.op_type == "MatMulNBits" for n in fused.graph.node)
+    a8 = np.stack(list(generate_ids(TorchBackend(model, ctx8, N_CTX), prompts, gen, set())))
+    b8 = np.stack(list(generate_ids(OrtBackend(_session(fused), N_CTX, 1000), prompts, gen, set())))
+    assert np.array_equal(a8, b8)
 
 
 # --- 5. configuration and budget ----------------------------------------------------------------------

@@ -13,8 +13,9 @@ from tests.runtime.test_cli import assert_one_line_error, nectar
 
 @pytest.fixture(scope="module")
 def retained_artifact(tmp_path_factory, smollm2_gguf):
-    """A quick fit (as conftest's small_artifact: tiny probe set, few steps) with 18 retained heads of
-    256 document tokens each (a token budget below the excerpt's ~700 tokens)."""
+    """A quick fit (as conftest's small_artifact: tiny probe set, few steps) with the default
+    `--retain-heads auto` (18 heads on SmolLM2) of 256 document tokens each (a token budget below the
+    excerpt's ~700 tokens)."""
     import torch
 
     from nectar_export.config import FitConfig
@@ -28,7 +29,7 @@ def retained_artifact(tmp_path_factory, smollm2_gguf):
     probe_cfg = ProbeConfig(templated_questions=4, model_questions=2, excerpts=2, chains=1,
                             max_answer_tokens=16, min_position_span=64, batch_size=8)
     lines = []
-    fit_document(load_base(str(smollm2_gguf)), doc, d / "art", FitConfig(steps=20, probe_steps=5, retain_heads=18, retain_tokens=256),
+    fit_document(load_base(str(smollm2_gguf)), doc, d / "art", FitConfig(steps=20, probe_steps=5, retain_tokens=256),
                  probe_cfg, progress=False, log=lines.append)
     return d / "art", "\n".join(lines)
 
@@ -74,4 +75,16 @@ def test_retained_artifact_answers_and_exports_to_a_matching_onnx_bundle(retaine
     check = json.loads((b / "manifest.json").read_text())["export_check"]
     assert check["max_abs_logit_diff"] <= 1e-3 and check["top1_agreement"] == 1.0, check
     r = nectar("run", str(b), "--chat", "What does sed do?", "--max-new-tokens", "8")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    # int4: the retained heads' int8 KV as MatMulNBits columns (checked against torch fp32 at export)
+    q = tmp_path / "bundle_int4"
+    r = nectar("export", str(art), "--format", "onnx", "--quantize", "int4", "--out", str(q))
+    assert r.returncode == 0, r.stderr[-2000:]
+    check = json.loads((q / "manifest.json").read_text())["export_check"]
+    assert check["top1_agreement"] >= 0.8 and check["mean_kl"] <= 0.05, check
+    import onnx
+
+    ops = [n.name for n in onnx.load(str(q / "model.onnx"), load_external_data=False).graph.node]
+    assert sum(n.endswith("/scores/MatMulNBits8") and "/retained/" in n for n in ops) == 18
+    r = nectar("run", str(q), "--chat", "What does sed do?", "--max-new-tokens", "8")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
