@@ -245,7 +245,7 @@ def plot(report: dict, path: Path) -> None:
     for r in report["bundles"]:  # the default artifact (one document size): stars
         if r.get("budget") == "default":
             ax.plot([r["n"]], [r["tokens_per_s"]], marker="*", ms=11, ls="none",
-                    label=f"nectar {r['quantize']}, default artifact ({r['heads_mb']:.0f} MB)")
+                    label=f"nectar {r['quantize']}, default artifact ({r['artifact_mb']:.0f} MB)")
     ax.set_xlabel("document tokens n")
     ax.set_ylabel("decode tokens/s (2 threads)")
     ax.set_xscale("log")
@@ -267,7 +267,7 @@ def docs_section(report: dict, png_rel: str) -> str:
     for r in sorted(report["bundles"], key=lambda r: (r["n"], r["method"], r["quantize"])):
         chk = r.get("export_check") or {}
         c = f"top-1 {chk.get('top1_agreement', float('nan')):.3f}, KL {chk.get('mean_kl', float('nan')):.4f}" if chk else ""
-        label = f"{r['method']} {r['quantize']}" + (f" (artifact {r['heads_mb']:.1f} MB, {r['budget']}"
+        label = f"{r['method']} {r['quantize']}" + (f" (artifact {r['artifact_mb']:.1f} MB, {r['budget']}"
                                                     + (f", {r['retained']} retained" if r.get("retained") else "") + ")"
                                                     if r["method"] == "nectar" else "")
         lines.append(f"| {label} | {r['n']} | {r['bundle_bytes'] / 1e6:.0f} | {r['tokens_per_s']:.1f} | "
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"timing {len(planned)} bundles round-robin, {a.repeats} runs of {a.steps} tokens each")
     for (path, budget, man), r in zip(planned, time_bundles([p for p, _, _ in planned], a.steps, a.repeats, log)):
         kept = man.get("retained") or {}
-        r["budget"], r["heads_mb"] = budget, man["artifact_bytes"] / 1e6  # the artifact: heads + any retained KV
+        r["budget"], r["artifact_mb"] = budget, man["artifact_bytes"] / 1e6  # the artifact: heads + any retained KV
         r["retained"] = f"{len(kept['modules'])}x{kept.get('tokens') or 'all'}" if kept else None
         big = max(sizes)
         if path.name in (f"nectar_int4_{big}_fixed", f"nectar_int4-rtn_{big}_fixed", f"full_int4_{big}"):

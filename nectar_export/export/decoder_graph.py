@@ -26,6 +26,7 @@ Node names: `/model/embed/*`, `/model/masks/*`, `/model/rope/*`, `/model/rope.{r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -571,7 +572,7 @@ class RetainedColumns:
     and the shared softmax is the exact log-sum-exp merge of the two)."""
 
     scores: str
-    term: object  # callable: probs part [B, Hkv, G*T, c] -> [B, Hkv, G*T, D]
+    term: Callable[[str], str]  # probs part [B, Hkv, G*T, c] -> [B, Hkv, G*T, D]
     g_bias: str | None
 
 
