@@ -4,8 +4,9 @@ At the default budget (0.24 of the document's fp16 KV) the heads grow with the d
 parameters for grep.txt (n = 4,032), 18.8 M for 7,000 tokens. A decode step reads all of them, so
 in a quantized bundle whose transformer weights are 4 bits, fp32 heads can cost more than the model.
 This benchmark times, per artifact, the fp32 bundle and the int8 / int4 bundles with the heads at 8
-bits (the exporter's default: every heads weight of at least 256 KiB of fp32; smaller ones stay fp32)
-and at fp32 (`ExportConfig(quantize_heads=False)`, the exporter before 2026-11-23), and measures each
+bits (the exporter's default: every heads weight of at least 256 KiB of fp32; smaller ones stay fp32),
+at fp32 (`ExportConfig(quantize_heads=False)`, the exporter before 2026-11-23) and, for int4, at 4 bits
+(`ExportConfig(heads_bits=4)`), and measures each
 quantized bundle's fidelity to the fp32 bundle.
 
     python benchmarks/default_heads_cpu.py --artifacts A.nectar,B.nectar [--model GGUF]
@@ -39,7 +40,8 @@ MANUALS = REPO.parent / "shared" / "data" / "manuals"
 BEGIN, END = "<!-- default_heads_cpu:begin -->", "<!-- default_heads_cpu:end -->"
 # (bundle suffix, ExportConfig fields)
 VARIANTS = [("fp32", {}), ("int8", {"quantize": "int8"}), ("int8_heads-fp32", {"quantize": "int8", "quantize_heads": False}),
-            ("int4", {"quantize": "int4"}), ("int4_heads-fp32", {"quantize": "int4", "quantize_heads": False})]
+            ("int4", {"quantize": "int4"}), ("int4_heads-fp32", {"quantize": "int4", "quantize_heads": False}),
+            ("int4_heads-4bit", {"quantize": "int4", "heads_bits": 4})]
 
 
 def log(msg: str) -> None:
@@ -99,7 +101,8 @@ def docs_section(report: dict, png_rel: str) -> str:
             q = r.get("fidelity") or {}
             fid = f"{q['agreement']:.3f} | {q['kl']:.4f}" if q else "(reference) | "
             # "8-bit": the exporter's default, heads weights of >= heads_min_bytes (256 KiB) at 8 bits, smaller ones fp32
-            heads = "fp32" if r["variant"] == "fp32" or r["variant"].endswith("heads-fp32") else "8-bit (≥ 256 KiB)"
+            heads = "fp32" if r["variant"] == "fp32" or r["variant"].endswith("heads-fp32") else \
+                "4-bit (≥ 256 KiB)" if r["variant"].endswith("heads-4bit") else "8-bit (≥ 256 KiB)"
             lines.append(f"| {a['name']} (n={a['n']}, {a['params_m']:.1f} M head params) | {r['quantize']} | {heads} | "
                          f"{r['bundle_bytes'] / 1e6:.0f} | {r['ms_per_token_median']:.2f} | {r['tokens_per_s']:.1f} | "
                          f"{base['ms_per_token_median'] / r['ms_per_token_median']:.2f}× | {fid} |")

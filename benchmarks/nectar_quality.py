@@ -59,7 +59,8 @@ def run(a: argparse.Namespace) -> None:
     model, cfg = base.model, base.config
     d = FitConfig()
     a.budgets, a.allocations = a.budgets or str(d.budget_fraction), a.allocations or d.allocation
-    settings = [(float(b), alloc, "mlp", False, {}) for b in a.budgets.split(",") for alloc in a.allocations.split(",")]
+    settings = [] if a.extra_only else [(float(b), alloc, "mlp", False, {}) for b in a.budgets.split(",")
+                                        for alloc in a.allocations.split(",")]
     extra = [x.split(":") for x in a.extra.split(",") if x]  # e.g. "0.2:uniform:quadrature:0[:steps=1200;linear_init=0]"
     settings += [(float(x[0]), x[1], x[2], x[3] == "1", overrides(x[4] if len(x) > 4 else "")) for x in extra]
     # one collection per manual, in the widest storage any setting asks for (fp16 copies are made per setting)
@@ -305,6 +306,7 @@ def main(argv=None) -> int:
     r.add_argument("--budgets", default=None, help="comma-separated budget fractions (default: FitConfig's)")
     r.add_argument("--allocations", default=None, help="comma-separated (default: FitConfig's)")
     r.add_argument("--extra", default="", help="more settings: budget:allocation:variant:onpolicy, comma-separated")
+    r.add_argument("--extra-only", action="store_true", help="only the --extra settings (no --budgets × --allocations ones)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: FitConfig's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--batch", type=int, default=16, help="generation batch for probes and evaluation")

@@ -76,3 +76,23 @@ def nectar_layer_attention_reference(
     o_loc, lse_loc = local_attention_reference(qc, k_loc, v_loc, kv_len, kv_start, scale)
     w = torch.sigmoid(lse_ctx - lse_loc)[..., None]  # σ(g − lse_loc); lse_loc = −inf gives w = 1
     return (w * f + (1 - w) * o_loc).to(q.dtype)
+
+
+def nectar_retained_attention_reference(
+    q: torch.Tensor, k_loc: torch.Tensor, v_loc: torch.Tensor, kv_len: torch.Tensor,
+    heads_w: torch.Tensor, heads_b: torch.Tensor, variant: str, width: int, scale: float,
+    ret_k: torch.Tensor, ret_v: torch.Tensor, kv_heads: torch.Tensor, subset: bool,
+    kv_start: torch.Tensor | None = None, compute_dtype=torch.float32,
+) -> torch.Tensor:
+    """What the TensorRT plugin `NectarRetainedAttention` computes: `nectar_layer_attention_reference`
+    with the retained KV heads' rows (kv_heads: [R]; ret_k, ret_v: [R, c, D] their stored document
+    keys/values; subset: a token budget) replaced as nectar_kernels.retained does."""
+    from .retained import overwrite_retained_rows
+
+    if kv_start is None:
+        kv_start = torch.zeros_like(kv_len)
+    o = nectar_layer_attention_reference(q, k_loc, v_loc, kv_len, heads_w, heads_b, variant, width, scale, kv_start,
+                                         compute_dtype).to(compute_dtype)
+    out = overwrite_retained_rows(o, q.to(compute_dtype), k_loc, v_loc, kv_len, kv_start, ret_k, ret_v, kv_heads, scale,
+                                  subset, heads_w, heads_b, width, compute_dtype)
+    return out.to(q.dtype)

@@ -221,6 +221,32 @@ def nectar_layer_attention(
                          zero=zero)
 
 
+def nectar_retained_attention(
+    q, k_loc, v_loc, kv_len, heads_w, heads_b, variant: str, width: int, scale: float,
+    ret_k, ret_v, kv_heads, subset: bool, kv_start=None, out=None,
+):
+    """`nectar_layer_attention` for a layer with retained heads (nectar fit --retain-heads): the fused
+    kernel runs every head, then the retained KV heads' rows are recomputed in torch ops over their
+    stored document keys/values (nectar_kernels.retained; fp32).
+
+    ret_k, ret_v: [R, c, D] stored post-RoPE document keys/values of the KV heads kv_heads: [R] (int);
+    subset: a token budget (their networks serve the tokens not kept). Other arguments and the result
+    as nectar_layer_attention (without o_proj: the retained rows are written after the merge)."""
+    from .retained import overwrite_retained_rows
+
+    if variant != "mlp":
+        raise ValueError("retained heads need mlp heads (quadrature heads have no retained-head path)")
+    if ret_k.dim() != 3 or ret_k.shape != ret_v.shape or ret_k.shape[0] != kv_heads.numel() or ret_k.shape[2] != q.shape[3]:
+        raise ValueError(f"ret_k/ret_v must be [R, c, D] for R = {kv_heads.numel()} kv_heads, got {tuple(ret_k.shape)}")
+    if kv_start is None:
+        import torch
+
+        kv_start = torch.zeros_like(kv_len)
+    o = nectar_layer_attention(q, k_loc, v_loc, kv_len, heads_w, heads_b, variant, width, scale, kv_start=kv_start, out=out)
+    return overwrite_retained_rows(o, q, k_loc, v_loc, kv_len, kv_start, ret_k, ret_v, kv_heads, scale, subset,
+                                   heads_w, heads_b, width)
+
+
 # Launch parameters of the deferred-merge mlp kernel (nectar_layer_shares): hidden columns per
 # part, h1 block of the loop, warps, pipeline stages, and the largest D * next_pow2(H) +
 # next_pow2(H) * block_h weight elements a part holds in registers before the PDL wait (above it:

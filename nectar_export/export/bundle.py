@@ -27,6 +27,11 @@ METHODS = ("nectar", "full")
 # AVX2 EPYC, 30 layers' [3, K, K] weights: 8-bit took 1.46x the fp32 time at 197 KB and 0.77x at
 # 442 KB; `python benchmarks/heads_matmul_rate.py --break-even`, benchmarks/results/heads_break_even.json).
 HEADS_MIN_BYTES = 256 * 1024
+# Bits of those heads weights per --quantize kind. 8 in every kind: 4-bit heads (ExportConfig(heads_bits=4))
+# cut an int4 bundle's decode time by 4-9% on a 2-core CPU but raised its KL to the fp32 bundle 2.2-4.5x
+# (n = 7,000: 18.17 -> 16.57 ms per token, KL 0.0028 -> 0.0127), as large as the heads' own KL after
+# retention (docs/benchmarks.md, "4-bit heads").
+HEADS_BITS = {"int8": 8, "int4": 8, "int4-rtn": 8}
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 QUANTIZE = ("int8", "int4", "int4-rtn")
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -43,6 +48,8 @@ class ExportConfig:
     quantize_heads: bool = True
     # ... those weights of at least this many fp32 bytes (HEADS_MIN_BYTES above)
     heads_min_bytes: int = HEADS_MIN_BYTES
+    # ... at this many bits (4 or 8; Python API only); None: HEADS_BITS of the --quantize kind
+    heads_bits: int | None = None
     # with `quantize`: ONNX Runtime's fused RotaryEmbedding / SkipSimplifiedLayerNormalization
     # (decoder_graph.py, `ort_fused`); the quantized graph is ORT-only anyway. Python API only, for A/B runs.
     ort_fused: bool = True
@@ -57,6 +64,8 @@ class ExportConfig:
             raise NectarError(f"--quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
         if self.quantize and self.dtype != "fp32":
             raise NectarError("--quantize applies to fp32 bundles (activations stay fp32); drop --dtype fp16")
+        if self.heads_bits not in (None, 4, 8):
+            raise NectarError(f"--heads-bits {self.heads_bits}: use 4 or 8")
         if self.max_local_len < 16:
             raise NectarError("--max-local-len must be at least 16")
 
@@ -75,8 +84,15 @@ def torch_document_contexts(oa, method: str) -> list:
 def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
     """The manifest keys that say how a bundle's graph was written from its artifact (beyond
     method/dtype/quantize): benchmarks compare them to re-export bundles of another form."""
+    heads = bool(cfg.quantize) and cfg.quantize_heads
     return {"ort_fused": uses_ort_fused(cfg, attention_op),
-            "heads_min_bytes": cfg.heads_min_bytes if cfg.quantize and cfg.quantize_heads else None}
+            "heads_min_bytes": cfg.heads_min_bytes if heads else None,
+            "heads_bits": heads_bits(cfg) if heads else None}
+
+
+def heads_bits(cfg: ExportConfig) -> int:
+    """Bits of the quantized Nectar heads weights in a `cfg.quantize` bundle."""
+    return cfg.heads_bits or HEADS_BITS[cfg.quantize]
 
 
 def uses_ort_fused(cfg: ExportConfig, attention_op=None) -> bool:
@@ -102,12 +118,13 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
     return writer.build(f"nectar_{cfg.method}_decoder")
 
 
-def quantize_proto(proto, kind: str, heads: bool = True, heads_min_bytes: int = HEADS_MIN_BYTES):
+def quantize_proto(proto, kind: str, heads: bool = True, heads_min_bytes: int = HEADS_MIN_BYTES, heads_bits: int | None = None):
     """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls and (`heads`) of the Nectar
-    heads weights of ≥ `heads_min_bytes` at 8 bits, in place (returns `proto`); see quantize.py."""
+    heads weights of ≥ `heads_min_bytes` (at `heads_bits`, default HEADS_BITS[kind]), in place
+    (returns `proto`); see quantize.py."""
     from .quantize import quantize_graph
 
-    quantize_graph(proto, kind, heads=heads, heads_min_bytes=heads_min_bytes)
+    quantize_graph(proto, kind, heads=heads, heads_min_bytes=heads_min_bytes, heads_bits=heads_bits or HEADS_BITS[kind])
     return proto
 
 
@@ -150,8 +167,8 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
         from .quantize import quantize_graph
 
-        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads,
-                              heads_min_bytes=cfg.heads_min_bytes)  # {MatMul node name: bits}
+        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes,
+                              heads_bits=heads_bits(cfg))  # {MatMul node name: bits}
         heads_quantized = any("/nectar_heads/" in name for name in done)
     tmp = temp_dir_beside(out)
     try:

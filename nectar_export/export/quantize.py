@@ -73,9 +73,10 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     return packed, scale, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
 
 
-def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int) -> dict:
+def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int,
+                   heads_bits: int = 8) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
-    least `heads_min_bytes` fp32 bytes (per KV head, 8 bits); returns {node name: bits}.
+    least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits); returns {node name: bits}.
 
     int4: 4-bit weights use ORT's fast symmetric kernel (implicit zero point 8) plus an exact
     correction for the true per-block offset: x @ W = MatMulNBits(x) + blocksum(x) @ C with
@@ -95,8 +96,9 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if heads and w is not None and len(w.dims) == 3 and ".nectar_heads." in w.name \
                 and 4 * int(np.prod(w.dims)) >= heads_min_bytes:
-            new_nodes += _per_head_nbits(proto, node, numpy_helper.to_array(w).astype(np.float32), accuracy_level, head_weights)
-            done[node.name] = 8
+            new_nodes += _per_head_nbits(proto, node, numpy_helper.to_array(w).astype(np.float32), accuracy_level, head_weights,
+                                         heads_bits)
+            done[node.name] = heads_bits
             users[w.name] -= 1
             if users[w.name] == 0:
                 drop.add(w.name)
@@ -187,31 +189,31 @@ def _quantized_embedding_lookup(proto, nodes: list, eight_bit: dict, users: dict
     return out
 
 
-def _per_head_nbits(proto, node, w: np.ndarray, accuracy_level: int, done_weights: set) -> list:
-    """`MatMul(x [B, H, R, K], w [H, K, N])` -> Split(x, axis 1) -> H × MatMulNBits-8 -> Concat(axis 1)
-    (one MatMulNBits, no Split/Concat, when H = 1).
+def _per_head_nbits(proto, node, w: np.ndarray, accuracy_level: int, done_weights: set, bits: int = 8) -> list:
+    """`MatMul(x [B, H, R, K], w [H, K, N])` -> Split(x, axis 1) -> H × MatMulNBits-`bits` -> Concat(axis 1)
+    (one MatMulNBits, no Split/Concat, when H = 1); integer zero points, blocks of BLOCK inputs.
 
-    With `p` the MatMul's name without its last part (`…/nectar_heads/in`): nodes `p/heads/Split`,
-    `p/head{i}/MatMulNBits8`, `p/heads/Concat`; weights `<w>.head{i}.q8` with `.scales` and
-    `.zero_points`, stored once per weight (`done_weights`) however many MatMuls read it."""
+    With `p` the MatMul's name without its last part (`…/nectar_heads/in`) and b = `bits`: nodes
+    `p/heads/Split`, `p/head{i}/MatMulNBits{b}`, `p/heads/Concat`; weights `<w>.head{i}.q{b}` with
+    `.scales` and `.zero_points`, stored once per weight (`done_weights`) however many MatMuls read it."""
     h, k, n = w.shape
     base_name = node.name.rsplit("/", 1)[0] if node.name else node.output[0]
     if node.input[1] not in done_weights:
         done_weights.add(node.input[1])
         for i in range(h):
-            packed, scales, zeros = quantize_blockwise(w[i], 8, pad=True)
-            base = f"{node.input[1]}.head{i}.q8"
+            packed, scales, zeros = quantize_blockwise(w[i], bits, pad=True)
+            base = f"{node.input[1]}.head{i}.q{bits}"
             proto.graph.initializer.extend([numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
                                             numpy_helper.from_array(zeros, f"{base}.zero_points")])
     if h == 1:
-        return [_nbits(node.input[0], f"{node.input[1]}.head0.q8", True, list(node.output), f"{base_name}/head0/MatMulNBits8",
-                       k, n, 8, accuracy_level)]
+        return [_nbits(node.input[0], f"{node.input[1]}.head0.q{bits}", True, list(node.output),
+                       f"{base_name}/head0/MatMulNBits{bits}", k, n, bits, accuracy_level)]
     parts = [f"{base_name}/heads/Split/output_{i}" for i in range(h)]
     ones = _const(proto, f"/quantize/const/ones_{h}", np.ones(h, np.int64))
     out = [helper.make_node("Split", [node.input[0], ones], parts, name=f"{base_name}/heads/Split", axis=1)]
-    ys = [f"{base_name}/head{i}/MatMulNBits8/output_0" for i in range(h)]
-    out += [_nbits(parts[i], f"{node.input[1]}.head{i}.q8", True, [ys[i]], f"{base_name}/head{i}/MatMulNBits8", k, n, 8,
-                   accuracy_level) for i in range(h)]
+    ys = [f"{base_name}/head{i}/MatMulNBits{bits}/output_0" for i in range(h)]
+    out += [_nbits(parts[i], f"{node.input[1]}.head{i}.q{bits}", True, [ys[i]], f"{base_name}/head{i}/MatMulNBits{bits}", k, n,
+                   bits, accuracy_level) for i in range(h)]
     out.append(helper.make_node("Concat", ys, list(node.output), name=f"{base_name}/heads/Concat", axis=1))
     return out
 

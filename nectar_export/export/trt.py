@@ -116,8 +116,10 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
     oa = open_artifact(art, model=model)
     proto = build_trt_proto(oa, DTYPES[cfg.dtype])
     plugin = sum(n.op_type == "NectarAttention" for n in proto.graph.node)
-    log(f"[nectar export] TensorRT plugin graph: {plugin} NectarAttention nodes, {oa.base.config.num_layers - plugin} layers "
-        "in standard ops (sliding windows, retained heads)")
+    retained = sum(n.op_type == "NectarRetainedAttention" for n in proto.graph.node)
+    custom_ops = ["nectar::NectarAttention"] + (["nectar::NectarRetainedAttention"] if retained else [])
+    log(f"[nectar export] TensorRT plugin graph: {plugin} NectarAttention + {retained} NectarRetainedAttention nodes, "
+        f"{oa.base.config.num_layers - plugin - retained} layers in standard ops (sliding windows)")
     tmp = temp_dir_beside(out)
     try:
         _save(proto, tmp / GRAPH_FILE)
@@ -134,7 +136,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
             "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "method": "nectar", "dtype": cfg.dtype, "quantize": None, "opset": proto.opset_import[0].version,
             "graph": {"file": ENGINE_FILE if engine else GRAPH_FILE, "onnx": GRAPH_FILE, **graph_io(proto),
-                      "custom_ops": ["nectar::NectarAttention"], "node_names": "docs/onnx.md#node-names"},
+                      "custom_ops": custom_ops, "node_names": "docs/onnx.md#node-names"},
             "context_len": oa.ctx.n, "max_local_len": min(cfg.max_local_len, mcfg.max_position - oa.ctx.n),
             "batch": 1,
             "model": {"family": mcfg.family, "num_layers": mcfg.num_layers, "num_kv_heads": mcfg.num_kv_heads,

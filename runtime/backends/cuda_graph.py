@@ -212,6 +212,8 @@ class FusedDecoder:
         tokens); else the stored KV replaces their networks. The Triton kernels still run every head; a
         retained head's rows are then recomputed in torch ops (`_retained_attention`), which CUDA graphs
         capture like the rest of the step."""
+        from nectar_kernels.retained import retained_query_heads
+
         if self.document is None or self.document[0] != "nectar":
             raise NectarError("retained heads need the Nectar document set first (set_nectar_document)")
         g = self.cfg.num_heads // self.cfg.num_kv_heads
@@ -221,7 +223,7 @@ class FusedDecoder:
             if variant != "mlp":
                 raise NectarError("retained heads need mlp heads (quadrature heads have no retained-head path)")
             idx = torch.tensor(kv, device=self.device, dtype=torch.long)
-            qh = (idx[:, None] * g + torch.arange(g, device=self.device)).reshape(-1)
+            qh = retained_query_heads(idx, g)
             self.retained[layer] = RetainedLayer(
                 idx, qh, k.to(self.device, torch.float32), v.to(self.device, torch.float32), subset,
                 hw.index_select(0, idx).float() if subset else None, hb.index_select(0, idx).float() if subset else None,
@@ -405,25 +407,12 @@ class FusedDecoder:
                             st: DecodeState, out: torch.Tensor) -> None:
         """Overwrite the retained heads' rows of `out` [B, Hq, T, D]: their document part (stored KV, or
         under a token budget the kept tokens merged with the network's rest), merged with their local
-        attention over kl / vl [B, Hkv, C, D]. fp32, as the torch backend's RetainedHeadsContext."""
-        from nectar_kernels.reference import local_attention_reference, nectar_heads_reference
-        from nectar_models.attention import attention_with_lse, merge_attention
+        attention over kl / vl [B, Hkv, C, D]. fp32, as the torch backend's RetainedHeadsContext
+        (nectar_kernels.retained, shared with the TensorRT plugin)."""
+        from nectar_kernels.retained import retained_rows
 
-        b, _, t, d = q.shape
-        r, scale = rl.kv.numel(), self.cfg.scale
-        qr = q.index_select(1, rl.qh).float()  # [B, R*G, T, D]
-        g = qr.shape[1] // r
-        qs = qr.view(b, r, g, t, d)
-        o, lse = attention_with_lse(qs, rl.k[None], rl.v[None], scale, None)  # [B, R, G, T, D], [B, R, G, T]
-        if rl.subset:
-            x = qs.permute(1, 0, 2, 3, 4).reshape(r, b * g * t, d)
-            f, gn = nectar_heads_reference(x, rl.heads_w, rl.heads_b, "mlp", rl.width, scale)
-            f = f.view(r, b, g, t, d).permute(1, 0, 2, 3, 4)
-            gn = gn.view(r, b, g, t).permute(1, 0, 2, 3)
-            o, lse = merge_attention(o, lse, f, gn), torch.logaddexp(lse, gn)
-        o_loc, lse_loc = local_attention_reference(qr, kl.index_select(1, rl.kv), vl.index_select(1, rl.kv),
-                                                   st.kv_len, st.kv_start, scale)
-        o = merge_attention(o.reshape(b, r * g, t, d), lse.reshape(b, r * g, t), o_loc, lse_loc)
+        o = retained_rows(q, kl, vl, st.kv_len, st.kv_start, rl.k, rl.v, rl.kv, self.cfg.scale, rl.subset,
+                          rl.heads_w, rl.heads_b, rl.width)
         out.index_copy_(1, rl.qh, o.to(out.dtype))
 
     def attention_shares(self, i: int, q: torch.Tensor, st: DecodeState):

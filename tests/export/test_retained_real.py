@@ -88,3 +88,33 @@ def test_retained_artifact_answers_and_exports_to_a_matching_onnx_bundle(retaine
     assert sum(n.endswith("/scores/MatMulNBits8") and "/retained/" in n for n in ops) == 18
     r = nectar("run", str(q), "--chat", "What does sed do?", "--max-new-tokens", "8")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+@pytest.mark.real
+def test_retained_artifact_plugin_graph_matches_torch(retained_artifact, tmp_path):
+    """`nectar export --format trt-onnx` of the real artifact with retained heads: one plugin node per layer
+    (NectarRetainedAttention where heads are retained, their int8 KV decoded), and the graph, run with the
+    plugins' references, matches the torch backend over the export check's prompt."""
+    import onnx
+
+    from nectar_export.export.bundle import CHECK_QUESTION, compare_backends
+    from nectar_export.pipeline import open_artifact
+    from nectar_runtime.backends.torch_backend import TorchBackend
+    from nectar_runtime.document import local_ids
+    from tests.export.test_trt_graph import PluginGraphBackend
+
+    art, _ = retained_artifact
+    r = nectar("export", str(art), "--format", "trt-onnx", "--out", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    proto = onnx.load(str(tmp_path / "g" / "model.onnx"))
+    m = json.loads((art / "manifest.json").read_text())
+    retained_layers = {l for l, _ in m["retained"]["modules"]}
+    ops = {n.name.split("/")[2]: n.op_type for n in proto.graph.node if n.op_type.startswith("Nectar")}
+    assert len(ops) == 30 and {int(k.split(".")[1]) for k, v in ops.items() if v == "NectarRetainedAttention"} == retained_layers
+    assert "nectar::NectarRetainedAttention" in json.loads((tmp_path / "g" / "manifest.json").read_text())["graph"]["custom_ops"]
+
+    oa = open_artifact(art)
+    prompt = local_ids(oa.ctx, oa.base.tokenizer, [{"role": "user", "content": CHECK_QUESTION}])
+    check = compare_backends(TorchBackend(oa.base.model, oa.contexts(), oa.ctx.n), PluginGraphBackend(proto), prompt,
+                             oa.ctx.n, 3)
+    assert check["max_abs_logit_diff"] <= 1e-3 and check["top1_agreement"] == 1.0, check

@@ -39,6 +39,26 @@ def _nectar_attention_op():
     return NectarAttention
 
 
+def _nectar_retained_attention_op():
+    from onnx.reference.op_run import OpRun
+
+    class NectarRetainedAttention(OpRun):
+        op_domain = "nectar"
+
+        def _run(self, q, k, v, kv_len, kv_start, hw, hb, ret_k, ret_v, ret_heads, variant=None, width=None, scale=None,
+                 subset=None, plugin_namespace=None, plugin_version=None):
+            from nectar_kernels.reference import nectar_retained_attention_reference
+
+            t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+            variant = variant.decode() if isinstance(variant, bytes) else variant
+            o = nectar_retained_attention_reference(t(q), t(k), t(v), t(kv_len), t(hw), t(hb), variant, int(width), float(scale),
+                                                    t(ret_k), t(ret_v), t(ret_heads), bool(subset), kv_start=t(kv_start),
+                                                    compute_dtype=torch.float64)
+            return (o.numpy().astype(q.dtype),)
+
+    return NectarRetainedAttention
+
+
 def _check_graph_steps(proto, ref, cfg, steps: int) -> None:
     """Run the plugin graph (ONNX's reference evaluator, the kernel's PyTorch reference standing in for
     the plugin) and the torch backend `ref` side by side: a 5-token prompt, then greedy tokens; the
@@ -46,7 +66,7 @@ def _check_graph_steps(proto, ref, cfg, steps: int) -> None:
     from onnx.reference import ReferenceEvaluator
 
     ref.reset(1, 32)
-    ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op()])
+    ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op(), _nectar_retained_attention_op()])
     past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
             for i in range(cfg.num_layers) for k in ("key", "value")}
     toks, pos, total = np.array([[3, 1, 4, 1, 5]]), N_CTX + np.arange(5)[None], 0
@@ -86,10 +106,10 @@ def test_trt_graph_checks_and_matches_the_torch_model(tmp_path, variant):
 
 
 @pytest.mark.parametrize("tokens", [0, 11], ids=["all-tokens", "token-budget"])
-def test_trt_graph_with_retained_heads_keeps_those_layers_in_standard_ops(tmp_path, tokens):
-    """Layers with retained heads (nectar fit --retain-heads) are not NectarAttention nodes: they keep the
-    ONNX bundle's standard-op attention (stored KV merged with the networks) inside the engine; the graph
-    still gives the torch model's logits (RetainedHeadsContext)."""
+def test_trt_graph_with_retained_heads_is_one_plugin_node_per_layer(tmp_path, tokens):
+    """Layers with retained heads (nectar fit --retain-heads) are one NectarRetainedAttention node each
+    (the retained heads' stored KV as constant inputs), the others NectarAttention; with the plugins'
+    reference the graph gives the torch model's logits (RetainedHeadsContext)."""
     from nectar_export.export.trt_graph import build_trt_proto
     from nectar_export.heads import nectar_contexts
     from nectar_export.retained import RetainedKV, retained_contexts
@@ -111,9 +131,14 @@ def test_trt_graph_with_retained_heads_keeps_those_layers_in_standard_ops(tmp_pa
     proto = build_trt_proto(_Artifact(model, ids.tolist(), heads, kept))
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto)
-    plugin_layers = {int(n.name.split("layers.")[1].split("/")[0]) for n in proto.graph.node if n.op_type == "NectarAttention"}
-    assert plugin_layers == set(range(cfg.num_layers)) - {l for l, _ in modules}
-    assert any(n.name.startswith(f"/model/layers.{cfg.num_layers - 1}/attn/retained/") for n in proto.graph.node)
+    def layers(op):
+        return {int(n.name.split("layers.")[1].split("/")[0]) for n in proto.graph.node if n.op_type == op}
+
+    assert layers("NectarRetainedAttention") == {l for l, _ in modules}
+    assert layers("NectarAttention") == set(range(cfg.num_layers)) - {l for l, _ in modules}
+    node = next(n for n in proto.graph.node if n.op_type == "NectarRetainedAttention")
+    assert {a.name: a.i for a in node.attribute if a.name == "subset"} == {"subset": int(bool(tokens))}
+    assert not any("/attn/retained/" in n.name for n in proto.graph.node)  # no standard-op attention left
 
     prefix = model.prefill_document(ids[None, :PREFIX]).contexts()
     served = retained_contexts(nectar_contexts(heads, cfg.layer_windows, N_CTX), kept, cfg.scale)
@@ -134,3 +159,34 @@ def test_trt_engine_builds_and_runs(tmp_path):
 
     plan = build_engine(build_trt_proto(_Artifact(model, ids, heads)), tmp_path, max_local_len=64)
     assert plan.stat().st_size > 0
+
+
+class PluginGraphBackend:
+    """A TensorRT plugin graph on ONNX's reference evaluator (the plugins' PyTorch references standing in
+    for TensorRT), with the backend interface compare_backends drives: reset(batch, capacity), step(ids,
+    positions) -> last logits [1, V]. One sequence, its local KV grown by concatenation."""
+
+    def __init__(self, proto):
+        from onnx.reference import ReferenceEvaluator
+
+        self.proto = proto
+        self.ev = ReferenceEvaluator(proto, new_ops=[_nectar_attention_op(), _nectar_retained_attention_op()])
+        self.past_names = [i.name for i in proto.graph.input if i.name.startswith("past_key_values.")]
+        self.present_names = [o.name for o in proto.graph.output][1:]
+
+    def reset(self, batch: int, capacity: int) -> None:
+        shape = {d.name: d for d in self.proto.graph.input}
+        self.past = {}
+        for name in self.past_names:
+            dims = shape[name].type.tensor_type.shape.dim
+            self.past[name] = np.zeros((1, dims[1].dim_value, 0, dims[3].dim_value), np.float32)
+        self.total = 0
+
+    def step(self, ids, positions):
+        self.total += ids.shape[1]
+        outs = self.ev.run(None, {"input_ids": np.asarray(ids, np.int64), "position_ids": np.asarray(positions, np.int64),
+                                  "attention_mask": np.ones((1, self.total), np.int64), **self.past})
+        for name, val in zip(self.present_names, outs[1:]):
+            key = name.replace("present", "past_key_values")
+            self.past[key] = np.concatenate([self.past[key], val], axis=2)
+        return outs[0][:, -1]
