@@ -9,6 +9,12 @@ similarity filled in on the CPU (`nectar_quality.py report --no-docs --out-dir D
     benchmarks/results/defaults_retained_h100     one record per manual, and the runs' logs
 
     python benchmarks/defaults_quality.py         # JSON summary, PNG, table in docs/results.md
+
+The CPU defaults (`nectar fit --device cpu`: half the probes, 1,200 steps of 512 samples; H100 fits in
+fp32 standing in, `nectar_quality.py run --extra-only --steps 1200 --probe-scale 0.5 --extra
+"0.24:adaptive:mlp:0:batch=512;train_dtype=float32"`), section "The CPU defaults against the targets":
+
+    python benchmarks/defaults_quality.py --records benchmarks/results/cpu_defaults_h100 --name cpu
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_cpu import write_docs  # noqa: E402
 
-BEGIN, END = "<!-- defaults:begin -->", "<!-- defaults:end -->"
+TITLES = {"": "default settings (18 retained heads × 2,048 tokens), H100 fits",
+          "cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens), H100 fits in fp32"}
 HELDOUT = ("journalctl", "ssh", "tar", "xargs")
 METRICS = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
 METHODS = ("nectar", "streaming", "none")
@@ -86,7 +93,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(head + out)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +111,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(metric.replace("_", " "))
         ax.set_ylim(0, 1.02)
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct, default settings (18 retained heads × 2,048 tokens), H100 fits; * held out")
+    fig.suptitle(f"SmolLM2-135M-Instruct, {title}; * held out")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -113,10 +120,16 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "defaults_retained_h100"))
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "defaults_quality.json"))
+    ap.add_argument("--name", default="", choices=sorted(TITLES),
+                    help="which defaults: '' (GPU, section 'defaults') or 'cpu' (section 'defaults_cpu'); names the JSON and PNG")
+    ap.add_argument("--json", default=None, help="default benchmarks/results/defaults_quality[_NAME].json")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args(argv)
-    rows = collect(Path(a.records))
+    suffix = f"_{a.name}" if a.name else ""
+    a.json = a.json or str(ROOT / "benchmarks" / "results" / f"defaults_quality{suffix}.json")
+    png = f"defaults_quality{suffix}.png"
+    BEGIN, END = f"<!-- defaults{suffix}:begin -->", f"<!-- defaults{suffix}:end -->"
+    rows = collect(Path(a.records).resolve())
     if not rows:
         print(f"defaults_quality: no records in {a.records}; run benchmarks/nectar_quality.py run there first", file=sys.stderr)
         return 1
@@ -126,12 +139,12 @@ def main(argv=None) -> int:
         return 1
     v = verdicts(rows)
     Path(a.json).write_text(json.dumps({"rows": rows, "verdicts": v}, indent=1))
-    plot(rows, ROOT / "docs" / "img" / "defaults_quality.png")
+    plot(rows, ROOT / "docs" / "img" / png, TITLES[a.name])
     lines = [f"- {k}: {x}" for k, x in v.items()]
     print("\n".join(lines))
     if not a.no_docs:
-        write_docs(ROOT / "docs" / "results.md", "\n".join([BEGIN, "Targets (issue 3), default settings:", "", *lines, "",
-                                                              table(rows), "", "![defaults against the targets](img/defaults_quality.png)",
+        write_docs(ROOT / "docs" / "results.md", "\n".join([BEGIN, f"Targets (issue 3), {TITLES[a.name].split(' (')[0]}:", "", *lines, "",
+                                                              table(rows), "", f"![defaults against the targets](img/{png})",
                                                               END]), BEGIN, END)
     return 0
 

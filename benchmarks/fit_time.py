@@ -60,6 +60,8 @@ def main(argv=None) -> int:
         "threads": a.threads,
         "wall_s": round(wall, 1), "stages_s": m["timings_s"], "target_s": a.target_s,
         "met": wall <= a.target_s, "allocation": m["allocation"], "steps": m["fit_config"]["steps"],
+        "batch": m["fit_config"].get("batch"), "probes_train": m["probes"]["train"]["probes"],
+        "probe_tokens_train": m["probes"]["train"]["tokens"],
         "budget_fraction": m["fit_config"]["budget_fraction"], "date": time.strftime("%Y-%m-%d"),
         "artifact_bytes": m["artifact_bytes"], "kv_bytes": m["kv_bytes"],
         "heldout_o_rel_error_mean": sum(m["metrics"]["heldout"]["o_rel_error"]) / len(m["metrics"]["heldout"]["o_rel_error"]),
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
 
 Command: `python benchmarks/fit_time.py --doc {rec['doc']} --device {a.device} --threads {a.threads}{f" --tag {a.tag}" if a.tag else ""}`
 (default settings: {rec['allocation']} allocation, budget {rec['budget_fraction']:g} of the document's fp16 KV
-({100 * rec['artifact_bytes'] / rec['kv_bytes']:.1f}% reached), {rec['steps']} steps). Machine: {rec['machine']}{f" ({rec['isa']})" if rec['isa'] else ""}, {a.threads} threads, {rec['date']}.
+({100 * rec['artifact_bytes'] / rec['kv_bytes']:.1f}% reached), {rec['steps']} steps of {rec['batch']} samples, {rec['probes_train']} training
+probes ({rec['probe_tokens_train']:,} tokens)). Machine: {rec['machine']}{f" ({rec['isa']})" if rec['isa'] else ""}, {a.threads} threads, {rec['date']}.
 Document: {rec['doc']}, n = {rec['n_tokens']} tokens.
 
 | stage | seconds |
@@ -180,7 +183,10 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
 
     cuda_graph.CudaGraphBackend.step, sampling.Sampler.__call__, P._Builder.generate = timed_step, timed_sampler, timed_generate
     t = time.perf_counter()
-    probes = P.build_probes(m, tok, ctx, full, P.ProbeConfig(), progress=False)
+    from nectar_export.config import default_probe_scale
+
+    probe_cfg = P.ProbeConfig().scaled(default_probe_scale(torch.device(device).type))  # as `nectar fit` on this device
+    probes = P.build_probes(m, tok, ctx, full, probe_cfg, progress=False)
     train_p, held_p = P.split_probes(probes, seed=0)
     t = lap(stages, "build probes", t)
     cuda_graph.CudaGraphBackend.step, sampling.Sampler.__call__, P._Builder.generate = step0, samp0, gen0
@@ -197,7 +203,7 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
     t = lap(stages, "collect queries", t)
     held_rows = qs.probe_index >= len(train_p)
     qtr, qhe = qs.select(~held_rows), qs.select(held_rows)
-    fit_cfg = FitConfig()
+    fit_cfg = FitConfig().for_device(torch.device(device).type)
     n_params, _ = budget_params(ctx, cfg, fit_cfg)
     doc_kv = [(c.k, c.v) for c in docp]
     fits = {}

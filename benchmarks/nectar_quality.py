@@ -38,6 +38,11 @@ def probe_config(a):
 def run(a: argparse.Namespace) -> None:
     import torch
 
+    from nectar_export.config import default_probe_scale
+
+    if a.probe_scale is None:  # as `nectar fit` on that device
+        a.probe_scale = default_probe_scale(a.device.split(":")[0])
+
     from nectar_export.collect import collect_queries
     from nectar_export.config import FitConfig
     from nectar_export.evaluate import evaluate_methods
@@ -196,7 +201,9 @@ def _is_default(r: dict) -> bool:
     fc = effective_fit_config(r)
     if not fc.get("distill_steps"):  # without distillation its lr and batch never mattered
         want = {k: v for k, v in want.items() if k not in ("distill_lr", "distill_tokens")}
-    default_probes = not r.get("probe_config") and r.get("probe_scale", 1) == 1
+    from nectar_export.config import default_probe_scale
+
+    default_probes = not r.get("probe_config") and r.get("probe_scale", 1) == default_probe_scale(str(r.get("device", "cpu")).split(":")[0])
     # the storage of the recorded queries is not a setting of the result: fp16 and fp32 gave the same
     # fits (docs/results.md, "fp16 storage of the recorded queries")
     return default_probes and (not r["on_policy"]) and all(fc.get(k) == v for k, v in want.items()
@@ -312,7 +319,8 @@ def main(argv=None) -> int:
     r.add_argument("--batch", type=int, default=16, help="generation batch for probes and evaluation")
     r.add_argument("--no-semantic", dest="semantic", action="store_false")
     r.add_argument("--quick", action="store_true", help="tiny probe set (smoke test)")
-    r.add_argument("--probe-scale", type=float, default=1.0, help="probe count multiplier (nectar fit --probe-scale)")
+    r.add_argument("--probe-scale", type=float, default=None,
+                   help="probe count multiplier (nectar fit --probe-scale; default: nectar fit's on --device)")
     r.add_argument("--probes", default="", help="ProbeConfig overrides, e.g. 'model_questions=64;chains=16'")
     r.add_argument("--retain-heads", default="", help="also evaluate Nectar with exact attention kept for the k "
                    "worst KV heads, for each k of this comma-separated list (nectar_export/retained.py)")

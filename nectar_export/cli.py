@@ -12,7 +12,8 @@ from pathlib import Path
 
 from nectar_runtime.errors import NectarError
 
-from .config import ALLOCATIONS, DEFAULT_STEPS, QUERY_DTYPES, RETAIN_DTYPES, VARIANTS, FitConfig
+from .config import (ALLOCATIONS, DEFAULT_BATCH, DEFAULT_PROBE_SCALE, DEFAULT_STEPS, QUERY_DTYPES, RETAIN_DTYPES, VARIANTS,
+                     FitConfig, default_probe_scale)
 
 
 def _retain_heads(text: str) -> int | None:
@@ -28,12 +29,12 @@ def _retain_heads(text: str) -> int | None:
 def _fit_config(a: argparse.Namespace) -> FitConfig:
     try:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
-                         budget_fraction=a.budget_fraction, steps=a.steps, lr=a.lr, seed=a.seed,
+                         budget_fraction=a.budget_fraction, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed,
                          distill_steps=a.distill_steps, distill_lr=a.distill_lr, query_dtype=a.query_dtype,
                          retain_heads=a.retain_heads, retain_dtype=a.retain_dtype,
                          retain_tokens=a.retain_tokens)
     except ValueError as e:  # the config names its fields; the user typed flags
-        raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|retain_tokens|steps|lr)\b",
+        raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|retain_tokens|steps|batch|lr)\b",
                                                   lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
@@ -46,7 +47,9 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from .outdir import check_out_dir
 
     fit_cfg = _fit_config(a)
-    probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span).scaled(a.probe_scale)
+    probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
+    if a.probe_scale is not None:
+        probe_cfg.scaled(a.probe_scale)  # a bad factor: refused before the model loads
     read_document(a.document)  # empty / binary / non-UTF-8: refuse before loading the model
     check_out_dir(a.out, "artifact")  # a file, a foreign directory, an unwritable place: likewise
     import torch
@@ -58,6 +61,14 @@ def cmd_fit(a: argparse.Namespace) -> int:
     ctx = document_context(base, a.document)  # beyond the window: one error line, before any progress output
     check_budget(base, ctx, fit_cfg, a.document, a.on_policy)  # too small a budget (a very short document): likewise
     print(f"[nectar fit] load model: {load_s:.1f} s", file=sys.stderr)
+    device = torch.device(base.device).type
+    scale = a.probe_scale if a.probe_scale is not None else default_probe_scale(device)
+    if a.probe_scale is None and scale != 1:
+        print(f"[nectar fit] {device} defaults: probe scale {scale:g}, {DEFAULT_STEPS.get(device, DEFAULT_STEPS['cpu']):,} "
+              f"steps of {DEFAULT_BATCH.get(device, DEFAULT_BATCH['cpu'])} samples unless given (a GPU fit takes "
+              f"{DEFAULT_PROBE_SCALE['cuda']:g}, {DEFAULT_STEPS['cuda']:,} and {DEFAULT_BATCH['cuda']:,}; docs/results.md)",
+              file=sys.stderr)
+    probe_cfg = probe_cfg.scaled(scale)
     fit_document(base, a.document, a.out, fit_cfg, probe_cfg, on_policy=a.on_policy, log=lambda s: print(s, file=sys.stderr))
     print(a.out)
     return 0
@@ -186,11 +197,14 @@ def add_export_commands(sub) -> None:
     p.add_argument("--budget-fraction", type=float, default=d.budget_fraction, help="(default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps,
                    help="training steps (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_STEPS.items()) + ")")
+    p.add_argument("--batch", type=int, default=d.batch,
+                   help="training samples (query vectors) per module per step (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_BATCH.items()) + ")")
     p.add_argument("--lr", type=float, default=d.lr, help="(default %(default)s)")
     p.add_argument("--position-span", type=int, default=1024, help="local positions the probes cover after the document (default %(default)s)")
-    p.add_argument("--probe-scale", type=float, default=1.0,
+    p.add_argument("--probe-scale", type=float, default=None,
                    help="probe count multiplier: more self-study conversations (time and fit memory grow in proportion; "
-                        "4 lowered KL on every development manual on an H100, see docs/results.md; default %(default)g)")
+                        "4 lowered KL on every development manual on an H100, see docs/results.md; default "
+                        + ", ".join(f"{v:g} on {k}" for k, v in DEFAULT_PROBE_SCALE.items()) + ")")
     p.add_argument("--query-dtype", choices=QUERY_DTYPES, default=d.query_dtype,
                    help="storage of the recorded queries and attention outputs, the largest part of fit memory (default %(default)s)")
     p.add_argument("--retain-heads", type=_retain_heads, default=d.retain_heads, metavar="K|auto",

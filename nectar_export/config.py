@@ -9,11 +9,16 @@ ALLOCATIONS = ("uniform", "adaptive")
 WEIGHT_FLOOR = 0.02
 QUERY_DTYPES = ("float16", "float32")
 RETAIN_DTYPES = ("int8", "float16")  # storage of retained heads' document KV (retained.py)
-# Training steps when FitConfig.steps is None, by device type: a GPU fit trains twice as long (on the
-# H100 it costs ~7 s more; at budget 0.24 it lowered KL on 6 of 6 manuals and lifted grep's agreement
-# from 0.942 to 0.952); on a CPU the default stays where a ~4K-token manual fits within 15 minutes on
-# 2 cores (docs/results.md).
-DEFAULT_STEPS = {"cuda": 4800, "cpu": 2400}
+# Defaults that depend on the device a fit runs on (None in FitConfig / `nectar fit --probe-scale`).
+# On a GPU: 4,800 steps of 1,024 samples per module and the full probe set (the quality of
+# docs/results.md's defaults table). On a CPU, so that a ~4K-token manual fits within 15 minutes on
+# 2 AVX2 cores (fp32 matmuls): half the probes and an eighth of the training samples (1,200 steps of
+# 512). Measured on ten manuals with the retained-heads default (H100 standing in, fp32 training):
+# agreement 0.962-0.977, KL 0.004-0.037, semantic similarity >= 0.90 on 3 of 10 (GPU defaults: 0.973-0.991,
+# 0.0025-0.0117, 8 of 10; docs/results.md, "The CPU defaults against the targets").
+DEFAULT_STEPS = {"cuda": 4800, "cpu": 1200}
+DEFAULT_BATCH = {"cuda": 1024, "cpu": 512}
+DEFAULT_PROBE_SCALE = {"cuda": 1.0, "cpu": 0.5}  # ProbeConfig.scaled factor when `nectar fit` gets none
 AUTO_RETAIN_SHARE = 0.2  # of the retainable KV heads, for --retain-heads auto
 AUTO_RETAIN_MAX_BUDGET = 0.5  # auto keeps at least this share of the budget for the networks
 
@@ -25,7 +30,7 @@ class FitConfig:
     budget_fraction: float = 0.24  # of the document's fp16 KV bytes, unless budget_mb is set (≤ 25%: issue 3)
     budget_mb: float | None = None
     steps: int | None = None  # None: DEFAULT_STEPS of the device the fit runs on (`for_device`)
-    batch: int = 1024  # samples (query vectors) per module per step
+    batch: int | None = None  # samples (query vectors) per module per step; None: DEFAULT_BATCH of the device
     lr: float = 2e-3
     warmup: int = 50
     weighting: str = "share"  # "share" | "none"
@@ -70,7 +75,7 @@ class FitConfig:
             raise ValueError("train_dtype must be 'auto', 'bfloat16' or 'float32'")
         if self.query_dtype not in QUERY_DTYPES:
             raise ValueError(f"query_dtype must be one of {QUERY_DTYPES}")
-        if (self.steps is not None and self.steps < 1) or self.batch < 1 or self.lr <= 0:
+        if (self.steps is not None and self.steps < 1) or (self.batch is not None and self.batch < 1) or self.lr <= 0:
             raise ValueError("steps, batch and lr must be positive")
         if self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_tokens < 1:
             raise ValueError("distill_steps must be ≥ 0, distill_lr and distill_tokens positive")
@@ -103,10 +108,15 @@ class FitConfig:
         return replace(self, retain_heads=max(k, 0))
 
     def for_device(self, device_type: str) -> "FitConfig":
-        """This config with `steps` resolved (None -> DEFAULT_STEPS[device_type], CPU's for other devices)."""
-        if self.steps is not None:
-            return self
-        return replace(self, steps=DEFAULT_STEPS.get(device_type, DEFAULT_STEPS["cpu"]))
+        """This config with `steps` and `batch` resolved (None -> DEFAULT_STEPS / DEFAULT_BATCH of
+        device_type, CPU's for other devices)."""
+        kind = device_type if device_type in DEFAULT_STEPS else "cpu"
+        return replace(self, steps=self.steps or DEFAULT_STEPS[kind], batch=self.batch or DEFAULT_BATCH[kind])
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def default_probe_scale(device_type: str) -> float:
+    """The probe-count factor `nectar fit` uses on `device_type` when --probe-scale is not given."""
+    return DEFAULT_PROBE_SCALE.get(device_type, DEFAULT_PROBE_SCALE["cpu"])

@@ -147,15 +147,20 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
 
 
 def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: FitConfig,
-                 probe_cfg, on_policy: bool = False, progress: bool = True, log=print) -> dict:
-    """Fit Nectar heads for one document and write the artifact. Returns the manifest."""
+                 probe_cfg=None, on_policy: bool = False, progress: bool = True, log=print) -> dict:
+    """Fit Nectar heads for one document and write the artifact. Returns the manifest.
+    probe_cfg None: `nectar fit`'s default probes on base's device (ProbeConfig scaled by default_probe_scale)."""
     from .artifact import read_manifest, save_artifact
     from .collect import collect_queries
-    from .probes import build_probes, probe_stats, split_probes
+    from .config import default_probe_scale
+    from .probes import ProbeConfig, build_probes, probe_stats, split_probes
 
     timer = StageTimer()
     torch.manual_seed(fit_cfg.seed)
-    fit_cfg = fit_cfg.for_device(torch.device(base.device).type)  # the manifest records the steps actually trained
+    device_type = torch.device(base.device).type
+    fit_cfg = fit_cfg.for_device(device_type)  # the manifest records the steps and batch actually trained
+    if probe_cfg is None:
+        probe_cfg = ProbeConfig(seed=fit_cfg.seed).scaled(default_probe_scale(device_type))
     model, cfg = base.model, base.config
     if on_policy and fit_cfg.retain_heads:
         raise NectarError("nectar fit: --on-policy with --retain-heads is not supported (the re-collection would serve "

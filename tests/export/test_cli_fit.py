@@ -70,7 +70,7 @@ def test_fit_refuses_a_bad_probe_scale_before_loading_the_model(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value", [("--distill-steps", "-1"), ("--distill-lr", "0"), ("--budget-fraction", "0"),
-                                        ("--steps", "0"), ("--lr", "-1"), ("--budget-mb", "-2")])
+                                        ("--steps", "0"), ("--batch", "0"), ("--lr", "-1"), ("--budget-mb", "-2")])
 def test_fit_names_the_flag_of_a_bad_setting_before_loading_the_model(tmp_path, flag, value):
     doc = tmp_path / "doc.txt"
     doc.write_text("A short manual.\n")

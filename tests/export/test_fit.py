@@ -372,7 +372,21 @@ def test_a_cpu_without_native_bf16_gets_a_note_about_fp32_training(monkeypatch):
     cfg = FitConfig().for_device("cpu")
     monkeypatch.setattr(pipeline, "train_dtype", lambda name, device: torch.float32)
     note = slow_training_note(cfg, torch.device("cpu"))
-    assert note is not None and "no bf16 matmuls" in note and "--device cuda" in note and "2400 steps" in note
+    assert note is not None and "no bf16 matmuls" in note and "--device cuda" in note and f"{cfg.steps} steps" in note and cfg.steps == 1200
     assert slow_training_note(FitConfig(train_dtype="float32").for_device("cpu"), torch.device("cpu")) is None  # asked for
     monkeypatch.setattr(pipeline, "train_dtype", lambda name, device: torch.bfloat16)
     assert slow_training_note(cfg, torch.device("cpu")) is None
+
+
+def test_defaults_depend_on_the_device_the_fit_runs_on():
+    """A CPU fit trains 1,200 steps of 512 samples on half the probes (15 minutes on 2 AVX2 cores), a GPU
+    fit 4,800 of 1,024 on the full probe set; given values are kept on either."""
+    from nectar_export.config import default_probe_scale
+
+    cpu, gpu = FitConfig().for_device("cpu"), FitConfig().for_device("cuda")
+    assert (cpu.steps, cpu.batch, gpu.steps, gpu.batch) == (1200, 512, 4800, 1024)
+    assert FitConfig().for_device("mps") == cpu  # other devices take the CPU's
+    assert FitConfig(steps=7, batch=3).for_device("cuda").batch == 3 and FitConfig(steps=7).for_device("cpu").steps == 7
+    assert (default_probe_scale("cpu"), default_probe_scale("cuda"), default_probe_scale("mps")) == (0.5, 1.0, 0.5)
+    with pytest.raises(ValueError, match="batch"):
+        FitConfig(batch=0)
