@@ -65,7 +65,7 @@ class ExportConfig:
         if self.quantize and self.dtype != "fp32":
             raise NectarError("--quantize applies to fp32 bundles (activations stay fp32); drop --dtype fp16")
         if self.heads_bits not in (None, 4, 8):
-            raise NectarError(f"--heads-bits {self.heads_bits}: use 4 or 8")
+            raise NectarError(f"ExportConfig.heads_bits = {self.heads_bits}: use 4, 8 or None (the --quantize kind's default)")
         if self.max_local_len < 16:
             raise NectarError("--max-local-len must be at least 16")
 

@@ -228,11 +228,12 @@ def test_decode_steps_allocate_nothing_per_token(tmp_path):
     assert grown <= 256, [(str(s.traceback), s.size_diff, s.count_diff) for s in ours]  # one returned view object
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("h", [3, 1])
-def test_heads_batched_matmul_goes_to_8_bits_per_kv_head(h):
+def test_heads_batched_matmul_goes_to_n_bits_per_kv_head(h, bits):
     """A heads MatMul x [B, H, R, K] @ w [H, K, N] (K not a multiple of 32) becomes Split + H
-    MatMulNBits-8 + Concat (one MatMulNBits alone when H = 1) that computes x @ dequantized(w_h)
-    for every head h."""
+    MatMulNBits (8 bits, the exporter's default; 4 with ExportConfig(heads_bits=4)) + Concat (one
+    MatMulNBits alone when H = 1) that computes x @ dequantized(w_h) for every head h."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -247,21 +248,24 @@ def test_heads_batched_matmul_goes_to_8_bits_per_kv_head(h):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, name)])
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     # accuracy_level 0: fp32 activations, so the graph must equal x @ dequantized weights to fp32 rounding
-    assert quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=0) == {node.name: 8}
+    assert quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=0, heads_bits=bits) == {node.name: bits}
     names = [nd.name for nd in proto.graph.node]
-    per_head = [f"/model/layers.0/attn/nectar_heads/mid/head{i}/MatMulNBits8" for i in range(h)]
+    per_head = [f"/model/layers.0/attn/nectar_heads/mid/head{i}/MatMulNBits{bits}" for i in range(h)]
     assert names == (per_head if h == 1 else ["/model/layers.0/attn/nectar_heads/mid/heads/Split", *per_head,
                                                "/model/layers.0/attn/nectar_heads/mid/heads/Concat"])
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert name not in inits  # the fp32 weight is gone
     deq = []
     for i in range(h):
-        q, s, z = (inits[f"{name}.head{i}.q8{sfx}"] for sfx in ("", ".scales", ".zero_points"))
+        q, s, z = (inits[f"{name}.head{i}.q{bits}{sfx}"] for sfx in ("", ".scales", ".zero_points"))
         blocks = q.shape[1]  # ceil(45 / 32) = 2: zero-padded rows
+        if bits == 4:  # two per byte, low nibble first (zero points likewise, per row of blocks)
+            q = np.stack([q & 15, q >> 4], axis=-1).reshape(n, blocks, -1)
+            z = np.stack([z & 15, z >> 4], axis=-1).reshape(n, -1)[:, :blocks]
         full = ((q.astype(np.float64) - z.reshape(n, blocks, 1)) * s.reshape(n, blocks, 1)).reshape(n, -1).T
         assert blocks == 2 and np.abs(full[k:]).max() < 1e-6
         deq.append(full[:k])
-        assert np.abs(full[:k] - w[i]).max() <= (w[i].max() - w[i].min()) / 255  # within one 8-bit step
+        assert np.abs(full[:k] - w[i]).max() <= (w[i].max() - w[i].min()) / ((1 << bits) - 1)  # within one step
     x = rng.standard_normal((2, h, r, k)).astype(np.float32)
     y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, np.einsum("bhrk,hkn->bhrn", x.astype(np.float64), np.stack(deq)), rtol=1e-4, atol=1e-4)
@@ -297,3 +301,12 @@ def test_int8_bundle_with_8_bit_heads_tracks_the_torch_model(tiny_model):
     assert batched and len(per_head) == len(batched) * tiny_model.config.num_kv_heads
     r = compare_backends(ref, OrtBackend(_session(q), N_CTX, 1000), [5, 6, 7, 8], N_CTX, 8)
     assert r["mean_kl"] < 1e-3, r  # measured ≤ 1e-5 on these tiny models; a wrong packing gives KL ≫ 1e-3
+
+
+def test_export_config_refuses_heads_bits_other_than_4_or_8():
+    from nectar_export.export.bundle import ExportConfig, heads_bits
+    from nectar_runtime.errors import NectarError
+
+    assert heads_bits(ExportConfig(quantize="int4")) == 8 and heads_bits(ExportConfig(quantize="int8", heads_bits=4)) == 4
+    with pytest.raises(NectarError, match="heads_bits = 5"):
+        ExportConfig(quantize="int4", heads_bits=5)
