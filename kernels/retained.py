@@ -29,13 +29,14 @@ def retained_query_heads(kv_heads: "torch.Tensor", group: int) -> "torch.Tensor"
 def retained_rows(q: "torch.Tensor", k_loc: "torch.Tensor", v_loc: "torch.Tensor", kv_len: "torch.Tensor",
                   kv_start: "torch.Tensor", ret_k: "torch.Tensor", ret_v: "torch.Tensor", kv_heads: "torch.Tensor",
                   scale: float, subset: bool, heads_w: "torch.Tensor | None" = None, heads_b: "torch.Tensor | None" = None,
-                  width: int = 0, compute_dtype=None) -> "torch.Tensor":
+                  width: int = 0, compute_dtype=None, q_heads: "torch.Tensor | None" = None) -> "torch.Tensor":
     """The retained heads' attention output rows.
 
     q: [B, Hq, T, D]; k_loc, v_loc: [B, Hkv, S, D] local keys/values (slots kv_start[b] ≤ s < kv_len[b],
     the T queries are the last T of them, causal); ret_k, ret_v: [R, c, D] stored post-RoPE document
     keys/values of the KV heads kv_heads: [R]; subset: their networks (mlp, packed heads_w: [R, P_w],
     heads_b: [R, P_b] of those R heads, `width`) serve the document tokens not kept.
+    q_heads: retained_query_heads(kv_heads, G) when the caller already holds it (the decode step does).
     Returns o: [B, R*G, T, D] in `compute_dtype` (default fp32), rows in retained_query_heads order.
     """
     import torch
@@ -48,7 +49,8 @@ def retained_rows(q: "torch.Tensor", k_loc: "torch.Tensor", v_loc: "torch.Tensor
     b, hq, t, d = q.shape
     r, g = kv_heads.numel(), hq // k_loc.shape[1]
     kv = kv_heads.long()
-    qr = q.index_select(1, retained_query_heads(kv, g)).to(dt)  # [B, R*G, T, D]
+    qh = retained_query_heads(kv, g) if q_heads is None else q_heads
+    qr = q.index_select(1, qh).to(dt)  # [B, R*G, T, D]
     qs = qr.view(b, r, g, t, d)
     o, lse = attention_with_lse(qs, ret_k.to(dt)[None], ret_v.to(dt)[None], scale, None)  # [B, R, G, T, D], [B, R, G, T]
     if subset:
@@ -72,6 +74,7 @@ def overwrite_retained_rows(out: "torch.Tensor", q: "torch.Tensor", k_loc: "torc
     kv = kv_heads.long()
     if subset:
         heads_w, heads_b = heads_w.index_select(0, kv), heads_b.index_select(0, kv)
+    qh = retained_query_heads(kv, g)
     o = retained_rows(q, k_loc, v_loc, kv_len, kv_start, ret_k, ret_v, kv, scale, subset, heads_w, heads_b, width,
-                      compute_dtype)
-    return out.index_copy_(1, retained_query_heads(kv, g), o.to(out.dtype))
+                      compute_dtype, qh)
+    return out.index_copy_(1, qh, o.to(out.dtype))

@@ -64,9 +64,9 @@ def cmd_fit(a: argparse.Namespace) -> int:
     device = torch.device(base.device).type
     scale = a.probe_scale if a.probe_scale is not None else default_probe_scale(device)
     if a.probe_scale is None and scale != 1:
-        print(f"[nectar fit] {device} defaults: probe scale {scale:g}, {DEFAULT_STEPS.get(device, DEFAULT_STEPS['cpu']):,} "
-              f"steps of {DEFAULT_BATCH.get(device, DEFAULT_BATCH['cpu'])} samples unless given (a GPU fit takes "
-              f"{DEFAULT_PROBE_SCALE['cuda']:g}, {DEFAULT_STEPS['cuda']:,} and {DEFAULT_BATCH['cuda']:,}; docs/results.md)",
+        here, gpu = FitConfig().for_device(device), FitConfig().for_device("cuda")
+        print(f"[nectar fit] {device} defaults: probe scale {scale:g}, {here.steps:,} steps of {here.batch} samples unless "
+              f"given (a GPU fit takes {default_probe_scale('cuda'):g}, {gpu.steps:,} and {gpu.batch:,}; docs/results.md)",
               file=sys.stderr)
     probe_cfg = probe_cfg.scaled(scale)
     fit_document(base, a.document, a.out, fit_cfg, probe_cfg, on_policy=a.on_policy, log=lambda s: print(s, file=sys.stderr))

@@ -412,7 +412,7 @@ class FusedDecoder:
         from nectar_kernels.retained import retained_rows
 
         o = retained_rows(q, kl, vl, st.kv_len, st.kv_start, rl.k, rl.v, rl.kv, self.cfg.scale, rl.subset,
-                          rl.heads_w, rl.heads_b, rl.width)
+                          rl.heads_w, rl.heads_b, rl.width, q_heads=rl.qh)
         out.index_copy_(1, rl.qh, o.to(out.dtype))
 
     def attention_shares(self, i: int, q: torch.Tensor, st: DecodeState):
