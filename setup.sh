@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# torch is pinned to a CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+# torch is pinned first (2.13.0): pip takes the CPU wheel where its index offers one (as on this
+# workplace's machines); an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[export,dev]"
 nectar pull smollm2-135m-instruct

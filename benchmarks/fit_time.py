@@ -187,7 +187,7 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
 
     probe_cfg = P.ProbeConfig().scaled(default_probe_scale(torch.device(device).type))  # as `nectar fit` on this device
     probes = P.build_probes(m, tok, ctx, full, probe_cfg, progress=False)
-    train_p, held_p = P.split_probes(probes, seed=0)
+    train_p, held_p = P.split_probes(probes, probe_cfg.holdout_frac, probe_cfg.seed)
     t = lap(stages, "build probes", t)
     cuda_graph.CudaGraphBackend.step, sampling.Sampler.__call__, P._Builder.generate = step0, samp0, gen0
     rec["probe_tokens_train"] = sum(len(p.ids) for p in train_p)

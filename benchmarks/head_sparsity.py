@@ -39,8 +39,9 @@ def collect(doc: str, seed: int = 0) -> dict:
     ctx = document_context(base, doc)
     full = base.model.prefill_document(torch.tensor([ctx.context_ids])).contexts()
     prefix, docpart = split_prefix(full, ctx.prefix_len)
-    probes = build_probes(base.model, base.tokenizer, ctx, full, ProbeConfig(seed=seed))
-    train, held = split_probes(probes, seed=seed)
+    probe_cfg = ProbeConfig(seed=seed)
+    probes = build_probes(base.model, base.tokenizer, ctx, full, probe_cfg)
+    train, held = split_probes(probes, probe_cfg.holdout_frac, probe_cfg.seed)
     qs = collect_queries(base.model, docpart, ctx.n, [p.ids for p in train] + [p.ids for p in held], prefix_contexts=prefix)
     is_held = qs.probe_index >= len(train)
     return {"train": qs.select(~is_held), "held": qs.select(is_held), "n": ctx.n, "doc_kv": [(c.k, c.v) for c in docpart],
@@ -79,14 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("document")
     ap.add_argument("--layers", default=None, help="comma separated (default: all)")
-    ap.add_argument("--cache", default=None, help="torch file of collected queries to reuse or write")
     a = ap.parse_args(argv)
-    if a.cache and Path(a.cache).is_file():
-        d = torch.load(a.cache, weights_only=False)
-    else:
-        d = collect(a.document)
-        if a.cache:
-            torch.save(d, a.cache)
+    d = collect(a.document)  # no on-disk cache: it would have to be a pickle
     layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(len(d["doc_kv"])))
     rows = [head_report(d, l, j) for l in layers for j in range(d["doc_kv"][l][0].shape[1])]
     print("layer head | entropy eff.keys | " + " | ".join(f"top{m}: rel  lse-miss" for m in MS))

@@ -78,8 +78,9 @@ def run(a: argparse.Namespace) -> None:
         ctx = document_context(base, doc)
         full = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device)).contexts()
         prefix, docpart = split_prefix(full, ctx.prefix_len)
-        probes = build_probes(model, base.tokenizer, ctx, full, probe_config(a), progress=False)
-        train_p, held_p = split_probes(probes, seed=a.seed)
+        probe_cfg = probe_config(a)
+        probes = build_probes(model, base.tokenizer, ctx, full, probe_cfg, progress=False)
+        train_p, held_p = split_probes(probes, probe_cfg.holdout_frac, probe_cfg.seed)
         qs = collect_queries(model, docpart, ctx.n, [p.ids for p in train_p] + [p.ids for p in held_p],
                              prefix_contexts=prefix, progress=False, store_dtype=store)
         held_rows = qs.probe_index >= len(train_p)

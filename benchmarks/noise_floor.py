@@ -133,7 +133,7 @@ def docs_section(rep: dict, argv: str) -> str:
              f"similarity, on a CPU) — SmolLM2-135M-Instruct (Q4_1 GGUF, float32 model), {rep.get('gpu', rep['device'])}, "
              f"{rep['date']}. The full fp32 document cache with its keys and values rounded once "
              "(fp16; bf16; int8 with one scale per token and head), nothing else changed, scored by `nectar eval`'s "
-             "metric code against the unrounded cache. Nectar: the default artifact (budget 0.24, 4,800 steps; "
+             "metric code against the unrounded cache. Nectar: the default artifact of 2026-11-23, without retained heads (budget 0.24, 4,800 steps; "
              "records in `benchmarks/results/quality`). *first div.*: the answer token at which the free answer first "
              "leaves full's, median over the questions whose answers differ (not recorded for the Nectar rows). *attn "
              "err*: for the roundings, the relative error they put on layer 18's document attention for random queries; "
@@ -151,7 +151,7 @@ def docs_section(rep: dict, argv: str) -> str:
         nr = nectar_reference(man)
         if nr:
             err = statistics.mean(nr["heldout_o_rel_error"])
-            lines.append(f"| {man} | nectar (default) | {nr['agreement']:.4f} | {nr['kl']:.5f} | {nr['exact_match']:.2f} | "
+            lines.append(f"| {man} | nectar (11-23 default) | {nr['agreement']:.4f} | {nr['kl']:.5f} | {nr['exact_match']:.2f} | "
                          f"{nr['semantic_similarity']:.3f} | | {err:.1e} |")
     ex = {m: [r["methods"][m]["exact_match"] for r in rep["manuals"].values()] for m in ROUNDINGS}
     lines += ["", "Exact match, range over the manuals: " + "; ".join(
@@ -166,7 +166,7 @@ def plot(rep: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     mans = list(rep["manuals"])
-    names = list(ROUNDINGS) + ["nectar (default)"]
+    names = list(ROUNDINGS) + ["nectar (11-23 default)"]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     w = 0.8 / len(names)
     for j, m in enumerate(names):

@@ -22,7 +22,7 @@ def nectar_heads_reference(x: torch.Tensor, heads_w, heads_b, variant: str, widt
     """x: [Hkv, N, D] fp32/fp64 queries per KV head -> (f: [Hkv, N, D], g: [Hkv, N]).
 
     Exactly nectar_export.heads.MLPGroup / QuadratureGroup on the packed weights."""
-    p = {k: v.to(x.dtype) for k, v in unpack(heads_w, heads_b, variant, width).items()}
+    p = {k: v.to(x.dtype) for k, v in unpack(heads_w, heads_b, variant, width, x.shape[-1]).items()}
     if variant == "quadrature":
         s = scale * torch.bmm(x, p["keys"].transpose(1, 2)) + p["bias"][:, None]  # [Hkv, N, m]
         return torch.bmm(torch.softmax(s, -1), p["values"]), torch.logsumexp(s, -1)

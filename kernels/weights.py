@@ -22,7 +22,8 @@ from __future__ import annotations
 
 
 def score_width(width: int) -> int:
-    return max(16, width // 4)  # nectar_export.heads.score_width
+    """The score network's width for a target network of `width` (nectar_export.heads builds them so)."""
+    return max(16, width // 4)
 
 
 def layout(variant: str, width: int, d: int) -> tuple[dict, dict]:
@@ -68,10 +69,15 @@ def _numel(shape) -> int:
     return n
 
 
-def unpack(heads_w, heads_b, variant: str, width: int) -> dict:
-    """Views of the packed tensors: {name: [Hkv, *shape]} (the inverse of `pack_layer`)."""
+def unpack(heads_w, heads_b, variant: str, width: int, d: int | None = None) -> dict:
+    """Views of the packed tensors: {name: [Hkv, *shape]} (the inverse of `pack_layer`). `d`: the
+    head dim when the caller knows it (checked against the sizes), else recovered from them."""
     hkv = heads_w.shape[0]
-    d = _head_dim(heads_w, heads_b, variant, width)
+    if d is None:
+        d = _head_dim(heads_w, heads_b, variant, width)
+    elif packed_sizes(variant, width, d) != (heads_w.shape[1], heads_b.shape[1]):
+        raise ValueError(f"packed heads of shape {tuple(heads_w.shape)}/{tuple(heads_b.shape)} do not match head dim {d} "
+                         f"for {variant} width {width}")
     w, b = layout(variant, width, d)
     out = {}
     for src, blocks in ((heads_w, w), (heads_b, b)):

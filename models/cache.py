@@ -6,7 +6,7 @@ document's cached keys, or Nectar's networks); the local part is a growable `Loc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .attention import ContextAttention, ExactContextAttention, LocalKV
 
@@ -23,15 +23,10 @@ class KVCache:
 
     layers: list[LayerCache]
     context_len: int = 0
-    meta: dict = field(default_factory=dict)
 
     @property
     def local_len(self) -> int:
         return self.layers[0].local.length
-
-    @property
-    def next_position(self) -> int:
-        return self.context_len + self.local_len
 
     def freeze_local_as_context(self, windows: tuple[int, ...], scale: float, capacity: int = 256) -> "KVCache":
         """Turn the local tokens prefilled so far (the document) into the exact context part.
@@ -47,7 +42,7 @@ class KVCache:
             ctx = ExactContextAttention(k.clone(), v.clone(), pos[0].clone(), w, scale)
             b, hkv, _, d = lc.local.k.shape
             out.append(LayerCache(LocalKV(b, hkv, d, capacity, k.dtype, k.device), ctx))
-        return KVCache(out, context_len=self.context_len + n, meta=dict(self.meta))
+        return KVCache(out, context_len=self.context_len + n)
 
     def contexts(self) -> list[ContextAttention | None]:
         return [lc.context for lc in self.layers]

@@ -7,7 +7,7 @@ architecture-name checks scattered through the model code.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nectar_runtime.errors import NectarError
@@ -84,17 +84,6 @@ class ModelConfig:
 
     def rope_for_layer(self, i: int) -> RopeConfig:
         return self.rope_local if (self.layer_windows[i] and self.rope_local) else self.rope
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        d["rope"] = RopeConfig(**d["rope"])
-        d["rope_local"] = RopeConfig(**d["rope_local"]) if d.get("rope_local") else None
-        d["layer_windows"] = tuple(d["layer_windows"])
-        return cls(**d)
 
     def with_(self, **kw) -> "ModelConfig":
         return replace(self, **kw)
@@ -188,8 +177,12 @@ def config_from_hf(path: Path) -> ModelConfig:
             attn_scale=float(c.get("query_pre_attn_scalar", head_dim)) ** -0.5,
         )
     rope = _rope_from_hf(rp, theta) if rp else _rope_from_hf(c.get("rope_scaling"), theta)
-    if c.get("use_sliding_window") and c.get("sliding_window"):
-        raise NectarError(f"{path}: sliding-window attention in a {arch} model is not supported")
+    # Qwen2 configs carry `sliding_window` with a `use_sliding_window` switch; Mistral's have no switch
+    # and a window shorter than the context (4,096 in v0.1) is on
+    window = int(c.get("sliding_window") or 0)
+    if window and c.get("use_sliding_window", window < common["max_position"]):
+        raise NectarError(f"{path}: sliding-window attention ({window} tokens) in a {arch} model is not supported; "
+                          "use a model with global attention")
     return ModelConfig(
         family=family,
         **common,

@@ -24,12 +24,12 @@ import torch
 
 from nectar_runtime import __version__
 from nectar_runtime.bundle import sha256_file
-from nectar_runtime.document import read_stored_document
 from nectar_runtime.errors import NectarError
 
+from .config import RETAIN_DTYPES
 from .heads import HeadsSpec, NectarHeads
-from .retained import RETAIN_DTYPES, RetainedKV, stored_shapes
 from .outdir import replace_dir, temp_dir_beside
+from .retained import RetainedKV, stored_shapes
 
 FORMAT_VERSION = 1
 RETAINED_FILE = "retained.safetensors"

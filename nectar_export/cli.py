@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from nectar_runtime.errors import NectarError
+from nectar_runtime.files import check_output_file, write_text_atomic
 
 from .config import (ALLOCATIONS, DEFAULT_BATCH, DEFAULT_PROBE_SCALE, DEFAULT_STEPS, QUERY_DTYPES, RETAIN_DTYPES, VARIANTS,
                      FitConfig, default_probe_scale)
@@ -123,7 +124,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     questions = read_questions(a.questions)
     if a.json:  # refuse an unwritable --json before the (long) evaluation, not after
-        check_json_path(a.json)
+        check_output_file(a.json, "--json file")
+    if a.semantic:  # and a missing similarity model, which is loaded only after the generations
+        from .metrics import minilm_dir
+
+        minilm_dir()
     oa = open_artifact(a.artifact, a.device, a.model)
     model, cfg = oa.base.model, oa.base.config
     full = model.prefill_document(torch.tensor([oa.ctx.context_ids], device=oa.base.device)).contexts()
@@ -144,21 +149,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
           f"({result['kv_bytes'] / 1e6:.2f} MB); streaming keeps {keep} of {oa.ctx.n} tokens")
     if a.json:
         try:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(result, indent=2))
-        except OSError as e:
-            raise NectarError(f"{a.json}: could not write the results ({e.strerror}); the table above is complete") from None
+            write_text_atomic(a.json, json.dumps(result, indent=2), "--json results")
+        except NectarError as e:
+            raise NectarError(f"{e}; the table above is complete") from None
     return 0
-
-
-def check_json_path(path: str | Path) -> None:
-    """One line if `path` cannot become a JSON file: a directory, or a parent that is a file or unwritable."""
-    from .outdir import check_writable_parent
-
-    p = Path(path)
-    if p.is_dir():
-        raise NectarError(f"{p}: is a directory; pass a file path for --json")
-    check_writable_parent(p, "--json file")
 
 
 def cmd_export(a: argparse.Namespace) -> int:

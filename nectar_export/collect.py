@@ -133,7 +133,7 @@ def collect_queries(model, doc_contexts: list, context_len: int, probes_ids: lis
     wrappers = [RecordingContext(p, c, s) for p, c, s in zip(prefix_contexts or none, doc_contexts, serve_contexts or none)]
     dev = model.embed_tokens.weight.device
     n_rows = sum(len(p) for p in probes_ids)
-    g = cfg.num_heads // cfg.num_kv_heads
+    g = cfg.group_size
     shapes = ((cfg.num_kv_heads, g, cfg.head_dim),) * 2 + ((cfg.num_kv_heads, g),) * 2  # q, o, lse, lse_loc
     dtypes = (store_dtype, store_dtype, torch.float32, torch.float32)
     per_layer = [[torch.empty(n_rows, *sh, device=dev, dtype=dt) for sh, dt in zip(shapes, dtypes)]

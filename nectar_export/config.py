@@ -67,6 +67,10 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS} (got {self.variant!r})")
+        if self.warmup < 1 or self.probe_steps < 1:
+            raise ValueError(f"warmup and probe_steps must be ≥ 1 (got {self.warmup}, {self.probe_steps})")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}")
         if self.weighting not in ("share", "none"):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .collect import left_padded
+from .fit import lr_factor
 
 
 def probe_batches(probes_ids: list[list[int]], max_tokens: int, seed: int | None) -> list[list[int]]:
@@ -148,9 +149,8 @@ def distill_heads(model, heads, teacher: list, student: list, context_len: int, 
             ids, pos, valid = left_padded(train_ids, idx, context_len, dev)
             t_logp, t_index = t_train.rows(idx, dev)
             loss = top_k_kl(valid_log_probs(model, ids, pos, valid, student, context_len), t_logp, t_index).mean()
-            warm = min(1.0, step / max(1, steps // 10))  # 10% warm-up, then cosine decay to 0
-            for group in opt.param_groups:
-                group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in opt.param_groups:  # 10% warm-up, then cosine decay to 0
+                group["lr"] = lr * lr_factor(step - 1, max(1, steps // 10), steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

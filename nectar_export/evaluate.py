@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from nectar_models.attention import INVALID_POS
+from nectar_runtime.document import DocumentContext, local_ids
 from nectar_runtime.generate import GenerationConfig
 
 from .answering import decode_answers, generate_answers
-from nectar_runtime.document import DocumentContext, local_ids
+from .collect import left_padded
 from .metrics import SemanticEmbedder, exact_match, mean, qa_accuracy, rouge_l
 
 REFERENCE = "full"
@@ -42,14 +42,9 @@ def teacher_forced_logprobs(
     """
     seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
     b, t = len(seqs), max(len(s) for s in seqs)
-    dev = model.embed_tokens.weight.device
-    ids = torch.zeros(b, t, dtype=torch.long)
-    pos = torch.full((b, t), INVALID_POS, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, t - len(s) :] = torch.tensor(s)
-        pos[i, t - len(s) :] = context_len + torch.arange(len(s))
+    ids, pos, _ = left_padded(seqs, list(range(b)), context_len, model.embed_tokens.weight.device)
     cache = model.new_cache(b, t, contexts, context_len)
-    logits = model(ids.to(dev), pos.to(dev), cache)  # [B, T, V] fp32
+    logits = model(ids, pos, cache)  # [B, T, V] fp32
     out = []
     for i, (p, a, eos) in enumerate(zip(prompts, answers, with_eos)):
         first = t - len(seqs[i]) + len(p) - 1  # the last prompt token predicts answer[0]

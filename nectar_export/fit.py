@@ -124,7 +124,8 @@ def group_losses(heads: NectarHeads, gi: int, d: ModuleData, rows, weighting: st
     wo, wl = d.weights(rows, weighting)
     err = (o_hat - o).square().sum(-1)  # [M, S]
     rel = (wo * err).sum(1) / (wo * o.square().sum(-1)).sum(1).clamp_min(1e-12)
-    lmse = (wl * (l_hat - lse).square()).sum(1) / wl.sum(1)
+    # a sliding-window module's minibatch may hold no sample that sees the document: weight 0, loss 0
+    lmse = (wl * (l_hat - lse).square()).sum(1) / wl.sum(1).clamp_min(1e-12)
     return rel, lmse
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nectar_kernels.weights import score_width
+
 from .config import VARIANTS
 
 
@@ -53,10 +55,6 @@ class HeadsSpec:
 
     def total_params(self) -> int:
         return sum(self.params_per_module(w) for w in self.widths) * self.kv_heads
-
-
-def score_width(width: int) -> int:
-    return max(16, width // 4)
 
 
 def _stacked(m: int, fan_in: int, fan_out: int) -> nn.Parameter:

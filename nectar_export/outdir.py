@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from nectar_runtime.errors import NectarError
+from nectar_runtime.files import check_writable_parent
 
 
 def is_nectar_output(d: Path) -> bool:
@@ -41,17 +42,6 @@ def check_out_dir(out: str | Path, what: str = "artifact") -> Path:
     return out
 
 
-def check_writable_parent(out: Path, what: str) -> None:
-    """The nearest existing ancestor of `out` must be a writable directory."""
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NectarError(f"{out}: {parent} is not a directory; pass another path for the {what}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise NectarError(f"{out}: cannot write in {parent} (permission denied); pass another path for the {what}")
-
-
 def temp_dir_beside(out: Path) -> Path:
     """A fresh temp directory next to `out` (same filesystem, so the final rename is atomic)."""
     try:
@@ -71,18 +61,26 @@ def _share_like_umask(d: Path) -> None:
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory `tmp` to `out`, replacing an earlier Nectar output only now."""
-    check_out_dir(out)  # again: the target may have changed while we worked
+def replace_dir(tmp: Path, out: Path, what: str = "artifact") -> None:
+    """Move the finished directory `tmp` to `out`, replacing an earlier Nectar output only now. If
+    the final move fails, the earlier output is put back where it was."""
+    check_out_dir(out, what)  # again: the target may have changed while we worked
     _share_like_umask(tmp)
+    old = out.with_name(f".{out.name}.old")
+    moved_old = False
     try:
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+            moved_old = True
+        os.replace(tmp, out)
     except OSError as e:
-        raise NectarError(f"{out}: could not move the finished output into place ({e.strerror})") from None
+        if moved_old:
+            try:
+                os.replace(old, out)
+            except OSError:
+                raise NectarError(f"{out}: could not move the new {what} into place ({e.strerror}); the earlier one "
+                                  f"is kept as {old}") from None
+        raise NectarError(f"{out}: could not move the new {what} into place ({e.strerror})") from None
+    if moved_old:
+        shutil.rmtree(old, ignore_errors=True)

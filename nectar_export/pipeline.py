@@ -96,14 +96,18 @@ def spec_factory(cfg, variant: str):
     return lambda widths: HeadsSpec(variant, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tuple(widths), cfg.scale)
 
 
+def budget_bytes(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> float:
+    """The artifact's whole byte budget: --budget-mb, else budget_fraction of the document's fp16 KV."""
+    return fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kv_bytes(ctx.n, model_cfg)
+
+
 def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[int, int]:
     """(parameter budget, document fp16 KV bytes). Weights are stored as fp16 (2 bytes); the exact
     template-prefix KV kept at inference is charged to the budget too, and so are retained heads."""
-    kvb = kv_bytes(ctx.n, model_cfg)
-    budget_bytes = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kvb
-    budget_bytes -= retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
-                                   fit_cfg.retain_tokens)
-    return int((budget_bytes - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kvb
+    retained = retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
+                              fit_cfg.retain_tokens)
+    budget = budget_bytes(ctx, model_cfg, fit_cfg) - retained
+    return int((budget - kv_bytes(ctx.prefix_len, model_cfg)) // 2), kv_bytes(ctx.n, model_cfg)
 
 
 def eligible_kv_heads(model_cfg) -> int:
@@ -113,9 +117,8 @@ def eligible_kv_heads(model_cfg) -> int:
 
 def resolve_retain_heads(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig, on_policy: bool = False) -> FitConfig:
     """`fit_cfg` with `--retain-heads auto` (None) made a count for this model and document (FitConfig.auto_retain_heads)."""
-    budget = fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kv_bytes(ctx.n, model_cfg)
     one = retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, 1, fit_cfg.retain_dtype, fit_cfg.retain_tokens)
-    return fit_cfg.auto_retain_heads(eligible_kv_heads(model_cfg), one, budget, on_policy)
+    return fit_cfg.auto_retain_heads(eligible_kv_heads(model_cfg), one, budget_bytes(ctx, model_cfg, fit_cfg), on_policy)
 
 
 def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path, on_policy: bool = False) -> None:
@@ -178,7 +181,7 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         log(note)
     with timer.stage("build probes", log):
         probes = build_probes(model, base.tokenizer, ctx, full, probe_cfg, progress=progress)
-        train_p, held_p = split_probes(probes, seed=fit_cfg.seed)
+        train_p, held_p = split_probes(probes, probe_cfg.holdout_frac, probe_cfg.seed)
     with timer.stage("collect queries", log):
         # two collections rather than one split afterwards: no moment with both the whole set and its halves
         store = getattr(torch, fit_cfg.query_dtype)

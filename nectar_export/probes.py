@@ -601,7 +601,7 @@ def build_probes(model, tokenizer, ctx: DocumentContext, doc_contexts: list, cfg
     return probes
 
 
-def split_probes(probes: list[Probe], holdout_frac: float = 0.15, seed: int = 0) -> tuple[list[Probe], list[Probe]]:
+def split_probes(probes: list[Probe], holdout_frac: float, seed: int) -> tuple[list[Probe], list[Probe]]:
     """(train, held-out) by question: every probe of one question (its prompt, answers, excerpt)
     lands on one side; a chain goes to the side all its questions are on, and is dropped if they
     are on both (never the case with the cfg.holdout_frac and cfg.seed it was built with)."""

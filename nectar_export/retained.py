@@ -28,7 +28,7 @@ import torch
 from nectar_models.attention import ExactContextAttention
 
 from .collect import QuerySet
-from .config import RETAIN_DTYPES, FitConfig  # noqa: F401  (the artifact loader imports RETAIN_DTYPES from here)
+from .config import FitConfig
 from .fit import heldout_chunk
 from .heads import NectarContext, NectarHeads, nectar_contexts
 

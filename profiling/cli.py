@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nectar_runtime.errors import NectarError
+from nectar_runtime.files import check_output_file
 
 from .shapes import DTYPES, SHAPES, ProfileConfig
 
@@ -35,9 +36,11 @@ def profile_config(a: argparse.Namespace) -> ProfileConfig:
         raise NectarError(f"--variant {a.variant!r}: use mlp or quadrature")
     if a.steps < 100:
         raise NectarError(f"--steps {a.steps}: at least 100 timed steps")
-    for name in ("warmup", "local_len", "width"):
-        if getattr(a, name) < (0 if name == "warmup" else 1):
-            raise NectarError(f"--{name.replace('_', '-')} must be positive")
+    if a.warmup < 0:
+        raise NectarError(f"--warmup {a.warmup}: must be 0 or more")
+    for name in ("local_len", "width"):
+        if getattr(a, name) < 1:
+            raise NectarError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be positive")
     return ProfileConfig(model=a.model, shape=shape, device=a.device, backend=a.backend, n=_int_list(a.n, "n"),
                          batch=_int_list(a.batch, "batch"), dtype=dtype, methods=methods, variant=a.variant,
                          width=a.width, local_len=a.local_len, steps=a.steps, warmup=a.warmup,
@@ -48,6 +51,9 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from .profile import run_profile
 
     cfg = profile_config(a)  # validate everything before touching a device
+    check_output_file(a.json, "--json records")
+    if a.plot:
+        check_output_file(a.plot, "--plot image")
     run_profile(cfg, json_out=a.json, plot_out=a.plot)
     return 0
 

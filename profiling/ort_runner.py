@@ -45,7 +45,8 @@ def cpu_isa() -> str:
     return "sse"
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """Peak resident memory of this process, bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
     import resource
     import sys
 
@@ -158,6 +159,6 @@ class OrtRunner:
             "dtype": b.manifest["quantize"] or b.manifest["dtype"], "shape": self.shape, "batch": batch, "n": n,
             "local_len": cfg.local_len, "latency_ms_median": round(med, 4),
             "latency_ms_p90": round(times[int(0.9 * (len(times) - 1))], 4), "tokens_per_s": round(batch * 1e3 / med, 1),
-            "peak_mem_bytes": _peak_rss(), "floor_ms": round(nbytes / self.bandwidth() * 1e3, 4), "bytes_per_step": nbytes,
+            "peak_mem_bytes": peak_rss(), "floor_ms": round(nbytes / self.bandwidth() * 1e3, 4), "bytes_per_step": nbytes,
             "bundle": str(b.path), "steps": cfg.steps, "synthetic": False,
         }

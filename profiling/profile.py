@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 from nectar_runtime.errors import NectarError
+from nectar_runtime.files import write_text_atomic
 
+from .ort_runner import peak_rss
 from .shapes import SHAPES, ProfileConfig
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -176,7 +178,7 @@ class TorchRunner:
                     dec.forward(ids, pos, st)
                     if i >= cfg.warmup:
                         times.append(t())
-                peak = _cpu_peak_rss()
+                peak = peak_rss()
         del st
         times.sort()
         med = statistics.median(times)
@@ -190,12 +192,6 @@ class TorchRunner:
             "variant": cfg.variant if method == "nectar" else None, "width": cfg.width if method == "nectar" else None,
             "cuda_graph": self.cuda, "steps": cfg.steps, "synthetic": not cfg.model,
         }
-
-
-def _cpu_peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 BACKENDS = {"torch": TorchRunner, "ort": _ort_backend}
@@ -223,8 +219,7 @@ def run_profile(cfg: ProfileConfig, json_out: str | Path, plot_out: str | Path |
                     "notes": runner.notes, "command": "nectar " + " ".join(sys.argv[1:]) if sys.argv else "",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
            "records": records}
-    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_out).write_text(json.dumps(out, indent=1) + "\n")
+    write_text_atomic(json_out, json.dumps(out, indent=1) + "\n", "--json records")
     if plot_out:
         plot_records(records, plot_out, title=f"{runner.shape}, {cfg.dtype}, {runner.device_name()}")
     return out

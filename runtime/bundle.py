@@ -85,6 +85,12 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     files = m.get("files")
     if not isinstance(files, dict) or not files:
         raise NectarError(f"{mf}: the manifest lists no files; re-export the bundle")
+    bad = [n for n, meta in files.items() if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int)
+           or not isinstance(meta.get("sha256"), str) or Path(n).is_absolute() or ".." in Path(n).parts]
+    if bad:
+        raise NectarError(f"{mf}: invalid file entry {bad[0]!r} (needs bytes and sha256, a path inside the bundle); re-export the bundle")
+    if m["graph"].get("file") not in files:
+        raise NectarError(f"{mf}: the graph file {m['graph'].get('file')!r} is not among the manifest's files; re-export the bundle")
     for name in files:
         if not (p / name).is_file():
             raise NectarError(f"{p}: bundle is incomplete ({name} missing); copy the whole directory or re-export")

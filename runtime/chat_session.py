@@ -45,7 +45,9 @@ class ChatSession:
 
 
 def open_torch_session(model: str | None, artifact: str | None = None, device: str = "cpu", dtype: str = "float32") -> ChatSession:
-    """Load a model (name, .gguf or HF dir; default model when None) on the torch backend."""
+    """Load a model (name, .gguf or HF dir; default model when None) on the torch backend. With an
+    artifact, `model` (when given) replaces the manifest's model name: a local copy of the same
+    weights; the artifact's weight-hash check refuses any other model."""
     from .backends.torch_backend import TorchBackend, resolve_device
     from .hub import resolve_model
     from .tokenizer import load_tokenizer
@@ -54,7 +56,7 @@ def open_torch_session(model: str | None, artifact: str | None = None, device: s
     if artifact:
         from nectar_export.pipeline import open_artifact_session
 
-        return open_artifact_session(artifact, device=device, dtype=dtype)
+        return open_artifact_session(artifact, device=device, dtype=dtype, model=model)
     import torch
     from nectar_models.loading import load_model
 

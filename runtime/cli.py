@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text, streaming to stdout (torch; with --artifact on CUDA the fused CUDA-graph step)")
     p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--model", default=None, help="model name, .gguf file or HF directory (default smollm2-135m-instruct)")
+    p.add_argument("--model", default=None, help="model name, .gguf file or HF directory (default smollm2-135m-instruct; "
+                   "with --artifact: the artifact's own model, or a copy of it with the same weights)")
     p.add_argument("--artifact", default=None, help="a Nectar artifact directory: its document is answered from its heads")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")

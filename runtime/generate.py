@@ -48,14 +48,15 @@ def generate_ids(
     lengths = [len(p) for p in prompts]
     t = max(lengths)
     check_fits(backend, t)
-    steps = min(cfg.max_new_tokens, backend.max_local_len - t)
+    # the last sampled token is never fed back, so `steps` tokens need t + steps - 1 cache slots
+    steps = min(cfg.max_new_tokens, backend.max_local_len - t + 1)
     b = len(prompts)
     ids = np.zeros((b, t), dtype=np.int64)
     pos = np.full((b, t), PAD_POSITION, dtype=np.int64)
     for i, p in enumerate(prompts):
         ids[i, t - len(p) :] = p
         pos[i, t - len(p) :] = backend.context_len + np.arange(len(p))
-    backend.reset(b, t + steps)
+    backend.reset(b, t + steps - 1)
     sampler = Sampler(cfg.sampling)
     logits = backend.step(ids, pos)
     next_pos = backend.context_len + np.array(lengths, dtype=np.int64)

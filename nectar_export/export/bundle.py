@@ -128,6 +128,21 @@ def quantize_proto(proto, kind: str, heads: bool = True, heads_min_bytes: int = 
     return proto
 
 
+def write_runtime_files(tmp: Path, oa) -> None:
+    """What the runtime reads beside the graph: tokenizer, chat template, the document itself."""
+    oa.base.tokenizer.to_json(tmp)
+    if oa.base.tokenizer.chat_template:
+        (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
+    (tmp / "document.txt").write_bytes(oa.ctx.text.encode("utf-8"))  # byte for byte (CRLF kept)
+
+
+def write_manifest(tmp: Path, manifest: dict) -> None:
+    """The manifest, with the size and sha256 of every file written so far (the runtime checks them)."""
+    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                         for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 def _save(proto, path: Path) -> None:
     """Save with weights as external data (`<file>.data`); `proto` itself is left unchanged."""
     import onnx
@@ -174,10 +189,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     try:
         log("[nectar export] writing graph and weights …")
         _save(proto, tmp / GRAPH_FILE)
-        oa.base.tokenizer.to_json(tmp)
-        if oa.base.tokenizer.chat_template:
-            (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
-        (tmp / "document.txt").write_bytes(oa.ctx.text.encode("utf-8"))  # byte for byte (CRLF kept)
+        write_runtime_files(tmp, oa)
         manifest = {
             "kind": "nectar-bundle",
             "format": "onnx",
@@ -207,10 +219,8 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             log("[nectar export] checking the graph against the torch backend …")
             manifest["export_check"] = check_against_torch(oa, tmp / GRAPH_FILE, document_contexts)
             log(f"[nectar export] check: {manifest['export_check']}")
-        manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                             for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out)
+        write_manifest(tmp, manifest)
+        replace_dir(tmp, out, "bundle")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

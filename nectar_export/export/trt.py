@@ -12,17 +12,16 @@ tokens a call.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 from nectar_runtime import __version__
-from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION
 from nectar_runtime.errors import NectarError
 
 from ..outdir import replace_dir, temp_dir_beside
-from .bundle import DTYPES, GRAPH_FILE, ExportConfig, _save, graph_io
+from .bundle import DTYPES, GRAPH_FILE, ExportConfig, _save, graph_io, write_manifest, write_runtime_files
 
 ENGINE_FILE = "engine.plan"
 MIN_TRT = (10, 6)  # tensorrt.plugin (the Python plugin API of kernels/trt_plugin.py)
@@ -126,10 +125,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
         if engine:
             log("[nectar export] building the TensorRT engine …")
             build_engine(proto, tmp, min(cfg.max_local_len, oa.base.config.max_position - oa.ctx.n))
-        oa.base.tokenizer.to_json(tmp)
-        if oa.base.tokenizer.chat_template:
-            (tmp / "chat_template.jinja").write_text(oa.base.tokenizer.chat_template, "utf-8")
-        (tmp / "document.txt").write_bytes(oa.ctx.text.encode("utf-8"))  # byte for byte (CRLF kept)
+        write_runtime_files(tmp, oa)
         mcfg = oa.base.config
         manifest = {
             "kind": "nectar-bundle", "format": "trt" if engine else "trt-onnx", "format_version": BUNDLE_FORMAT_VERSION,
@@ -143,9 +139,8 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
                       "head_dim": mcfg.head_dim, "vocab_size": mcfg.vocab_size, "max_position": mcfg.max_position},
             "base_model": oa.manifest["base_model"], "document": oa.manifest["document"],
         }
-        manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out)
+        write_manifest(tmp, manifest)
+        replace_dir(tmp, out, "bundle")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,40 @@ def test_result_has_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # mkdtemp alone gives 0700
     assert (tmp_path / "out" / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_failed_final_move_puts_the_earlier_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    replace_dir(_finished(tmp_path, "out"), out)
+    (out / "earlier.txt").write_text("the earlier artifact")
+    real_replace = os.replace
+
+    def refuse_the_new_one(src, dst):
+        if Path(src).name.startswith(".out.") and not Path(src).name.endswith(".old"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new_one)
+    with pytest.raises(NectarError, match="could not move the new artifact into place"):
+        replace_dir(_finished(tmp_path, "out"), out)
+    assert (out / "earlier.txt").read_text() == "the earlier artifact"
+    assert not (tmp_path / ".out.old").exists()
+
+
+def test_results_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from nectar_runtime.files import check_output_file, write_text_atomic
+
+    p = tmp_path / "sub" / "r.json"
+    write_text_atomic(p, '{"a": 1}', "--json results")
+    assert p.read_text() == '{"a": 1}'
+    with pytest.raises(NectarError, match="is a directory"):
+        check_output_file(tmp_path, "--json results")
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(NectarError, match="could not write the --json results"):
+        write_text_atomic(p, '{"a": 2}', "--json results")
+    assert p.read_text() == '{"a": 1}'
+    assert [f.name for f in p.parent.iterdir()] == ["r.json"]  # no temp file left behind

@@ -4,7 +4,6 @@ their ranking, the artifact file, and the ONNX graph splice (tiny random models,
 from __future__ import annotations
 
 import copy
-import json
 from types import SimpleNamespace
 
 import numpy as np

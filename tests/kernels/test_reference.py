@@ -71,3 +71,6 @@ def test_pack_bad_shape_is_refused():
     hw, hb, _, _ = pack_layer(heads, 0)
     with pytest.raises(ValueError):
         unpack(hw[:, :-1], hb, "mlp", 48)
+    with pytest.raises(ValueError, match="head dim 32"):
+        unpack(hw, hb, "mlp", 48, d=32)
+    assert {k: v.shape for k, v in unpack(hw, hb, "mlp", 48, d=16).items()} == {k: v.shape for k, v in unpack(hw, hb, "mlp", 48).items()}

@@ -144,6 +144,29 @@ def test_prompt_beyond_window_is_refused():
         list(generate_ids(b, [[1] * 101], GenerationConfig(), set()))
 
 
+class _CapacityBackend(_ScriptedBackend):
+    """Counts the tokens fed and refuses more than reset() reserved, as the real backends do."""
+
+    def reset(self, batch, capacity):
+        self.i, self.capacity, self.fed = 0, capacity, 0
+        assert capacity <= self.max_local_len
+
+    def step(self, ids, positions):
+        self.fed += ids.shape[1]
+        assert self.fed <= self.capacity, (self.fed, self.capacity)
+        return super().step(ids, positions)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 57, 99, 100])
+def test_generation_uses_every_cache_slot_and_never_more(prompt_len):
+    """The last sampled token is never fed back: a prompt of t tokens leaves room for
+    max_local_len - t + 1 new tokens, so even a prompt that fills the window answers one token."""
+    b = _CapacityBackend([0])
+    toks = list(generate_ids(b, [[1] * prompt_len], GenerationConfig(max_new_tokens=1000), set()))
+    assert len(toks) == b.max_local_len - prompt_len + 1
+    assert b.fed == b.capacity == b.max_local_len
+
+
 def test_top_p_fast_cut_equals_full_stable_sort():
     """top_p_keep sorts only the largest candidates; the kept set (order, ties by index, the cut)
     must equal the full stable sort's on any distribution, including ties and a missing nucleus."""
