@@ -100,6 +100,23 @@ def test_bundle_manifest_lacking_keys_is_one_line(tmp_path):
     assert_one_line_error(r, "manifest lacks", "re-export")
 
 
+@pytest.mark.parametrize("files, graph, expect", [
+    ({"model.onnx": {"sha256": "0" * 64}}, "model.onnx", "invalid file entry 'model.onnx'"),  # no bytes
+    ({"../escape.onnx": {"bytes": 1, "sha256": "0" * 64}}, "../escape.onnx", "invalid file entry"),
+    ({"model.onnx": {"bytes": 1, "sha256": "0" * 64}}, "/etc/other.onnx", "graph file '/etc/other.onnx' is not among"),
+])
+def test_bundle_manifest_file_entries_are_checked(tmp_path, files, graph, expect):
+    import json
+
+    from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION
+
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "kind": "nectar-bundle", "format_version": BUNDLE_FORMAT_VERSION, "graph": {"file": graph}, "model": {},
+        "document": {}, "context_len": 1, "max_local_len": 8, "method": "nectar", "files": files}))
+    assert_one_line_error(nectar("run", str(tmp_path), "--chat", "hi"), expect, "re-export")
+
+
 def test_bad_sampling_values():
     assert_one_line_error(nectar("generate", "--top-p", "1.5", "hi"), "--top-p")
 
