@@ -8,8 +8,8 @@ so `benchmarks/nectar_quality.py run --manuals OUT` scores it like any manual.
 
     python benchmarks/long_documents.py --out /tmp/long      # writes PAIR.txt, PAIR.questions.jsonl, manifest.json
 
-Pairs (fixed, chosen by length only: as long as fits with >= 600 local tokens): jq + sed (development
-manuals) and journalctl + tar (held-out manuals, benchmarks/heldout).
+Pairs (fixed, chosen by length only: as long as fits with >= 600 local tokens): jq + sed and curl + make
+(development manuals), journalctl + tar (held-out manuals, benchmarks/heldout).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = (("jq", "sed"), ("journalctl", "tar"))
+PAIRS = (("jq", "sed"), ("journalctl", "tar"), ("curl", "make"))
 
 
 def join_pair(dirs: list[Path], a: str, b: str, out: Path) -> dict:

@@ -49,7 +49,7 @@ def run(a: argparse.Namespace) -> None:
     from nectar_export.distill import distill_heads
     from nectar_export.fit import fit_heads, layer_errors, train_dtype
     from nectar_export.heads import nectar_contexts
-    from nectar_export.pipeline import (budget_params, document_context, resolve_retain_heads, load_base, nectar_with_prefix,
+    from nectar_export.pipeline import (budget_params, document_context, resolve_retention, load_base, nectar_with_prefix,
                                         spec_factory, split_prefix)
     from nectar_export.probes import build_probes, probe_stats, split_probes
     from nectar_export.retained import (RetainedKV, module_error_mass, retain_after_fit, retained_bytes, subset_error,
@@ -92,7 +92,7 @@ def run(a: argparse.Namespace) -> None:
         for budget, alloc, variant, on_policy, over in settings:
             fcfg = FitConfig(**{"variant": variant, "allocation": alloc, "budget_fraction": budget, "seed": a.seed,
                                 **({"steps": a.steps} if a.steps else {}), **over}).for_device(a.device.split(":")[0])
-            fcfg = resolve_retain_heads(ctx, cfg, fcfg, on_policy)  # --retain-heads auto, as `nectar fit` resolves it
+            fcfg = resolve_retention(ctx, cfg, fcfg, on_policy)  # --retain-heads/--retain-tokens auto, as `nectar fit`
             n_params, kvb = budget_params(ctx, cfg, fcfg)
             t1 = time.time()
             # settings that differ only in distillation share one per-module fit (CPU runs are slow)

@@ -94,11 +94,15 @@ def read_manifest(art: str | Path) -> dict:
     try:
         m = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NectarError(f"{mf}: corrupt manifest ({e})") from None
+        raise NectarError(f"{mf}: corrupt manifest ({e}); re-run `nectar fit`") from None
     if not isinstance(m, dict):
         raise NectarError(f"{mf}: not a Nectar artifact manifest (a JSON object expected); re-run `nectar fit`")
+    if str(m.get("kind", "")).startswith("nectar-bundle"):
+        raise NectarError(f"{art}: is an exported bundle, not an artifact; run it with `nectar run {art} --chat QUESTION` "
+                          "(ask, eval and export take the artifact `nectar fit` wrote)")
     if m.get("format_version") != FORMAT_VERSION:
-        raise NectarError(f"{mf}: unsupported artifact format_version {m.get('format_version')!r} (this tool reads {FORMAT_VERSION})")
+        raise NectarError(f"{mf}: unsupported artifact format_version {m.get('format_version')!r} (this tool reads "
+                          f"{FORMAT_VERSION}); re-run `nectar fit` with this version, or use the nectar that wrote it")
     for key, fields in REQUIRED.items():
         if not isinstance(m.get(key), dict) or any(f not in m[key] for f in fields):
             raise NectarError(f"{mf}: manifest lacks {key}.{{{', '.join(fields)}}}; the artifact is corrupt: re-run `nectar fit`")

@@ -17,14 +17,14 @@ from .config import (ALLOCATIONS, DEFAULT_BATCH, DEFAULT_PROBE_SCALE, DEFAULT_ST
                      FitConfig, default_probe_scale)
 
 
-def _retain_heads(text: str) -> int | None:
-    """--retain-heads: a count ≥ 0, or auto (None)."""
+def _auto_int(text: str) -> int | None:
+    """--retain-heads / --retain-tokens: a count ≥ 0, or auto (None)."""
     if text == "auto":
         return None
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of KV heads or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _fit_config(a: argparse.Namespace) -> FitConfig:
@@ -35,8 +35,8 @@ def _fit_config(a: argparse.Namespace) -> FitConfig:
                          retain_heads=a.retain_heads, retain_dtype=a.retain_dtype,
                          retain_tokens=a.retain_tokens)
     except ValueError as e:  # the config names its fields; the user typed flags
-        raise NectarError("nectar fit: " + re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|retain_tokens|steps|batch|lr)\b",
-                                                  lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
+        raise NectarError(re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|retain_tokens|retain_dtype|"
+                                 r"query_dtype|steps|batch|lr|seed)\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
@@ -48,6 +48,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from .outdir import check_out_dir
 
     fit_cfg = _fit_config(a)
+    if a.position_span < 1:
+        raise NectarError(f"--position-span must be ≥ 1 (got {a.position_span})")
     probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
     if a.probe_scale is not None:
         probe_cfg.scaled(a.probe_scale)  # a bad factor: refused before the model loads
@@ -76,13 +78,14 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_ask(a: argparse.Namespace) -> int:
-    from nectar_runtime.cli import generation_config, print_stream
+    from nectar_runtime.cli import check_question, generation_config, print_stream
 
     from .pipeline import open_artifact_session
 
     cfg = generation_config(a)
+    check_question(a.question, "QUESTION")
     session = open_artifact_session(a.artifact, device=a.device, model=a.model)
-    print_stream(session.stream(a.question, cfg))
+    print_stream(session.stream(a.question, cfg), session)
     return 0
 
 
@@ -104,6 +107,8 @@ def read_questions(path: str | Path) -> list[dict]:
             raise NectarError(f"{p}:{i}: not JSON ({e.msg}); one object per line with id, question, answer") from None
         if not isinstance(q, dict) or not isinstance(q.get("question"), str):
             raise NectarError(f"{p}:{i}: needs a 'question' string (and 'id', 'answer')")
+        if not q["question"].strip():
+            raise NectarError(f"{p}:{i}: the question is empty; remove the line or write the question")
         ans = q.get("answer")
         if ans is not None and not isinstance(ans, (str, int, float)):
             raise NectarError(f"{p}:{i}: 'answer' must be a string (or a number); got {type(ans).__name__}")
@@ -122,6 +127,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .pipeline import open_artifact
     from .streaming import streaming_contexts, streaming_tokens_for_bytes
 
+    if a.max_answer_tokens < 1:
+        raise NectarError(f"--max-answer-tokens must be ≥ 1 (got {a.max_answer_tokens})")
     questions = read_questions(a.questions)
     if a.json:  # refuse an unwritable --json before the (long) evaluation, not after
         check_output_file(a.json, "--json file")
@@ -201,7 +208,7 @@ def add_export_commands(sub) -> None:
                         + ", ".join(f"{v:g} on {k}" for k, v in DEFAULT_PROBE_SCALE.items()) + ")")
     p.add_argument("--query-dtype", choices=QUERY_DTYPES, default=d.query_dtype,
                    help="storage of the recorded queries and attention outputs, the largest part of fit memory (default %(default)s)")
-    p.add_argument("--retain-heads", type=_retain_heads, default=d.retain_heads, metavar="K|auto",
+    p.add_argument("--retain-heads", type=_auto_int, default=d.retain_heads, metavar="K|auto",
                    help="keep the document keys/values (--retain-tokens of them) of the K KV heads the networks serve "
                         "worst, within the budget; every backend serves them. auto (the default): a fifth of the KV "
                         "heads of global-attention layers, rounded down, within half the budget (18 on SmolLM2: "
@@ -210,10 +217,10 @@ def add_export_commands(sub) -> None:
     p.add_argument("--retain-dtype", choices=RETAIN_DTYPES, default=d.retain_dtype,
                    help="storage of the retained heads' keys/values: int8 (+ a scale per token and head) holds about "
                         "twice the heads in the same bytes (default %(default)s)")
-    p.add_argument("--retain-tokens", type=int, default=d.retain_tokens, metavar="M",
+    p.add_argument("--retain-tokens", type=_auto_int, default=d.retain_tokens, metavar="M|auto",
                    help="document tokens each retained head keeps: the M the training probes weigh most (the head's network "
-                        "serves the others), so decode reads K·M stored keys whatever the document's length; 0 keeps all "
-                        "(default %(default)s)")
+                        "serves the others), so decode reads K·M stored keys; 0 keeps all (default auto: 2,048, or 45%% of "
+                        "a longer document)")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, replace
 
 VARIANTS = ("mlp", "quadrature")
@@ -21,6 +23,12 @@ DEFAULT_BATCH = {"cuda": 1024, "cpu": 512}
 DEFAULT_PROBE_SCALE = {"cuda": 1.0, "cpu": 0.5}  # ProbeConfig.scaled factor when `nectar fit` gets none
 AUTO_RETAIN_SHARE = 0.2  # of the retainable KV heads, for --retain-heads auto
 AUTO_RETAIN_MAX_BUDGET = 0.5  # auto keeps at least this share of the budget for the networks
+# --retain-tokens auto: AUTO_RETAIN_TOKENS, or AUTO_RETAIN_TOKEN_SHARE of the document's tokens when that is more.
+# 2,048 was chosen on the ~3-4.5K-token manuals, where it is 46% or more of the document; on ~7.3K-token
+# documents the same share (3,300 tokens) halved KL against 2,048 at equal artifact bytes (docs/results.md,
+# "Longer documents"). Every manual of docs/results.md is short enough that auto gives 2,048.
+AUTO_RETAIN_TOKENS = 2048
+AUTO_RETAIN_TOKEN_SHARE = 0.45
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,11 @@ class FitConfig:
     retain_dtype: str = "int8"
     # Per retained head, keep only this many document tokens (0: all n): the ones the training probes'
     # queries weigh most (retained.select_tokens); the head's network serves the others. Decode then reads
-    # retain_heads·retain_tokens stored keys per token, a bound that does not grow with the document.
-    # 2,048 rather than 1,024: better agreement on 8 of 10 manuals (mean 0.975 -> 0.981, exact match 0.32 ->
-    # 0.43) for 3-6% more decode time on a 2-core CPU at n = 7,000 (docs/results.md, docs/benchmarks.md).
-    retain_tokens: int = 2048
+    # retain_heads·retain_tokens stored keys per token. None = auto (`auto_retain_tokens`): 2,048, or 45%
+    # of a longer document. 2,048 rather than 1,024: better agreement on 8 of 10 manuals (mean 0.975 -> 0.981,
+    # exact match 0.32 -> 0.43) for 3-6% more decode time on a 2-core CPU at n = 7,000 (docs/results.md,
+    # docs/benchmarks.md).
+    retain_tokens: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -79,16 +88,24 @@ class FitConfig:
             raise ValueError("train_dtype must be 'auto', 'bfloat16' or 'float32'")
         if self.query_dtype not in QUERY_DTYPES:
             raise ValueError(f"query_dtype must be one of {QUERY_DTYPES}")
-        if (self.steps is not None and self.steps < 1) or (self.batch is not None and self.batch < 1) or self.lr <= 0:
-            raise ValueError("steps, batch and lr must be positive")
-        if self.distill_steps < 0 or self.distill_lr <= 0 or self.distill_tokens < 1:
-            raise ValueError("distill_steps must be ≥ 0, distill_lr and distill_tokens positive")
+        for name in ("steps", "batch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1 (got {getattr(self, name)})")
+        for name in ("lr", "distill_lr"):  # NaN fails `> 0` too
+            if not (0 < getattr(self, name) < math.inf):
+                raise ValueError(f"{name} must be a positive number (got {getattr(self, name)})")
+        if self.distill_steps < 0:
+            raise ValueError(f"distill_steps must be ≥ 0 (got {self.distill_steps})")
+        if self.distill_tokens < 1:
+            raise ValueError(f"distill_tokens must be ≥ 1 (got {self.distill_tokens})")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32) (got {self.seed})")
         if self.budget_mb is not None and not self.budget_mb > 0:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
         if self.retain_heads is not None and self.retain_heads < 0:
             raise ValueError(f"retain_heads must be ≥ 0 or auto (got {self.retain_heads})")
-        if self.retain_tokens < 0:
-            raise ValueError(f"retain_tokens must be ≥ 0 (got {self.retain_tokens}; 0 keeps every document token)")
+        if self.retain_tokens is not None and self.retain_tokens < 0:
+            raise ValueError(f"retain_tokens must be ≥ 0 or auto (got {self.retain_tokens}; 0 keeps every document token)")
         if self.retain_dtype not in RETAIN_DTYPES:
             raise ValueError(f"retain_dtype must be 'float16' or 'int8' (got {self.retain_dtype!r})")
         if self.retain_heads and self.distill_steps:
@@ -96,8 +113,15 @@ class FitConfig:
                              "are then replaced; use one or the other")
         if self.retain_heads and self.variant != "mlp":
             raise ValueError("retain_heads needs the mlp variant (quadrature heads have no retained-head path)")
-        if not 0 < self.budget_fraction <= 4:
+        if not 0 < self.budget_fraction <= 4:  # NaN fails this too
             raise ValueError("budget_fraction must be in (0, 4]")
+
+    def auto_retain_tokens(self, n_doc: int) -> "FitConfig":
+        """This config with `retain_tokens` resolved for a document of `n_doc` tokens: unchanged if set,
+        else AUTO_RETAIN_TOKENS or AUTO_RETAIN_TOKEN_SHARE of n_doc, whichever is more."""
+        if self.retain_tokens is not None:
+            return self
+        return replace(self, retain_tokens=max(AUTO_RETAIN_TOKENS, round(AUTO_RETAIN_TOKEN_SHARE * n_doc)))
 
     def auto_retain_heads(self, eligible: int, head_bytes: int, budget_bytes: float, on_policy: bool = False) -> "FitConfig":
         """This config with `retain_heads` resolved: unchanged if set, else AUTO_RETAIN_SHARE of the

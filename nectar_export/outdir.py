@@ -18,25 +18,37 @@ from nectar_runtime.errors import NectarError
 from nectar_runtime.files import check_writable_parent
 
 
-def is_nectar_output(d: Path) -> bool:
-    """Whether directory `d` holds a Nectar artifact or bundle (its manifest says so)."""
+def nectar_output_kind(d: Path) -> str | None:
+    """"artifact" or "bundle" when directory `d` holds one (its manifest says so), else None."""
     try:
         m = json.loads((d / "manifest.json").read_text("utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
     if not isinstance(m, dict):
-        return False
-    return str(m.get("kind", "")).startswith("nectar") or ("spec" in m and "base_model" in m)
+        return None
+    if str(m.get("kind", "")).startswith("nectar-bundle"):
+        return "bundle"
+    return "artifact" if "spec" in m and "base_model" in m else None
+
+
+def is_nectar_output(d: Path) -> bool:
+    """Whether directory `d` holds a Nectar artifact or bundle."""
+    return nectar_output_kind(d) is not None
 
 
 def check_out_dir(out: str | Path, what: str = "artifact") -> Path:
-    """Refuse an `--out` that cannot be written or would destroy something that is not ours."""
+    """Refuse an `--out` that cannot be written or would destroy something that is not an earlier
+    output of the same kind (`what`: "artifact" or "bundle"): a fit never replaces a bundle, an
+    export never replaces an artifact (its own input included)."""
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise NectarError(f"{out}: exists and is not a directory; pass a new directory path for the {what}")
-        if any(out.iterdir()) and not is_nectar_output(out):
-            raise NectarError(f"{out}: directory is not empty and holds no Nectar artifact or bundle; refusing to "
+        kind = nectar_output_kind(out)
+        if kind is not None and kind != what:
+            raise NectarError(f"{out}: holds a Nectar {kind}, which a new {what} would replace; pass another --out")
+        if kind is None and any(out.iterdir()):
+            raise NectarError(f"{out}: directory is not empty and holds no Nectar {what}; refusing to "
                               f"replace it: pass a new or empty directory for the {what}")
     check_writable_parent(out, what)
     return out

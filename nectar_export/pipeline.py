@@ -6,6 +6,7 @@ artifact bytes against the document's fp16 KV bytes, and held-out attention erro
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -115,8 +116,10 @@ def eligible_kv_heads(model_cfg) -> int:
     return model_cfg.num_kv_heads * sum(1 for w in model_cfg.layer_windows if not w)
 
 
-def resolve_retain_heads(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig, on_policy: bool = False) -> FitConfig:
-    """`fit_cfg` with `--retain-heads auto` (None) made a count for this model and document (FitConfig.auto_retain_heads)."""
+def resolve_retention(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig, on_policy: bool = False) -> FitConfig:
+    """`fit_cfg` with `--retain-tokens auto` and `--retain-heads auto` (None) made counts for this model and
+    document (FitConfig.auto_retain_tokens, then auto_retain_heads, which needs the tokens' bytes)."""
+    fit_cfg = fit_cfg.auto_retain_tokens(ctx.n - ctx.prefix_len)
     one = retained_bytes(ctx.n - ctx.prefix_len, model_cfg.head_dim, 1, fit_cfg.retain_dtype, fit_cfg.retain_tokens)
     return fit_cfg.auto_retain_heads(eligible_kv_heads(model_cfg), one, budget_bytes(ctx, model_cfg, fit_cfg), on_policy)
 
@@ -126,7 +129,7 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
     sizes and what to do: a very short document, or a too small --budget-mb."""
     cfg = base.config
     eligible = eligible_kv_heads(cfg)
-    fit_cfg = resolve_retain_heads(ctx, cfg, fit_cfg, on_policy)
+    fit_cfg = resolve_retention(ctx, cfg, fit_cfg, on_policy)
     if fit_cfg.retain_heads > eligible:
         raise NectarError(f"--retain-heads {fit_cfg.retain_heads}: {base.name} has {eligible} KV heads in global-"
                           f"attention layers; pass at most {eligible}")
@@ -142,6 +145,7 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
         if kept:
             given += f", of which {fit_cfg.retain_heads} retained heads take {kept / 1e6:.2f} MB"
             need_mb += kept / 1e6
+        need_mb = math.ceil(need_mb * 100) / 100  # rounded up: the figure shown must be enough
         raise NectarError(f"{doc_path}: {ctx.n} tokens; the artifact budget ({given}) is below the smallest "
                           f"Nectar heads ({need_mb:.2f} MB with the exact template prefix): pass --budget-mb "
                           f"{need_mb:.2f} or more" + ("" if fit_cfg.budget_mb else
@@ -169,7 +173,7 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         raise NectarError("nectar fit: --on-policy with --retain-heads is not supported (the re-collection would serve "
                           "networks of heads that are then replaced); use one or the other")
     ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
-    fit_cfg = resolve_retain_heads(ctx, cfg, fit_cfg, on_policy)  # the manifest records the count
+    fit_cfg = resolve_retention(ctx, cfg, fit_cfg, on_policy)  # the manifest records the counts
     check_budget(base, ctx, fit_cfg, doc_path, on_policy)
     with timer.stage("prefill document", log):
         cache = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device))
@@ -338,7 +342,7 @@ def open_artifact(art: str | Path, device: str = "cpu", model: str | None = None
     text = read_stored_document(Path(art) / "document.txt")
     ctx = make_context(base.tokenizer, text, base.config.max_position, source=str(art))
     if ctx.sha256 != m["document"]["sha256"] or ctx.n != m["document"]["n_tokens"]:
-        raise NectarError(f"{art}: document.txt does not match the manifest (sha256/tokens); the artifact is corrupt")
+        raise NectarError(f"{art}: document.txt does not match the manifest (sha256/tokens): it was edited or the artifact is corrupt; restore it or re-run `nectar fit`")
     return OpenArtifact(base, m, ctx, heads, retained)
 
 

@@ -320,6 +320,8 @@ def retained_contexts(served: list[NectarContext], retained: RetainedKV | None, 
 
 def retained_tokens(n: int, budget: int) -> int:
     """Document tokens kept per retained head: n, or the token budget when it is smaller (0: no budget)."""
+    if budget is None:  # "auto" must be resolved first (FitConfig.auto_retain_tokens): None is not "all"
+        raise ValueError("retain_tokens is unresolved (auto); resolve it with FitConfig.auto_retain_tokens first")
     return min(n, budget) if budget else n
 
 
@@ -327,6 +329,8 @@ def retained_bytes(n: int, head_dim: int, count: int, dtype: str = "float16", to
     """Stored bytes of the document keys and values of `count` retained heads (n document tokens;
     `tokens`: the per-head token budget, 0 for all n): fp16 values, or int8 values + one fp16 scale
     per token and head; under a budget smaller than n also the kept tokens' int32 indices."""
+    if not count:
+        return 0
     per_vector = 2 * head_dim if dtype == "float16" else head_dim + 2
     c = retained_tokens(n, tokens)
     return count * c * (2 * per_vector + (4 if c < n else 0))

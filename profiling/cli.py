@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from nectar_runtime.cli import positive_int
 from nectar_runtime.errors import NectarError
 from nectar_runtime.files import check_output_file
 
@@ -11,18 +12,24 @@ from .shapes import DTYPES, SHAPES, ProfileConfig
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
+    example = {"n": "1024,8192", "batch": "1,16"}[what]
     try:
         vals = tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
     except ValueError:
-        raise NectarError(f"--{what} {text!r}: give comma-separated positive integers, e.g. 1024,8192") from None
+        raise NectarError(f"--{what} {text!r}: give comma-separated positive integers, e.g. {example}") from None
     if not vals or min(vals) < 1:
-        raise NectarError(f"--{what} {text!r}: give comma-separated positive integers, e.g. 1024,8192")
+        raise NectarError(f"--{what} {text!r}: give comma-separated positive integers, e.g. {example}")
     return vals
 
 
 def profile_config(a: argparse.Namespace) -> ProfileConfig:
     if a.model and a.shape:
         raise NectarError("give --model or --shape, not both")
+    if a.bundle and a.backend != "ort":
+        raise NectarError("--bundle is for --backend ort")
+    d = ProfileConfig()
+    if a.bundle and (a.n != ",".join(map(str, d.n)) or a.methods != ",".join(d.methods)):
+        raise NectarError("--backend ort --bundle: each bundle's method and n come from the bundle; leave out --n and --methods")
     shape = a.shape or (None if a.model else "smollm2-135m")
     if shape is not None and shape not in SHAPES:
         raise NectarError(f"--shape {shape!r}: known shapes are {', '.join(SHAPES)}")
@@ -76,7 +83,7 @@ def add_profile_command(sub) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (default %(default)s)")
     p.add_argument("--bundle", action="append", default=[], metavar="DIR",
                    help="--backend ort: an exported bundle to time (repeatable; its method and n come from it)")
-    p.add_argument("--threads", type=int, default=None, help="--backend ort: CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="--backend ort: CPU threads (default: all cores)")
     p.add_argument("--json", required=True, metavar="OUT.json", help="write the records here")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="latency vs n plot (needs matplotlib)")
     p.set_defaults(func=cmd_profile)

@@ -19,6 +19,8 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)
     # turns -> local token ids; set for documents (the turns come after the document's context)
     build_prompt: Callable[[list[dict]], list[int]] | None = None
+    # set by `stream` when its answer stopped because the local window was full: the tokens it held
+    window_full: int | None = None
 
     def prompt_ids(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:
         """Token ids of the local part: the whole prompt, or the chat turns after the document."""
@@ -34,7 +36,12 @@ class ChatSession:
         ids = self.prompt_ids(prompt, chat, system)
         check_fits(self.backend, len(ids))
         answer = []
-        for piece in stream_text(self.backend, self.tokenizer, ids, cfg):
+        self.window_full = None
+
+        def full(n: int) -> None:
+            self.window_full = n
+
+        for piece in stream_text(self.backend, self.tokenizer, ids, cfg, on_window_full=full):
             answer.append(piece)
             yield piece
         if chat or self.build_prompt is not None:

@@ -14,6 +14,30 @@ from .generate import GenerationConfig
 from .sampling import SamplingConfig
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (the rest of the CLI's bad-input contract), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (thread counts)."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {v}")
+    return v
+
+
+def check_question(text: str, flag: str) -> None:
+    """Refuse an empty question and non-UTF-8 text before any model or bundle is loaded."""
+    from .tokenizer import check_utf8
+
+    if not text.strip():
+        raise NectarError(f"{flag}: the question is empty; ask something")
+    check_utf8(text)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     d, s = GenerationConfig(), SamplingConfig()
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate at most (default %(default)s)")
@@ -32,12 +56,17 @@ def generation_config(a: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def print_stream(pieces) -> None:
-    """Write text pieces to stdout as they arrive, then a newline."""
+def print_stream(pieces, session=None) -> None:
+    """Write text pieces to stdout as they arrive, then a newline; then, on stderr, whether the
+    answer was cut by a full local window (a ChatSession's `window_full`)."""
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if session is not None and session.window_full:
+        sys.stdout.flush()
+        print(f"nectar: the answer stopped where the window ends ({session.window_full} local tokens); ask a shorter "
+              "question or /reset the chat (a bundle exported with a larger --max-local-len holds more)", file=sys.stderr)
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
@@ -64,7 +93,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise NectarError("--system cannot be used with --artifact: the turn that holds the document was fixed "
                           "when the artifact was fitted; put instructions in the question instead")
     session = open_torch_session(model=a.model, artifact=a.artifact, device=a.device, dtype=a.dtype)
-    print_stream(session.stream(a.prompt, cfg, chat=a.chat or bool(a.artifact), system=a.system))
+    print_stream(session.stream(a.prompt, cfg, chat=a.chat or bool(a.artifact), system=a.system), session)
     return 0
 
 
@@ -72,8 +101,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .bundle_session import open_bundle_session
 
     cfg = generation_config(a)
+    check_question(a.chat, "--chat")
     session = open_bundle_session(a.bundle, threads=a.threads, provider=a.provider)
-    print_stream(session.stream(a.chat, cfg))
+    print_stream(session.stream(a.chat, cfg), session)
     return 0
 
 
@@ -104,7 +134,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
             print("nectar: that line is not valid UTF-8; set the terminal to UTF-8 and ask again", file=sys.stderr)
             continue
         try:
-            print_stream(session.stream(line, cfg))
+            print_stream(session.stream(line, cfg), session)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (the turn is not kept)
             print("\n(answer interrupted; Ctrl-D or /exit quits)", file=sys.stderr)
         except NectarError as e:  # e.g. the conversation outgrew the bundle: say so, keep going
@@ -114,7 +144,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 def add_bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory written by `nectar export`")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--provider", default=None, choices=["cpu", "cuda", "tensorrt"],
                    help="ONNX Runtime execution provider (default: the best this onnxruntime has)")
     add_sampling_args(p)
@@ -124,7 +154,7 @@ _EXPORT_ONLY = {"torch", "transformers", "onnx", "safetensors", "accelerate", "m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nectar", description="Nectar: fitted document attention, export and runtime.")
+    parser = OneLineParser(prog="nectar", description="Nectar: fitted document attention, export and runtime.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("pull", help="download models by name into the cache ($NECTAR_HOME or ~/.cache/nectar)")

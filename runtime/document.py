@@ -21,6 +21,8 @@ _MARK = "\u2063NECTAR_SPLIT\u2063"  # invisible separator: never appears in real
 def read_document(path: str | Path) -> str:
     """UTF-8 text of a document, or a one-line error for missing, empty, binary or non-UTF-8 files."""
     p = Path(path)
+    if p.is_dir():
+        raise NectarError(f"{p}: is a directory; pass one text file (join several documents into one first)")
     if not p.is_file():
         raise NectarError(f"{p}: no such document file")
     data = p.read_bytes()

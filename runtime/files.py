@@ -22,6 +22,12 @@ def check_writable_parent(out: Path, what: str) -> None:
         raise NectarError(f"{out}: {parent} is not a directory; pass another path for the {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise NectarError(f"{out}: cannot write in {parent} (permission denied); pass another path for the {what}")
+    try:  # os.access says yes to root everywhere, also on read-only or pseudo filesystems: try it
+        fd, probe = tempfile.mkstemp(prefix=".nectar-write-check.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise NectarError(f"{out}: cannot write in {parent} ({e.strerror}); pass another path for the {what}") from None
 
 
 def check_output_file(path: str | Path, what: str) -> Path:

@@ -99,20 +99,25 @@ def stream_text(
     prompt_ids: list[int],
     cfg: GenerationConfig,
     on_token: Callable[[int], None] | None = None,
+    on_window_full: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """Yield new text pieces of one generation (EOS and stop strings excluded).
 
     tokenizer: a `TextTokenizer` (decode, eos_token_ids); text is released only as complete UTF-8.
+    on_window_full(n_tokens): called when the answer stopped because the local window was full
+    (before EOS, a stop string or max_new_tokens), so a caller can say so rather than cut silently.
     """
     from .tokenizer import StreamDetokenizer
 
     detok = StreamDetokenizer(tokenizer, skip_special_tokens=True)
     matcher = StopMatcher(cfg.stop_strings)
-    text, shown = "", 0
+    text, shown, count = "", 0, 0
+    room = backend.max_local_len - len(prompt_ids) + 1  # generate_ids' cap from the window
     for tok in generate_ids(backend, [prompt_ids], cfg, set(tokenizer.eos_token_ids)):
         t = int(tok[0])
         if t < 0 or t in tokenizer.eos_token_ids:
             break
+        count += 1
         if on_token:
             on_token(t)
         text += detok.push(t)
@@ -125,3 +130,5 @@ def stream_text(
     final = matcher.final(text + detok.flush())
     if len(final) > shown:
         yield final[shown:]
+    if on_window_full and count == room < cfg.max_new_tokens:
+        on_window_full(len(prompt_ids) + count - 1)

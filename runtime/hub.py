@@ -97,7 +97,11 @@ REGISTRY: dict[str, ModelEntry] = make_registry(
 def cache_root() -> Path:
     """$NECTAR_HOME if set, else ~/.cache/nectar (read on every call)."""
     env = os.environ.get("NECTAR_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "nectar"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "nectar"
+    if root.exists() and not root.is_dir():
+        raise NectarError(f"{root}: the model cache{' ($NECTAR_HOME)' if env else ''} is a file, not a directory; "
+                          "point NECTAR_HOME at a directory")
+    return root
 
 
 def _entry(name: str, registry: Mapping[str, ModelEntry]) -> ModelEntry:

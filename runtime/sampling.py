@@ -19,8 +19,10 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise NectarError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
+            raise NectarError(f"--temperature must be a number >= 0, got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise NectarError(f"--seed must be in [0, 2**64), got {self.seed}")
         if self.top_k < 0:
             raise NectarError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

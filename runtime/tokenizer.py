@@ -27,6 +27,15 @@ _TURN_END_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "
 _CONFIG_FILE = "tokenizer_config.json"
 
 
+def check_utf8(text: str) -> None:
+    """Command-line text that was not UTF-8 reaches Python as lone surrogates, which the tokenizer
+    cannot take: one line instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NectarError("the text given is not valid UTF-8 (check the terminal's encoding); pass UTF-8 text") from None
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """Everything beside the vocabulary: named special tokens, BOS/EOS flags, chat template."""
@@ -66,12 +75,14 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; `add_special_tokens` adds BOS/EOS where the config asks for them."""
+        check_utf8(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_literal(self, text: str) -> list[int]:
         """Token ids for `text` read as plain text: a special token's spelling inside it ("<|im_end|>" in a
         document about chat formats) is split like any other text instead of becoming the control token,
         which would end the user turn in the middle of the document. No BOS/EOS."""
+        check_utf8(text)
         before = self.backend.encode_special_tokens
         self.backend.encode_special_tokens = True
         try:

@@ -174,6 +174,9 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     oa = open_artifact(art, model=model)
     mcfg = oa.base.config
     max_local = min(cfg.max_local_len, mcfg.max_position - oa.ctx.n)
+    if max_local < cfg.max_local_len:
+        log(f"[nectar export] local window: {max_local} tokens, not {cfg.max_local_len}: the model's {mcfg.max_position} "
+            f"positions minus the document's {oa.ctx.n}")
     log(f"[nectar export] building the {cfg.method} graph ({mcfg.num_layers} layers, document n={oa.ctx.n}) …")
     document_contexts = torch_document_contexts(oa, cfg.method)
     proto = build_decoder_proto(oa, cfg, document_contexts, attention_op)

@@ -14,8 +14,21 @@ from nectar_runtime.errors import NectarError
 
 def _finished(tmp_path, name="new"):
     d = temp_dir_beside(tmp_path / name)
-    (d / "manifest.json").write_text(json.dumps({"kind": "nectar-bundle"}))
+    (d / "manifest.json").write_text(json.dumps({"spec": {}, "base_model": {}}))  # an artifact's manifest
     return d
+
+
+def test_fit_never_replaces_a_bundle_and_export_never_an_artifact(tmp_path):
+    art, bundle = tmp_path / "a.nectar", tmp_path / "b.int4"
+    for d, m in ((art, {"spec": {}, "base_model": {}}), (bundle, {"kind": "nectar-bundle"})):
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(m))
+    check_out_dir(art, "artifact")
+    check_out_dir(bundle, "bundle")
+    with pytest.raises(NectarError, match="holds a Nectar bundle, which a new artifact would replace"):
+        check_out_dir(bundle, "artifact")
+    with pytest.raises(NectarError, match="holds a Nectar artifact, which a new bundle would replace"):
+        check_out_dir(art, "bundle")  # e.g. `nectar export A --out A`: the input itself
 
 
 def test_new_path_empty_dir_and_earlier_output_are_accepted(tmp_path):

@@ -558,6 +558,17 @@ def test_fit_config_refuses_bad_retain_heads():
     FitConfig(variant="quadrature")  # auto, the default, stays valid for quadrature (it resolves to none)
 
 
+def test_auto_retain_tokens_is_2048_or_45_percent_of_a_longer_document():
+    auto = FitConfig()
+    assert auto.auto_retain_tokens(4459).retain_tokens == 2048  # the longest manual of docs/results.md: unchanged
+    assert auto.auto_retain_tokens(500).retain_tokens == 2048  # retained_tokens() then keeps all 500
+    assert auto.auto_retain_tokens(7226).retain_tokens == 3252  # a ~7.3K-token document: 45%
+    assert FitConfig(retain_tokens=0).auto_retain_tokens(7226).retain_tokens == 0  # given (0 = all) is kept
+    assert FitConfig(retain_tokens=1024).auto_retain_tokens(7226).retain_tokens == 1024
+    with pytest.raises(ValueError, match="retain_tokens"):
+        FitConfig(retain_tokens=-1)
+
+
 def test_auto_retain_heads_takes_a_fifth_of_the_global_heads_within_half_the_budget():
     auto = FitConfig()
     assert auto.retain_heads is None
@@ -571,14 +582,19 @@ def test_auto_retain_heads_takes_a_fifth_of_the_global_heads_within_half_the_bud
     assert FitConfig(retain_heads=4).auto_retain_heads(90, 1000, 10.0).retain_heads == 4  # a count given is kept
 
 
-def test_fit_cli_takes_auto_or_a_count_of_retained_heads():
+def test_fit_cli_takes_auto_or_a_count_of_retained_heads_and_tokens():
     import argparse
 
-    from nectar_export.cli import _retain_heads
+    from nectar_export.cli import _auto_int
+    from nectar_runtime.cli import build_parser
 
-    assert _retain_heads("auto") is None and _retain_heads("0") == 0 and _retain_heads("18") == 18
+    assert _auto_int("auto") is None and _auto_int("0") == 0 and _auto_int("18") == 18
     with pytest.raises(argparse.ArgumentTypeError, match="'auto'"):
-        _retain_heads("many")
+        _auto_int("many")
+    a = build_parser().parse_args(["fit", "doc.txt", "--out", "x"])
+    assert a.retain_heads is None and a.retain_tokens is None  # both auto by default
+    a = build_parser().parse_args(["fit", "doc.txt", "--out", "x", "--retain-tokens", "auto", "--retain-heads", "4"])
+    assert a.retain_tokens is None and a.retain_heads == 4
 
 
 def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
@@ -593,8 +609,8 @@ def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
     assert base_n - kept_n == retained_bytes(390, cfg.head_dim, 2, "int8") // 2  # int8 by default
     budget_n, _ = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2, retain_tokens=100))
     assert base_n - budget_n == retained_bytes(390, cfg.head_dim, 2, "int8", tokens=100) // 2
-    # the default token budget (1,024) holds all 390 tokens here: no indices
-    all_n, _ = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2))
+    # the default token budget (auto: 2,048 here) holds all 390 tokens: no indices
+    all_n, _ = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2).auto_retain_tokens(390))
     assert all_n == kept_n
     base = SimpleNamespace(config=cfg, name="tiny")
     check_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=4), "doc.txt")  # every head of 2 global layers
