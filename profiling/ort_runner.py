@@ -45,12 +45,29 @@ def cpu_isa() -> str:
     return "sse"
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-memory count (Linux: VmHWM, via /proc/self/clear_refs); False
+    where that is not possible, and peak_rss() then reports the whole process lifetime's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss() -> int:
-    """Peak resident memory of this process, bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process since the last reset_peak_rss() (else since it started),
+    bytes. Linux: VmHWM; elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    import re
     import resource
     import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        with open("/proc/self/status") as f:
+            return 1024 * int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def step_weight_bytes(graph: Path, manifest: dict) -> int:
@@ -85,7 +102,6 @@ class OrtRunner:
     """The runner `nectar profile` drives for --backend ort (see profiling/profile.py)."""
 
     def __init__(self, cfg):
-        from nectar_runtime.backends.ort_backend import OrtBackend
         from nectar_runtime.bundle import read_bundle
 
         if not cfg.bundles:
@@ -99,12 +115,12 @@ class OrtRunner:
             b = read_bundle(path)
             if b.format != "onnx":
                 raise NectarError(f"{path}: a {b.format} bundle; --backend ort takes ONNX bundles")
-            self.bundles.append((b, OrtBackend.from_bundle(b, threads=self.threads, provider="cpu"),
-                                 step_weight_bytes(b.graph_path, b.manifest)))
+            self.bundles.append((b, step_weight_bytes(b.graph_path, b.manifest)))
         m = self.bundles[0][0].manifest
         self.shape = f"{m['base_model'].get('name', m['model']['family'])}"
         self.notes = (f"real weights and documents from {len(self.bundles)} bundle(s); onnxruntime CPU provider, "
-                      f"{self.threads} threads")
+                      f"{self.threads} threads; each bundle loaded alone for its points, peak memory "
+                      + ("counted from its load" if reset_peak_rss() else "of the whole process (no per-bundle reset here)"))
         self._bw = None
 
     def device_name(self) -> str:
@@ -128,13 +144,17 @@ class OrtRunner:
     def points(self) -> list[tuple[str, int, int, int]]:
         """(method, batch, n, bundle index) per bundle and batch size: what this runner measures (two
         bundles of one method and n, e.g. fp32 and int4, are two points)."""
-        return [(b.manifest["method"], batch, b.context_len, i) for i, (b, _, _) in enumerate(self.bundles) for batch in self.cfg.batch]
+        return [(b.manifest["method"], batch, b.context_len, i) for i, (b, _) in enumerate(self.bundles) for batch in self.cfg.batch]
 
     def measure(self, method: str, batch: int, n: int, index: int | None = None) -> dict:
         if index is None:  # the first bundle of this method and n
             index = next(i for i, x in enumerate(self.bundles) if x[0].manifest["method"] == method and x[0].context_len == n)
-        b, be, wbytes = self.bundles[index]
+        b, wbytes = self.bundles[index]
         cfg = self.cfg
+        from nectar_runtime.backends.ort_backend import OrtBackend
+
+        reset_peak_rss()  # the peak of this point: the process with this one bundle's session
+        be = OrtBackend.from_bundle(b, threads=self.threads, provider="cpu")
         rng = np.random.default_rng(0)
         be.reset(batch, cfg.local_len + cfg.warmup + cfg.steps + 1)
         vocab = b.manifest["model"]["vocab_size"]
@@ -149,6 +169,8 @@ class OrtRunner:
             if i >= cfg.warmup:
                 times.append(1e3 * (time.perf_counter() - t))
         times.sort()
+        peak = peak_rss()
+        del be  # one bundle's session in memory at a time
         med = statistics.median(times)
         m = b.manifest["model"]
         kv_item = 2 if b.manifest["dtype"] == "fp16" else 4
@@ -159,6 +181,6 @@ class OrtRunner:
             "dtype": b.manifest["quantize"] or b.manifest["dtype"], "shape": self.shape, "batch": batch, "n": n,
             "local_len": cfg.local_len, "latency_ms_median": round(med, 4),
             "latency_ms_p90": round(times[int(0.9 * (len(times) - 1))], 4), "tokens_per_s": round(batch * 1e3 / med, 1),
-            "peak_mem_bytes": peak_rss(), "floor_ms": round(nbytes / self.bandwidth() * 1e3, 4), "bytes_per_step": nbytes,
+            "peak_mem_bytes": peak, "floor_ms": round(nbytes / self.bandwidth() * 1e3, 4), "bytes_per_step": nbytes,
             "bundle": str(b.path), "steps": cfg.steps, "synthetic": False,
         }

@@ -19,7 +19,7 @@ from pathlib import Path
 from nectar_runtime.errors import NectarError
 from nectar_runtime.files import write_text_atomic
 
-from .ort_runner import peak_rss
+from .ort_runner import peak_rss, reset_peak_rss
 from .shapes import SHAPES, ProfileConfig
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -152,6 +152,8 @@ class TorchRunner:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()  # this point's peak, not the run's so far
         st = dec.new_state(batch, cfg.local_len + 1)
         st.k.normal_()
         st.v.normal_()
