@@ -19,7 +19,7 @@ from pathlib import Path
 from nectar_runtime.errors import NectarError
 from nectar_runtime.files import write_text_atomic
 
-from .ort_runner import peak_rss, reset_peak_rss
+from .memory import peak_rss, reset_peak_rss
 from .shapes import SHAPES, ProfileConfig
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

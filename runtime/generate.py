@@ -36,6 +36,12 @@ def check_fits(backend: DecoderBackend, prompt_len: int) -> None:
         )
 
 
+def answer_room(backend: DecoderBackend, prompt_len: int) -> int:
+    """New tokens that fit after a prompt: the last sampled token is never fed back, so the window
+    holds prompt_len + room - 1 tokens."""
+    return backend.max_local_len - prompt_len + 1
+
+
 def generate_ids(
     backend: DecoderBackend, prompts: list[list[int]], cfg: GenerationConfig, eos_ids: set[int]
 ) -> Iterator[np.ndarray]:
@@ -48,8 +54,7 @@ def generate_ids(
     lengths = [len(p) for p in prompts]
     t = max(lengths)
     check_fits(backend, t)
-    # the last sampled token is never fed back, so `steps` tokens need t + steps - 1 cache slots
-    steps = min(cfg.max_new_tokens, backend.max_local_len - t + 1)
+    steps = min(cfg.max_new_tokens, answer_room(backend, t))
     b = len(prompts)
     ids = np.zeros((b, t), dtype=np.int64)
     pos = np.full((b, t), PAD_POSITION, dtype=np.int64)
@@ -112,7 +117,7 @@ def stream_text(
     detok = StreamDetokenizer(tokenizer, skip_special_tokens=True)
     matcher = StopMatcher(cfg.stop_strings)
     text, shown, count = "", 0, 0
-    room = backend.max_local_len - len(prompt_ids) + 1  # generate_ids' cap from the window
+    room = answer_room(backend, len(prompt_ids))  # generate_ids' cap from the window
     for tok in generate_ids(backend, [prompt_ids], cfg, set(tokenizer.eos_token_ids)):
         t = int(tok[0])
         if t < 0 or t in tokenizer.eos_token_ids:
