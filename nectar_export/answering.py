@@ -17,17 +17,18 @@ from nectar_runtime.document import DocumentContext, local_ids
 def answer_backend(model, contexts: list | None, context_len: int):
     """The backend to answer with: for the exact document on CUDA, the fused CUDA-graph step
     (runtime/backends/cuda_graph.py: the document KV read by split-KV flash decoding, one graph
-    replay per token, ~10x the eager decoder); otherwise the torch decoder. Both compute the same
-    attention; greedy tokens can differ only where fp32 rounding flips a near tie."""
+    replay per token, ~10x the eager decoder; its StepOptions from the NECTAR_* environment
+    variables); otherwise the torch decoder. Both compute the same attention; greedy tokens can
+    differ only where fp32 rounding flips a near tie."""
     from nectar_models.attention import ExactContextAttention
     from nectar_runtime.backends.fast_path import fused_unavailable
 
     exact = bool(contexts) and all(isinstance(c, ExactContextAttention) and not c.window and c.k.shape[0] == 1
                                    for c in contexts)
     if exact and fused_unavailable(model) is None:
-        from nectar_runtime.backends.cuda_graph import full_backend
+        from nectar_runtime.backends.cuda_graph import StepOptions, full_backend
 
-        return full_backend(model, contexts, context_len)
+        return full_backend(model, contexts, context_len, StepOptions.from_env())
     return TorchBackend(model, contexts, context_len)
 
 

@@ -365,16 +365,17 @@ def open_artifact_session(art: str | Path, device: str = "cpu", dtype: str = "fl
 
 def artifact_backend(oa: OpenArtifact, log=None):
     """The fastest backend for an open artifact: CudaGraphBackend on CUDA when it supports the
-    model, else TorchBackend (decoder + NectarContext). `log`: a stream for the fallback notice."""
+    model (its StepOptions from the NECTAR_* environment variables), else TorchBackend (decoder +
+    NectarContext). `log`: a stream for the fallback notice."""
     from nectar_runtime.backends.fast_path import fused_unavailable, notice
     from nectar_runtime.backends.torch_backend import TorchBackend
 
     if oa.base.model.embed_tokens.weight.device.type == "cuda":
         reason = fused_unavailable(oa.base.model)
         if reason is None:
-            from nectar_runtime.backends.cuda_graph import nectar_backend_from_artifact
+            from nectar_runtime.backends.cuda_graph import StepOptions, nectar_backend_from_artifact
 
-            return nectar_backend_from_artifact(oa)
+            return nectar_backend_from_artifact(oa, options=StepOptions.from_env())
         if log is not None:
             print(notice(reason), file=log)
     return TorchBackend(oa.base.model, oa.contexts(), oa.ctx.n)

@@ -15,12 +15,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nectar_runtime.errors import NectarError
 from nectar_runtime.files import write_text_atomic
 
 from .memory import peak_rss, reset_peak_rss
 from .shapes import SHAPES, ProfileConfig
+
+if TYPE_CHECKING:
+    from nectar_runtime.backends.cuda_graph import StepOptions  # imports torch: only where used
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -32,14 +36,17 @@ def _ort_backend(cfg: ProfileConfig):
 
 
 class TorchRunner:
-    """The fused torch step (CUDA graph on GPU) at one model shape; weights built once."""
+    """The fused torch step (CUDA graph on GPU) at one model shape; weights built once.
+    step_options: the step's StepOptions (None: from the NECTAR_* environment variables)."""
 
-    def __init__(self, cfg: ProfileConfig):
+    def __init__(self, cfg: ProfileConfig, step_options: StepOptions | None = None):
         import torch
 
         from nectar_kernels.weights import random_layer
-        from nectar_runtime.backends.cuda_graph import FusedDecoder
+        from nectar_runtime.backends.cuda_graph import FusedDecoder, StepOptions
         from nectar_runtime.backends.torch_backend import resolve_device
+
+        options = StepOptions.from_env() if step_options is None else step_options
 
         self.torch, self.cfg = torch, cfg
         self.device = torch.device(resolve_device(cfg.device))
@@ -52,7 +59,7 @@ class TorchRunner:
 
             lm = load_model(resolve_model(cfg.model, pull_missing=True), dtype=self.dtype, device=str(self.device))
             self.model_cfg, self.shape = lm.config, cfg.model
-            self.dec = FusedDecoder.from_decoder(lm.model)
+            self.dec = FusedDecoder.from_decoder(lm.model, options)
             self.notes = f"real weights of {cfg.model}; synthetic (random) document KV, local KV and Nectar heads"
         else:
             from nectar_models.config import ModelConfig, RopeConfig
@@ -61,7 +68,7 @@ class TorchRunner:
             kw["rope"] = RopeConfig(**kw["rope"]) if "rope" in kw else RopeConfig()
             self.model_cfg = ModelConfig(family="llama", max_position=1 << 24, name=cfg.shape, **kw)
             self.shape = cfg.shape
-            self.dec = FusedDecoder.random(self.model_cfg, self.dtype, self.device)
+            self.dec = FusedDecoder.random(self.model_cfg, self.dtype, self.device, options=options)
             self.notes = (f"random weights of the {cfg.shape} shape; synthetic (random) document KV, local KV "
                           f"and Nectar heads: latency only, no meaningful text")
         c = self.model_cfg

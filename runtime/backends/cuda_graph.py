@@ -12,7 +12,7 @@ down-projection (1 GEMM), whose output the next layer's first kernel adds to the
 For small models (hidden ≤ SMALL_HIDDEN) on CUDA the projections are fused Triton GEMVs instead:
 [add + RMSNorm + q|k|v + RoPE + KV write] → attention → o-proj → [add + RMSNorm + gate|up + SiLU·up]
 → down-proj: 5 launches a layer for Nectar (6 for full attention), then [add + RMSNorm + LM head].
-A fused layer (`_forward_fused`, off by default: NECTAR_FUSED_LAYER=1) does it in 3 launches —
+A fused layer (`_forward_fused`, off by default: StepOptions.fused_layer) does it in 3 launches —
 the o-projection in the attention kernel's epilogue and the whole MLP in one launch, both adding
 into fp32 accumulators by atomics — but measured slower inside the graph on the H100.
 On Hopper these launch with PDL (kernels/_triton_pdl.py): each kernel is scheduled and prefetches
@@ -27,7 +27,9 @@ Supports LLaMA-family decoders without q/k norms or sliding windows (Llama 3, Sm
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,28 +40,58 @@ from .base import PAD_POSITION
 
 MAX_PREFILL_CHUNK = 64  # the fused Nectar kernel is built for short local prefills
 SMALL_HIDDEN = 1024  # hidden sizes up to this take the fused-GEMV path on CUDA
-# The fused layer for small models at ≤ FUSED_LAYER_MAX_ROWS rows (B*T; decode at batch ≤ 4): the
-# whole MLP in one launch and, with FUSED_OPROJ, the o-projection in the attention kernel's epilogue
-# (3 launches a layer; else 4). Off by default: inside the CUDA-graph step on the H100 it measured
-# slower than the 5-launch layer (SmolLM2 shape, n = 1K, batch 1: 0.743 ms with 3 launches, 0.618 with
-# 4, 0.562 with 5; docs/benchmarks.md, gpu-profile). NECTAR_FUSED_LAYER=1 turns it on,
-# NECTAR_FUSED_OPROJ=0 keeps the o-projection a separate GEMV.
-FUSED_LAYER = False
-FUSED_LAYER_MAX_ROWS = 4
-FUSED_OPROJ = True
-# Deferred merge (mlp heads, decode rows, 5-launch layer): the Nectar kernel writes its parts'
-# shares and the o-projection GEMV merges them in its prologue (kernels/triton_nectar.py:
-# nectar_layer_shares, kernels/fused.py: merge_gemv). NECTAR_DEFERRED_MERGE=0 turns it off.
-DEFERRED_MERGE = True
 
 
-def _switch(env: str, default: bool) -> bool:
-    """A module default, overridden by an environment variable ("0" off, anything else on)."""
-    return os.environ.get(env, "1" if default else "0") != "0"
+@dataclass(frozen=True)
+class StepOptions:
+    """Which variant of the decode step a FusedDecoder runs, passed in at construction
+    (`FusedDecoder(..., options=)`, `from_decoder`, `random`, `full_backend`,
+    `nectar_backend_from_artifact`; `FusedDecoder.set_options` between benchmark trials).
+    The defaults are the measured fastest.
 
+    fused_layer: the fused layer for small models at ≤ fused_layer_max_rows rows (B*T; decode at
+      batch ≤ 4): the whole MLP in one launch and, with fused_oproj, the o-projection in the
+      attention kernel's epilogue (3 launches a layer; else 4). Off by default: inside the
+      CUDA-graph step on the H100 it measured slower than the 5-launch layer (SmolLM2 shape,
+      n = 1K, batch 1: 0.743 ms with 3 launches, 0.618 with 4, 0.562 with 5; docs/benchmarks.md,
+      gpu-profile). Only then are W_o / W_down copied transposed (a third of the layer weights).
+    fused_layer_max_rows: the most rows (B*T) a step may have to take the fused layer (the fused
+      MLP's Triton kernel takes up to kernels/fused.py: ROW_KERNEL_MAX_ROWS = 4 rows).
+    fused_oproj: within the fused layer, the o-projection in the attention kernel's epilogue;
+      False keeps it a separate GEMV.
+    deferred_merge: deferred merge (mlp heads, decode rows, 5-launch layer): the Nectar kernel
+      writes its parts' shares and the o-projection GEMV merges them in its prologue
+      (kernels/triton_nectar.py: nectar_layer_shares, kernels/fused.py: merge_gemv); False merges
+      inside the attention kernel.
 
-def _fused_layer_on() -> bool:
-    return _switch("NECTAR_FUSED_LAYER", FUSED_LAYER)
+    `from_env()` builds them from NECTAR_FUSED_LAYER / NECTAR_FUSED_OPROJ / NECTAR_DEFERRED_MERGE,
+    the one place those are read; the entry points that build a step for users (answer_backend,
+    artifact_backend, `nectar profile`) call it once.
+    """
+
+    fused_layer: bool = False
+    fused_layer_max_rows: int = 4
+    fused_oproj: bool = True
+    deferred_merge: bool = True
+
+    def __post_init__(self):
+        for name in ("fused_layer", "fused_oproj", "deferred_merge"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False (got {getattr(self, name)!r})")
+        rows = self.fused_layer_max_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"fused_layer_max_rows must be an int ≥ 1 (got {rows!r})")
+
+    # environment variable -> field; "0" turns a field off, any other value on, unset keeps the default
+    ENV: ClassVar[dict[str, str]] = {"NECTAR_FUSED_LAYER": "fused_layer", "NECTAR_FUSED_OPROJ": "fused_oproj",
+                                     "NECTAR_DEFERRED_MERGE": "deferred_merge"}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "StepOptions":
+        """The defaults, overridden by NECTAR_FUSED_LAYER=1, NECTAR_FUSED_OPROJ=0,
+        NECTAR_DEFERRED_MERGE=0 ("0" off, anything else on). environ: os.environ if None."""
+        env = os.environ if environ is None else environ
+        return cls(**{field: env[var] != "0" for var, field in cls.ENV.items() if var in env})
 
 
 CAPACITY_QUANTUM = 128  # local cache slots are allocated in multiples of this (reuse across resets)
@@ -127,10 +159,11 @@ class FusedDecoder:
 
     document: None | ("full", ks, vs) with ks[l], vs[l]: [1, Hkv, n, D] | ("nectar", packed) with
     packed[l] = (heads_w, heads_b, variant, width) from nectar_kernels.weights.
+    options: which variant of the step runs (StepOptions; None = the defaults).
     """
 
     def __init__(self, cfg, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head: torch.Tensor, inv_freq: torch.Tensor):
+                 lm_head: torch.Tensor, inv_freq: torch.Tensor, options: StepOptions | None = None):
         check_supported(cfg)
         self.cfg, self.embed, self.layers, self.norm, self.lm_head = cfg, embed, layers, norm, lm_head
         self.inv_freq = inv_freq
@@ -141,10 +174,18 @@ class FusedDecoder:
         # add, SiLU·up inside; 6 launches a layer for Nectar). Larger ones keep cuBLAS, which
         # streams big weights closer to the bandwidth limit.
         self.small_model = cfg.hidden_size <= SMALL_HIDDEN and not cfg.attention_bias
-        if self.small_model and _fused_layer_on():  # only then: the copies cost a third of the layer weights
-            self._transpose_for_fused()
+        self.set_options(StepOptions() if options is None else options)
         self.prefix = None  # (k, v): [L, Hkv, P, D], exact KV placed in the local cache's first slots
         self.retained: dict[int, RetainedLayer] = {}  # layer -> its retained heads (set_retained)
+
+    def set_options(self, options: StepOptions) -> None:
+        """Run later steps with these options (benchmarks switch them between trials; a GraphedStep
+        captured before keeps the step it captured)."""
+        if not isinstance(options, StepOptions):
+            raise TypeError(f"options must be a StepOptions, got {type(options).__name__}")
+        self.options = options
+        if self.small_model and options.fused_layer:  # only then: the copies cost a third of the layer weights
+            self._transpose_for_fused()
 
     @property
     def device(self):
@@ -156,7 +197,7 @@ class FusedDecoder:
 
     # ---------------------------------------------------------------- building
     @classmethod
-    def from_decoder(cls, model) -> "FusedDecoder":
+    def from_decoder(cls, model, options: StepOptions | None = None) -> "FusedDecoder":
         """Concatenate a nectar_models Decoder's weights (q|k|v and gate|up) into flat tensors."""
         from nectar_models.layers import rope_inv_freq
 
@@ -174,10 +215,10 @@ class FusedDecoder:
                     torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(), m.down_proj.weight))
             emb = model.embed_tokens.weight
             return cls(cfg, emb, layers, (cfg.norm_offset + model.norm.weight.float()).contiguous(),
-                       model.lm_head.weight, rope_inv_freq(cfg.rope, cfg.head_dim).to(emb.device))
+                       model.lm_head.weight, rope_inv_freq(cfg.rope, cfg.head_dim).to(emb.device), options)
 
     @classmethod
-    def random(cls, cfg, dtype, device, seed: int = 0) -> "FusedDecoder":
+    def random(cls, cfg, dtype, device, seed: int = 0, options: StepOptions | None = None) -> "FusedDecoder":
         """Random weights of `cfg`'s shapes (latency profiles of models we hold no weights for)."""
         from nectar_models.layers import rope_inv_freq
 
@@ -195,7 +236,7 @@ class FusedDecoder:
                   for _ in range(cfg.num_layers)]
         emb = w(cfg.vocab_size, h)
         return cls(cfg, emb, layers, norm(), emb if cfg.tie_embeddings else w(cfg.vocab_size, h),
-                   rope_inv_freq(cfg.rope, d).to(device))
+                   rope_inv_freq(cfg.rope, d).to(device), options)
 
     def set_full_document(self, ks: list, vs: list, n: int) -> None:
         """ks[l], vs[l]: [1, Hkv, n, D] post-RoPE document KV of layer l, shared by the batch."""
@@ -323,8 +364,9 @@ class FusedDecoder:
 
     def fused_layer(self, rows: int) -> bool:
         """Whether a CUDA step of `rows` = B*T rows runs the fused layer (small models only; off
-        unless FUSED_LAYER or NECTAR_FUSED_LAYER=1)."""
-        return (_fused_layer_on() and self.small_model and rows <= FUSED_LAYER_MAX_ROWS and self.layers[0].wo_t is not None
+        unless options.fused_layer)."""
+        o = self.options
+        return (o.fused_layer and self.small_model and rows <= o.fused_layer_max_rows and self.layers[0].wo_t is not None
                 and not self.retained)  # the fused layer projects o in the attention launch: no room to fix rows
 
     def _transpose_for_fused(self) -> None:
@@ -336,7 +378,7 @@ class FusedDecoder:
                 lw.wd_t = lw.wd.t().contiguous()
 
     def _forward_fused(self, x: torch.Tensor, pos: torch.Tensor, st: DecodeState, b: int, t: int) -> torch.Tensor:
-        """The decode step of a small model at ≤ FUSED_LAYER_MAX_ROWS rows, 3 launches a layer:
+        """The decode step of a small model at ≤ options.fused_layer_max_rows rows, 3 launches a layer:
 
             [add + RMSNorm + q|k|v + RoPE + KV write; zero acc_a]
             → [attention (Nectar heads + local + merge, or the merge of full attention after its
@@ -351,14 +393,14 @@ class FusedDecoder:
         hq, hkv, d, hid = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         from nectar_kernels.fused import gemv, mlp_fused, qkv_rope
 
-        self._transpose_for_fused()  # no-op once done (forced `fused=True` with the switch off)
+        self._transpose_for_fused()  # no-op once done (forced `fused=True` with options.fused_layer off)
 
         q = torch.empty(b, hq, t, d, dtype=self.dtype, device=self.device)
         o = torch.empty(b, t, hq, d, dtype=self.dtype, device=self.device)
         other = torch.empty_like(x)
         acc_a = torch.empty(b * t, hid, dtype=torch.float32, device=self.device)
         acc_m = torch.empty_like(acc_a)
-        oproj = _switch("NECTAR_FUSED_OPROJ", FUSED_OPROJ)
+        oproj = self.options.fused_oproj
         delta = None
         for i, lw in enumerate(self.layers):
             qkv_rope(x, lw.wqkv, delta, lw.ln1, c.rms_eps, other, pos, self.inv_freq, st.slot, q, st.k[i], st.v[i],
@@ -418,13 +460,13 @@ class FusedDecoder:
     def attention_shares(self, i: int, q: torch.Tensor, st: DecodeState):
         """Layer i's Nectar attention with its merge deferred to the o-projection (NectarShares),
         or None where that path does not apply (not CUDA, not mlp heads, more rows than the row
-        GEMV takes, or NECTAR_DEFERRED_MERGE=0): then `attention` writes o."""
+        GEMV takes, or options.deferred_merge off): then `attention` writes o."""
         from nectar_kernels.fused import ROW_KERNEL_MAX_K, ROW_KERNEL_MAX_ROWS
 
         b, hq, t, d = q.shape
         if (q.device.type != "cuda" or not self.document or self.document[0] != "nectar"
                 or b * t > ROW_KERNEL_MAX_ROWS or hq * d > ROW_KERNEL_MAX_K or i in self.retained
-                or not _switch("NECTAR_DEFERRED_MERGE", DEFERRED_MERGE)):
+                or not self.options.deferred_merge):
             return None
         hw, hb, variant, width = self.document[1][i]
         if variant != "mlp":
@@ -556,23 +598,26 @@ class CudaGraphBackend:
         self.state.kv_len.copy_(torch.from_numpy((lengths + t).astype(np.int32)))
 
 
-def full_backend(model, contexts: list, n: int) -> CudaGraphBackend:
+def full_backend(model, contexts: list, n: int, options: StepOptions | None = None) -> CudaGraphBackend:
     """A nectar_models Decoder with the exact document KV (contexts[l].k / .v: [1, Hkv, n, D],
-    positions 0..n-1) served by the fused step: split-KV flash decoding over the document."""
-    dec = FusedDecoder.from_decoder(model)
+    positions 0..n-1) served by the fused step: split-KV flash decoding over the document.
+    options: the step's StepOptions (None = the defaults)."""
+    dec = FusedDecoder.from_decoder(model, options)
     dec.set_full_document([c.k for c in contexts], [c.v for c in contexts], n)
     return CudaGraphBackend(dec)
 
 
-def nectar_backend_from_artifact(oa, dtype=None, weight_dtype=None) -> CudaGraphBackend:
+def nectar_backend_from_artifact(oa, dtype=None, weight_dtype=None,
+                                 options: StepOptions | None = None) -> CudaGraphBackend:
     """An OpenArtifact (nectar_export.pipeline) served by the fused decoder: heads packed per layer,
-    the exact template prefix in the local cache's first slots."""
+    the exact template prefix in the local cache's first slots. options: the step's StepOptions
+    (None = the defaults)."""
     from nectar_kernels.weights import pack_layer
 
     model = oa.base.model
     if dtype is not None:
         model.to(dtype)
-    dec = FusedDecoder.from_decoder(model)
+    dec = FusedDecoder.from_decoder(model, options)
     heads = oa.heads
     packed = [pack_layer(heads, l, weight_dtype) for l in range(heads.spec.num_layers)]
     prefix = None

@@ -364,11 +364,11 @@ def test_deferred_merge_step_matches_merged_step(monkeypatch):
     against the same step with the merge inside the attention kernel; the deferred path must
     actually be taken on every layer."""
     from nectar_models.config import ModelConfig
-    from nectar_runtime.backends.cuda_graph import FusedDecoder
+    from nectar_runtime.backends.cuda_graph import FusedDecoder, StepOptions
 
     cfg = ModelConfig(family="llama", vocab_size=97, hidden_size=192, intermediate_size=320, num_layers=2,
                       num_heads=6, num_kv_heads=2, head_dim=32, rms_eps=1e-5, tie_embeddings=True, max_position=4096)
-    dec = FusedDecoder.random(cfg, torch.bfloat16, DEV, seed=6)
+    dec = FusedDecoder.random(cfg, torch.bfloat16, DEV, seed=6, options=StepOptions(deferred_merge=False))
     widths = [48, 176]  # two layer widths: one shared workspace sized for the widest
     dec.set_nectar_document([random_layer("mlp", w, 2, 32, dtype=torch.bfloat16, device=DEV, seed=l) + ("mlp", w)
                              for l, w in enumerate(widths)], 300)
@@ -391,10 +391,9 @@ def test_deferred_merge_step_matches_merged_step(monkeypatch):
 
     monkeypatch.setattr(FusedDecoder, "attention_shares", spy)
     with torch.inference_mode():
-        monkeypatch.setenv("NECTAR_DEFERRED_MERGE", "0")
         want = dec.forward(ids, pos, st, fused=False)
         assert taken == [False, False]
-        monkeypatch.setenv("NECTAR_DEFERRED_MERGE", "1")
+        dec.set_options(StepOptions(deferred_merge=True))
         got = dec.forward(ids, pos, st, fused=False)
         assert taken[2:] == [True, True]
     assert not got.isnan().any()
