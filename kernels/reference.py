@@ -18,14 +18,9 @@ import torch.nn.functional as F
 from .weights import unpack
 
 
-def nectar_heads_reference(x: torch.Tensor, heads_w, heads_b, variant: str, width: int, scale: float):
-    """x: [Hkv, N, D] fp32/fp64 queries per KV head -> (f: [Hkv, N, D], g: [Hkv, N]).
-
-    Exactly nectar_export.heads.MLPGroup / QuadratureGroup on the packed weights."""
-    p = {k: v.to(x.dtype) for k, v in unpack(heads_w, heads_b, variant, width, x.shape[-1]).items()}
-    if variant == "quadrature":
-        s = scale * torch.bmm(x, p["keys"].transpose(1, 2)) + p["bias"][:, None]  # [Hkv, N, m]
-        return torch.bmm(torch.softmax(s, -1), p["values"]), torch.logsumexp(s, -1)
+def _mlp_reference(x: torch.Tensor, p: dict, scale: float):
+    """nectar_export.heads.MLPGroup: x [Hkv, N, D], p {name: [Hkv, *shape]} -> (f [Hkv, N, D], g [Hkv, N]).
+    `scale` is unused (the mlp learns its own)."""
     z = (x - p["q_mean"][:, None]) / p["q_std"][:, None]
     h = F.gelu(torch.bmm(z, p["w1"]) + p["b1"][:, None])
     h = F.gelu(torch.bmm(h, p["w2"]) + p["b2"][:, None])
@@ -34,6 +29,24 @@ def nectar_heads_reference(x: torch.Tensor, heads_w, heads_b, variant: str, widt
     s = F.gelu(torch.bmm(s, p["s2"]) + p["sb2"][:, None])
     g = (s * p["s3"][:, None]).sum(-1) + p["sb3"]  # [Hkv, N]
     return f * p["o_std"][:, None] + p["o_mean"][:, None], g * p["l_std"] + p["l_mean"]
+
+
+def _quadrature_reference(x: torch.Tensor, p: dict, scale: float):
+    """nectar_export.heads.QuadratureGroup: x [Hkv, N, D], p {name: [Hkv, *shape]} -> (f [Hkv, N, D], g [Hkv, N])."""
+    s = scale * torch.bmm(x, p["keys"].transpose(1, 2)) + p["bias"][:, None]  # [Hkv, N, m]
+    return torch.bmm(torch.softmax(s, -1), p["values"]), torch.logsumexp(s, -1)
+
+
+# variant -> (x, unpacked blocks, scale) -> (f, g)
+_REFERENCES = {"mlp": _mlp_reference, "quadrature": _quadrature_reference}
+
+
+def nectar_heads_reference(x: torch.Tensor, heads_w, heads_b, variant: str, width: int, scale: float):
+    """x: [Hkv, N, D] fp32/fp64 queries per KV head -> (f: [Hkv, N, D], g: [Hkv, N]).
+
+    Exactly nectar_export.heads.MLPGroup / QuadratureGroup on the packed weights."""
+    p = {k: v.to(x.dtype) for k, v in unpack(heads_w, heads_b, variant, width, x.shape[-1]).items()}
+    return _REFERENCES[variant](x, p, scale)
 
 
 def local_attention_reference(q, k_loc, v_loc, kv_len, kv_start, scale: float):

@@ -45,13 +45,7 @@ class HeadsSpec:
             raise ValueError("widths: one positive width per layer")
 
     def params_per_module(self, width: int) -> int:
-        d = self.head_dim
-        if self.variant == "quadrature":
-            return width * (2 * d + 1)
-        hs = score_width(width)
-        target = d * width + width + width * width + width + width * d + d + d * d
-        score = d * hs + hs + hs * hs + hs + hs + 1
-        return target + score + 2 * d + 4  # + standardization statistics
+        return GROUPS[self.variant].params_per_module(width, self.head_dim)
 
     def total_params(self) -> int:
         return sum(self.params_per_module(w) for w in self.widths) * self.kv_heads
@@ -82,6 +76,19 @@ class MLPGroup(nn.Module):
                             ("o_std", (m, 1, 1)), ("l_mean", (m, 1)), ("l_std", (m, 1))):
             self.register_buffer(name, torch.zeros(shape) if "mean" in name else torch.ones(shape))
 
+    @classmethod
+    def from_spec(cls, m: int, width: int, spec: HeadsSpec) -> MLPGroup:
+        """`m` modules of hidden width `width` for `spec`."""
+        return cls(m, spec.head_dim, width)
+
+    @staticmethod
+    def params_per_module(width: int, d: int) -> int:
+        """Parameters and standardization statistics of one module of hidden width `width`, head dim `d`."""
+        hs = score_width(width)
+        target = d * width + width + width * width + width + width * d + d + d * d
+        score = d * hs + hs + hs * hs + hs + hs + 1
+        return target + score + 2 * d + 4  # + standardization statistics
+
     def forward(self, q: torch.Tensor, sel: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [M', N, D] for the modules `sel` of this group -> (o: [M', N, D], lse: [M', N])."""
         x = (q - self.q_mean[sel]) / self.q_std[sel]
@@ -104,11 +111,25 @@ class QuadratureGroup(nn.Module):
         self.bias = nn.Parameter(torch.zeros(m, 1, nodes))
         self.scale = scale
 
+    @classmethod
+    def from_spec(cls, m: int, width: int, spec: HeadsSpec) -> QuadratureGroup:
+        """`m` modules of `width` nodes each for `spec`."""
+        return cls(m, spec.head_dim, width, spec.scale)
+
+    @staticmethod
+    def params_per_module(width: int, d: int) -> int:
+        """Parameters of one module of `width` nodes, head dim `d`: keys, values [width, d], bias [width]."""
+        return width * (2 * d + 1)
+
     def forward(self, q: torch.Tensor, sel: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         s = torch.baddbmm(self.bias[sel], q, self.keys[sel].transpose(1, 2), alpha=self.scale)  # [M', N, m]
         lse = torch.logsumexp(s, dim=-1)
         o = torch.bmm(torch.softmax(s, dim=-1), self.values[sel])
         return o, lse
+
+
+# variant -> its group class: from_spec(m, width, spec) builds M modules, params_per_module(width, d) counts one
+GROUPS = {"mlp": MLPGroup, "quadrature": QuadratureGroup}
 
 
 class NectarHeads(nn.Module):
@@ -127,10 +148,7 @@ class NectarHeads(nn.Module):
             for k, l in enumerate(layers):
                 self.layer_slot[l] = (gi, k * spec.kv_heads)
             m = len(layers) * spec.kv_heads
-            if spec.variant == "mlp":
-                self.groups.append(MLPGroup(m, spec.head_dim, w))
-            else:
-                self.groups.append(QuadratureGroup(m, spec.head_dim, w, spec.scale))
+            self.groups.append(GROUPS[spec.variant].from_spec(m, w, spec))
         self.group_layers = [[l for l in range(spec.num_layers) if spec.widths[l] == w] for w in widths]
 
     def forward_group(self, gi: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

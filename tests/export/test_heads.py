@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from nectar_export.config import VARIANTS
 from nectar_export.fit import adaptive_widths, uniform_widths
-from nectar_export.heads import HeadsSpec, NectarContext, NectarHeads
+from nectar_export.heads import GROUPS, HeadsSpec, NectarContext, NectarHeads
 
 
 def _spec(variant="mlp", widths=(32, 48, 32), kv=2, d=16):
@@ -66,6 +67,14 @@ def test_params_count_matches_the_modules():
         heads = NectarHeads(spec)
         n = sum(t.numel() for t in heads.state_dict().values())
         assert n == spec.total_params()
+
+
+def test_every_variant_table_names_exactly_the_variants():
+    from nectar_kernels import reference, weights
+
+    tables = (GROUPS, weights._BLOCKS, weights._TENSORS, weights._RANDOM_STATISTICS, reference._REFERENCES)
+    for table in tables:
+        assert set(table) == set(VARIANTS)
 
 
 def test_uniform_and_adaptive_allocation_stay_within_budget():
