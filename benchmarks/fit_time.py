@@ -146,6 +146,7 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
 
     # ---- probes: every generation call, its backend steps and sampler
     from nectar_export import probes as P
+    from nectar_export.probes.build import _Builder
     from nectar_runtime import sampling
     from nectar_runtime.backends import cuda_graph
 
@@ -166,7 +167,7 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
         acc["sampler"][1] += time.perf_counter() - t0
         return r
 
-    gen0 = P._Builder.generate
+    gen0 = _Builder.generate
 
     def timed_generate(self, convs, max_tokens, sampling_cfg, desc):
         for v in acc.values():
@@ -181,7 +182,7 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
         print("[breakdown]", call, flush=True)
         return r
 
-    cuda_graph.CudaGraphBackend.step, sampling.Sampler.__call__, P._Builder.generate = timed_step, timed_sampler, timed_generate
+    cuda_graph.CudaGraphBackend.step, sampling.Sampler.__call__, _Builder.generate = timed_step, timed_sampler, timed_generate
     t = time.perf_counter()
     from nectar_export.config import default_probe_scale
 
@@ -189,7 +190,7 @@ def breakdown(doc: str, model: str | None, device: str, out: str, extras: bool =
     probes = P.build_probes(m, tok, ctx, full, probe_cfg, progress=False)
     train_p, held_p = P.split_probes(probes, probe_cfg.holdout_frac, probe_cfg.seed)
     t = lap(stages, "build probes", t)
-    cuda_graph.CudaGraphBackend.step, sampling.Sampler.__call__, P._Builder.generate = step0, samp0, gen0
+    cuda_graph.CudaGraphBackend.step, sampling.Sampler.__call__, _Builder.generate = step0, samp0, gen0
     rec["probe_tokens_train"] = sum(len(p.ids) for p in train_p)
 
     from nectar_export.collect import collect_queries

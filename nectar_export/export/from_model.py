@@ -95,7 +95,7 @@ def nectar_contexts_for_export(model, ctx, heads, retained=None) -> list[LayerCo
         if heads.spec.variant == "mlp":
             kept = None
             # int8 KV goes in as stored (integers + per-token scales); the graph writer picks its form
-            # (decoder_graph: MatMulNBits columns in quantized bundles, else decoded constants or a per-step cast; docs/onnx.md)
+            # (retained_graph: MatMulNBits columns in quantized bundles, else decoded constants or a per-step cast; docs/onnx.md)
             if retained is not None and layer in retained.keys and retained.dtype == "int8":
                 st = retained.stored
                 kept = RetainedHeads(tuple(retained.heads_of(layer)), st[f"layers.{layer}.key.q"].numpy(),

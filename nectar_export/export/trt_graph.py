@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .decoder_graph import DecoderGraphWriter, StandardAttention
+from .attention_graph import StandardAttention
+from .decoder_graph import DecoderGraphWriter
 
 DOMAIN = "nectar"
 

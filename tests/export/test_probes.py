@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from nectar_export import probes as P
-from nectar_runtime.document import make_context
+from nectar_export.probes import build as probe_build
+from nectar_runtime.document import local_ids, make_context
 from nectar_export.doc_structure import extract_structure, find_options
 from nectar_export.probes import Probe, ProbeConfig, build_probes, probe_stats, question_key, split_probes
 
@@ -291,7 +292,7 @@ def _fake_generate(model, tokenizer, ctx, contexts, conversations, cfg, batch_si
 
 @pytest.fixture
 def fake_build(monkeypatch):
-    monkeypatch.setattr(P, "generate_answers", _fake_generate)
+    monkeypatch.setattr(probe_build, "generate_answers", _fake_generate)
     tok = CharTokenizer()
     model = SimpleNamespace(config=SimpleNamespace(max_position=20000))
     ctx = make_context(tok, MAN, model.config.max_position)
@@ -312,7 +313,7 @@ def test_build_is_deterministic_given_a_seed_and_ids_match_turns(fake_build):
     assert [(p.kind, p.turns, p.ids) for p in a] == [(p.kind, p.turns, p.ids) for p in b]
     assert [p.turns for p in a] != [p.turns for p in c]
     for p in a:
-        assert p.ids == P.local_ids(ctx, tok, p.turns)
+        assert p.ids == local_ids(ctx, tok, p.turns)
         assert p.turns[-1]["role"] == "assistant"
     stats = probe_stats(a)
     assert all(stats["per_kind"][k] > 0 for k in P.KINDS), stats
@@ -384,4 +385,4 @@ def test_real_build_on_a_manual_piece(smollm2_gguf):
     longest = max(len(p.ids) for p in probes)
     assert cfg.min_position_span <= longest <= model.config.max_position - ctx.n
     for p in probes[:: max(1, len(probes) // 8)]:
-        assert p.ids == P.local_ids(ctx, tok, p.turns)
+        assert p.ids == local_ids(ctx, tok, p.turns)
