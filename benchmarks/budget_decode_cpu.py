@@ -9,6 +9,7 @@ document once (untimed); each of its rounds reuses that prefix (llama-cpp-python
 times the decode alone, as the bundles' rounds do.
 
     python benchmarks/budget_decode_cpu.py --bundles DIR1,DIR2,... --name 7000
+    python benchmarks/budget_decode_cpu.py --bundles FP32,INT8,INT4 --name 512_quant   # also: paired ratio to the first
     (writes benchmarks/results/budget_decode_cpu_NAME.json and prints a markdown table)
 """
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         r["kv_share"] = m["artifact"]["artifact_bytes"] / m["artifact"]["kv_bytes"]
         r["paired_ratio_to_llama_cpp"] = statistics.median(b["tokens_per_s"] / l["tokens_per_s"]
                                                            for b, l in zip(r["runs"], llama["runs"]))
+        r["paired_ratio_to_first"] = statistics.median(b["tokens_per_s"] / f["tokens_per_s"]
+                                                       for b, f in zip(r["runs"], rows[0]["runs"]))
     out = {"command": "python benchmarks/budget_decode_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "threads": THREADS,
            "n": ctx.n, "bundles": rows, "llama_cpp": llama}
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / llama['tokens_per_s']:.2f}× |")
     print("paired (same round) ratio to llama.cpp, median over rounds: "
           + ", ".join(f"{r['bundle']} {r['paired_ratio_to_llama_cpp']:.2f}×" for r in rows))
+    print(f"paired ratio to {rows[0]['bundle']} (e.g. the fp32 bundle listed first), median over rounds: "
+          + ", ".join(f"{r['bundle']} {r['paired_ratio_to_first']:.2f}×" for r in rows[1:]))
     print(f"wrote {path}")
     return 0
 
