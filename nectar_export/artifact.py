@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from nectar_runtime import __version__
-from nectar_runtime.bundle import sha256_file
+from nectar_runtime.bundle import is_bundle_manifest, sha256_file
 from nectar_runtime.errors import NectarError
 
 from .config import RETAIN_DTYPES
@@ -97,7 +97,7 @@ def read_manifest(art: str | Path) -> dict:
         raise NectarError(f"{mf}: corrupt manifest ({e}); re-run `nectar fit`") from None
     if not isinstance(m, dict):
         raise NectarError(f"{mf}: not a Nectar artifact manifest (a JSON object expected); re-run `nectar fit`")
-    if str(m.get("kind", "")).startswith("nectar-bundle"):
+    if is_bundle_manifest(m):
         raise NectarError(f"{art}: is an exported bundle, not an artifact; run it with `nectar run {art} --chat QUESTION` "
                           "(ask, eval and export take the artifact `nectar fit` wrote)")
     if m.get("format_version") != FORMAT_VERSION:

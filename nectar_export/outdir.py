@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nectar_runtime.bundle import is_bundle_manifest
 from nectar_runtime.errors import NectarError
 from nectar_runtime.files import check_writable_parent
 
@@ -26,14 +27,9 @@ def nectar_output_kind(d: Path) -> str | None:
         return None
     if not isinstance(m, dict):
         return None
-    if str(m.get("kind", "")).startswith("nectar-bundle"):
+    if is_bundle_manifest(m):
         return "bundle"
     return "artifact" if "spec" in m and "base_model" in m else None
-
-
-def is_nectar_output(d: Path) -> bool:
-    """Whether directory `d` holds a Nectar artifact or bundle."""
-    return nectar_output_kind(d) is not None
 
 
 def check_out_dir(out: str | Path, what: str = "artifact") -> Path:

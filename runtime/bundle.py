@@ -23,6 +23,12 @@ from pathlib import Path
 from .errors import NectarError
 
 BUNDLE_FORMAT_VERSION = 1
+BUNDLE_KIND = "nectar-bundle"  # manifest "kind" of every bundle (onnx, trt, trt-onnx)
+
+
+def is_bundle_manifest(m) -> bool:
+    """Whether a parsed manifest is a bundle's (artifacts have no "kind")."""
+    return isinstance(m, dict) and m.get("kind") == BUNDLE_KIND
 MANIFEST = "manifest.json"
 
 
@@ -72,7 +78,7 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
         m = json.loads(mf.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NectarError(f"{mf}: corrupt manifest ({e}); re-export the bundle") from None
-    if not isinstance(m, dict) or m.get("kind") != "nectar-bundle":
+    if not is_bundle_manifest(m):
         raise NectarError(f"{mf}: not a Nectar bundle manifest; pass the directory `nectar export` wrote")
     if m.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise NectarError(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nectar_runtime import __version__
-from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_KIND, MANIFEST, sha256_file
 from nectar_runtime.errors import NectarError
 
 from ..outdir import replace_dir, temp_dir_beside
@@ -194,7 +194,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
         _save(proto, tmp / GRAPH_FILE)
         write_runtime_files(tmp, oa)
         manifest = {
-            "kind": "nectar-bundle",
+            "kind": BUNDLE_KIND,
             "format": "onnx",
             "format_version": BUNDLE_FORMAT_VERSION,
             "tool_version": __version__,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from nectar_runtime import __version__
-from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION
+from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_KIND
 from nectar_runtime.errors import NectarError
 
 from ..outdir import replace_dir, temp_dir_beside
@@ -128,7 +128,7 @@ def export_trt_bundle(art, out, cfg: ExportConfig, model: str | None = None, log
         write_runtime_files(tmp, oa)
         mcfg = oa.base.config
         manifest = {
-            "kind": "nectar-bundle", "format": "trt" if engine else "trt-onnx", "format_version": BUNDLE_FORMAT_VERSION,
+            "kind": BUNDLE_KIND, "format": "trt" if engine else "trt-onnx", "format_version": BUNDLE_FORMAT_VERSION,
             "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "method": "nectar", "dtype": cfg.dtype, "quantize": None, "opset": proto.opset_import[0].version,
             "graph": {"file": ENGINE_FILE if engine else GRAPH_FILE, "onnx": GRAPH_FILE, **graph_io(proto),

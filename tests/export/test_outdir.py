@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nectar_export.outdir import check_out_dir, is_nectar_output, replace_dir, temp_dir_beside
+from nectar_export.outdir import check_out_dir, nectar_output_kind, replace_dir, temp_dir_beside
 from nectar_runtime.errors import NectarError
 
 
@@ -38,7 +38,7 @@ def test_new_path_empty_dir_and_earlier_output_are_accepted(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"spec": {}, "base_model": {}}))  # an artifact
-    assert is_nectar_output(old)
+    assert nectar_output_kind(old) == "artifact"
     check_out_dir(old)
 
 
