@@ -1,7 +1,7 @@
 """The standard-op attention of one decoder layer (`StandardAttention`, the writer's default
-`attention_op`): one softmax over the layer's separately scored baked parts, the inlined prefix +
-local keys and, with Nectar MLP heads, their pseudo-key (`mlp_heads`); retained heads join it
-through retained_graph.py. Node names under `/model/layers.{i}/attn/` (docs/onnx.md).
+`attention_op`): one softmax over the layer's separately scored baked parts, its past and new local
+keys and, with Nectar MLP heads, their pseudo-key (`mlp_heads`); retained heads join it through
+retained_graph.py. Node names under `/model/layers.{i}/attn/` (docs/onnx.md).
 """
 
 from __future__ import annotations
@@ -17,24 +17,24 @@ from .retained_graph import retained_columns, retained_heads
 if TYPE_CHECKING:
     from .decoder_graph import DecoderGraphWriter
 
+LOCAL_PARTS = ("past", "new")  # the writer's k_parts / v_parts, and their mask keys
+
 
 class StandardAttention:
-    """Attention of one layer in standard ONNX ops, as ONE softmax over: separately scored baked
-    parts (a whole document, quadrature nodes), the inlined prefix + local keys, and — for
-    Nectar MLP heads — one pseudo-key per query whose logit is g(q) and whose value is f(q).
-    Its softmax weight is exactly the merge weight σ(g − lse_exact), so
-    o = Σ p·V + p_g·f is the log-sum-exp merge, in one Softmax instead of lse/sigmoid algebra."""
+    """Attention of one layer in standard ONNX ops, as ONE softmax over: the baked parts (the
+    template prefix, a whole document, quadrature nodes), the past and the new local keys — each
+    scored where it lies, so no key or value is ever copied — and, for Nectar MLP heads, one
+    pseudo-key per query whose logit is g(q) and whose value is f(q). Its softmax weight is
+    exactly the merge weight σ(g − lse_exact), so o = Σ p·V + p_g·f is the log-sum-exp merge, in
+    one Softmax instead of lse/sigmoid algebra."""
 
     def __call__(self, wr: DecoderGraphWriter, i: int, q: str, k_parts: list[str], v_parts: list[str], masks: dict) -> str:
         s, b, ctx = wr.s, wr.b, wr.ctx[i]
         p, wn = f"/model/layers.{i}/attn", f"model.layers.{i}"
         window = s.layer_windows[i]
-        inline = wr.inline_parts()
         qs = b.op("Mul", [q, b.const(s.scale, np.float32)], f"{p}/q_scale/Mul")
         scores, values, sizes = [], [], []
-        for part in ctx.baked:
-            if inline is not None and part.name == inline.name:
-                continue
+        for part in ctx.baked:  # constants [Hkv, ...]: the matmuls broadcast them over the batch
             pp, pw = f"{p}/context.{part.name}", f"{wn}.context.{part.name}"
             kt = b.weight(f"{pw}.key_t", np.ascontiguousarray(part.k.transpose(0, 2, 1), dtype=np.float32))  # [Hkv, D, c]
             sc = b.op("MatMul", [qs, kt], f"{pp}/scores/MatMul")  # [B, Hkv, G*T, c]
@@ -47,18 +47,14 @@ class StandardAttention:
             scores.append(sc)
             values.append(b.weight(f"{pw}.value", part.v.astype(np.float32)))  # [Hkv, c, D]
             sizes.append(part.length)
-        if inline is not None:  # the prefix's keys/values in front of the local ones: one concat
-            part = next(x for x in ctx.baked if x.name == inline.name)
-            k_parts = [self._expanded(wr, f"{wn}.context.{part.name}.key", part.k, f"{p}/prefix_key", wr.dt)] + k_parts
-            v_parts = [self._expanded(wr, f"{wn}.context.{part.name}.value", part.v, f"{p}/prefix_value", wr.dt)] + v_parts
-        k_all = b.op("Concat", k_parts, f"{p}/key_all/Concat", axis=2)
-        v_all = b.op("Concat", v_parts, f"{p}/value_all/Concat", axis=2)
-        kt = b.op("Transpose", [wr.f32(k_all, f"{p}/key_all/Cast")], f"{p}/key_all/Transpose", perm=[0, 1, 3, 2])
-        vl = wr.f32(v_all, f"{p}/value_all/Cast")
-        sc = b.op("MatMul", [qs, kt], f"{p}/scores/MatMul")  # [B, Hkv, G*T, c_in + S]
-        scores.append(b.op("Add", [sc, masks[("local", window)]], f"{p}/scores/mask/Add"))
-        values.append(vl)
-        sizes.append(None)  # dynamic: c_in + S
+        # The local keys stay in their two inputs (the past buffer, this call's tokens): a Concat
+        # would copy the whole past buffer at every decode step.
+        for kind, k, v in zip(LOCAL_PARTS, k_parts, v_parts):
+            kt = b.op("Transpose", [wr.f32(k, f"{p}/{kind}/key/Cast")], f"{p}/{kind}/key/Transpose", perm=[0, 1, 3, 2])
+            sc = b.op("MatMul", [qs, kt], f"{p}/{kind}/scores/MatMul")  # [B, Hkv, G*T, P or T]
+            scores.append(b.op("Add", [sc, masks[(kind, window)]], f"{p}/{kind}/mask/Add"))
+            values.append(wr.f32(v, f"{p}/{kind}/value/Cast"))
+            sizes.append(kind)  # dynamic: P or T
         f = None
         if ctx.heads is not None:
             f, g = mlp_heads(b, f"{p}/nectar_heads", f"{wn}.nectar_heads", q, ctx.heads, wr.gelu_erf)
@@ -75,12 +71,9 @@ class StandardAttention:
                 g = b.op("Add", [g, masks[("heads", window)]], f"{p}/nectar_heads/window/Add")
             scores.append(g)  # the pseudo-key's logit: g(q) ≈ lse_ctx(q)
             sizes.append(1)
-        allsc = scores[0] if len(scores) == 1 else b.op("Concat", scores, f"{p}/scores/Concat", axis=-1)
+        allsc = b.op("Concat", scores, f"{p}/scores/Concat", axis=-1)
         probs = b.op("Softmax", [allsc], f"{p}/Softmax", axis=-1)
-        if len(sizes) == 1:
-            return b.op("MatMul", [probs, values[0]], f"{p}/pv/MatMul")
-        parts = b.op("Split", [probs, wr.split_sizes(sizes, inline.length if inline else 0)], f"{p}/probs/Split",
-                     outputs=len(sizes), axis=-1)
+        parts = b.op("Split", [probs, wr.split_sizes(sizes)], f"{p}/probs/Split", outputs=len(sizes), axis=-1)
         o = None
         for j, (pr, val) in enumerate(zip(parts, values)):
             term = val(pr) if callable(val) else b.op("MatMul", [pr, val], f"{p}/pv.{j}/MatMul")
@@ -88,14 +81,6 @@ class StandardAttention:
         if f is not None:
             o = b.op("Add", [o, b.op("Mul", [parts[-1], f], f"{p}/merge/Mul")], f"{p}/merge/Add")  # + p_g · f(q)
         return o
-
-    @staticmethod
-    def _expanded(wr: DecoderGraphWriter, name: str, array: np.ndarray, p: str, dtype=np.float32) -> str:
-        """A constant [Hkv, a, b] broadcast to [B, Hkv, a, b] (a copy of a few KB per layer)."""
-        b = wr.b
-        w = b.weight(name, np.ascontiguousarray(array[None], dtype=dtype))
-        shape = b.op("Concat", [wr.batch_dim(), b.const(list(array.shape))], f"{p}/shape/Concat", axis=0)
-        return b.op("Expand", [w, shape], f"{p}/Expand")
 
 
 def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -> tuple[str, str]:

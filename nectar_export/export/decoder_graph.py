@@ -14,7 +14,8 @@ Graph interface (B batch, T new tokens, P past slots, S = P + T):
                                                   them into its pre-allocated past buffers
 
 The past buffer may hold empty slots (mask 0) anywhere: key positions are rebuilt from the mask
-(n + cumsum − 1), so a fixed-capacity buffer is passed as is, no per-token reshaping or copying.
+(n + cumsum − 1), so a fixed-capacity buffer is passed as is, no per-token reshaping or copying;
+the graph scores it where it lies (no Concat with the new tokens).
 One graph serves prefill (T > 1) and decode (T = 1).
 
 Node names: `/model/embed/*`, `/model/masks/*`, `/model/rope/*`, `/model/rope.{r}/*`,
@@ -34,8 +35,6 @@ from onnx import TensorProto
 from .attention_graph import StandardAttention
 from .context_parts import BakedKV, LayerContext
 from .graph_builder import NEG, GraphBuilder, onnx_dtype
-
-INLINE_MAX = 256  # baked parts up to this many keys are joined to the local keys (the template prefix)
 
 
 @dataclass(frozen=True)
@@ -93,8 +92,8 @@ class DecoderWeights:
 class DecoderGraphWriter:
     """Writes the decoder into a GraphBuilder. `attention_op` (optional) replaces the standard-op
     attention of each layer (e.g. by one custom `NectarAttention` node for TensorRT); it is called
-    as op(writer, layer, q [B, Hkv, G*T, D] fp32, [past_k, new_k], [past_v, new_v], masks) -> o,
-    the local keys/values given as the pieces to concatenate along the sequence axis.
+    as op(writer, layer, q [B, Hkv, G*T, D] fp32, [past_k, new_k], [past_v, new_v], masks) -> o:
+    the local keys/values [B, Hkv, P, D] and [B, Hkv, T, D] in their two pieces (masks: `masks`).
 
     `ort_fused`: write RoPE as `com.microsoft.RotaryEmbedding` and each residual Add + RMSNorm as
     `com.microsoft.SkipSimplifiedLayerNormalization` (fp32 only) — ONNX Runtime's contrib ops, for
@@ -188,10 +187,10 @@ class DecoderGraphWriter:
     def masks(self, mask: str, pos: str) -> dict:
         """Additive score masks, computed once per call and shared by the layers:
 
-        ("local", w): [B, 1, G*T, c_in + S] over the inlined baked keys (the template prefix, see
-        `inline_parts`) then the local keys, for window w (0 = global);
-        (part, w): [B, 1, G*T, c] for a separately scored baked part with positions in a
-        sliding-window layer (a whole document under --method full);
+        ("past", w), ("new", w): [B, 1, G*T, P] and [B, 1, G*T, T] over the past slots and this
+        call's tokens, for window w (0 = global);
+        (part, w): [B, 1, G*T, c] for a baked part with positions in a sliding-window layer (the
+        template prefix, a whole document under --method full);
         ("heads", w): [B, 1, G*T, 1] for Nectar heads (MLP pseudo-key or quadrature nodes) in a
         sliding-window layer: queries at or past context_len − 1 + w see no document key, so the
         heads get no weight there (heads.NectarContext does the same in torch).
@@ -203,28 +202,20 @@ class DecoderGraphWriter:
         diff = b.op("Sub", [qpos, b.op("Unsqueeze", [kpos, b.const([1])], f"{p}/Unsqueeze_k")], f"{p}/distance")  # [B,T,S]
         real = b.op("Equal", [b.op("Unsqueeze", [mask, b.const([1])], f"{p}/Unsqueeze_m"), b.const(1)], f"{p}/real_key")
         causal = b.op("And", [real, b.op("GreaterOrEqual", [diff, b.const(0)], f"{p}/causal")], f"{p}/visible")
-        inline = self.inline_parts()
         out = {}
         for window in sorted(set(s.layer_windows)):
             vis = causal
             if window:
                 vis = b.op("And", [causal, b.op("Less", [diff, b.const(window)], f"{p}/w{window}/Less")], f"{p}/w{window}/And")
-            if inline:  # the inlined keys: always visible, or by position in a sliding-window layer
-                if window and inline.positions is not None:
-                    pvis = b.op("Less", [b.op("Sub", [qpos, self.positions_init(inline)], f"{p}/{inline.name}_w{window}/distance"),
-                                         b.const(window)], f"{p}/{inline.name}_w{window}/Less")
-                else:
-                    pvis = b.op("Expand", [b.const(True, np.bool_), b.op("Concat", [self.shape_bt(), b.const([inline.length])],
-                                                                         f"{p}/{inline.name}_w{window}/shape", axis=0)],
-                                f"{p}/{inline.name}_w{window}/Expand")
-                vis = b.op("Concat", [pvis, vis], f"{p}/w{window}/inline/Concat", axis=-1)
-            out[("local", window)] = self._bias_from(vis, f"{p}/local_w{window}")
+            local = self._bias_from(vis, f"{p}/local_w{window}")  # [B, 1, G*T, S]
+            out[("past", window)], out[("new", window)] = b.op(
+                "Split", [local, self.split_sizes(["past", "new"])], f"{p}/local_w{window}/Split", outputs=2, axis=-1)
         for w in sorted({w for w, c in zip(s.layer_windows, self.ctx) if w and _has_heads(c)}):
             bound = b.const(s.context_len - 1 + w)
             out[("heads", w)] = self._bias_from(b.op("Less", [qpos, bound], f"{p}/heads_w{w}/Less"), f"{p}/heads_w{w}")
         for li, c in enumerate(self.ctx):
             for part in c.baked:
-                if (inline is not None and part.name == inline.name) or part.positions is None or not s.layer_windows[li]:
+                if part.positions is None or not s.layer_windows[li]:
                     continue
                 key = (part.name, s.layer_windows[li])
                 if key in out:
@@ -234,34 +225,27 @@ class DecoderGraphWriter:
                 out[key] = self._bias_from(vis, f"{p}/{part.name}_w{key[1]}")
         return out
 
-    def split_sizes(self, sizes: list[int | None], inline_len: int) -> str:
-        """The sizes input of a Split over [separate baked parts | inline + local | heads]; the
-        dynamic entry (None) is c_in + S. Computed once per distinct layout and shared."""
+    def split_sizes(self, sizes: list[int | str]) -> str:
+        """The sizes input of a Split over a layer's score columns: ints for baked parts, retained
+        keys and the heads' pseudo-key, "past" (P = S − T) and "new" (T) for the local keys, known
+        only per call. Computed once per distinct layout and shared."""
         b = self.b
-        key = ("split", tuple(sizes), inline_len)
+        key = ("split", tuple(sizes))
         if key not in self._cache:
-            s_len = b.op("Slice", [b.op("Shape", ["attention_mask"], f"/model/split_sizes.{len(self._cache)}/Shape"),
-                                   b.const([1]), b.const([2]), b.const([0])], f"/model/split_sizes.{len(self._cache)}/Slice")
-            if inline_len:
-                s_len = b.op("Add", [s_len, b.const([inline_len])], f"/model/split_sizes.{len(self._cache)}/Add")
-            parts = [s_len if x is None else b.const([x]) for x in sizes]
-            self._cache[key] = b.op("Concat", parts, f"/model/split_sizes.{len(self._cache)}/Concat", axis=0)
+            p = f"/model/split_sizes.{len(self._cache)}"
+            t_len = b.op("Slice", [self.shape_bt(), b.const([1]), b.const([2]), b.const([0])], f"{p}/new/Slice")
+            if "past" in sizes:
+                s_len = b.op("Slice", [b.op("Shape", ["attention_mask"], f"{p}/Shape"), b.const([1]), b.const([2]), b.const([0])],
+                             f"{p}/Slice")
+                p_len = b.op("Sub", [s_len, t_len], f"{p}/past/Sub")
+            dyn = {"past": p_len if "past" in sizes else None, "new": t_len}
+            parts = [dyn[x] if isinstance(x, str) else b.const([x]) for x in sizes]
+            self._cache[key] = b.op("Concat", parts, f"{p}/Concat", axis=0)
         return self._cache[key]
 
     def positions_init(self, part: BakedKV) -> str:
         name = f"model.context.{part.name}.positions"
         return name if self.b.has(name) else self.b.weight(name, part.positions.astype(np.int64))
-
-    def inline_parts(self) -> BakedKV | None:
-        """The baked part joined to the local keys (one matmul and one softmax with them): the
-        template prefix — a few tokens, present in every layer. Whole documents (--method full)
-        and quadrature nodes (with a bias) are scored separately, without copying them."""
-        first = [p for p in self.ctx[0].baked if p.name == "prefix"] if self.ctx else []
-        if not first or first[0].length > INLINE_MAX:
-            return None
-        if not all(any(p.name == "prefix" for p in c.baked) for c in self.ctx):
-            return None
-        return first[0]
 
     def shape_bt(self) -> str:
         """[B, T] of this call, computed once."""

@@ -53,8 +53,8 @@ class NectarAttentionOp:
         qh = wr.to_dt(b.op("Reshape", [q, b.const([0, s.num_heads, -1, s.head_dim])], f"{p}/q_heads/Reshape"), f"{p}/q_heads/Cast")
         if self.prefix_kv is not None and self.prefix_kv[i] is not None:
             pk, pv = self.prefix_kv[i]
-            k_parts = [StandardAttention._expanded(wr, f"{wn}.context.prefix.key", pk, f"{p}/prefix_key", wr.dt)] + k_parts
-            v_parts = [StandardAttention._expanded(wr, f"{wn}.context.prefix.value", pv, f"{p}/prefix_value", wr.dt)] + v_parts
+            k_parts = [_expanded(wr, f"{wn}.context.prefix.key", pk, f"{p}/prefix_key", wr.dt)] + k_parts
+            v_parts = [_expanded(wr, f"{wn}.context.prefix.value", pv, f"{p}/prefix_value", wr.dt)] + v_parts
         k_all = b.op("Concat", k_parts, f"{p}/key_all/Concat", axis=2)
         v_all = b.op("Concat", v_parts, f"{p}/value_all/Concat", axis=2)
         shp = b.op("Shape", [k_all], f"{p}/key_all/Shape")
@@ -81,6 +81,15 @@ class NectarAttentionOp:
         o = b.op(op, inputs, f"{p}/{op}", **attrs)
         o = wr.f32(o, f"{p}/{op}/Cast")
         return b.op("Reshape", [o, b.const([0, s.num_kv_heads, -1, s.head_dim])], f"{p}/o_groups/Reshape")
+
+
+def _expanded(wr: DecoderGraphWriter, name: str, array: np.ndarray, p: str, dtype=np.float32) -> str:
+    """A constant [Hkv, a, b] broadcast to [B, Hkv, a, b] (a copy of a few KB per layer), so the
+    template prefix can join the local keys in front of them."""
+    b = wr.b
+    w = b.weight(name, np.ascontiguousarray(array[None], dtype=dtype))
+    shape = b.op("Concat", [wr.batch_dim(), b.const(list(array.shape))], f"{p}/shape/Concat", axis=0)
+    return b.op("Expand", [w, shape], f"{p}/Expand")
 
 
 def build_trt_proto(oa, dtype=np.float32):
