@@ -1,11 +1,17 @@
 """The ONNX Runtime backend: a bundle's decoder graph behind the `DecoderBackend` interface.
 
-No torch. The decode loop allocates nothing per token beyond the token itself: `reset` creates
-fixed-capacity past KV buffers, one attention-mask buffer and the output buffers, binds them once
-(IO binding over numpy memory), and each `step` writes the new token and position in place, runs
-the graph, and copies the new tokens' keys/values (`present.*`, [B, Hkv, T, D]) into their slots
-of the past buffers. Empty slots are masked out by `attention_mask` (the graph rebuilds key
-positions from it), so the past buffers never change shape during a generation.
+No torch. The decode loop allocates nothing per token beyond the token itself: `reset` allocates
+the past KV memory for the whole capacity once, binds a view of it, the attention-mask buffer and
+the output buffers (IO binding over numpy memory), and each `step` writes the new token and
+position in place, runs the graph, and copies the new tokens' keys/values (`present.*`,
+[B, Hkv, T, D]) into their slots of the past buffers. Empty slots are masked out by
+`attention_mask` (the graph rebuilds key positions from it).
+
+The graph reads every bound past slot, used or not, so the bound past grows in pages of `PAGE`
+slots as the tokens fill it, within the memory reserved by `reset`: a step costs what its tokens
+so far cost, not what `max_new_tokens` reserved (on a 2-core CPU each unused slot of a SmolLM2
+bundle cost ~6 µs per token). A page turn re-lays the used slots out in place and rebinds, once
+every `PAGE` tokens.
 
 Execution providers: TensorRT and CUDA are used when this onnxruntime build has them (GPU
 builds: onnxruntime-gpu, JetPack), CPU otherwise; with a GPU provider the bound host buffers are
@@ -22,6 +28,7 @@ import numpy as np
 from ..errors import NectarError
 from .base import PAD_POSITION
 
+PAGE = 64  # past slots are bound in multiples of this many (the last page: up to the capacity)
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -85,22 +92,40 @@ class OrtBackend:
 
     # ------------------------------------------------------------------ DecoderBackend
     def reset(self, batch: int, capacity: int) -> None:
-        """Allocate and bind the buffers of one generation: past KV [B, Hkv, capacity, D] per layer."""
+        """Reserve the memory of one generation, past KV [B, Hkv, capacity, D] per layer, and bind
+        its first page."""
         if capacity > self.max_local_len:
             raise NectarError(f"{capacity} local tokens requested but this bundle holds at most {self.max_local_len}")
-        import onnxruntime as ort
-
         b, h, d = batch, self.kv_heads, self.head_dim
         self.batch, self.capacity, self.length = b, capacity, 0
-        self.past = [np.zeros((b, h, capacity, d), self.kv_dtype) for _ in range(2 * self.layers)]
-        # decode-step buffers, bound once: ids, positions, outputs, and the mask: its first
-        # `capacity` columns say which past slots hold a real token, the last one the new token
+        self._memory = [np.zeros(b * h * capacity * d, self.kv_dtype) for _ in range(2 * self.layers)]
+        # decode-step buffers: ids, positions, outputs, and (per bound size) the mask, whose first
+        # `bound` columns say which past slots hold a real token, the last one the new token
         self.d_ids = np.zeros((b, 1), np.int64)
         self.d_pos = np.zeros((b, 1), np.int64)
         self.d_real = np.zeros((b, 1), np.bool_)
-        self.d_mask = np.zeros((b, capacity + 1), np.int64)
         self.d_logits = np.zeros((b, 1, self.vocab), np.float32)
         self.d_present = [np.zeros((b, h, 1, d), self.kv_dtype) for _ in range(2 * self.layers)]
+        self.bound = 0
+        self._bind_past(min(capacity, PAGE))
+
+    def _bind_past(self, bound: int) -> None:
+        """Bind `bound` past slots: views [B, Hkv, bound, D] of the reserved memory, the used slots
+        moved to their place in the larger view (in place: the tail first), and the mask widened."""
+        import onnxruntime as ort
+
+        b, h, d, old = self.batch, self.kv_heads, self.head_dim, self.bound
+        self.past = [m[: b * h * bound * d].reshape(b, h, bound, d) for m in self._memory]
+        if old:
+            for m, view in zip(self._memory, self.past):
+                prev = m[: b * h * old * d].reshape(b, h, old, d)
+                for r in reversed(range(b * h)):  # a row's new start is at or after its old one: move the last first
+                    view[r // h, r % h, :old] = prev[r // h, r % h]
+                    view[r // h, r % h, old:] = 0
+        mask = np.zeros((b, bound + 1), np.int64)
+        if old:
+            mask[:, :old] = self.d_mask[:, :old]
+        self.d_mask, self.bound = mask, bound
         io = self.session.io_binding()
         ov = ort.OrtValue.ortvalue_from_numpy
         self._keep = []  # the OrtValues must outlive the binding
@@ -125,19 +150,26 @@ class OrtBackend:
                 bind_out(f"present.{i}.{kind}", self.d_present[2 * i + j])
         self._bind = io
 
+    def _make_room(self, t: int) -> None:
+        """Bind enough pages for `t` more tokens (they are written after the run)."""
+        need = self.length + t
+        if need > self.capacity:
+            raise NectarError(f"local tokens exceed the capacity of {self.capacity} given to reset()")
+        if need > self.bound:
+            self._bind_past(min(self.capacity, -(-need // PAGE) * PAGE))
+
     def step(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """ids, positions: [B, T] (PAD_POSITION = padding) -> last-token logits [B, V] (a view of
         the bound output buffer, valid until the next step)."""
         if self._bind is None:
             raise RuntimeError("reset() first")
         b, t = ids.shape
-        if self.length + t > self.capacity:
-            raise NectarError(f"local tokens exceed the capacity of {self.capacity} given to reset()")
+        self._make_room(t)
         if t == 1:  # the decode loop: in-place writes into bound buffers, no allocation
             np.copyto(self.d_ids, ids)
             np.not_equal(positions, PAD_POSITION, out=self.d_real)
             np.maximum(positions, 0, out=self.d_pos)
-            self.d_mask[:, self.capacity] = self.d_real[:, 0]
+            self.d_mask[:, self.bound] = self.d_real[:, 0]
             self.session.run_with_iobinding(self._bind)
             for buf, new in zip(self.past, self.d_present):
                 buf[:, :, self.length] = new[:, :, 0]
@@ -160,7 +192,7 @@ class OrtBackend:
         b, t = ids.shape
         io = self.session.io_binding()
         ov = ort.OrtValue.ortvalue_from_numpy
-        mask = np.concatenate([self.d_mask[:, : self.capacity], real], axis=1)
+        mask = np.concatenate([self.d_mask[:, : self.bound], real], axis=1)
         keep = [ov(np.ascontiguousarray(ids, np.int64)), ov(np.ascontiguousarray(pos, np.int64)), ov(mask)]
         for name, v in zip(("input_ids", "position_ids", "attention_mask"), keep):
             io.bind_ortvalue_input(name, v)

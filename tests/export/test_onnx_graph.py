@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from nectar_export.export.bundle import compare_backends, quantize_proto
+from nectar_export.export.bundle import ExportConfig, compare_backends, quantize_proto
 from nectar_export.export.decoder_graph import DecoderGraphWriter
 from nectar_export.export.from_model import decoder_weights, full_contexts, graph_spec, nectar_contexts_for_export
 from nectar_export.export.quantize import quantize_blockwise
@@ -116,6 +116,44 @@ def test_batched_left_padded_generation_equals_torch(tiny_model):
     assert np.array_equal(a, b)
 
 
+def _teacher_forced_logits(backend, prompts, steps: int, capacity: int, seed: int) -> np.ndarray:
+    """Left-padded prompts, then `steps` random tokens fed one at a time -> logits [steps + 1, B, V]."""
+    from nectar_runtime.backends.base import PAD_POSITION
+
+    b, t = len(prompts), max(len(p) for p in prompts)
+    ids = np.zeros((b, t), np.int64)
+    pos = np.full((b, t), PAD_POSITION, np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = p
+        pos[i, t - len(p):] = N_CTX + np.arange(len(p))
+    backend.reset(b, capacity)
+    out = [np.array(backend.step(ids, pos), np.float64)]
+    nxt = N_CTX + np.array([len(p) for p in prompts])
+    toks = np.random.default_rng(seed).integers(0, 50, (steps, b))
+    for k in range(steps):
+        out.append(np.array(backend.step(toks[k][:, None], (nxt + k)[:, None]), np.float64))
+    return np.stack(out)
+
+
+def test_past_pages_turn_without_changing_the_logits(tiny_model, monkeypatch):
+    """The ORT backend binds its past in pages (ort_backend.PAGE) as the tokens fill it. With pages of
+    3 slots a left-padded batch turns pages inside its prompt and every third decode step: its logits
+    equal those of one page holding the whole capacity, and track the torch model."""
+    import nectar_runtime.backends.ort_backend as ob
+
+    ref, ort_b, _ = _backends(tiny_model, "nectar", seed=21)
+    prompts, steps, cap = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]], 11, 40
+    monkeypatch.setattr(ob, "PAGE", 3)
+    paged = _teacher_forced_logits(ort_b, prompts, steps, cap, seed=22)
+    assert ort_b.bound == 18 and ort_b.length == 7 + steps  # pages turned: 9 slots for the prompt, then 12, 15, 18
+    monkeypatch.setattr(ob, "PAGE", 1000)
+    whole = _teacher_forced_logits(ort_b, prompts, steps, cap, seed=22)
+    assert ort_b.bound == cap
+    np.testing.assert_allclose(paged, whole, rtol=0, atol=1e-5)
+    torch_logits = _teacher_forced_logits(ref, prompts, steps, cap, seed=22)
+    np.testing.assert_allclose(paged, torch_logits, rtol=0, atol=1e-3)
+
+
 def test_fp16_graph_checks_and_tracks_fp32(tiny_model):
     ref, ort16, proto = _backends(tiny_model, "nectar", seed=4, dtype=np.float16)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True)
@@ -159,7 +197,8 @@ def test_quantized_graph_runs_and_stays_close(tmp_path, kind):
 
     model = load_model(save_tiny("llama", tmp_path / "m", seed=8)).model
     ref, _, proto = _backends(model, "nectar", seed=9)
-    q = quantize_proto(proto, kind)
+    q = proto
+    quantize_proto(q, ExportConfig(quantize=kind))
     ops = {n.op_type for n in q.graph.node}
     assert "MatMulNBits" in ops
     # tied embedding: the lookup reads the LM head's 8-bit weights; the fp32 table is gone
@@ -180,7 +219,8 @@ def test_quantized_lookup_is_the_dequantized_lm_head_row(tmp_path):
 
     model = load_model(save_tiny("llama", tmp_path / "m", seed=10)).model
     _, _, proto = _backends(model, "nectar", seed=11)
-    q = quantize_proto(proto, "int4")  # the LM head is 8-bit in every kind
+    q = proto
+    quantize_proto(q, ExportConfig(quantize="int4"))  # the LM head is 8-bit in every kind
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
     packed, scales, zeros = (inits[i] for i in (gbq.input[0], gbq.input[2], gbq.input[3]))
@@ -200,13 +240,18 @@ def test_quantized_lookup_is_the_dequantized_lm_head_row(tmp_path):
     assert np.abs(out[0] - w).max() < np.abs(w).max() / 100  # and within an 8-bit step of the true embedding
 
 
-def test_decode_steps_allocate_nothing_per_token(tmp_path):
+def test_decode_steps_allocate_nothing_per_token(tmp_path, monkeypatch):
     """After reset and the prompt, a decode step writes into bound buffers: nothing the backend
     allocates (numpy arrays included: tracemalloc sees numpy's allocator) grows with the number
-    of steps. ONNX Runtime's own binding code is not ours to count."""
+    of steps. ONNX Runtime's own binding code is not ours to count. Pages are made larger than the
+    steps here: a page turn (once every ort_backend.PAGE tokens) rebinds, which allocates views,
+    the wider mask and the binding's OrtValues, and is checked in test_past_pages_turn_…"""
     import tracemalloc
 
+    import nectar_runtime.backends.ort_backend as ob
     from nectar_models.loading import load_model
+
+    monkeypatch.setattr(ob, "PAGE", 128)
 
     model = load_model(save_tiny("llama", tmp_path / "m", seed=16)).model
     _, ort_b, _ = _backends(model, "nectar", seed=17)
@@ -278,15 +323,18 @@ def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
 
     model = load_model(save_tiny("llama", tmp_path / "m", seed=13)).model
     _, _, proto = _backends(model, "nectar", seed=14)
-    small = quantize_proto(onnx.ModelProto.FromString(proto.SerializeToString()), "int8")  # default heads_min_bytes
+    small = onnx.ModelProto.FromString(proto.SerializeToString())
+    quantize_proto(small, ExportConfig(quantize="int8"))  # default heads_min_bytes
     assert "model.layers.0.nectar_heads.w2" in {t.name for t in small.graph.initializer}
     assert not [n for n in small.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
-    q = quantize_proto(proto, "int8", heads_min_bytes=0)
+    q = proto
+    quantize_proto(q, ExportConfig(quantize="int8", heads_min_bytes=0))
     assert not [t.name for t in q.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name]
     per_layer = [n.name for n in q.graph.node if n.name.startswith("/model/layers.0/attn/nectar_heads/") and n.op_type == "MatMulNBits"]
     assert len(per_layer) == 3 * model.config.num_kv_heads  # in, mid, out for each KV head
     _, _, proto = _backends(model, "nectar", seed=14)
-    kept = quantize_proto(proto, "int8", heads=False)  # ExportConfig(quantize_heads=False): the heads stay fp32
+    kept = proto
+    quantize_proto(kept, ExportConfig(quantize="int8", quantize_heads=False))  # the heads stay fp32
     assert "model.layers.0.nectar_heads.w2" in {t.name for t in kept.graph.initializer}
     assert not [n for n in kept.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
 
@@ -296,7 +344,8 @@ def test_int8_bundle_with_8_bit_heads_tracks_the_torch_model(tiny_model):
     matmul, and the quantized graph stays within int8 rounding of the fp32 torch model."""
     ref, _, proto = _backends(tiny_model, "nectar", seed=15)
     batched = [n.name for n in proto.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMul"]
-    q = quantize_proto(proto, "int8", heads_min_bytes=0)
+    q = proto
+    quantize_proto(q, ExportConfig(quantize="int8", heads_min_bytes=0))
     per_head = [n.name for n in q.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
     assert batched and len(per_head) == len(batched) * tiny_model.config.num_kv_heads
     r = compare_backends(ref, OrtBackend(_session(q), N_CTX, 1000), [5, 6, 7, 8], N_CTX, 8)
