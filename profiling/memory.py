@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def can_reset_peak_rss() -> bool:
+    """Whether reset_peak_rss() can restart the peak count here (Linux), without doing it."""
+    import os
+
+    return os.access("/proc/self/clear_refs", os.W_OK)
+
+
 def reset_peak_rss() -> bool:
     """Restart this process's peak-memory count (Linux: VmHWM, via /proc/self/clear_refs); False
     where that is not possible, and peak_rss() then reports the whole process lifetime's peak."""

@@ -118,14 +118,14 @@ def build_decoder_proto(oa, cfg: ExportConfig, document_contexts: list, attentio
     return writer.build(f"nectar_{cfg.method}_decoder")
 
 
-def quantize_proto(proto, kind: str, heads: bool = True, heads_min_bytes: int = HEADS_MIN_BYTES, heads_bits: int | None = None):
-    """Weight-only int8/int4 (MatMulNBits) of the 2-D weight matmuls and (`heads`) of the Nectar
-    heads weights of ≥ `heads_min_bytes` (at `heads_bits`, default HEADS_BITS[kind]), in place
-    (returns `proto`); see quantize.py."""
+def quantize_proto(proto, cfg: ExportConfig) -> dict:
+    """Weight-only `cfg.quantize` (MatMulNBits) of the 2-D weight matmuls and, with
+    `cfg.quantize_heads`, of the Nectar heads weights of at least `cfg.heads_min_bytes` (at
+    `heads_bits(cfg)`), in place; returns {MatMul node name: bits}. See quantize.py."""
     from .quantize import quantize_graph
 
-    quantize_graph(proto, kind, heads=heads, heads_min_bytes=heads_min_bytes, heads_bits=heads_bits or HEADS_BITS[kind])
-    return proto
+    return quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes,
+                          heads_bits=heads_bits(cfg))
 
 
 def write_runtime_files(tmp: Path, oa) -> None:
@@ -183,10 +183,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     heads_quantized = False
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
-        from .quantize import quantize_graph
-
-        done = quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes,
-                              heads_bits=heads_bits(cfg))  # {MatMul node name: bits}
+        done = quantize_proto(proto, cfg)
         heads_quantized = any("/nectar_heads/" in name for name in done)
     tmp = temp_dir_beside(out)
     try:
