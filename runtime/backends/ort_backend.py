@@ -10,8 +10,8 @@ position in place, runs the graph, and copies the new tokens' keys/values (`pres
 The graph reads every bound past slot, used or not, so the bound past grows in pages of `PAGE`
 slots as the tokens fill it, within the memory reserved by `reset`: a step costs what its tokens
 so far cost, not what `max_new_tokens` reserved (on a 2-core CPU each unused slot of a SmolLM2
-bundle cost ~6 µs per token). A page turn re-lays the used slots out in place and rebinds, once
-every `PAGE` tokens.
+bundle cost ~6–8 µs per token, docs/benchmarks.md). A page turn, once every `PAGE` tokens,
+re-lays the used slots out in place and rebinds.
 
 Execution providers: TensorRT and CUDA are used when this onnxruntime build has them (GPU
 builds: onnxruntime-gpu, JetPack), CPU otherwise; with a GPU provider the bound host buffers are
