@@ -32,6 +32,12 @@ HEADS_MIN_BYTES = 256 * 1024
 # (n = 7,000: 18.17 -> 16.57 ms per token, KL 0.0028 -> 0.0127), as large as the heads' own KL after
 # retention (docs/benchmarks.md, "4-bit heads").
 HEADS_BITS = {"int8": 8, "int4": 8, "int4-rtn": 8}
+# Inputs per block of those 8-bit heads weights (at most the largest power of two <= K). A KV head's
+# matmul has G = 3 query rows, and ORT's int8 kernel for 3 rows ran 1.5x faster with blocks of 64 or 128
+# than of 32 (chains of 30 640-wide matmuls, 2-core AVX2 EPYC, benchmarks/nbits_block_rate.py). A whole
+# n = 7,000 default int4 bundle, with retained values in blocks of 64 too, decoded 0.65 ms (4.6%) faster
+# per token at equal KL to the fp32 bundle (docs/benchmarks.md, "Larger blocks for the 8-bit heads").
+HEADS_BLOCK = 128
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 QUANTIZE = ("int8", "int4", "int4-rtn")
 GRAPH_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -50,6 +56,8 @@ class ExportConfig:
     heads_min_bytes: int = HEADS_MIN_BYTES
     # ... at this many bits (4 or 8; Python API only); None: HEADS_BITS of the --quantize kind
     heads_bits: int | None = None
+    # ... in blocks of this many inputs (HEADS_BLOCK; Python API only)
+    heads_block: int = HEADS_BLOCK
     # with `quantize`: ONNX Runtime's fused RotaryEmbedding / SkipSimplifiedLayerNormalization
     # (decoder_graph.py, `ort_fused`); the quantized graph is ORT-only anyway. Python API only, for A/B runs.
     ort_fused: bool = True
@@ -64,6 +72,8 @@ class ExportConfig:
             raise NectarError(f"--quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
         if self.quantize and self.dtype != "fp32":
             raise NectarError("--quantize applies to fp32 bundles (activations stay fp32); drop --dtype fp16")
+        if self.heads_block not in (16, 32, 64, 128, 256):
+            raise NectarError(f"ExportConfig.heads_block = {self.heads_block}: use a power of two from 16 to 256")
         if self.heads_bits not in (None, 4, 8):
             raise NectarError(f"ExportConfig.heads_bits = {self.heads_bits}: use 4, 8 or None (the --quantize kind's default)")
         if self.max_local_len < 16:
@@ -87,7 +97,8 @@ def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
     heads = bool(cfg.quantize) and cfg.quantize_heads
     return {"ort_fused": uses_ort_fused(cfg, attention_op),
             "heads_min_bytes": cfg.heads_min_bytes if heads else None,
-            "heads_bits": heads_bits(cfg) if heads else None}
+            "heads_bits": heads_bits(cfg) if heads else None,
+            "heads_block": cfg.heads_block if heads else None}
 
 
 def heads_bits(cfg: ExportConfig) -> int:
@@ -125,7 +136,7 @@ def quantize_proto(proto, cfg: ExportConfig) -> dict:
     from .quantize import quantize_graph
 
     return quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes,
-                          heads_bits=heads_bits(cfg))
+                          heads_bits=heads_bits(cfg), heads_block=cfg.heads_block)
 
 
 def write_runtime_files(tmp: Path, oa) -> None:

@@ -18,7 +18,8 @@ Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applie
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
 fp32 (the exporter's default: bundle.HEADS_MIN_BYTES): one `MatMulNBits` per KV head between a
 Split and a Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs
-neither). At the default budget the heads hold tens of MB of fp32 weights, read in full at every
+neither), in blocks of `heads_block` inputs (the exporter's: bundle.HEADS_BLOCK = 128; ORT's int8
+kernel runs several query rows much faster with larger blocks than with blocks of 32). At the default budget the heads hold tens of MB of fp32 weights, read in full at every
 token; 8 bits keep their rounding (~1/255 of a block's range) far below the heads' own ~0.15
 relative error. Smaller weights stay one fp32 MatMul: there the Hkv + 2 nodes cost more than the
 bytes saved. K need not be a multiple of 32: the last block's weight rows are zero-padded (ORT
@@ -74,7 +75,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
 
 
 def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int,
-                   heads_bits: int = 8) -> dict:
+                   heads_bits: int = 8, heads_block: int = BLOCK) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
     least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits); returns {node name: bits}.
 
@@ -97,7 +98,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
         if heads and w is not None and len(w.dims) == 3 and ".nectar_heads." in w.name \
                 and 4 * int(np.prod(w.dims)) >= heads_min_bytes:
             new_nodes += _per_head_nbits(proto, node, numpy_helper.to_array(w).astype(np.float32), accuracy_level, head_weights,
-                                         heads_bits)
+                                         heads_bits, heads_block)
             done[node.name] = heads_bits
             users[w.name] -= 1
             if users[w.name] == 0:
@@ -189,39 +190,42 @@ def _quantized_embedding_lookup(proto, nodes: list, eight_bit: dict, users: dict
     return out
 
 
-def _per_head_nbits(proto, node, w: np.ndarray, accuracy_level: int, done_weights: set, bits: int = 8) -> list:
+def _per_head_nbits(proto, node, w: np.ndarray, accuracy_level: int, done_weights: set, bits: int = 8,
+                    block: int = BLOCK) -> list:
     """`MatMul(x [B, H, R, K], w [H, K, N])` -> Split(x, axis 1) -> H × MatMulNBits-`bits` -> Concat(axis 1)
-    (one MatMulNBits, no Split/Concat, when H = 1); integer zero points, blocks of BLOCK inputs.
+    (one MatMulNBits, no Split/Concat, when H = 1); integer zero points, blocks of `block` inputs (at
+    most the largest power of two ≤ K, at least 16: ORT's kernel reads whole blocks).
 
     With `p` the MatMul's name without its last part (`…/nectar_heads/in`) and b = `bits`: nodes
     `p/heads/Split`, `p/head{i}/MatMulNBits{b}`, `p/heads/Concat`; weights `<w>.head{i}.q{b}` with
     `.scales` and `.zero_points`, stored once per weight (`done_weights`) however many MatMuls read it."""
     h, k, n = w.shape
+    block = max(16, min(block, 1 << (k.bit_length() - 1)))
     base_name = node.name.rsplit("/", 1)[0] if node.name else node.output[0]
     if node.input[1] not in done_weights:
         done_weights.add(node.input[1])
         for i in range(h):
-            packed, scales, zeros = quantize_blockwise(w[i], bits, pad=True)
+            packed, scales, zeros = quantize_blockwise(w[i], bits, block=block, pad=True)
             base = f"{node.input[1]}.head{i}.q{bits}"
             proto.graph.initializer.extend([numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
                                             numpy_helper.from_array(zeros, f"{base}.zero_points")])
     if h == 1:
         return [_nbits(node.input[0], f"{node.input[1]}.head0.q{bits}", True, list(node.output),
-                       f"{base_name}/head0/MatMulNBits{bits}", k, n, bits, accuracy_level)]
+                       f"{base_name}/head0/MatMulNBits{bits}", k, n, bits, accuracy_level, block)]
     parts = [f"{base_name}/heads/Split/output_{i}" for i in range(h)]
     ones = _const(proto, f"/quantize/const/ones_{h}", np.ones(h, np.int64))
     out = [helper.make_node("Split", [node.input[0], ones], parts, name=f"{base_name}/heads/Split", axis=1)]
     ys = [f"{base_name}/head{i}/MatMulNBits{bits}/output_0" for i in range(h)]
     out += [_nbits(parts[i], f"{node.input[1]}.head{i}.q{bits}", True, [ys[i]], f"{base_name}/head{i}/MatMulNBits{bits}", k, n,
-                   bits, accuracy_level) for i in range(h)]
+                   bits, accuracy_level, block) for i in range(h)]
     out.append(helper.make_node("Concat", ys, list(node.output), name=f"{base_name}/heads/Concat", axis=1))
     return out
 
 
-def _nbits(x, base, with_zero, outputs, name, k, n, bits, accuracy_level):
+def _nbits(x, base, with_zero, outputs, name, k, n, bits, accuracy_level, block: int = BLOCK):
     inputs = [x, base, f"{base}.scales"] + ([f"{base}.zero_points"] if with_zero else [])
     return helper.make_node("MatMulNBits", inputs, outputs, name=name, domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level)
+                            K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)
 
 
 def _const(proto, name: str, value: np.ndarray) -> str:

@@ -275,17 +275,19 @@ def test_decode_steps_allocate_nothing_per_token(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("h", [3, 1])
-def test_heads_batched_matmul_goes_to_n_bits_per_kv_head(h, bits):
-    """A heads MatMul x [B, H, R, K] @ w [H, K, N] (K not a multiple of 32) becomes Split + H
+@pytest.mark.parametrize("k,block", [(45, 32), (100, 64)])
+def test_heads_batched_matmul_goes_to_n_bits_per_kv_head(h, bits, k, block):
+    """A heads MatMul x [B, H, R, K] @ w [H, K, N] (K not a multiple of the block) becomes Split + H
     MatMulNBits (8 bits, the exporter's default; 4 with ExportConfig(heads_bits=4)) + Concat (one
-    MatMulNBits alone when H = 1) that computes x @ dequantized(w_h) for every head h."""
+    MatMulNBits alone when H = 1) that computes x @ dequantized(w_h) for every head h, in blocks of
+    32 or 64 inputs (ExportConfig.heads_block; the exporter's default 128), zero-padded to 2 blocks."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from nectar_export.export.quantize import quantize_graph
 
     rng = np.random.default_rng(12)
-    r, k, n = 5, 45, 70
+    r, n = 5, 70
     w = rng.standard_normal((h, k, n)).astype(np.float32)
     name = "model.layers.0.nectar_heads.w2"
     node = helper.make_node("MatMul", ["x", name], ["y"], name="/model/layers.0/attn/nectar_heads/mid/MatMul")
@@ -293,7 +295,8 @@ def test_heads_batched_matmul_goes_to_n_bits_per_kv_head(h, bits):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, name)])
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     # accuracy_level 0: fp32 activations, so the graph must equal x @ dequantized weights to fp32 rounding
-    assert quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=0, heads_bits=bits) == {node.name: bits}
+    assert quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=0, heads_bits=bits, heads_block=block) == {node.name: bits}
+    assert {a.i for nd in proto.graph.node if nd.op_type == "MatMulNBits" for a in nd.attribute if a.name == "block_size"} == {block}
     names = [nd.name for nd in proto.graph.node]
     per_head = [f"/model/layers.0/attn/nectar_heads/mid/head{i}/MatMulNBits{bits}" for i in range(h)]
     assert names == (per_head if h == 1 else ["/model/layers.0/attn/nectar_heads/mid/heads/Split", *per_head,
@@ -303,7 +306,7 @@ def test_heads_batched_matmul_goes_to_n_bits_per_kv_head(h, bits):
     deq = []
     for i in range(h):
         q, s, z = (inits[f"{name}.head{i}.q{bits}{sfx}"] for sfx in ("", ".scales", ".zero_points"))
-        blocks = q.shape[1]  # ceil(45 / 32) = 2: zero-padded rows
+        blocks = q.shape[1]  # ceil(45 / 32) = ceil(100 / 64) = 2: zero-padded rows
         if bits == 4:  # two per byte, low nibble first (zero points likewise, per row of blocks)
             q = np.stack([q & 15, q >> 4], axis=-1).reshape(n, blocks, -1)
             z = np.stack([z & 15, z >> 4], axis=-1).reshape(n, -1)[:, :blocks]
