@@ -58,11 +58,17 @@ def generation_config(a: argparse.Namespace) -> GenerationConfig:
 
 def print_stream(pieces, session=None) -> None:
     """Write text pieces to stdout as they arrive, then a newline; then, on stderr, whether the
-    answer was cut by a full local window (a ChatSession's `window_full`)."""
+    answer was empty (the model ended its turn at once: say so rather than print a blank line) or
+    cut by a full local window (a ChatSession's `window_full`)."""
+    shown = False
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
+        shown = shown or bool(piece.strip())
     sys.stdout.write("\n")
+    if not shown:
+        sys.stdout.flush()
+        print("nectar: the model ended its answer without any text; rephrase the question", file=sys.stderr)
     if session is not None and session.window_full:
         sys.stdout.flush()
         print(f"nectar: the answer stopped where the window ends ({session.window_full} local tokens); ask a shorter "

@@ -138,3 +138,13 @@ def test_runtime_and_cli_import_without_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("pieces,empty", [([], True), (["\n", "  "], True), (["The ", "answer."], False)])
+def test_an_empty_answer_is_said_not_printed_blank(pieces, empty, capsys):
+    from nectar_runtime.cli import print_stream
+
+    print_stream(iter(pieces))
+    out, err = capsys.readouterr()
+    assert out == "".join(pieces) + "\n"
+    assert ("ended its answer without any text" in err) == empty
