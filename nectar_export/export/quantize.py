@@ -19,10 +19,11 @@ Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applie
 fp32 (the exporter's default: bundle.HEADS_MIN_BYTES): one `MatMulNBits` per KV head between a
 Split and a Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs
 neither), in blocks of `heads_block` inputs (the exporter's: bundle.HEADS_BLOCK = 128; ORT's int8
-kernel runs several query rows much faster with larger blocks than with blocks of 32). At the default budget the heads hold tens of MB of fp32 weights, read in full at every
-token; 8 bits keep their rounding (~1/255 of a block's range) far below the heads' own ~0.15
-relative error. Smaller weights stay one fp32 MatMul: there the Hkv + 2 nodes cost more than the
-bytes saved. K need not be a multiple of 32: the last block's weight rows are zero-padded (ORT
+kernel runs several query rows much faster with larger blocks than with blocks of 32). At the
+default budget the heads hold tens of MB of fp32 weights, read in full at every token; 8 bits keep
+their rounding (~1/255 of a block's range) far below the heads' own ~0.15 relative error. Smaller
+weights stay one fp32 MatMul: there the Hkv + 2 nodes cost more than the bytes saved. K need not
+be a multiple of the block: the last block's weight rows are zero-padded (ORT
 reads only K inputs). Baked KV, retained KV and (standard graph form) the RoPE rotation matrix stay
 as they are. `accuracy_level` 4 lets ORT's CPU kernels quantize activations to int8 per block and use
 integer dot products.
