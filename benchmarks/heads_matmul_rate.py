@@ -11,7 +11,7 @@ Two measurements, each a chain of matmuls in one graph, timed over `--repeats` r
     `MatMulNBits` → Concat — in chains of 30 (one per layer), K = 64 … 768, to place
     `nectar_export.export.bundle.HEADS_MIN_BYTES` (below it a heads weight stays fp32).
 
-    python benchmarks/heads_matmul_rate.py [--threads 2] [--break-even]
+    python benchmarks/heads_matmul_rate.py [--threads 2] [--break-even [--heads-block 128 --out PATH]]
 
 Writes benchmarks/results/heads_matmul_rate.json (`--break-even`: heads_break_even.json beside it) and
 prints a table (docs/benchmarks.md quotes it).
@@ -55,9 +55,9 @@ def chain(kind: str, k: int, rows: int, length: int, rng):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def heads_chain(k: int, quantized: bool, rng, hkv: int = 3, rows: int = 3, length: int = 30):
+def heads_chain(k: int, quantized: bool, rng, hkv: int = 3, rows: int = 3, length: int = 30, block: int = 32):
     """30 layers' worth of one heads matmul, x [1, hkv, rows, k] @ w [hkv, k, k], as exported
-    (`quantized`: through quantize_graph, i.e. Split → per-head MatMulNBits-8 → Concat)."""
+    (`quantized`: through quantize_graph, i.e. Split → per-head MatMulNBits-8 in blocks of `block` → Concat)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from nectar_export.export.quantize import quantize_graph
@@ -73,7 +73,7 @@ def heads_chain(k: int, quantized: bool, rng, hkv: int = 3, rows: int = 3, lengt
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     if quantized:
-        quantize_graph(m, "int8", heads_min_bytes=0)
+        quantize_graph(m, "int8", heads_min_bytes=0, heads_block=block)
     return m
 
 
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--break-even", action="store_true", help="only the fp32 vs 8-bit heads break-even")
+    ap.add_argument("--heads-block", type=int, default=32, help="--break-even: the 8-bit heads' block (the exporter's: 128)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "heads_matmul_rate.json"))
     a = ap.parse_args(argv)
     import onnxruntime
@@ -136,7 +137,7 @@ def break_even(a, rng) -> int:
     out = Path(a.out).with_name("heads_break_even.json") if a.out.endswith("heads_matmul_rate.json") else Path(a.out)
     rows_out = []
     for k in (64, 128, 192, 256, 320, 384, 512, 768):
-        models = {q: heads_chain(k, q, rng) for q in (False, True)}
+        models = {q: heads_chain(k, q, rng, block=a.heads_block) for q in (False, True)}
         ms = {False: [], True: []}
         for _ in range(5):
             for q, m in models.items():
@@ -145,7 +146,7 @@ def break_even(a, rng) -> int:
         rows_out.append({"k": k, "fp32_bytes_per_weight": 3 * k * k * 4, "fp32_us_per_layer": 1000 * f / 30,
                          "int8_us_per_layer": 1000 * e / 30, "ratio_int8_to_fp32": e / f})
     report = {"date": time.strftime("%Y-%m-%d"), "threads": a.threads, "onnxruntime": onnxruntime.__version__,
-              "heads_min_bytes": HEADS_MIN_BYTES, "rows": rows_out}
+              "heads_min_bytes": HEADS_MIN_BYTES, "heads_block": a.heads_block, "rows": rows_out}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}\n| K | fp32 KB per weight | fp32 µs per layer | 8-bit µs per layer | 8-bit / fp32 |\n|---:|---:|---:|---:|---:|")

@@ -26,6 +26,8 @@ METHODS = ("nectar", "full")
 # batched fp32 MatMul is faster than Split + one 8-bit MatMulNBits per KV head + Concat (on a 2-core
 # AVX2 EPYC, 30 layers' [3, K, K] weights: 8-bit took 1.46x the fp32 time at 197 KB and 0.77x at
 # 442 KB; `python benchmarks/heads_matmul_rate.py --break-even`, benchmarks/results/heads_break_even.json).
+# With the 8-bit heads in blocks of 128 (HEADS_BLOCK below) the floor stays between the same two sizes:
+# 1.16x at 197 KB, 0.58x at 442 KB (`… --break-even --heads-block 128`, heads_break_even_block128.json).
 HEADS_MIN_BYTES = 256 * 1024
 # Bits of those heads weights per --quantize kind. 8 in every kind: 4-bit heads (ExportConfig(heads_bits=4))
 # cut an int4 bundle's decode time by 4-9% on a 2-core CPU but raised its KL to the fp32 bundle 2.2-4.5x
