@@ -7,7 +7,7 @@ work folder) is exported as int4 once per variant `HEADS_BLOCK:VALUE_BLOCK`. The
   * fidelity: top-1 agreement and mean KL(fp32 ‖ variant) against the artifact's fp32 bundle,
     teacher-forced over the full-context fp32 bundle's greedy answers to the first manual's
     questions (benchmarks/quant_quality.py's comparison);
-  * decode time: 40 greedy-free decode steps after a 30-token prompt (95 slots reserved), every
+  * decode time: reserved_slots_cpu.decode_step_ms (40 steps after a 30-token prompt, 95 slots), every
     variant once per round, round-robin; medians and the paired difference to the first variant.
 
     python benchmarks/heads_block_ab.py [--variants 32:32,64:32,128:32,64:64] [--rounds 8] [--questions 12]
@@ -25,17 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import quant_quality  # noqa: E402
 from decode_cpu import machine_info, write_docs  # noqa: E402
+from reserved_slots_cpu import STEPS, THREADS, decode_step_ms  # noqa: E402
 
 WORK = REPO / "benchmarks" / "work" / "ort_decode"
 BEGIN, END = "<!-- heads_block_ab:begin -->", "<!-- heads_block_ab:end -->"
-THREADS, PROMPT, STEPS, CAPACITY = 2, 30, 40, 95
+CAPACITY = 95  # the prompt + STEPS + room: ort_decode.py's reservation
 
 
 def export_variant(art: Path, out: Path, heads_block: int, value_block: int) -> Path:
@@ -59,14 +58,9 @@ def time_round_robin(paths: list[Path], rounds: int) -> list[list[float]]:
     runs = [[] for _ in paths]
     for r in range(rounds + 1):
         for i, be in enumerate(backends):
-            be.reset(1, CAPACITY)
-            n = be.context_len
-            be.step(np.ones((1, PROMPT), np.int64), np.arange(n, n + PROMPT)[None])
-            t0 = time.perf_counter()
-            for s in range(STEPS):
-                be.step(np.array([[42]]), np.array([[n + PROMPT + s]]))
+            ms = decode_step_ms(be, CAPACITY)
             if r:
-                runs[i].append(1e3 * (time.perf_counter() - t0) / STEPS)
+                runs[i].append(ms)
     return runs
 
 

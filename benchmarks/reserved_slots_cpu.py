@@ -27,6 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS, PROMPT, STEPS = 2, 30, 40
 
 
+def decode_step_ms(be, capacity: int) -> float:
+    """ms per decode step of an OrtBackend: `STEPS` steps (a fixed token) after a `PROMPT`-token
+    prompt, `capacity` slots reserved."""
+    be.reset(1, capacity)
+    n = be.context_len
+    be.step(np.ones((1, PROMPT), np.int64), np.arange(n, n + PROMPT)[None])
+    t0 = time.perf_counter()
+    for s in range(STEPS):
+        be.step(np.array([[42]]), np.array([[n + PROMPT + s]]))
+    return 1e3 * (time.perf_counter() - t0) / STEPS
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundles", required=True)
@@ -48,14 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(-1, a.rounds):  # round -1 warms up, untimed
         for p, be in backends.items():
             for cap in caps:
-                be.reset(1, cap)
-                n = be.context_len
-                be.step(np.ones((1, PROMPT), np.int64), np.arange(n, n + PROMPT)[None])
-                t0 = time.perf_counter()
-                for s in range(STEPS):
-                    be.step(np.array([[42]]), np.array([[n + PROMPT + s]]))
+                ms = decode_step_ms(be, cap)
                 if r >= 0:
-                    runs[p][cap].append(1e3 * (time.perf_counter() - t0) / STEPS)
+                    runs[p][cap].append(ms)
     first = runs[paths[0]]
     rows = [{"bundle": p, "capacity": c, "ms_per_token_median": statistics.median(v), "runs_ms": v,
              # same round, same capacity: drift of the machine cancels
