@@ -2,12 +2,15 @@
 com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per block), asymmetric.
 
     int4        transformer matmuls at 4 bits, the LM head at 8 bits (the GGUF, too, keeps its tied
-                embedding at Q8_0), with float zero points: a GGUF Q4_1 weight (w = d·q + m per
-                block of 32 inputs) lies exactly on the grid (q − z)·s with z = −m/d, so the bundle
-                holds the very weights llama.cpp runs. ORT's fast kernel takes only integer zero
-                points, so the graph uses its symmetric kernel plus the exact per-block offset as
-                a small matmul: x·W = MatMulNBits(x) + (x·Bk)·C (Bk the [K, K/32] block
-                indicator, C [K/32, N]; the block sums are shared by matmuls reading one input)
+                embedding at Q8_0), reproducing a GGUF Q4_1 weight (w = d·q + m per block of 32
+                inputs): it lies exactly on the grid (q − z)·s with the float zero point z = −m/d,
+                so the bundle holds the very 4-bit codes llama.cpp runs. ORT's fast kernel takes
+                only integer zero points (float ones run ~25× slower), so the graph runs it with the
+                nearest integer z' and adds what z' misses, the per-block residual s·(z' − z), as a
+                small 8-bit matmul over the input's block sums: x·W = MatMulNBits(x) + (x·Bk)·R
+                (Bk the [K, K/32] block indicator, R [K/32, N]; block sums shared by the matmuls
+                reading one input). R's 8-bit grid moves a weight by ≤ 1/510 of R's range over a
+                block of block sums (about one Q4_1 step), 16× finer than int8's rounding
     int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (168 vs 147 tok/s
                 for int4 on the 2-core CPU of docs/benchmarks.md), but for weights that are already 4-bit (a Q4_1 GGUF) a
                 second rounding, with a visible quality cost (docs/results.md)
@@ -35,6 +38,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 BLOCK = 32
+OFFSET_BLOCK = 32  # the 8-bit offset residuals' blocks (over the K/32 block sums)
 
 
 KINDS = ("int8", "int4", "int4-rtn")
@@ -69,10 +73,26 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
     if float_zero:
         return packed, scale, zero.astype(np.float32).ravel()
-    z = zero.astype(np.uint8)
+    return packed, scale, _pack_nibbles(zero.astype(np.uint8))
+
+
+def _pack_nibbles(z: np.ndarray) -> np.ndarray:
+    """4-bit zero points [N, K/block] uint8 -> [N * ceil(K/block / 2)], two per byte, low nibble first."""
     if z.shape[1] % 2:
-        z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-    return packed, scale, np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
+        z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
+
+
+def _offset_nbits(blocksums: str, residual: np.ndarray, base: str, name: str, accuracy_level: int, extra: list):
+    """`blocksums [.., K/32] @ residual [K/32, N]` as one 8-bit MatMulNBits (its weights appended to
+    `extra`): a quarter of the fp32 matmul's bytes, which at decode are most of its time. The 8-bit
+    grid moves each weight by ≤ 1/510 of the residuals' range over a block of block sums."""
+    kb, n = residual.shape
+    block = max(16, min(OFFSET_BLOCK, 1 << (kb.bit_length() - 1)))
+    packed, scales, zeros = quantize_blockwise(residual, 8, block=block, pad=True)
+    extra += [numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
+              numpy_helper.from_array(zeros, f"{base}.zero_points")]
+    return _nbits(blocksums, base, True, [f"{name}/output_0"], name, kb, n, 8, accuracy_level, block)
 
 
 def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int,
@@ -80,11 +100,10 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
     least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits); returns {node name: bits}.
 
-    int4: 4-bit weights use ORT's fast symmetric kernel (implicit zero point 8) plus an exact
-    correction for the true per-block offset: x @ W = MatMulNBits(x) + blocksum(x) @ C with
-    blocksum(x) = x @ (block indicator [K, K/32]) and
-    C[b, n] = s·(8 − z) per block b — one [K/32, N] fp32 matmul, 1/32 of the weight's size, whose
-    block sums are shared by the matmuls reading the same input.
+    int4: 4-bit weights on ORT's fast kernel with integer zero points, plus the per-block residual
+    of the true (float) zero point: x @ W = MatMulNBits(x) + blocksum(x) @ R with
+    blocksum(x) = x @ (block indicator [K, K/32]) and R[b, n] = s·(round(z) − z) — one 8-bit
+    [K/32, N] MatMulNBits, whose block sums are shared by the matmuls reading the same input.
     """
     if kind not in KINDS:
         raise ValueError(kind)
@@ -128,10 +147,12 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
                 xs = helper.make_node("MatMul", [x, ind], [f"{name}/blocksum/output_0"], name=f"{name}/blocksum/MatMul")
                 new_nodes.append(xs)
                 blocksums[x] = xs.output[0]
-            corr = (scales * (8.0 - zeros)).reshape(n, k // BLOCK).T  # [K/32, N]
-            extra.append(numpy_helper.from_array(np.ascontiguousarray(corr, np.float32), f"{base}.offset"))
-            main = _nbits(x, base, False, [f"{name}/output_0"], name, k, n, bits, accuracy_level)
-            fix = helper.make_node("MatMul", [blocksums[x], f"{base}.offset"], [f"{name}/offset/output_0"], name=f"{name}/offset/MatMul")
+            z = np.clip(np.rint(zeros), 0, 15)  # the nearest integer zero point: ORT's fast kernel
+            main = _nbits(x, base, True, [f"{name}/output_0"], name, k, n, bits, accuracy_level)
+            extra.append(numpy_helper.from_array(_pack_nibbles(z.astype(np.uint8).reshape(n, k // BLOCK)), f"{base}.zero_points"))
+            # what the integer zero point misses, per block: s·(z − z_float), |.| ≤ s/2 unless clipped
+            residual = np.ascontiguousarray((scales * (z - zeros)).reshape(n, k // BLOCK).T, np.float32)  # [K/32, N]
+            fix = _offset_nbits(blocksums[x], residual, f"{base}.offset.q8", f"{name}/offset/MatMulNBits8", accuracy_level, extra)
             add = helper.make_node("Add", [main.output[0], fix.output[0]], list(node.output), name=f"{name}/offset/Add")
             new_nodes += [main, fix, add]
         proto.graph.initializer.extend(extra)

@@ -191,6 +191,45 @@ def test_blockwise_int4_reproduces_a_q4_1_grid_exactly():
     assert np.abs(back - w).max() < 1e-6
 
 
+def _q4_1_weight(rng, k: int, n: int) -> np.ndarray:
+    """[K, N] fp32 on a GGUF Q4_1 grid: w = d·q + m per block of 32 inputs, q spanning 0..15."""
+    q = rng.integers(0, 16, (n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.random((n, k // 32, 1)) * 0.05 + 1e-3
+    m = -8 * d + rng.standard_normal((n, k // 32, 1)) * 0.01  # blocks roughly centred on 0, like real weights
+    return (q * d + m).reshape(n, k).T.astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [96, 1536])  # 3 block sums (one zero-padded block of 16), 48 (two blocks of 32)
+def test_int4_matmul_keeps_the_q4_1_weights(k):
+    """The int4 form (integer zero point + 8-bit residual over block sums) computes x·W of a Q4_1
+    weight far closer than a second 4-bit rounding (int4-rtn) does; fp32 activations (accuracy
+    level 0) so only the weights' representation is compared."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from nectar_export.export.quantize import quantize_graph
+
+    rng = np.random.default_rng(k)
+    n = 40
+    w = _q4_1_weight(rng, k, n)
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    errs = {}
+    for kind in ("int4", "int4-rtn"):
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "model.layers.0.mlp.down_proj.weight"], ["y"], name="/model/layers.0/mlp/down_proj/MatMul")],
+                              "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 5, k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "model.layers.0.mlp.down_proj.weight")])
+        proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        done = quantize_graph(proto, kind, accuracy_level=0, heads_min_bytes=1 << 30)
+        assert done == {"/model/layers.0/mlp/down_proj/MatMul": 4}
+        y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        errs[kind] = np.abs(y - exact).max() / np.abs(exact).max()
+    assert errs["int4"] < 2e-3, errs  # what is left: R's 8-bit grid, ≤ 1/510 of its range per block
+    assert errs["int4"] < errs["int4-rtn"] / 10, errs
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4", "int4-rtn"])
 def test_quantized_graph_runs_and_stays_close(tmp_path, kind):
     from nectar_models.loading import load_model
