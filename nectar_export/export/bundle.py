@@ -100,7 +100,9 @@ def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
     return {"ort_fused": uses_ort_fused(cfg, attention_op),
             "heads_min_bytes": cfg.heads_min_bytes if heads else None,
             "heads_bits": heads_bits(cfg) if heads else None,
-            "heads_block": cfg.heads_block if heads else None}
+            "heads_block": cfg.heads_block if heads else None,
+            # how int4 adds a Q4_1 block's float zero point (quantize.py): the residual matmul's bits
+            "int4_offset_bits": 8 if cfg.quantize == "int4" else None}
 
 
 def heads_bits(cfg: ExportConfig) -> int:

@@ -48,7 +48,16 @@ def select_providers(requested: str | None = None) -> list[str]:
     return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
 
 
-def session_options(threads: int | None):
+# ORT session config entries. `dynamic_block_base`: parallel loops hand out work in shrinking
+# blocks instead of one static split per thread, so on a small, busy CPU one slow thread does not
+# hold up each of a decode step's ~1,500 nodes; 4–8 took 5–7% off a SmolLM2 decode step on 2 cores
+# (benchmarks/ort_session_knobs.py, docs/benchmarks.md).
+SESSION_CONFIG = {"session.dynamic_block_base": "4"}
+
+
+def session_options(threads: int | None, config: dict[str, str] | None = None):
+    """ORT session options for a decode graph: all graph optimizations, `threads` intra-op
+    threads (default: every core), sequential execution, `config` entries (default SESSION_CONFIG)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -57,6 +66,8 @@ def session_options(threads: int | None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    for key, value in (SESSION_CONFIG if config is None else config).items():
+        so.add_session_config_entry(key, value)
     return so
 
 
