@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `{out['command']}` — {out['machine']['cpu_model']}, {THREADS} threads, onnxruntime "
              f"{out['onnxruntime']}, {out['date']}; record `benchmarks/results/ort_session_knobs.json`. One ORT session per "
              f"value, each timed once per round over {STEPS} decode steps after a {PROMPT}-token prompt ({CAPACITY} slots "
-             f"reserved), {a.rounds} rounds. The runtime's sessions use `ort_backend.SESSION_CONFIG`.", "",
+             f"reserved), {a.rounds} rounds. The runtime keeps ORT's default (0; `ort_backend.SESSION_CONFIG`).", "",
              "| bundle | dynamic_block_base | ms/step (median) | paired change vs 0 | rounds faster |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['bundle']} | {r['dynamic_block_base']} | {r['ms_per_step_median']:.2f} | {100 * r['paired_change']:+.1f}% | "

@@ -48,11 +48,11 @@ def select_providers(requested: str | None = None) -> list[str]:
     return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
 
 
-# ORT session config entries. `dynamic_block_base`: parallel loops hand out work in shrinking
-# blocks instead of one static split per thread, so on a small, busy CPU one slow thread does not
-# hold up each of a decode step's ~1,500 nodes; 4–8 took 5–7% off a SmolLM2 decode step on 2 cores
-# (benchmarks/ort_session_knobs.py, docs/benchmarks.md).
-SESSION_CONFIG = {"session.dynamic_block_base": "4"}
+# ORT session config entries added to every session (none by default). Tried for decode on a
+# 2-core CPU, and not adopted: `session.dynamic_block_base` (parallel loops hand out work in
+# shrinking blocks): −5 to −7% per SmolLM2 step in one state of the machine, −4% (fp32) to +3%
+# (int4) in two later runs (benchmarks/ort_session_knobs.py, docs/benchmarks.md).
+SESSION_CONFIG: dict[str, str] = {}
 
 
 def session_options(threads: int | None, config: dict[str, str] | None = None):
