@@ -101,8 +101,9 @@ def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
             "heads_min_bytes": cfg.heads_min_bytes if heads else None,
             "heads_bits": heads_bits(cfg) if heads else None,
             "heads_block": cfg.heads_block if heads else None,
-            # how int4 adds a Q4_1 block's float zero point (quantize.py): the residual matmul's bits
-            "int4_offset_bits": 8 if cfg.quantize == "int4" else None}
+            # how int4 applies a Q4_1 block's float zero point (quantize.py): its residual as 4-bit
+            # digits over the input's block sums, inside the weight's own MatMulNBits
+            "int4_offsets": "block_sum_digits" if cfg.quantize == "int4" else None}
 
 
 def heads_bits(cfg: ExportConfig) -> int:

@@ -4,13 +4,13 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
     int4        transformer matmuls at 4 bits, the LM head at 8 bits (the GGUF, too, keeps its tied
                 embedding at Q8_0), reproducing a GGUF Q4_1 weight (w = d·q + m per block of 32
                 inputs): it lies exactly on the grid (q − z)·s with the float zero point z = −m/d,
-                so the bundle holds the very 4-bit codes llama.cpp runs. ORT's fast kernel takes
-                only integer zero points (float ones run ~25× slower), so the graph runs it with the
-                nearest integer z' and adds what z' misses, the per-block residual s·(z' − z), as a
-                small 8-bit matmul over the input's block sums: x·W = MatMulNBits(x) + (x·Bk)·R
-                (Bk the [K, K/32] block indicator, R [K/32, N]; block sums shared by the matmuls
-                reading one input). R's 8-bit grid moves a weight by ≤ 1/510 of R's range over a
-                block of block sums (about one Q4_1 step), 16× finer than int8's rounding
+                so the bundle keeps the very 4-bit codes llama.cpp runs. ORT's fast kernel takes
+                only integer zero points (float ones run ~25× slower), so the codes get the
+                nearest integer z', and what z' misses, R[b, n] = s·(z' − z) per block b, is applied
+                to the input's block sums inside the same matmul: x·W = MatMulNBits(x_aug) with
+                x_aug = [x, x·Bd] (Bd: the block indicator, twice) and R at 8 bits as two extra
+                4-bit digits per block sum. The 8-bit grid moves a weight by ≤ 1/510 of R's range
+                over 32 block sums (about one Q4_1 step), 16× finer than int8's rounding
     int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (168 vs 147 tok/s
                 for int4 on the 2-core CPU of docs/benchmarks.md), but for weights that are already 4-bit (a Q4_1 GGUF) a
                 second rounding, with a visible quality cost (docs/results.md)
@@ -38,7 +38,6 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 BLOCK = 32
-OFFSET_BLOCK = 32  # the 8-bit offset residuals' blocks (over the K/32 block sums)
 
 
 KINDS = ("int8", "int4", "int4-rtn")
@@ -83,16 +82,50 @@ def _pack_nibbles(z: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4)).ravel()
 
 
-def _offset_nbits(blocksums: str, residual: np.ndarray, base: str, name: str, accuracy_level: int, extra: list):
-    """`blocksums [.., K/32] @ residual [K/32, N]` as one 8-bit MatMulNBits (its weights appended to
-    `extra`): a quarter of the fp32 matmul's bytes, which at decode are most of its time. The 8-bit
-    grid moves each weight by ≤ 1/510 of the residuals' range over a block of block sums."""
-    kb, n = residual.shape
-    block = max(16, min(OFFSET_BLOCK, 1 << (kb.bit_length() - 1)))
-    packed, scales, zeros = quantize_blockwise(residual, 8, block=block, pad=True)
-    extra += [numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
-              numpy_helper.from_array(zeros, f"{base}.zero_points")]
-    return _nbits(blocksums, base, True, [f"{name}/output_0"], name, kb, n, 8, accuracy_level, block)
+def _augment_with_block_sums(proto, x: str, k: int, name: str, augmented: dict) -> list:
+    """x [.., K] -> x_aug = Concat(x, x @ Bd) [.., K + 64·nb], recorded in `augmented[x]` as
+    (name, K + 64·nb): Bd [K, 64·nb] holds the block indicator twice, each copy zero-padded to nb
+    whole blocks of 32 (nb = ceil(K/32 / 32)), so x_aug carries x's K/32 block sums once per
+    4-bit digit of the zero-point residual (_q4_1_with_residual_digits). Shared by the matmuls
+    reading x; nodes `{name}/blocksum/MatMul` and `{name}/augment/Concat`."""
+    kb = k // BLOCK
+    nb = -(-kb // BLOCK)
+    ind = np.zeros((k, 2 * nb * BLOCK), np.float32)
+    for digit in range(2):
+        ind[np.arange(k), digit * nb * BLOCK + np.arange(k) // BLOCK] = 1.0
+    bd = _const(proto, f"/quantize/const/block_sums_{k}", ind)
+    sums = helper.make_node("MatMul", [x, bd], [f"{name}/blocksum/output_0"], name=f"{name}/blocksum/MatMul")
+    cat = helper.make_node("Concat", [x, sums.output[0]], [f"{name}/augment/output_0"], name=f"{name}/augment/Concat", axis=-1)
+    augmented[x] = (cat.output[0], k + 2 * nb * BLOCK)
+    return [sums, cat]
+
+
+def _q4_1_with_residual_digits(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: int, n: int, base: str) -> list:
+    """A Q4_1 weight on the exact float-zero-point grid (`packed` [N, K/32, 16], `scales`, `zeros`
+    fp32 [N·K/32]) -> MatMulNBits-4 initializers `base`, `.scales`, `.zero_points` over K + 64·nb
+    inputs (see _augment_with_block_sums). The first K/32 blocks hold the 4-bit codes as they are
+    with the nearest integer zero point z' (ORT's fast kernel); what z' misses per block,
+    R[b, n] = s·(z' − z), multiplies block sum b of the input. R is quantized to 8 bits per
+    32 block sums, R ≈ s8·(Q − Z), and its codes split into two 4-bit digits, Q = 16·Qh + Ql,
+    Z = 16·Zh + Zl: R = 16·s8·(Qh − Zh) + s8·(Ql − Zl), i.e. 2·nb more blocks of the same
+    4-bit matmul, exact up to the 8-bit grid (≤ 1/510 of R's range over 32 block sums)."""
+    kb = k // BLOCK
+    z = np.clip(np.rint(zeros), 0, 15).reshape(n, kb)  # ORT's fast kernel takes integer zero points only
+    residual = np.ascontiguousarray((scales.reshape(n, kb) * (z - zeros.reshape(n, kb))).T, np.float32)  # [K/32, N]
+    q8, s8, z8 = quantize_blockwise(residual, 8, block=BLOCK, pad=True)  # [N, nb, 32], [N·nb], [N·nb]
+    nb = q8.shape[1]
+
+    def nibbles(codes):  # [N, nb, 32] 0..15 -> [N, nb, 16], low nibble first
+        return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+    blocks = np.concatenate([packed, nibbles(q8 >> 4), nibbles(q8 & 15)], axis=1)
+    s8 = s8.reshape(n, nb)
+    all_scales = np.concatenate([scales.reshape(n, kb), 16 * s8, s8], axis=1).astype(np.float32)
+    z8 = z8.reshape(n, nb)
+    all_zeros = np.concatenate([z.astype(np.uint8), z8 >> 4, z8 & 15], axis=1)
+    return [numpy_helper.from_array(np.ascontiguousarray(blocks), base),
+            numpy_helper.from_array(all_scales.ravel(), f"{base}.scales"),
+            numpy_helper.from_array(_pack_nibbles(all_zeros), f"{base}.zero_points")]
 
 
 def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int,
@@ -100,10 +133,9 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
     least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits); returns {node name: bits}.
 
-    int4: 4-bit weights on ORT's fast kernel with integer zero points, plus the per-block residual
-    of the true (float) zero point: x @ W = MatMulNBits(x) + blocksum(x) @ R with
-    blocksum(x) = x @ (block indicator [K, K/32]) and R[b, n] = s·(round(z) − z) — one 8-bit
-    [K/32, N] MatMulNBits, whose block sums are shared by the matmuls reading the same input.
+    int4: x @ W = MatMulNBits-4(x_aug) with x_aug = [x, block sums of x] (one Concat per input,
+    shared by the matmuls reading it): the 4-bit codes with integer zero points, then the zero
+    points' per-block residual as two 4-bit digits per block sum (_q4_1_with_residual_digits).
     """
     if kind not in KINDS:
         raise ValueError(kind)
@@ -112,7 +144,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
     for node in proto.graph.node:
         for i in node.input:
             users[i] = users.get(i, 0) + 1
-    done, new_nodes, drop, blocksums, eight_bit, head_weights = {}, [], set(), {}, {}, set()
+    done, new_nodes, drop, augmented, eight_bit, head_weights = {}, [], set(), {}, {}, set()
     for node in proto.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if heads and w is not None and len(w.dims) == 3 and ".nectar_heads." in w.name \
@@ -133,29 +165,18 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
         exact = kind == "int4" and bits == 4
         packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits, float_zero=exact)
         base, name = f"{w.name}.q{bits}", node.name.replace("/MatMul", f"/MatMulNBits{bits}")
-        extra = [numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales")]
-        if not exact:
-            extra.append(numpy_helper.from_array(zeros, f"{base}.zero_points"))
+        if exact:  # x_aug = [x, block sums of x]: shared by the matmuls reading x
+            if node.input[0] not in augmented:
+                new_nodes += _augment_with_block_sums(proto, node.input[0], k, name, augmented)
+            x_aug, k_aug = augmented[node.input[0]]
+            proto.graph.initializer.extend(_q4_1_with_residual_digits(packed, scales, zeros, k, n, base))
+            new_nodes.append(_nbits(x_aug, base, True, list(node.output), name, k_aug, n, bits, accuracy_level))
+        else:
+            proto.graph.initializer.extend([numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
+                                            numpy_helper.from_array(zeros, f"{base}.zero_points")])
             if bits == 8:
                 eight_bit[w.name] = (base, k, n, scales, zeros)
             new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level))
-        else:
-            x = node.input[0]
-            if x not in blocksums:  # x @ Bk, Bk [K, K/32] the block indicator: one small matmul
-                ind = _const(proto, f"/quantize/const/block_indicator_{k}",
-                             np.repeat(np.eye(k // BLOCK, dtype=np.float32), BLOCK, axis=0))
-                xs = helper.make_node("MatMul", [x, ind], [f"{name}/blocksum/output_0"], name=f"{name}/blocksum/MatMul")
-                new_nodes.append(xs)
-                blocksums[x] = xs.output[0]
-            z = np.clip(np.rint(zeros), 0, 15)  # the nearest integer zero point: ORT's fast kernel
-            main = _nbits(x, base, True, [f"{name}/output_0"], name, k, n, bits, accuracy_level)
-            extra.append(numpy_helper.from_array(_pack_nibbles(z.astype(np.uint8).reshape(n, k // BLOCK)), f"{base}.zero_points"))
-            # what the integer zero point misses, per block: s·(z − z_float), |.| ≤ s/2 unless clipped
-            residual = np.ascontiguousarray((scales * (z - zeros)).reshape(n, k // BLOCK).T, np.float32)  # [K/32, N]
-            fix = _offset_nbits(blocksums[x], residual, f"{base}.offset.q8", f"{name}/offset/MatMulNBits8", accuracy_level, extra)
-            add = helper.make_node("Add", [main.output[0], fix.output[0]], list(node.output), name=f"{name}/offset/Add")
-            new_nodes += [main, fix, add]
-        proto.graph.initializer.extend(extra)
         done[node.name] = bits
         users[w.name] -= 1
         if users[w.name] == 0:
