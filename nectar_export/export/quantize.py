@@ -8,7 +8,7 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
                 only integer zero points (float ones run ~25× slower), so the codes get the
                 nearest integer z', and what z' misses, R[b, n] = s·(z' − z) per block b, is applied
                 to the input's block sums inside the same matmul: x·W = MatMulNBits(x_aug) with
-                x_aug = [x, x·Bd] (Bd: the block indicator, twice) and R at 8 bits as two extra
+                x_aug = [x, x·Bd, x·Bd] (Bd: the block indicator) and R at 8 bits as two extra
                 4-bit digits per block sum. The 8-bit grid moves a weight by ≤ 1/510 of R's range
                 over 32 block sums (about one Q4_1 step), 16× finer than int8's rounding
     int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (168 vs 147 tok/s
@@ -83,19 +83,19 @@ def _pack_nibbles(z: np.ndarray) -> np.ndarray:
 
 
 def _augment_with_block_sums(proto, x: str, k: int, name: str, augmented: dict) -> list:
-    """x [.., K] -> x_aug = Concat(x, x @ Bd) [.., K + 64·nb], recorded in `augmented[x]` as
-    (name, K + 64·nb): Bd [K, 64·nb] holds the block indicator twice, each copy zero-padded to nb
-    whole blocks of 32 (nb = ceil(K/32 / 32)), so x_aug carries x's K/32 block sums once per
-    4-bit digit of the zero-point residual (_q4_1_with_residual_digits). Shared by the matmuls
-    reading x; nodes `{name}/blocksum/MatMul` and `{name}/augment/Concat`."""
+    """x [.., K] -> x_aug = Concat(x, S, S) [.., K + 64·nb], recorded in `augmented[x]` as
+    (name, K + 64·nb): S = x @ Bd, Bd [K, 32·nb] the block indicator zero-padded to nb whole blocks
+    of 32 (nb = ceil(K/32 / 32)), so x_aug carries x's K/32 block sums once per 4-bit digit of the
+    zero-point residual (_q4_1_with_residual_digits). Shared by the matmuls reading x; nodes
+    `{name}/blocksum/MatMul` and `{name}/augment/Concat`."""
     kb = k // BLOCK
     nb = -(-kb // BLOCK)
-    ind = np.zeros((k, 2 * nb * BLOCK), np.float32)
-    for digit in range(2):
-        ind[np.arange(k), digit * nb * BLOCK + np.arange(k) // BLOCK] = 1.0
+    ind = np.zeros((k, nb * BLOCK), np.float32)
+    ind[np.arange(k), np.arange(k) // BLOCK] = 1.0
     bd = _const(proto, f"/quantize/const/block_sums_{k}", ind)
     sums = helper.make_node("MatMul", [x, bd], [f"{name}/blocksum/output_0"], name=f"{name}/blocksum/MatMul")
-    cat = helper.make_node("Concat", [x, sums.output[0]], [f"{name}/augment/output_0"], name=f"{name}/augment/Concat", axis=-1)
+    cat = helper.make_node("Concat", [x, sums.output[0], sums.output[0]], [f"{name}/augment/output_0"],
+                           name=f"{name}/augment/Concat", axis=-1)
     augmented[x] = (cat.output[0], k + 2 * nb * BLOCK)
     return [sums, cat]
 
