@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import quant_quality  # noqa: E402
 from decode_cpu import machine_info, write_docs  # noqa: E402
-from reserved_slots_cpu import STEPS, THREADS, decode_step_ms  # noqa: E402
+from reserved_slots_cpu import STEPS, THREADS, round_robin_ms  # noqa: E402
 
 WORK = REPO / "benchmarks" / "work" / "ort_decode"
 BEGIN, END = "<!-- heads_block_ab:begin -->", "<!-- heads_block_ab:end -->"
@@ -50,18 +50,12 @@ def export_variant(art: Path, out: Path, heads_block: int, value_block: int) -> 
 
 
 def time_round_robin(paths: list[Path], rounds: int) -> list[list[float]]:
-    """ms per decode step, per variant and round (round 0 of the loop warms up, untimed)."""
+    """ms per decode step, per bundle and round (reserved_slots_cpu.round_robin_ms, CAPACITY slots)."""
     from nectar_runtime.backends.ort_backend import OrtBackend
     from nectar_runtime.bundle import read_bundle
 
     backends = [OrtBackend.from_bundle(read_bundle(p, verify=False), threads=THREADS, provider="cpu") for p in paths]
-    runs = [[] for _ in paths]
-    for r in range(rounds + 1):
-        for i, be in enumerate(backends):
-            ms = decode_step_ms(be, CAPACITY)
-            if r:
-                runs[i].append(ms)
-    return runs
+    return round_robin_ms(backends, CAPACITY, rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from decode_cpu import machine_info, write_docs  # noqa: E402
-from reserved_slots_cpu import PROMPT, STEPS, THREADS, decode_step_ms  # noqa: E402
+from reserved_slots_cpu import PROMPT, STEPS, THREADS, round_robin_ms  # noqa: E402
 
 WORK = REPO / "benchmarks" / "work" / "ort_decode"
 DEFAULT_BUNDLES = ("nectar_fp32_512_fixed", "nectar_int4_512_fixed", "nectar_int4_7000_default")
@@ -83,13 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{p}: not a bundle (no manifest.json); run benchmarks/ort_decode.py first or pass --bundles")
     rows = []
     for p in paths:
-        bes = {b: backend(p, b) for b in bases}
-        runs = {b: [] for b in bases}
-        for r in range(a.rounds + 1):  # round 0 warms up, untimed
-            for b, be in bes.items():
-                ms = decode_step_ms(be, CAPACITY)
-                if r:
-                    runs[b].append(ms)
+        runs = dict(zip(bases, round_robin_ms([backend(p, b) for b in bases], CAPACITY, a.rounds)))
         for b in bases:
             rows.append({"bundle": p.name, "dynamic_block_base": b, "ms_per_step_median": statistics.median(runs[b]),
                          "paired_change": statistics.median((x - y) / y for x, y in zip(runs[b], runs[0])),

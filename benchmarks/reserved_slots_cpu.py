@@ -39,6 +39,18 @@ def decode_step_ms(be, capacity: int) -> float:
     return 1e3 * (time.perf_counter() - t0) / STEPS
 
 
+def round_robin_ms(backends: list, capacity: int, rounds: int) -> list[list[float]]:
+    """decode_step_ms per backend and round, every backend once per round so the machine's drift
+    falls on all alike (one extra round first warms up, untimed)."""
+    runs = [[] for _ in backends]
+    for r in range(rounds + 1):
+        for i, be in enumerate(backends):
+            ms = decode_step_ms(be, capacity)
+            if r:
+                runs[i].append(ms)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundles", required=True)

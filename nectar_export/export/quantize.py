@@ -69,10 +69,15 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     scale = scale.astype(np.float32).ravel()
     if bits == 8:
         return np.ascontiguousarray(q), scale, zero.astype(np.uint8).ravel()
-    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
+    packed = _pack_codes(q)
     if float_zero:
         return packed, scale, zero.astype(np.float32).ravel()
     return packed, scale, _pack_nibbles(zero.astype(np.uint8))
+
+
+def _pack_codes(q: np.ndarray) -> np.ndarray:
+    """4-bit codes [N, blocks, block] (0..15) -> [N, blocks, block/2] uint8, low nibble first."""
+    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
 
 
 def _pack_nibbles(z: np.ndarray) -> np.ndarray:
@@ -114,11 +119,7 @@ def _q4_1_with_residual_digits(packed: np.ndarray, scales: np.ndarray, zeros: np
     residual = np.ascontiguousarray((scales.reshape(n, kb) * (z - zeros.reshape(n, kb))).T, np.float32)  # [K/32, N]
     q8, s8, z8 = quantize_blockwise(residual, 8, block=BLOCK, pad=True)  # [N, nb, 32], [N·nb], [N·nb]
     nb = q8.shape[1]
-
-    def nibbles(codes):  # [N, nb, 32] 0..15 -> [N, nb, 16], low nibble first
-        return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-    blocks = np.concatenate([packed, nibbles(q8 >> 4), nibbles(q8 & 15)], axis=1)
+    blocks = np.concatenate([packed, _pack_codes(q8 >> 4), _pack_codes(q8 & 15)], axis=1)
     s8 = s8.reshape(n, nb)
     all_scales = np.concatenate([scales.reshape(n, kb), 16 * s8, s8], axis=1).astype(np.float32)
     z8 = z8.reshape(n, nb)
