@@ -40,7 +40,7 @@ def _fit_config(a: argparse.Namespace) -> FitConfig:
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
-    from .pipeline import check_budget, document_context, fit_document, load_base
+    from .pipeline import check_budget, document_context, fit_document, load_base, settle_budget
     from .probes import ProbeConfig
 
     from nectar_runtime.document import read_document
@@ -62,8 +62,11 @@ def cmd_fit(a: argparse.Namespace) -> int:
     base = load_base(a.model, a.device)
     load_s = time.perf_counter() - t0
     ctx = document_context(base, a.document)  # beyond the window: one error line, before any progress output
-    check_budget(base, ctx, fit_cfg, a.document, a.on_policy)  # too small a budget (a very short document): likewise
+    fit_cfg, note = settle_budget(base, ctx, fit_cfg, a.on_policy)  # a very short document: the smallest heads' budget
+    check_budget(base, ctx, fit_cfg, a.document, a.on_policy)  # too small a --budget-mb: likewise
     print(f"[nectar fit] load model: {load_s:.1f} s", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
     device = torch.device(base.device).type
     scale = a.probe_scale if a.probe_scale is not None else default_probe_scale(device)
     if a.probe_scale is None and scale != 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -124,9 +124,42 @@ def resolve_retention(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig, on_po
     return fit_cfg.auto_retain_heads(eligible_kv_heads(model_cfg), one, budget_bytes(ctx, model_cfg, fit_cfg), on_policy)
 
 
+def smallest_budget_mb(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig) -> float:
+    """The least budget, in MB rounded up to 0.01, that holds the smallest heads (width
+    `width_multiple` in every layer), the exact template prefix and `fit_cfg`'s retained heads
+    (retention resolved)."""
+    cfg = base.config
+    least = spec_factory(cfg, fit_cfg.variant)((fit_cfg.width_multiple,) * cfg.num_layers).total_params()
+    kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
+                          fit_cfg.retain_tokens)
+    need = (2 * least + kv_bytes(ctx.prefix_len, cfg) + kept) / 1e6
+    return math.ceil(need * 100) / 100  # rounded up: the figure shown and used must be enough
+
+
+def settle_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, on_policy: bool = False
+                  ) -> tuple[FitConfig, str | None]:
+    """`fit_cfg` with retention resolved and, for a document so short that the default budget
+    (budget_fraction of its KV) cannot hold the smallest heads, `budget_mb` raised to what they need,
+    with a note saying so. A --budget-mb the user gave is left as is (check_budget refuses it if too small)."""
+    fit_cfg = resolve_retention(ctx, base.config, fit_cfg, on_policy)
+    if fit_cfg.budget_mb:
+        return fit_cfg, None
+    given = budget_bytes(ctx, base.config, fit_cfg) / 1e6
+    need = smallest_budget_mb(base, ctx, fit_cfg)
+    if given >= need:
+        return fit_cfg, None
+    kvb = kv_bytes(ctx.n, base.config)
+    note = (f"[nectar fit] {ctx.n} tokens: {fit_cfg.budget_fraction:g} of the document's {kvb / 1e6:.2f} MB fp16 KV "
+            f"({given:.2f} MB) cannot hold the smallest Nectar heads; the budget is raised to {need:.2f} MB "
+            f"({100 * need * 1e6 / kvb:.0f}% of the KV)" + (" — for a document this short, plain context costs less "
+                                                           "memory" if need * 1e6 >= kvb else ""))
+    return replace(fit_cfg, budget_mb=need), note
+
+
 def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path, on_policy: bool = False) -> None:
     """Refuse a budget below the smallest heads (width `width_multiple` in every layer), naming the
-    sizes and what to do: a very short document, or a too small --budget-mb."""
+    sizes and what to do: a too small --budget-mb (a default budget is raised first: settle_budget),
+    or more retained heads than the model has or the budget holds."""
     cfg = base.config
     eligible = eligible_kv_heads(cfg)
     fit_cfg = resolve_retention(ctx, cfg, fit_cfg, on_policy)
@@ -136,21 +169,16 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
     n_params, kvb = budget_params(ctx, base.config, fit_cfg)
     least = spec_factory(base.config, fit_cfg.variant)((fit_cfg.width_multiple,) * base.config.num_layers).total_params()
     if n_params < least:
-        prefix = kv_bytes(ctx.prefix_len, base.config)
-        need_mb = (2 * least + prefix) / 1e6
+        need_mb = smallest_budget_mb(base, ctx, fit_cfg)
         given = f"--budget-mb {fit_cfg.budget_mb:g}" if fit_cfg.budget_mb else \
             f"{fit_cfg.budget_fraction:g} of its {kvb / 1e6:.2f} MB fp16 KV cache"
         kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
                               fit_cfg.retain_tokens)
         if kept:
             given += f", of which {fit_cfg.retain_heads} retained heads take {kept / 1e6:.2f} MB"
-            need_mb += kept / 1e6
-        need_mb = math.ceil(need_mb * 100) / 100  # rounded up: the figure shown must be enough
         raise NectarError(f"{doc_path}: {ctx.n} tokens; the artifact budget ({given}) is below the smallest "
                           f"Nectar heads ({need_mb:.2f} MB with the exact template prefix): pass --budget-mb "
-                          f"{need_mb:.2f} or more" + ("" if fit_cfg.budget_mb else
-                          ", or keep a document this short as plain context")
-                          + (", or fewer --retain-heads" if kept else ""))
+                          f"{need_mb:.2f} or more" + (", or fewer --retain-heads" if kept else ""))
 
 
 def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: FitConfig,
@@ -173,7 +201,9 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         raise NectarError("nectar fit: --on-policy with --retain-heads is not supported (the re-collection would serve "
                           "networks of heads that are then replaced); use one or the other")
     ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
-    fit_cfg = resolve_retention(ctx, cfg, fit_cfg, on_policy)  # the manifest records the counts
+    fit_cfg, note = settle_budget(base, ctx, fit_cfg, on_policy)  # the manifest records the counts and budget
+    if note:
+        log(note)
     check_budget(base, ctx, fit_cfg, doc_path, on_policy)
     with timer.stage("prefill document", log):
         cache = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device))

@@ -87,13 +87,29 @@ def test_fit_refuses_a_document_beyond_the_window(tmp_path, smollm2_gguf):
     assert not (tmp_path / "art").exists()
 
 
-@pytest.mark.parametrize("budget", [[], ["--budget-mb", "0.5"]])
-def test_fit_refuses_a_budget_below_the_smallest_heads(tmp_path, smollm2_gguf, budget):
+def test_fit_refuses_a_budget_mb_below_the_smallest_heads(tmp_path, smollm2_gguf):
     doc = tmp_path / "short.txt"
     doc.write_text("The widget has two buttons. Press the red one to start and the blue one to stop.\n")
-    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "art"), *budget)
+    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "art"), "--budget-mb", "0.5")
     assert_one_line_error(r, "short.txt", "smallest Nectar heads", "--budget-mb")
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.real
+def test_fit_raises_the_default_budget_of_a_short_document(tmp_path, smollm2_gguf):
+    """A document whose default budget (0.24 of its KV) cannot hold the smallest heads is fitted at
+    the smallest heads' budget, with a note; the manifest records the budget used."""
+    doc = tmp_path / "short.txt"
+    doc.write_text("The widget has two buttons. Press the red one to start and the blue one to stop.\n")
+    art = tmp_path / "art"
+    r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(art), "--steps", "2", "--probe-scale", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert "cannot hold the smallest Nectar heads; the budget is raised to" in r.stderr
+    assert "plain context costs less memory" in r.stderr  # the heads outweigh this document's KV
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["fit_config"]["budget_mb"] * 1e6 >= man["artifact_bytes"] > 0.24 * man["kv_bytes"]
+    r = nectar("ask", str(art), "What does the red button do?", "--max-new-tokens", "6")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
 @pytest.mark.parametrize("case", ["file", "foreign_dir"])

@@ -4,6 +4,7 @@ their ranking, the artifact file, and the ONNX graph splice (tiny random models,
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -622,6 +623,27 @@ def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
     # retained bytes eating the budget: refused, naming them
     _one_line_error(lambda: check_budget(base, ctx, FitConfig(budget_fraction=0.05, retain_heads=4), "doc.txt"),
                     "retained heads take", "fewer --retain-heads")
+
+
+def test_settle_budget_raises_only_a_default_budget_too_small_for_the_smallest_heads(tiny):
+    from nectar_export.pipeline import check_budget, settle_budget, smallest_budget_mb
+
+    model, _, _ = tiny
+    base = SimpleNamespace(config=model.config, name="tiny")
+    ctx = SimpleNamespace(n=400, prefix_len=10)
+    roomy = FitConfig(budget_fraction=2.0, retain_heads=2)
+    assert settle_budget(base, ctx, roomy) == (roomy.auto_retain_tokens(390), None)  # room enough: unchanged
+    small = FitConfig(budget_fraction=0.01, retain_heads=2)
+    with pytest.raises(NectarError):
+        check_budget(base, ctx, small, "doc.txt")
+    raised, note = settle_budget(base, ctx, small)
+    need = smallest_budget_mb(base, ctx, raised)
+    assert raised.budget_mb == need and raised.retain_heads == 2 and "raised to" in note
+    check_budget(base, ctx, raised, "doc.txt")  # now it holds the smallest heads, the prefix and the kept KV
+    with pytest.raises(NectarError):  # and no less: 0.02 MB under it is refused
+        check_budget(base, ctx, replace(raised, budget_mb=need - 0.02), "doc.txt")
+    given = FitConfig(budget_mb=0.001, retain_heads=0)  # the user's own --budget-mb: never raised
+    assert settle_budget(base, ctx, given)[0].budget_mb == 0.001
 
 
 def test_retained_heads_serve_a_half_precision_model(tiny):
