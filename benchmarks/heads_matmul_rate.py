@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def chain(kind: str, k: int, rows: int, length: int, rng):
     """A graph x [1, 1, rows, k] -> `length` k × k matmuls in a row ('nbits': 8-bit MatMulNBits)."""
     from onnx import TensorProto, helper, numpy_helper
+    from nectar_export.export.graph_builder import portable_model
 
     from nectar_export.export.quantize import quantize_blockwise
 
@@ -52,13 +53,14 @@ def chain(kind: str, k: int, rows: int, length: int, rng):
         x = f"y{i}"
     g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, rows, k])],
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return portable_model(g, [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
 def heads_chain(k: int, quantized: bool, rng, hkv: int = 3, rows: int = 3, length: int = 30, block: int = 32):
     """30 layers' worth of one heads matmul, x [1, hkv, rows, k] @ w [hkv, k, k], as exported
     (`quantized`: through quantize_graph, i.e. Split → per-head MatMulNBits-8 in blocks of `block` → Concat)."""
     from onnx import TensorProto, helper, numpy_helper
+    from nectar_export.export.graph_builder import portable_model
 
     from nectar_export.export.quantize import quantize_graph
 
@@ -71,7 +73,7 @@ def heads_chain(k: int, quantized: bool, rng, hkv: int = 3, rows: int = 3, lengt
         x = f"y{i}"
     g = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hkv, rows, k])],
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = portable_model(g, [helper.make_opsetid("", 17)])
     if quantized:
         quantize_graph(m, "int8", heads_min_bytes=0, heads_block=block)
     return m

@@ -26,6 +26,7 @@ LENGTH = 30
 def chain(k: int, rows: int, block: int, threads: int, seed: int = 0):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+    from nectar_export.export.graph_builder import portable_model
 
     from nectar_export.export.quantize import quantize_blockwise
 
@@ -41,7 +42,7 @@ def chain(k: int, rows: int, block: int, threads: int, seed: int = 0):
         x = f"y{i}"
     g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, rows, k])],
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m = portable_model(g, [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = threads, 3
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])

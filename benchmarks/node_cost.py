@@ -25,6 +25,7 @@ KINDS = ("Add", "Reshape", "Transpose", "Softmax", "Split+Concat", "MatMul 64x64
 
 def chain(kind: str, length: int, rng):
     from onnx import TensorProto, helper, numpy_helper
+    from nectar_export.export.graph_builder import portable_model
 
     nodes, inits, x = [], [], "x"
     for i in range(length):
@@ -49,7 +50,7 @@ def chain(kind: str, length: int, rng):
         x = y
     g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), len(nodes)
+    return portable_model(g, [helper.make_opsetid("", 18)]), len(nodes)
 
 
 def main(argv=None) -> int:

@@ -100,6 +100,7 @@ def int8_kernel_floors_ms(graph: Path, threads: int) -> dict[str, float]:
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+    from nectar_export.export.graph_builder import portable_model
 
     from nectar_export.export.quantize import quantize_blockwise
     from nectar_runtime.backends.ort_backend import session_options
@@ -132,8 +133,8 @@ def int8_kernel_floors_ms(graph: Path, threads: int) -> dict[str, float]:
                           helper.make_node("Cast", [f"acc{i}"], [f"accf{i}"], to=TensorProto.FLOAT),
                           helper.make_node("Mul", [f"xs{i}", f"s{i}"], [f"sc{i}"]),
                           helper.make_node("Mul", [f"accf{i}", f"sc{i}"], [y])]
-        sub = helper.make_model(helper.make_graph(nodes, "int8", inputs, outputs, inits),
-                                opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        sub = portable_model(helper.make_graph(nodes, "int8", inputs, outputs, inits),
+                                [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "int8.onnx"
             onnx.save(sub, str(p), save_as_external_data=True, location="int8.data")
@@ -160,6 +161,7 @@ def trivial_node_us(threads: int, count: int = 1000, profiled: bool = False) -> 
     """µs per Add node in a chain; `profiled`: the kernel time ORT's profiler reports for one."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
+    from nectar_export.export.graph_builder import portable_model
 
     from nectar_runtime.backends.ort_backend import session_options
 
@@ -174,7 +176,7 @@ def trivial_node_us(threads: int, count: int = 1000, profiled: bool = False) -> 
     with tempfile.TemporaryDirectory() as d:
         if profiled:
             so.enable_profiling, so.profile_file_prefix = True, str(Path(d) / "chain")
-        sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        sess = ort.InferenceSession(portable_model(g, [helper.make_opsetid("", 17)]).SerializeToString(),
                                     so, providers=["CPUExecutionProvider"])
         wall = 1000 * _time_session(sess, {"x": np.ones(shape, np.float32)}, runs=200) / count
         if not profiled:

@@ -13,6 +13,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+IR_VERSION = 9  # readable by ONNX Runtime >= 1.16 (JetPack 6 ships 1.16+); onnx >= 1.23 would write 14
+
+
+def portable_model(graph: onnx.GraphProto, opset_imports: list, **kw) -> onnx.ModelProto:
+    """helper.make_model pinned to IR_VERSION, so any ONNX Runtime this project supports loads it."""
+    m = helper.make_model(graph, opset_imports=opset_imports, **kw)
+    m.ir_version = IR_VERSION
+    return m
 NEG = -1e9  # additive mask value: finite, so a row with no visible key stays NaN-free
 _NP_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -101,6 +109,4 @@ class GraphBuilder:
     def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, v) for d, v in sorted(self.custom_domains.items())]
-        m = helper.make_model(graph, opset_imports=opsets, producer_name="nectar", doc_string=doc)
-        m.ir_version = 9  # readable by ONNX Runtime >= 1.16 (JetPack 6 ships 1.16+)
-        return m
+        return portable_model(graph, opsets, producer_name="nectar", doc_string=doc)

@@ -46,6 +46,11 @@ def test_bundle_layout_and_manifest(bundles):
     ins = [i["name"] for i in m["graph"]["inputs"]]
     assert ins[:3] == ["input_ids", "position_ids", "attention_mask"] and "past_key_values.29.value" in ins
     assert m["export_check"]["max_abs_logit_diff"] <= 1e-3
+    # pinned IR version: onnx >= 1.23 writes IR 14 by default, which ONNX Runtime 1.30 (and JetPack's) refuses
+    from nectar_export.export.graph_builder import IR_VERSION
+
+    for kind in ("nectar", "full", "int8", "int4"):
+        assert onnx_load(b[kind] / "model.onnx").ir_version == IR_VERSION == 9
     # no document KV anywhere in a Nectar bundle: its weights are the model + heads + 24 prefix tokens
     full_bytes = (b["full"] / "model.onnx.data").stat().st_size
     nectar_bytes = (b["nectar"] / "model.onnx.data").stat().st_size

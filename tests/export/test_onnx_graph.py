@@ -11,6 +11,7 @@ import torch
 from nectar_export.export.bundle import ExportConfig, compare_backends, quantize_proto
 from nectar_export.export.decoder_graph import DecoderGraphWriter
 from nectar_export.export.from_model import decoder_weights, full_contexts, graph_spec, nectar_contexts_for_export
+from nectar_export.export.graph_builder import portable_model
 from nectar_export.export.quantize import quantize_blockwise
 from nectar_export.heads import HeadsSpec, NectarHeads, nectar_contexts
 from nectar_models.attention import CompositeContext
@@ -221,7 +222,7 @@ def test_int4_matmul_keeps_the_q4_1_weights(k):
                               "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 5, k])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w, "model.layers.0.mlp.down_proj.weight")])
-        proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        proto = portable_model(g, [helper.make_opsetid("", 17)])
         done = quantize_graph(proto, kind, accuracy_level=0, heads_min_bytes=1 << 30)
         assert done == {"/model/layers.0/mlp/down_proj/MatMul": 4}
         y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -268,7 +269,7 @@ def test_quantized_lookup_is_the_dequantized_lm_head_row(tmp_path):
     g = helper.make_graph([gbq, reshape], "lookup", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 3])],
                           [helper.make_tensor_value_info(reshape.output[0], onnx.TensorProto.FLOAT, None)],
                           [t for t in q.graph.initializer if t.name in set(gbq.input) | set(reshape.input)])
-    sub = helper.make_model(g, opset_imports=q.opset_import)
+    sub = portable_model(g, q.opset_import)
     import onnxruntime as ort
 
     ids = np.array([[0, 7, table.shape[0] - 1]], np.int64)
@@ -332,7 +333,7 @@ def test_heads_batched_matmul_goes_to_n_bits_per_kv_head(h, bits, k, block):
     node = helper.make_node("MatMul", ["x", name], ["y"], name="/model/layers.0/attn/nectar_heads/mid/MatMul")
     g = helper.make_graph([node], "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, h, r, k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, name)])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto = portable_model(g, [helper.make_opsetid("", 17)])
     # accuracy_level 0: fp32 activations, so the graph must equal x @ dequantized weights to fp32 rounding
     assert quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=0, heads_bits=bits, heads_block=block) == {node.name: bits}
     assert {a.i for nd in proto.graph.node if nd.op_type == "MatMulNBits" for a in nd.attribute if a.name == "block_size"} == {block}
