@@ -165,9 +165,20 @@ def tiny_gguf(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_gguf):
     """(ours, transformers') for a tiny GGUF; transformers loads these in well under a second."""
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     reference = transformers.AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
     return load_tokenizer(tiny_gguf), reference
+
+
+# transformers' GGUF tokenizer conversion is the reference only from 5.23 on: earlier releases ignore the
+# file's add_bos_token (4.57.6 prepends BOS to SmolLM2, whose GGUF says false; 5.17-5.22 drop Gemma 3's, which
+# says true) or rebuild the pre-tokenizer (measured 2026-11-25 with 4.57.6, 5.17.0, 5.20.0, 5.22.0, 5.23.0, 5.24.0).
+# pyproject.toml's export extra asks for it; an older one (the GPU machine's 5.17) skips with this reason.
+TRANSFORMERS_REFERENCE = "5.23"
+
+
+def reference_transformers():
+    return pytest.importorskip("transformers", minversion=TRANSFORMERS_REFERENCE)
 
 
 # --- parity helpers, shared by the tiny and the real files -------------------------------------
@@ -329,14 +340,14 @@ def test_import_needs_neither_torch_nor_transformers():
 
 @pytest.fixture(scope="module")
 def smollm2_pair(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     return load_tokenizer(smollm2_gguf), reference
 
 
 @pytest.fixture(scope="module")
 def gemma3_pair(gemma3_gguf):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference_transformers()
     reference = transformers.AutoTokenizer.from_pretrained(str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name)
     return load_tokenizer(gemma3_gguf), reference
 
