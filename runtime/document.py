@@ -19,19 +19,23 @@ _MARK = "\u2063NECTAR_SPLIT\u2063"  # invisible separator: never appears in real
 
 
 def read_document(path: str | Path) -> str:
-    """UTF-8 text of a document, or a one-line error for missing, empty, binary or non-UTF-8 files."""
+    """UTF-8 text of a document (a leading byte-order mark dropped), or a one-line error for missing,
+    empty, binary, UTF-16 or other non-UTF-8 files."""
     p = Path(path)
     if p.is_dir():
         raise NectarError(f"{p}: is a directory; pass one text file (join several documents into one first)")
     if not p.is_file():
         raise NectarError(f"{p}: no such document file")
     data = p.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Windows "Unicode" text: NUL bytes, but not binary
+        raise NectarError(f"{p}: is UTF-16 text; convert it to UTF-8 first (e.g. iconv -f UTF-16 -t UTF-8)")
     if b"\x00" in data[:65536]:
         raise NectarError(f"{p}: looks like a binary file (NUL bytes); pass a UTF-8 text document")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise NectarError(f"{p}: not valid UTF-8 (byte {e.start}); convert it to UTF-8 text first") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark marks the encoding, it is not content
     if not text.strip():
         raise NectarError(f"{p}: the document is empty")
     return text

@@ -52,13 +52,22 @@ def test_artifact_refuses_a_different_base_model(small_artifact, tmp_path, gemma
     assert_one_line_error(r, "sha256")
 
 
-@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"\x00\x01binary", "binary"), (b"caf\xe9 au lait", "UTF-8")])
+@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"\x00\x01binary", "binary"), (b"caf\xe9 au lait", "UTF-8"),
+                                            ("A manual.\n".encode("utf-16"), "UTF-16"), (b"\xef\xbb\xbf \n", "empty")])
 def test_fit_refuses_bad_documents(tmp_path, content, needle, smollm2_gguf):
     doc = tmp_path / "doc.txt"
     doc.write_bytes(content)
     r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(tmp_path / "art"))
     assert_one_line_error(r, needle)
     assert not (tmp_path / "art").exists()
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_document(tmp_path):
+    from nectar_runtime.document import read_document
+
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes("\ufeffTitle\r\nBody\n".encode("utf-8"))
+    assert read_document(doc) == "Title\r\nBody\n"  # only the mark goes; CRLF stays byte for byte
 
 
 def test_fit_refuses_a_bad_probe_scale_before_loading_the_model(tmp_path):
