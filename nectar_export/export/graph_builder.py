@@ -21,6 +21,8 @@ def portable_model(graph: onnx.GraphProto, opset_imports: list, **kw) -> onnx.Mo
     m = helper.make_model(graph, opset_imports=opset_imports, **kw)
     m.ir_version = IR_VERSION
     return m
+
+
 NEG = -1e9  # additive mask value: finite, so a row with no visible key stays NaN-free
 _NP_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
