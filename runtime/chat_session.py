@@ -32,7 +32,11 @@ class ChatSession:
         messages = ([{"role": "system", "content": system}] if system else []) + turns
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
-    def stream(self, prompt: str, cfg: GenerationConfig, chat: bool = True, system: str | None = None) -> Iterator[str]:
+    def stream(self, prompt: str, cfg: GenerationConfig | None = None, chat: bool = True,
+               system: str | None = None) -> Iterator[str]:
+        """The answer to `prompt` as text pieces while they are generated (greedy, 256 new tokens
+        unless `cfg` says otherwise); the turn joins the history once the answer is complete."""
+        cfg = cfg or GenerationConfig()
         ids = self.prompt_ids(prompt, chat, system)
         check_fits(self.backend, len(ids))
         answer = []
@@ -47,7 +51,12 @@ class ChatSession:
         if chat or self.build_prompt is not None:
             self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(answer)}]
 
+    def ask(self, prompt: str, cfg: GenerationConfig | None = None) -> str:
+        """The whole answer to `prompt` (one chat turn, kept in the history like `stream`'s)."""
+        return "".join(self.stream(prompt, cfg))
+
     def reset(self) -> None:
+        """Forget the conversation; the document (exact KV or Nectar heads) stays."""
         self.history = []
 
 

@@ -190,22 +190,25 @@ def test_failed_export_leaves_nothing(small_artifact, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_runtime_bundle_session_needs_no_torch_imports(bundles):
-    """The runtime path imports neither torch nor onnx (checked in a fresh interpreter)."""
+def test_documented_python_api_runs_without_torch_imports(bundles):
+    """docs/deploy.md's Python API snippet, as written (only the bundle path and thread count
+    replaced), on the int4 Nectar bundle in a fresh interpreter that never imports torch or onnx."""
+    import re
     import subprocess
     import sys
+    from pathlib import Path
 
-    code = (
-        "import sys\n"
-        "from nectar_runtime.bundle_session import open_bundle_session\n"
-        "from nectar_runtime.generate import GenerationConfig\n"
-        f"s = open_bundle_session({str(bundles[1]['full'])!r}, threads=2)\n"
-        "print(''.join(s.stream('What is sed?', GenerationConfig(max_new_tokens=8))))\n"
-        "bad = [m for m in ('torch', 'onnx', 'transformers') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    snippet = re.search(r"<!-- python-api:begin -->\n```python\n(.*?)```\n<!-- python-api:end -->", doc, re.S).group(1)
+    assert 'nr.open_bundle("grep.int4", threads=4)' in snippet
+    snippet = snippet.replace('"grep.int4", threads=4', f"{str(bundles[1]['int4'])!r}, threads=2")
+    code = snippet + ("\nimport sys\nbad = [m for m in ('torch', 'onnx', 'transformers') if m in sys.modules]\n"
+                      "assert not bad, bad\nassert assistant.history == []\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(r.stdout) > 40 and "Traceback" not in r.stderr
+    assert lines[-1].startswith("refused: prompt of ") and "local tokens" in lines[-1]  # the window, named
     _ = np  # numpy is the runtime's array type
 
 
