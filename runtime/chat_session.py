@@ -21,10 +21,13 @@ class ChatSession:
     build_prompt: Callable[[list[dict]], list[int]] | None = None
     # set by `stream` when its answer stopped because the local window was full: the tokens it held
     window_full: int | None = None
+    # set by `stream`: how many of the oldest turns it dropped so the conversation fits the window
+    turns_dropped: int = 0
 
-    def prompt_ids(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:
-        """Token ids of the local part: the whole prompt, or the chat turns after the document."""
-        turns = self.history + [{"role": "user", "content": prompt}]
+    def prompt_ids(self, prompt: str, chat: bool, system: str | None = None, history: list[dict] | None = None) -> list[int]:
+        """Token ids of the local part: the whole prompt, or the chat turns (`history`, by default the
+        session's, then `prompt`) after the document."""
+        turns = (self.history if history is None else history) + [{"role": "user", "content": prompt}]
         if self.build_prompt is not None:
             return self.build_prompt(turns)
         if not chat:
@@ -37,8 +40,18 @@ class ChatSession:
         """The answer to `prompt` as text pieces while they are generated (greedy, 256 new tokens
         unless `cfg` says otherwise); the turn joins the history once the answer is complete."""
         cfg = cfg or GenerationConfig()
-        ids = self.prompt_ids(prompt, chat, system)
+        keep = self.history
+        ids = self.prompt_ids(prompt, chat, system, keep)
+        # A long conversation outgrows the local window: drop the oldest question + answer pairs until
+        # this turn fits with room for an answer (a quarter of the window, or max_new_tokens if less).
+        # The document is not in the history: it stays whole. A question too long on its own is refused,
+        # and the history is left as it was.
+        room = min(cfg.max_new_tokens, max(1, self.backend.max_local_len // 4))
+        while keep and (chat or self.build_prompt is not None) and len(ids) + room > self.backend.max_local_len:
+            keep = keep[2:]
+            ids = self.prompt_ids(prompt, chat, system, keep)
         check_fits(self.backend, len(ids))
+        self.turns_dropped, self.history = len(self.history) - len(keep), keep
         answer = []
         self.window_full = None
 

@@ -69,6 +69,10 @@ def print_stream(pieces, session=None) -> None:
     if not shown:
         sys.stdout.flush()
         print("nectar: the model ended its answer without any text; rephrase the question", file=sys.stderr)
+    if session is not None and session.turns_dropped:
+        sys.stdout.flush()
+        print(f"nectar: the {session.turns_dropped} oldest turns no longer fitted the local window and were dropped "
+              "(the document stays); /reset starts over", file=sys.stderr)
     if session is not None and session.window_full:
         sys.stdout.flush()
         print(f"nectar: the answer stopped where the window ends ({session.window_full} local tokens); ask a shorter "

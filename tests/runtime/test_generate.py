@@ -185,3 +185,22 @@ def test_top_p_fast_cut_equals_full_stable_sort():
             want = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
             for cands in (1, 3, 16, 1024):
                 assert np.array_equal(top_p_keep(p, top_p, cands), want), (trial, top_p, cands)
+
+
+def test_a_long_conversation_drops_its_oldest_turns_to_fit_the_window():
+    """ChatSession keeps a turn's question + answer; when the next prompt would leave less than a
+    quarter of the window for the answer, the oldest pairs go (the document is not history)."""
+    from nectar_runtime.chat_session import ChatSession
+    from nectar_runtime.errors import NectarError
+
+    b = _CapacityBackend([0, 1, 2, 9])  # every answer: "abc", then EOS
+    s = ChatSession(_CharTokenizer(), b, build_prompt=lambda turns: [1] * sum(len(t["content"]) for t in turns))
+    q = "q" * 30
+    assert s.ask(q) == "abc" and s.turns_dropped == 0  # 30 tokens
+    assert s.ask(q) == "abc" and s.turns_dropped == 0  # 30 + 3 + 30 = 63, + 25 of room <= 100
+    assert s.ask(q + "!") == "abc" and s.turns_dropped == 2  # 96 + 25 > 100: the first pair goes
+    assert [t["content"] for t in s.history] == [q, "abc", q + "!", "abc"]
+    assert s.ask("r" * 90) == "abc" and s.turns_dropped == 4  # the rest goes too: 90 alone fits (room 10)
+    with pytest.raises(NectarError, match="does not fit"):  # too long on its own: refused, history kept
+        s.ask("x" * 101)
+    assert [t["content"] for t in s.history] == ["r" * 90, "abc"]
