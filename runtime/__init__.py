@@ -9,6 +9,9 @@ The embedding API (docs/deploy.md, "Python API"), imported on first use:
     assistant = nr.open_bundle("grep.int4", threads=4)       # a ChatSession over the bundle's document
     print(assistant.ask("How do I count matching lines?"))   # or: for piece in assistant.stream(q): ...
     assistant.reset()                                        # forget the conversation, keep the document
+
+`open_artifact(ART, device="cuda")` gives the same session over a fitted artifact on the torch backend
+(needs the exporter's extras).
 """
 
 __version__ = "0.1.0"
@@ -16,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> (module, attribute); resolved lazily so importing the package stays light
 _API = {
     "open_bundle": ("bundle_session", "open_bundle_session"),
+    "open_artifact": ("chat_session", "open_artifact"),
     "ChatSession": ("chat_session", "ChatSession"),
     "GenerationConfig": ("generate", "GenerationConfig"),
     "SamplingConfig": ("sampling", "SamplingConfig"),

@@ -93,3 +93,17 @@ def open_torch_session(model: str | None, artifact: str | None = None, device: s
     tok = load_tokenizer(path)
     lm = load_model(path, dtype=getattr(torch, dtype), device=device)
     return ChatSession(tok, TorchBackend(lm.model))
+
+
+def open_artifact(path: str, device: str = "cpu", dtype: str = "float32", model: str | None = None) -> ChatSession:
+    """A ChatSession over a Nectar artifact on the torch backend (what `nectar ask` runs; on CUDA with
+    Triton the fused CUDA-graph step). Needs the exporter's extras (torch); the base model comes from
+    the manifest unless `model` names a local copy of the same weights."""
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        from .errors import NectarError
+
+        raise NectarError("open_artifact needs torch: pip install 'nectar-attention[export]' (or export a bundle "
+                          "and use open_bundle, which needs no torch)") from None
+    return open_torch_session(model, artifact=path, device=device, dtype=dtype)

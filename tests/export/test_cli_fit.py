@@ -32,6 +32,9 @@ def test_ask_and_eval_from_the_artifact(small_artifact, tmp_path):
     art, _ = small_artifact
     r = nectar("ask", str(art), "What does sed do?", "--max-new-tokens", "12")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    import nectar_runtime as nr  # the Python API gives the CLI's greedy answer
+
+    assert nr.open_artifact(str(art)).ask("What does sed do?", nr.GenerationConfig(max_new_tokens=12)) == r.stdout[:-1]
     q = tmp_path / "q.jsonl"
     q.write_text("\n".join(json.dumps({"id": f"q{i}", "question": t, "answer": "sed"}) for i, t in
                            enumerate(["What is sed?", "How do I print only matching lines?"])))
