@@ -15,6 +15,10 @@ fp32 standing in, `nectar_quality.py run --extra-only --steps 1200 --probe-scale
 "0.24:adaptive:mlp:0:batch=512;train_dtype=float32"`), section "The CPU defaults against the targets":
 
     python benchmarks/defaults_quality.py --records benchmarks/results/cpu_defaults_h100 --name cpu
+
+Documents of other genres (benchmarks/other_genres: a license, a design spec; section "Other genres"):
+
+    python benchmarks/defaults_quality.py --records benchmarks/results/other_genres_h100 --name genres
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_cpu import write_docs  # noqa: E402
 
 TITLES = {"": "default settings (18 retained heads × 2,048 tokens), H100 fits",
-          "cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens), H100 fits in fp32"}
+          "cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens), H100 fits in fp32",
+          "genres": "default settings (18 retained heads × 2,048 tokens) on documents of other genres, H100 fits"}
 HELDOUT = ("journalctl", "ssh", "tar", "xargs")
 METRICS = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
 METHODS = ("nectar", "streaming", "none")
@@ -111,7 +116,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title(metric.replace("_", " "))
         ax.set_ylim(0, 1.02)
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {title}; * held out")
+    fig.suptitle(f"SmolLM2-135M-Instruct, {title}" + ("; * held out" if any(r["heldout"] for r in rows) else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -121,7 +126,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "defaults_retained_h100"))
     ap.add_argument("--name", default="", choices=sorted(TITLES),
-                    help="which defaults: '' (GPU, section 'defaults') or 'cpu' (section 'defaults_cpu'); names the JSON and PNG")
+                    help="which defaults: '' (GPU, section 'defaults'), 'cpu' (section 'defaults_cpu') or 'genres' "
+                         "(other genres, section 'defaults_genres'); names the JSON and PNG")
     ap.add_argument("--json", default=None, help="default benchmarks/results/defaults_quality[_NAME].json")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args(argv)
