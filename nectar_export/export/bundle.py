@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nectar_runtime import __version__
+from nectar_runtime.backends.ort_backend import min_onnxruntime
 from nectar_runtime.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_KIND, MANIFEST, sha256_file
 from nectar_runtime.errors import NectarError
 
@@ -218,6 +219,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
             "quantize_heads": heads_quantized,  # some Nectar MLP heads' weights are 8-bit in this graph
             **graph_form(cfg, attention_op),  # ort_fused (com.microsoft RoPE / residual norms), heads_min_bytes
             "opset": proto.opset_import[0].version,
+            "min_onnxruntime": min_onnxruntime({"quantize": cfg.quantize}),  # measured: benchmarks/ort_versions.py
             "graph": {"file": GRAPH_FILE, "weights": DATA_FILE, **graph_io(proto),
                       "node_names": "docs/onnx.md#node-names"},
             "context_len": oa.ctx.n,

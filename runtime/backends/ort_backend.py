@@ -29,8 +29,42 @@ from ..errors import NectarError
 from .base import PAD_POSITION
 
 PAGE = 64  # past slots are bound in multiples of this many (the last page: up to the capacity)
+# The oldest onnxruntime that runs each kind of bundle (CPU builds, measured by benchmarks/ort_versions.py,
+# docs/deploy.md): standard-op graphs from 1.16; quantized ones need 8-bit MatMulNBits (1.22) and 8-bit
+# GatherBlockQuantized for the shared embedding (1.23).
+MIN_ONNXRUNTIME = {"standard": "1.16", "quantized": "1.23"}
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def min_onnxruntime(manifest: dict) -> str:
+    """The oldest onnxruntime release that runs a bundle: its manifest's `min_onnxruntime`, or (bundles
+    exported before that field) what its kind needs."""
+    return manifest.get("min_onnxruntime") or MIN_ONNXRUNTIME["quantized" if manifest.get("quantize") else "standard"]
+
+
+def check_onnxruntime(manifest: dict, where, version: str | None = None) -> None:
+    """Refuse, in one line, an onnxruntime older than the bundle needs (it would fail to load the graph
+    with an error about an unknown or invalid com.microsoft node)."""
+    if version is None:
+        import onnxruntime as ort
+
+        version = ort.__version__
+    need = min_onnxruntime(manifest)
+    if _release(version) < _release(need):
+        kind = manifest.get("quantize") or manifest.get("dtype") or "this"
+        way_out = (f", or export with --dtype fp32 or fp16 (standard ops: onnxruntime >= {MIN_ONNXRUNTIME['standard']})"
+                   if manifest.get("quantize") else "")
+        raise NectarError(f"{where}: this {kind} bundle needs onnxruntime >= {need} and this one is {version}: upgrade it "
+                          f"(pip install -U onnxruntime; on Jetson the onnxruntime-gpu wheel of that release){way_out}")
+
+
+def _release(version: str) -> tuple[int, int]:
+    """'1.20.1' / '1.23.0.dev20250101' -> (1, 20)."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def select_providers(requested: str | None = None) -> list[str]:
@@ -94,11 +128,15 @@ class OrtBackend:
         try:
             sess = ort.InferenceSession(str(graph), session_options(threads), providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
-            raise NectarError(f"{graph}: ONNX Runtime cannot load this graph ({str(e).splitlines()[0][:200]}); re-export the bundle") from None
+            why = str(e).splitlines()[0]
+            why = why.split(" failed:", 1)[-1].strip()  # ORT repeats the path first; keep what went wrong
+            raise NectarError(f"{graph}: ONNX Runtime {ort.__version__} cannot load this graph ({why[:300]}); re-export "
+                              "the bundle with this nectar") from None
         return cls(sess, context_len, max_local_len)
 
     @classmethod
     def from_bundle(cls, bundle, threads: int | None = None, provider: str | None = None) -> "OrtBackend":
+        check_onnxruntime(bundle.manifest, bundle.path)
         return cls.from_graph(bundle.graph_path, bundle.context_len, bundle.max_local_len, threads, select_providers(provider))
 
     # ------------------------------------------------------------------ DecoderBackend

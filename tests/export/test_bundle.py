@@ -51,6 +51,9 @@ def test_bundle_layout_and_manifest(bundles):
 
     for kind in ("nectar", "full", "int8", "int4"):
         assert onnx_load(b[kind] / "model.onnx").ir_version == IR_VERSION == 9
+        # the oldest onnxruntime that runs it (benchmarks/ort_versions.py), checked by the runtime at load
+        want = "1.23" if kind in ("int8", "int4") else "1.16"
+        assert json.loads((b[kind] / "manifest.json").read_text())["min_onnxruntime"] == want
     # no document KV anywhere in a Nectar bundle: its weights are the model + heads + 24 prefix tokens
     full_bytes = (b["full"] / "model.onnx.data").stat().st_size
     nectar_bytes = (b["nectar"] / "model.onnx.data").stat().st_size

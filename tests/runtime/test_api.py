@@ -29,3 +29,25 @@ def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'open_bundle_session'"):
         nectar_runtime.open_bundle_session  # noqa: B018  (the public name is open_bundle)
 
+
+
+@pytest.mark.parametrize("manifest,version,ok", [
+    ({"quantize": "int4"}, "1.23.2", True),
+    ({"quantize": "int8"}, "1.22.1", False),  # 8-bit GatherBlockQuantized arrived in 1.23 (benchmarks/ort_versions.py)
+    ({"quantize": None, "dtype": "fp32"}, "1.16.0", True),
+    ({"quantize": None, "dtype": "fp16"}, "1.15.1", False),
+    ({"quantize": "int4", "min_onnxruntime": "1.30"}, "1.28.0", False),  # the manifest's own field wins
+    ({"quantize": "int4"}, "1.24.0.dev20251001", True),
+])
+def test_an_onnxruntime_too_old_for_the_bundle_is_refused_in_one_line(manifest, version, ok):
+    from nectar_runtime.backends.ort_backend import check_onnxruntime
+    from nectar_runtime.errors import NectarError
+
+    if ok:
+        check_onnxruntime(manifest, "b", version)
+        return
+    with pytest.raises(NectarError) as e:
+        check_onnxruntime(manifest, "b", version)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("b: ") and f"this one is {version}" in msg and "upgrade" in msg
+    assert ("--dtype fp32" in msg) == bool(manifest.get("quantize"))  # the way out for quantized bundles
