@@ -19,6 +19,11 @@ fp32 standing in, `nectar_quality.py run --extra-only --steps 1200 --probe-scale
 Documents of other genres (benchmarks/other_genres: a license, a design spec; section "Other genres"):
 
     python benchmarks/defaults_quality.py --records benchmarks/results/other_genres_h100 --name genres
+
+The same two at the CPU defaults, fitted and evaluated end to end on the 2-core CPU (`nectar_quality.py run
+--manuals benchmarks/other_genres --only apache2,dpkg_triggers --device cpu --out-dir benchmarks/results/other_genres_cpu`):
+
+    python benchmarks/defaults_quality.py --records benchmarks/results/other_genres_cpu --name genres_cpu
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from decode_cpu import write_docs  # noqa: E402
 
 TITLES = {"": "default settings (18 retained heads × 2,048 tokens), H100 fits",
           "cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens), H100 fits in fp32",
-          "genres": "default settings (18 retained heads × 2,048 tokens) on documents of other genres, H100 fits"}
+          "genres": "default settings (18 retained heads × 2,048 tokens) on documents of other genres, H100 fits",
+          "genres_cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens) on documents of "
+                        "other genres, fitted on this 2-core CPU"}
 HELDOUT = ("journalctl", "ssh", "tar", "xargs")
 METRICS = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
 METHODS = ("nectar", "streaming", "none")
@@ -126,8 +133,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "defaults_retained_h100"))
     ap.add_argument("--name", default="", choices=sorted(TITLES),
-                    help="which defaults: '' (GPU, section 'defaults'), 'cpu' (section 'defaults_cpu') or 'genres' "
-                         "(other genres, section 'defaults_genres'); names the JSON and PNG")
+                    help="which defaults: '' (GPU, section 'defaults'), 'cpu' (section 'defaults_cpu'), 'genres' "
+                         "(other genres, section 'defaults_genres') or 'genres_cpu' (the same at the CPU defaults); names the JSON and PNG")
     ap.add_argument("--json", default=None, help="default benchmarks/results/defaults_quality[_NAME].json")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args(argv)
