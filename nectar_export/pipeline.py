@@ -124,12 +124,17 @@ def resolve_retention(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig, on_po
     return fit_cfg.auto_retain_heads(eligible_kv_heads(model_cfg), one, budget_bytes(ctx, model_cfg, fit_cfg), on_policy)
 
 
+def smallest_heads_params(cfg, fit_cfg: FitConfig) -> int:
+    """Parameters of the smallest heads: width `width_multiple` in every layer."""
+    return spec_factory(cfg, fit_cfg.variant)((fit_cfg.width_multiple,) * cfg.num_layers).total_params()
+
+
 def smallest_budget_mb(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig) -> float:
     """The least budget, in MB rounded up to 0.01, that holds the smallest heads (width
     `width_multiple` in every layer), the exact template prefix and `fit_cfg`'s retained heads
     (retention resolved)."""
     cfg = base.config
-    least = spec_factory(cfg, fit_cfg.variant)((fit_cfg.width_multiple,) * cfg.num_layers).total_params()
+    least = smallest_heads_params(cfg, fit_cfg)
     kept = retained_bytes(ctx.n - ctx.prefix_len, cfg.head_dim, fit_cfg.retain_heads, fit_cfg.retain_dtype,
                           fit_cfg.retain_tokens)
     need = (2 * least + kv_bytes(ctx.prefix_len, cfg) + kept) / 1e6
@@ -166,9 +171,8 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
     if fit_cfg.retain_heads > eligible:
         raise NectarError(f"--retain-heads {fit_cfg.retain_heads}: {base.name} has {eligible} KV heads in global-"
                           f"attention layers; pass at most {eligible}")
-    n_params, kvb = budget_params(ctx, base.config, fit_cfg)
-    least = spec_factory(base.config, fit_cfg.variant)((fit_cfg.width_multiple,) * base.config.num_layers).total_params()
-    if n_params < least:
+    n_params, kvb = budget_params(ctx, cfg, fit_cfg)
+    if n_params < smallest_heads_params(cfg, fit_cfg):
         need_mb = smallest_budget_mb(base, ctx, fit_cfg)
         given = f"--budget-mb {fit_cfg.budget_mb:g}" if fit_cfg.budget_mb else \
             f"{fit_cfg.budget_fraction:g} of its {kvb / 1e6:.2f} MB fp16 KV cache"
