@@ -5,7 +5,8 @@ Written atomically (a temp dir beside the target, then rename); loaded without p
 when the base model's weights differ from the ones it was fitted on.
 
     manifest.json = {format_version, tool_version, created, base_model: {name, sha256, family,
-                     format}, document: {sha256, n_tokens, chat}, variant, spec: {...},
+                     format}, document: {sha256, n_tokens, prefix_tokens, chat, source, sources: [{label,
+                     sha256, chars}, ...]}, variant, spec: {...},
                      widths, param_count, artifact_bytes (all weight files), heads_sha256 (checked
                      on load), kv_bytes, fit_config, metrics, timings, retained: null | {modules:
                      [[layer, kv head], ...], dtype (int8 | float16), bytes, sha256,

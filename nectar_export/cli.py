@@ -40,10 +40,10 @@ def _fit_config(a: argparse.Namespace) -> FitConfig:
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
-    from .pipeline import check_budget, document_context, fit_document, load_base, settle_budget
-    from .probes import ProbeConfig
+    from nectar_runtime.document import make_context
 
-    from nectar_runtime.document import read_document
+    from .pipeline import check_budget, fit_document, load_base, read_doc_args, settle_budget
+    from .probes import ProbeConfig
 
     from .outdir import check_out_dir
 
@@ -53,7 +53,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     probe_cfg = ProbeConfig(seed=a.seed, min_position_span=a.position_span)
     if a.probe_scale is not None:
         probe_cfg.scaled(a.probe_scale)  # a bad factor: refused before the model loads
-    read_document(a.document)  # empty / binary / non-UTF-8: refuse before loading the model
+    text, _, label = read_doc_args(a.document, a.out)  # missing, empty, binary, non-UTF-8: refuse before loading the model
     check_out_dir(a.out, "artifact")  # a file, a foreign directory, an unwritable place: likewise
     import torch
 
@@ -61,9 +61,9 @@ def cmd_fit(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     base = load_base(a.model, a.device)
     load_s = time.perf_counter() - t0
-    ctx = document_context(base, a.document)  # beyond the window: one error line, before any progress output
+    ctx = make_context(base.tokenizer, text, base.config.max_position, source=label)  # beyond the window: one line
     fit_cfg, note = settle_budget(base, ctx, fit_cfg, a.on_policy)  # a very short document: the smallest heads' budget
-    check_budget(base, ctx, fit_cfg, a.document, a.on_policy)  # too small a --budget-mb: likewise
+    check_budget(base, ctx, fit_cfg, label, a.on_policy)  # too small a --budget-mb: likewise
     print(f"[nectar fit] load model: {load_s:.1f} s", file=sys.stderr)
     if note:
         print(note, file=sys.stderr)
@@ -191,7 +191,9 @@ def add_export_commands(sub) -> None:
 
     d = FitConfig()
     p = sub.add_parser("fit", help="fit Nectar heads for a document and write an artifact directory")
-    p.add_argument("document", metavar="DOC", help="UTF-8 text file")
+    p.add_argument("document", metavar="DOC", nargs="+",
+                   help="UTF-8 text file; several files or directories (all files beneath, sorted, hidden ones skipped) "
+                        "make one document, each file under a '# name' heading line")
     p.add_argument("--model", default=None, help="model name, .gguf or HF directory (default smollm2-135m-instruct)")
     p.add_argument("--out", required=True, metavar="ART",
                    help="artifact directory to write: a new or empty directory, or an earlier artifact (replaced once the new one is complete)")

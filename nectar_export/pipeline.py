@@ -16,7 +16,8 @@ import torch
 
 from nectar_runtime.errors import NectarError
 
-from nectar_runtime.document import DocumentContext, make_context, read_document, read_stored_document
+from nectar_runtime.document import (DocumentContext, Source, describe_sources, make_context, read_documents,
+                                     read_stored_document)
 from .config import FitConfig
 from .fit import FitResult, fit_heads, train_dtype
 from .heads import HeadsSpec, NectarHeads, nectar_contexts
@@ -67,9 +68,24 @@ class StageTimer:
         log(f"[nectar fit] {name}: {self.seconds[name]:.1f} s")
 
 
-def document_context(base: Loaded, doc_path: str | Path) -> DocumentContext:
-    text = read_document(doc_path)
-    return make_context(base.tokenizer, text, base.config.max_position, source=str(doc_path))
+def doc_paths(doc_path) -> list[str | Path]:
+    """`nectar fit`'s DOC arguments as a list: one path, or several (files or directories)."""
+    return [doc_path] if isinstance(doc_path, (str, Path)) else list(doc_path)
+
+
+def read_doc_args(doc_path, out: str | Path | None = None) -> tuple[str, list[Source], str]:
+    """The document of `doc_path` (a file, a directory or a list of them: read_documents; nothing under the
+    artifact directory `out`) -> (text, sources, label); the label names it in messages: the path given, or
+    `N files (…)` for several."""
+    paths = doc_paths(doc_path)
+    text, sources = read_documents(paths, exclude=out)
+    return text, sources, str(paths[0]) if len(sources) == 1 and len(paths) == 1 else describe_sources(sources)
+
+
+def document_context(base: Loaded, doc_path) -> DocumentContext:
+    """The document of `doc_path` (read_doc_args) placed as context for base's tokenizer."""
+    text, _, label = read_doc_args(doc_path)
+    return make_context(base.tokenizer, text, base.config.max_position, source=label)
 
 
 def split_prefix(contexts: list, prefix_len: int) -> tuple[list | None, list]:
@@ -185,9 +201,10 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
                           f"{need_mb:.2f} or more" + (", or fewer --retain-heads" if kept else ""))
 
 
-def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: FitConfig,
+def fit_document(base: Loaded, doc_path, out: str | Path, fit_cfg: FitConfig,
                  probe_cfg=None, on_policy: bool = False, progress: bool = True, log=print) -> dict:
-    """Fit Nectar heads for one document and write the artifact. Returns the manifest.
+    """Fit Nectar heads for one document and write the artifact. Returns the manifest. `doc_path`: a text
+    file, a directory of them or a list of files and directories, joined into one document (read_documents).
     probe_cfg None: `nectar fit`'s default probes on base's device (ProbeConfig scaled by default_probe_scale)."""
     from .artifact import read_manifest, save_artifact
     from .collect import collect_queries
@@ -204,11 +221,12 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
     if on_policy and fit_cfg.retain_heads:
         raise NectarError("nectar fit: --on-policy with --retain-heads is not supported (the re-collection would serve "
                           "networks of heads that are then replaced); use one or the other")
-    ctx = document_context(base, doc_path)  # bad documents fail here, before any progress output
+    text, sources, label = read_doc_args(doc_path, out)  # bad documents fail here, before any progress output
+    ctx = make_context(base.tokenizer, text, cfg.max_position, source=label)
     fit_cfg, note = settle_budget(base, ctx, fit_cfg, on_policy)  # the manifest records the counts and budget
     if note:
         log(note)
-    check_budget(base, ctx, fit_cfg, doc_path, on_policy)
+    check_budget(base, ctx, fit_cfg, label, on_policy)
     with timer.stage("prefill document", log):
         cache = model.prefill_document(torch.tensor([ctx.context_ids], device=base.device))
         full = cache.contexts()
@@ -261,7 +279,8 @@ def fit_document(base: Loaded, doc_path: str | Path, out: str | Path, fit_cfg: F
         "base_model": {"name": base.name, "sha256": base.lm.weights_sha256, "family": cfg.family,
                        "format": base.lm.source_format},
         "document": {"sha256": ctx.sha256, "n_tokens": ctx.n, "prefix_tokens": ctx.prefix_len, "chat": ctx.chat,
-                     "source": Path(doc_path).name},
+                     "source": describe_sources(sources),
+                     "sources": [{"label": x.label, "sha256": x.sha256, "chars": x.chars} for x in sources]},
         "variant": fit_cfg.variant,
         "allocation": fit_cfg.allocation,
         "widths": list(result.widths),

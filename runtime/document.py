@@ -23,10 +23,13 @@ def read_document(path: str | Path) -> str:
     empty, binary, UTF-16 or other non-UTF-8 files."""
     p = Path(path)
     if p.is_dir():
-        raise NectarError(f"{p}: is a directory; pass one text file (join several documents into one first)")
+        raise NectarError(f"{p}: is a directory; pass one text file (nectar fit takes a directory: read_documents)")
     if not p.is_file():
         raise NectarError(f"{p}: no such document file")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise NectarError(f"{p}: cannot be read ({e.strerror}); check its permissions") from None
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Windows "Unicode" text: NUL bytes, but not binary
         raise NectarError(f"{p}: is UTF-16 text; convert it to UTF-8 first (e.g. iconv -f UTF-16 -t UTF-8)")
     if b"\x00" in data[:65536]:
@@ -39,6 +42,72 @@ def read_document(path: str | Path) -> str:
     if not text.strip():
         raise NectarError(f"{p}: the document is empty")
     return text
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of a document made of several: `label` heads its part of the text."""
+
+    label: str
+    sha256: str  # of the file's text as read (BOM dropped)
+    chars: int
+
+
+def source_files(paths: list[str | Path], exclude: str | Path | None = None) -> list[tuple[str, Path]]:
+    """(label, file) for every file named or found under a named directory (recursively, sorted by path,
+    hidden names skipped, nothing under `exclude`: the artifact being written), each file once. Labels: a
+    named file's name; a directory's files `dirname/relative/path`; the path as given where two collide."""
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def wanted(f: Path, root: Path) -> bool:
+        return (f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
+                and (skip is None or skip not in f.resolve().parents))
+
+    found: list[tuple[str, Path, Path]] = []  # label, file, the path as the user gave it
+    for given in map(Path, paths):
+        if given.is_dir():
+            files = sorted(f for f in given.rglob("*") if wanted(f, given))
+            if not files:
+                raise NectarError(f"{given}: the directory holds no files; pass text files or a directory of them")
+            found += [(f"{given.resolve().name}/{f.relative_to(given).as_posix()}", f, f) for f in files]
+        elif given.is_file():
+            found.append((given.name, given, given))
+        else:
+            raise NectarError(f"{given}: no such document file or directory")
+    seen, unique = set(), []
+    for label, f, shown in found:
+        if (key := f.resolve()) not in seen:
+            seen.add(key)
+            unique.append((label, f, shown))
+    labels = [label for label, _, _ in unique]
+    return [(label if labels.count(label) == 1 else shown.as_posix(), f) for label, f, shown in unique]
+
+
+def read_documents(paths: list[str | Path], exclude: str | Path | None = None) -> tuple[str, list[Source]]:
+    """One document from one or more text files or directories of them -> (text, sources).
+
+    A single file is the document as it is. Several become one text, each part under a heading line
+    `# label` (so the probes' section questions can name the files), parts separated by a blank line,
+    in the order given (a directory's files sorted by path). Every file must be UTF-8 text
+    (`read_document`'s one-line errors, naming the file). `exclude`: as in source_files."""
+    files = source_files(paths, exclude)
+    parts, sources = [], []
+    for label, f in files:
+        text = read_document(f)
+        parts.append(text)
+        sources.append(Source(label, hashlib.sha256(text.encode()).hexdigest(), len(text)))
+    if len(files) == 1:
+        return parts[0], sources
+    bodies = [t.lstrip("\r\n").rstrip() for t in parts]  # a first line's indentation is content
+    return "\n\n".join(f"# {s.label}\n\n{body}" for s, body in zip(sources, bodies)) + "\n", sources
+
+
+def describe_sources(sources: list[Source]) -> str:
+    """`name` for one file, `N files (a, b, …)` for several: the document as messages and manifests name it."""
+    if len(sources) == 1:
+        return sources[0].label
+    names = ", ".join(s.label for s in sources[:3]) + (", …" if len(sources) > 3 else "")
+    return f"{len(sources)} files ({names})"
 
 
 def read_stored_document(path: str | Path) -> str:
@@ -93,7 +162,8 @@ def make_context(tokenizer, text: str, max_position: int, source: str = "documen
     if len(ids) + reserve > max_position:
         raise NectarError(
             f"{source}: the document is {len(ids)} tokens but the model's window is {max_position} "
-            f"(with {reserve} kept for questions and answers); shorten the document"
+            f"(with {reserve} kept for questions and answers); shorten the document (or pass fewer files), or use a "
+            f"model with a longer window (--model; `nectar models` lists them)"
         )
     return DocumentContext(text, hashlib.sha256(text.encode()).hexdigest(), context_text, tuple(ids), chat, len(prefix))
 

@@ -151,3 +151,40 @@ def test_eval_refuses_an_unwritable_json_before_evaluating(tmp_path):
 def test_eval_and_ask_refuse_a_non_artifact(tmp_path):
     assert_one_line_error(nectar("ask", str(tmp_path), "hi"), "not a Nectar artifact")
     assert_one_line_error(nectar("eval", str(tmp_path / "nope"), "--questions", "x.jsonl"), "no such")
+
+
+def test_fit_names_a_bad_file_inside_a_document_directory_before_loading_the_model(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "guide.txt").write_text("How to use the widget.\n")
+    (corpus / "scan.pdf").write_bytes(b"%PDF-1.7\n\xff\xfe\x00\x00 stream")
+    r = nectar("fit", str(corpus), "--model", "no-such-model-is-loaded", "--out", str(tmp_path / "art"))
+    assert_one_line_error(r, "scan.pdf", "binary")
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.real
+def test_fit_a_directory_and_files_as_one_document(tmp_path, smollm2_gguf):
+    """Several files (here a directory and a file) make one document, each under a `# name` heading; the
+    manifest lists every source with its sha256; refitting into an artifact inside the directory leaves
+    the artifact's own files out of the document."""
+    corpus = tmp_path / "corpus"
+    (corpus / "parts").mkdir(parents=True)
+    (corpus / "parts" / "start.txt").write_text("To start the widget, press the red button once.\n")
+    (corpus / "parts" / "stop.txt").write_text("To stop the widget, hold the blue button for two seconds.\n")
+    (tmp_path / "safety.txt").write_text("Never open the widget while it runs.\n")
+    art = corpus / "widget.nectar"
+    for _ in range(2):  # the second run replaces the first artifact, which sits inside the document's directory
+        r = nectar("fit", str(corpus), str(tmp_path / "safety.txt"), "--model", str(smollm2_gguf), "--out", str(art),
+                   "--steps", "2", "--probe-scale", "0.05")
+        assert r.returncode == 0, r.stderr
+    man = json.loads((art / "manifest.json").read_text())
+    labels = ["corpus/parts/start.txt", "corpus/parts/stop.txt", "safety.txt"]
+    assert [s["label"] for s in man["document"]["sources"]] == labels
+    assert man["document"]["source"] == "3 files (corpus/parts/start.txt, corpus/parts/stop.txt, safety.txt)"
+    text = (art / "document.txt").read_text()
+    assert text == ("# corpus/parts/start.txt\n\nTo start the widget, press the red button once.\n\n"
+                    "# corpus/parts/stop.txt\n\nTo stop the widget, hold the blue button for two seconds.\n\n"
+                    "# safety.txt\n\nNever open the widget while it runs.\n")
+    r = nectar("ask", str(art), "How do I stop the widget?", "--max-new-tokens", "6")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
