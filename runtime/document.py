@@ -25,7 +25,8 @@ def read_document(path: str | Path) -> str:
     if p.is_dir():
         raise NectarError(f"{p}: is a directory; pass one text file (nectar fit takes a directory: read_documents)")
     if not p.is_file():
-        raise NectarError(f"{p}: no such document file")
+        raise NectarError(f"{p}: " + ("not a regular file (a pipe or device); save the text to a file first" if p.exists()
+                                      else "no such document file"))
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -72,6 +73,8 @@ def source_files(paths: list[str | Path], exclude: str | Path | None = None) -> 
             found += [(f"{given.resolve().name}/{f.relative_to(given).as_posix()}", f, f) for f in files]
         elif given.is_file():
             found.append((given.name, given, given))
+        elif given.exists():
+            raise NectarError(f"{given}: not a regular file (a pipe or device); save the text to a file first")
         else:
             raise NectarError(f"{given}: no such document file or directory")
     seen, unique = set(), []

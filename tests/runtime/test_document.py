@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
@@ -64,6 +65,7 @@ def test_the_artifact_being_written_is_not_part_of_the_document(corpus):
 @pytest.mark.parametrize("make,needle", [
     (lambda p: (p / "empty").mkdir(), "holds no files"),
     (lambda p: None, "no such document file or directory"),
+    (lambda p: os.mkfifo(p / "empty"), "not a regular file"),  # never opened: reading a pipe would block
 ])
 def test_missing_or_empty_sources_get_one_line(tmp_path, make, needle):
     make(tmp_path)
