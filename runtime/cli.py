@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", default=None, help="a Nectar artifact directory: its document is answered from its heads")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default %(default)s)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)

@@ -84,6 +84,17 @@ def test_cuda_without_gpu():
     assert_one_line_error(nectar("generate", "--device", "cuda", "hi"), "no CUDA GPU")
 
 
+def test_device_auto_takes_the_gpu_when_torch_sees_one(monkeypatch):
+    import torch
+
+    from nectar_runtime.backends.torch_backend import resolve_device
+
+    for seen, want in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: seen)
+        assert resolve_device("auto") == want
+    assert_one_line_error(nectar("generate", "--device", "tpu", "hi"), "'tpu'", "auto, cpu or cuda")
+
+
 def test_system_with_an_artifact_is_refused_not_ignored(tmp_path):
     r = nectar("generate", "--artifact", str(tmp_path), "--system", "Answer in French.", "question")
     assert_one_line_error(r, "--system", "--artifact")
