@@ -11,7 +11,7 @@
 #                 in-process stage breakdown (graphed vs eager fit heads), the CUDA fit tests
 # Results go to $OUT (few files).
 set -uo pipefail
-stage=${1:?stage: probe|kern|defer|coldfit|sweep|partials|smol|setup|real|refit|fitgpu|profiles|fitdefault|quality|noise|gpart|gemma}
+stage=${1:?stage: probe|kern|defer|coldfit|sweep|partials|smol|setup|real|refit|fitgpu|profiles|fitdefault|quality|cli|noise|gpart|gemma}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 install() {
@@ -194,6 +194,14 @@ quality)  # after setup (carry .carry/b on the first call): with FIT=1 the fresh
     real_artifact_tests
   fi
   quality_run /root/smol.gguf
+  ;;
+cli)  # after setup (carry .carry/b with smol.source.json): the CLI and runtime tests where the CLI's --device auto
+     # takes the GPU (fits, ask, generate on CUDA), with the joined GGUF registered as the cached SmolLM2
+  smol_model || exit 1
+  python3 -c "import nectar_kernels" 2>/dev/null || install
+  export NECTAR_HOME=/root/nectar_home; d=$NECTAR_HOME/models/smollm2-135m-instruct; mkdir -p "$d"
+  ln -sf /root/smol.gguf "$d/SmolLM2-135M-Instruct.Q4_1.gguf"; cp .carry/b/smol.source.json "$d/source.json"
+  python3 -m pytest -q -p no:timeout tests/runtime tests/export/test_cli_fit.py ${CLI_TESTS:-} 2>&1 | tail -25 | tee "$OUT/cli_tests.log"
   ;;
 noise)  # after setup (carry .carry/b): the exact-match noise floor (benchmarks/noise_floor.py: the document cache
         # rounded to fp16 / bf16 / int8) on every manual, then, if $MANUALS is set, benchmarks/nectar_quality.py there
