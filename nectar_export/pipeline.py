@@ -389,9 +389,9 @@ def open_artifact(art: str | Path, device: str = "cpu", model: str | None = None
     from .artifact import load_heads, load_retained, read_manifest
 
     m = read_manifest(art)
-    base = load_base(model or m["base_model"]["name"], device)
-    heads = load_heads(art, m, base.lm.weights_sha256, device)
-    retained = load_retained(art, m, base.config, device)
+    base = load_base(model or m["base_model"]["name"], device)  # resolves --device auto: base.device from here on
+    heads = load_heads(art, m, base.lm.weights_sha256, base.device)
+    retained = load_retained(art, m, base.config, base.device)
     text = read_stored_document(Path(art) / "document.txt")
     ctx = make_context(base.tokenizer, text, base.config.max_position, source=str(art))
     if ctx.sha256 != m["document"]["sha256"] or ctx.n != m["document"]["n_tokens"]:
