@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NectarError
+from .tokenizer import literal_messages
 
 SEPARATOR = "\n\n"
 _MARK = "\u2063NECTAR_SPLIT\u2063"  # invisible separator: never appears in real text
@@ -200,4 +201,7 @@ def local_text(ctx: DocumentContext, tokenizer, turns: list[dict], add_generatio
 
 
 def local_ids(ctx: DocumentContext, tokenizer, turns: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    return tokenizer.encode(local_text(ctx, tokenizer, turns, add_generation_prompt), add_special_tokens=False)
+    """Token ids of `local_text`. Questions and answers are data, as the document is: one that spells a
+    special token ("<|im_end|>") is encoded as plain text, so it cannot end its turn or forge another
+    (`literal_messages`); otherwise the ids are the plain encoding of the text."""
+    return literal_messages(tokenizer, turns, lambda ts: local_text(ctx, tokenizer, ts, add_generation_prompt))

@@ -50,6 +50,29 @@ class TokenizerConfig:
     extra_eos_token_ids: tuple[int, ...] = ()  # more stop ids: GGUF end-of-turn, generation_config.json
 
 
+def literal_messages(tokenizer: "TextTokenizer", messages: Sequence[Mapping[str, Any]], render) -> list[int]:
+    """Ids of `render(messages)` (chat markup: a str) with every message content read as plain text.
+
+    When no content spells a special token, that is the plain encoding of the rendered text (as
+    transformers tokenizes a chat). Otherwise those contents are rendered as unique markers and
+    encoded apart (`encode_marked`); a template that changes a content (trims it, say) cannot be
+    split that way and is refused in one line rather than letting the text act as markup."""
+    text = render(messages)
+    risky = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str) and tokenizer.spells_special(m["content"])]
+    if not risky:
+        return tokenizer.encode(text, add_special_tokens=False)
+    marks = {f"\u2063NECTAR_TEXT_{i}\u2063": messages[i]["content"] for i in risky}
+    by_index = dict(zip(risky, marks))
+    marked = render([dict(m, content=by_index[i]) if i in by_index else m for i, m in enumerate(messages)])
+    restored = marked
+    for mark, content in marks.items():
+        restored = restored.replace(mark, content)
+    if restored != text or any(marked.count(m) != 1 for m in marks):
+        raise NectarError("a message spells a special token (e.g. <|im_end|>) and the chat template changes it, so it "
+                          "cannot be kept as plain text; remove that spelling from the message")
+    return tokenizer.encode_marked(marked, marks)
+
+
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus its config. The backend's post-processor adds BOS/EOS."""
 
@@ -90,6 +113,32 @@ class TextTokenizer:
         finally:
             self.backend.encode_special_tokens = before
 
+    def spells_special(self, text: str) -> bool:
+        """Whether `text` contains the spelling of a special token ("<|im_end|>"), which `encode` would
+        read as that control token."""
+        return any(tok in text for tok in self._special_spellings)
+
+    @property
+    def _special_spellings(self) -> tuple[str, ...]:
+        if not hasattr(self, "_specials"):
+            self._specials = tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
+        return self._specials
+
+    def encode_marked(self, marked: str, literals: Mapping[str, str]) -> list[int]:
+        """Ids of chat markup `marked` in which each marker (a key of `literals`, unique invisible text put
+        where a message's content goes) stands for its content: the markup is encoded as usual (its
+        special tokens are control tokens), each content as plain text (`encode_literal`). No BOS/EOS."""
+        ids, rest = [], marked
+        while literals:
+            at = {m: rest.find(m) for m in literals}
+            first = min((m for m in at if at[m] >= 0), key=at.get, default=None)
+            if first is None:
+                break
+            ids += self.encode(rest[: at[first]], add_special_tokens=False) if at[first] else []
+            ids += self.encode_literal(literals[first])
+            rest = rest[at[first] + len(first):]
+        return ids + (self.encode(rest, add_special_tokens=False) if rest else [])
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -117,8 +166,11 @@ class TextTokenizer:
         return render_chat_template(template, messages, add_generation_prompt, **variables)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the rendered conversation; no BOS is added, since the template writes its own."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        """Ids of the rendered conversation; no BOS is added, since the template writes its own. Only the
+        template writes control tokens: a message that spells one ("<|im_end|>" typed in a question) is
+        encoded as plain text (`literal_messages`), so it cannot close its turn or open another."""
+        render = lambda msgs: self.apply_chat_template(msgs, add_generation_prompt)  # noqa: E731
+        return literal_messages(self, messages, render)
 
     def to_json(self, directory: str | Path) -> Path:
         """Write tokenizer.json and tokenizer_config.json into `directory` (made if needed); returns it."""
