@@ -202,7 +202,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--budget-mb", type=float, default=d.budget_mb, help="artifact size in MB (default: --budget-fraction of the document's fp16 KV bytes)")
     p.add_argument("--budget-fraction", type=float, default=d.budget_fraction, help="(default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps,
-                   help="training steps (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_STEPS.items()) + ")")
+                   help="training steps (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_STEPS.items())
+                        + f"); a short allocation probe of min({d.probe_steps}, STEPS) steps comes first")
     p.add_argument("--batch", type=int, default=d.batch,
                    help="training samples (query vectors) per module per step (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_BATCH.items()) + ")")
     p.add_argument("--lr", type=float, default=d.lr, help="(default %(default)s)")

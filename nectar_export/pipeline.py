@@ -170,9 +170,9 @@ def settle_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, on_pol
     if given >= need:
         return fit_cfg, None
     kvb = kv_bytes(ctx.n, base.config)
-    note = (f"[nectar fit] {ctx.n} tokens: {fit_cfg.budget_fraction:g} of the document's {kvb / 1e6:.2f} MB fp16 KV "
-            f"({given:.2f} MB) cannot hold the smallest Nectar heads; the budget is raised to {need:.2f} MB "
-            f"({100 * need * 1e6 / kvb:.0f}% of the KV)" + (" — for a document this short, plain context costs less "
+    note = (f"[nectar fit] {ctx.n - ctx.prefix_len} document tokens (+{ctx.prefix_len} of the chat template's opening): "
+            f"{fit_cfg.budget_fraction:g} of their {kvb / 1e6:.2f} MB fp16 KV ({given:.2f} MB) cannot hold the smallest "
+            f"Nectar heads; the budget, a ceiling, is raised to {need:.2f} MB ({100 * need * 1e6 / kvb:.0f}% of the KV)" + (" — for a document this short, plain context costs less "
                                                            "memory" if need * 1e6 >= kvb else ""))
     return replace(fit_cfg, budget_mb=need), note
 
@@ -196,9 +196,9 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
                               fit_cfg.retain_tokens)
         if kept:
             given += f", of which {fit_cfg.retain_heads} retained heads take {kept / 1e6:.2f} MB"
-        raise NectarError(f"{doc_path}: {ctx.n} tokens; the artifact budget ({given}) is below the smallest "
-                          f"Nectar heads ({need_mb:.2f} MB with the exact template prefix): pass --budget-mb "
-                          f"{need_mb:.2f} or more" + (", or fewer --retain-heads" if kept else ""))
+        raise NectarError(f"{doc_path}: {ctx.n} tokens with the chat template's opening; the artifact budget ({given}) "
+                          f"is below the smallest Nectar heads ({need_mb:.2f} MB with the exact template prefix): pass "
+                          f"--budget-mb {need_mb:.2f} or more" + (", or fewer --retain-heads" if kept else ""))
 
 
 def fit_document(base: Loaded, doc_path, out: str | Path, fit_cfg: FitConfig,

@@ -70,7 +70,8 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Open and check a bundle directory; `verify` hashes every file against the manifest."""
     p = Path(path)
     if not p.is_dir():
-        raise NectarError(f"{p}: no such bundle directory (make one with `nectar export ART --format onnx --out {p}`)")
+        what = "is a file, not a bundle directory" if p.exists() else "no such bundle directory"
+        raise NectarError(f"{p}: {what} (make one with `nectar export ART --format onnx --out BUNDLE`)")
     mf = p / MANIFEST
     if not mf.is_file():
         raise NectarError(f"{p}: not a Nectar bundle (no {MANIFEST}); pass the directory `nectar export` wrote")
@@ -78,6 +79,9 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
         m = json.loads(mf.read_text("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NectarError(f"{mf}: corrupt manifest ({e}); re-export the bundle") from None
+    if isinstance(m, dict) and "heads_sha256" in m and "kind" not in m:  # an artifact's manifest (nectar fit)
+        raise NectarError(f"{p}: is a Nectar artifact (from `nectar fit`), not a bundle; ask it with `nectar ask {p} "
+                          f"QUESTION`, or export it first: `nectar export {p} --out BUNDLE`")
     if not is_bundle_manifest(m):
         raise NectarError(f"{mf}: not a Nectar bundle manifest; pass the directory `nectar export` wrote")
     if m.get("format_version") != BUNDLE_FORMAT_VERSION:

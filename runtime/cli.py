@@ -6,6 +6,7 @@ Bad input ends in one line on stderr (`nectar: ...`) and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import sys
 
@@ -56,7 +57,7 @@ def generation_config(a: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def print_stream(pieces, session=None) -> None:
+def print_stream(pieces, session=None, in_chat: bool = False) -> None:
     """Write text pieces to stdout as they arrive, then a newline; then, on stderr, whether the
     answer was empty (the model ended its turn at once: say so rather than print a blank line) or
     cut by a full local window (a ChatSession's `window_full`)."""
@@ -76,7 +77,8 @@ def print_stream(pieces, session=None) -> None:
     if session is not None and session.window_full:
         sys.stdout.flush()
         print(f"nectar: the answer stopped where the window ends ({session.window_full} local tokens); ask a shorter "
-              "question or /reset the chat (a bundle exported with a larger --max-local-len holds more)", file=sys.stderr)
+              f"question{' or /reset the chat' if in_chat else ''} (a bundle exported with a larger --max-local-len "
+              "holds more)", file=sys.stderr)
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
@@ -117,12 +119,17 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = ("/reset clears the conversation, /exit (or Ctrl-D) quits, /help shows this; a question that starts "
+             "with '/' needs a word before it")
+CHAT_COMMAND = re.compile(r"/[A-Za-z?]+")  # "/rest", "/Reset", "/help"; not a path such as /etc/fstab
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     from .bundle_session import open_bundle_session
 
     cfg = generation_config(a)
     session = open_bundle_session(a.bundle, threads=a.threads, provider=a.provider)
-    print("nectar chat: ask about the document; /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    print(f"nectar chat: ask about the document; {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -138,18 +145,23 @@ def cmd_chat(a: argparse.Namespace) -> int:
             session.reset()
             print("(conversation cleared)", file=sys.stderr)
             continue
+        if cmd in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        if CHAT_COMMAND.fullmatch(cmd.split()[0]):  # a mistyped command must not become a question
+            print(f"nectar: unknown command {cmd.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+            continue
         try:
             line.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes from the terminal arrive as lone surrogates
             print("nectar: that line is not valid UTF-8; set the terminal to UTF-8 and ask again", file=sys.stderr)
             continue
         try:
-            print_stream(session.stream(line, cfg), session)
+            print_stream(session.stream(line, cfg), session, in_chat=True)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (the turn is not kept)
             print("\n(answer interrupted; Ctrl-D or /exit quits)", file=sys.stderr)
-        except NectarError as e:  # e.g. the conversation outgrew the bundle: say so, keep going
-            hint = "" if "/reset" in str(e) else " (type /reset to start over)"
-            print(f"\nnectar: {e}{hint}", file=sys.stderr)
+        except NectarError as e:  # e.g. a question too long for the bundle's window: say so, keep going
+            print(f"\nnectar: {e}", file=sys.stderr)
 
 
 def add_bundle_args(p: argparse.ArgumentParser) -> None:

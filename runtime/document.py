@@ -165,7 +165,8 @@ def make_context(tokenizer, text: str, max_position: int, source: str = "documen
     ids = prefix + body
     if len(ids) + reserve > max_position:
         raise NectarError(
-            f"{source}: the document is {len(ids)} tokens but the model's window is {max_position} "
+            f"{source}: the document is {len(body)} tokens ({len(ids)} with the chat template's opening) but the "
+            f"model's window is {max_position} "
             f"(with {reserve} kept for questions and answers); shorten the document (or pass fewer files), or use a "
             f"model with a longer window (--model; `nectar models` lists them)"
         )

@@ -29,10 +29,10 @@ class GenerationConfig:
 
 def check_fits(backend: DecoderBackend, prompt_len: int) -> None:
     if prompt_len > backend.max_local_len:
-        doc = f" after the document's {backend.context_len}" if backend.context_len else ""
+        doc = f" after the {backend.context_len} tokens of the document and its turn opening" if backend.context_len else ""
         raise NectarError(
             f"prompt of {prompt_len} tokens does not fit: at most {backend.max_local_len} local tokens "
-            f"fit{doc} (the model's window, or the bundle's max_local_len); shorten the prompt or /reset"
+            f"fit{doc} (the model's window, or the bundle's max_local_len); shorten the prompt"
         )
 
 

@@ -133,10 +133,13 @@ def test_nectar_chat_multi_turn_and_reset(bundles):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "nectar_runtime.cli", "chat", str(bundles[1]["full"]), "--max-new-tokens", "12",
-                        "--threads", "2"], input="What is sed?\nAnd grep?\n/reset\nHello\n/exit\n",
+                        "--threads", "2"], input="What is sed?\nAnd grep?\n/reset\n/rest\n/help\nHello\n/exit\n",
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "(conversation cleared)" in r.stderr and r.stdout.count("> ") >= 4
+    assert "(conversation cleared)" in r.stderr and r.stdout.count("> ") >= 6
+    assert "unknown command /rest; /reset clears" in r.stderr  # a typo is not sent to the model as a question
+    answers = [line for line in r.stdout.split("> ") if line.strip()]
+    assert len(answers) == 3  # What is sed?, And grep?, Hello: /rest and /help got no answer
 
 
 def _copy(src, tmp_path):
@@ -149,6 +152,9 @@ def test_bad_bundles_give_one_line_errors(bundles, tmp_path):
     src = bundles[1]["nectar"]
     r = nectar("run", str(tmp_path), "--chat", "hi")
     assert_one_line_error(r, "not a Nectar bundle")
+    assert_one_line_error(nectar("run", str(bundles[0]), "--chat", "hi"), "is a Nectar artifact", "nectar export")
+    (tmp_path / "notes.txt").write_text("hi")
+    assert_one_line_error(nectar("run", str(tmp_path / "notes.txt"), "--chat", "hi"), "is a file, not a bundle directory")
 
     b = _copy(src, tmp_path)
     (b / "model.onnx.data").unlink()

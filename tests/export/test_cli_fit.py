@@ -116,7 +116,7 @@ def test_fit_raises_the_default_budget_of_a_short_document(tmp_path, smollm2_ggu
     art = tmp_path / "art"
     r = nectar("fit", str(doc), "--model", str(smollm2_gguf), "--out", str(art), "--steps", "2", "--probe-scale", "0.05")
     assert r.returncode == 0, r.stderr
-    assert "cannot hold the smallest Nectar heads; the budget is raised to" in r.stderr
+    assert "cannot hold the smallest Nectar heads; the budget, a ceiling, is raised to" in r.stderr
     assert "plain context costs less memory" in r.stderr  # the heads outweigh this document's KV
     man = json.loads((art / "manifest.json").read_text())
     assert man["fit_config"]["budget_mb"] * 1e6 >= man["artifact_bytes"] > 0.24 * man["kv_bytes"]
