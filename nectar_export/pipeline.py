@@ -172,12 +172,12 @@ def settle_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, on_pol
     kvb = kv_bytes(ctx.n, base.config)
     note = (f"[nectar fit] {ctx.n - ctx.prefix_len} document tokens (+{ctx.prefix_len} of the chat template's opening): "
             f"{fit_cfg.budget_fraction:g} of their {kvb / 1e6:.2f} MB fp16 KV ({given:.2f} MB) cannot hold the smallest "
-            f"Nectar heads; the budget, a ceiling, is raised to {need:.2f} MB ({100 * need * 1e6 / kvb:.0f}% of the KV)" + (" — for a document this short, plain context costs less "
-                                                           "memory" if need * 1e6 >= kvb else ""))
+            f"Nectar heads; the budget, a ceiling, is raised to {need:.2f} MB ({100 * need * 1e6 / kvb:.0f}% of the KV)"
+            + (" — for a document this short, plain context costs less memory" if need * 1e6 >= kvb else ""))
     return replace(fit_cfg, budget_mb=need), note
 
 
-def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_path, on_policy: bool = False) -> None:
+def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, label, on_policy: bool = False) -> None:
     """Refuse a budget below the smallest heads (width `width_multiple` in every layer), naming the
     sizes and what to do: a too small --budget-mb (a default budget is raised first: settle_budget),
     or more retained heads than the model has or the budget holds."""
@@ -196,7 +196,7 @@ def check_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, doc_pat
                               fit_cfg.retain_tokens)
         if kept:
             given += f", of which {fit_cfg.retain_heads} retained heads take {kept / 1e6:.2f} MB"
-        raise NectarError(f"{doc_path}: {ctx.n} tokens with the chat template's opening; the artifact budget ({given}) "
+        raise NectarError(f"{label}: {ctx.n} tokens with the chat template's opening; the artifact budget ({given}) "
                           f"is below the smallest Nectar heads ({need_mb:.2f} MB with the exact template prefix): pass "
                           f"--budget-mb {need_mb:.2f} or more" + (", or fewer --retain-heads" if kept else ""))
 

@@ -6,8 +6,8 @@ Bad input ends in one line on stderr (`nectar: ...`) and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
-import re
 import os
+import re
 import sys
 
 from .errors import NectarError
@@ -119,6 +119,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = "auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N"
 CHAT_HELP = ("/reset clears the conversation, /exit (or Ctrl-D) quits, /help shows this; a question that starts "
              "with '/' needs a word before it")
 CHAT_COMMAND = re.compile(r"/[A-Za-z?]+")  # "/rest", "/Reset", "/help"; not a path such as /etc/fstab
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", default=None, help="a Nectar artifact directory: its document is answered from its heads")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--device", default="auto", help="auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default %(default)s)")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
