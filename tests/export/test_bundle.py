@@ -287,3 +287,14 @@ def test_nectar_profile_on_ort_bundles(bundles, tmp_path):
             "latency_ms_p90", "tokens_per_s", "peak_mem_bytes", "floor_ms"}
     assert all(keys <= set(x) and x["backend"] == "ort" and x["latency_ms_p90"] >= x["latency_ms_median"] > 0 for x in recs)
     assert_one_line_error(nectar("profile", "--backend", "ort", "--json", str(out)), "--bundle")
+
+
+def test_export_warns_when_the_check_shows_changed_answers():
+    from nectar_export.export.bundle import ExportConfig, check_warning
+
+    ok = {"tokens": 16, "top1_agreement": 1.0, "mean_kl": 0.002, "max_abs_logit_diff": 0.5}
+    assert check_warning(ok, ExportConfig(quantize="int4")) is None
+    gemma = dict(ok, top1_agreement=0.625, mean_kl=0.367)  # Gemma 3 270M's Q4_K_M weights exported as int4
+    w = check_warning(gemma, ExportConfig(quantize="int4"))
+    assert "top-1 agreement 0.62" in w and "KL 0.367" in w and "--quantize int8" in w and "\n" not in w
+    assert "fp32" in check_warning(dict(ok, mean_kl=0.2), ExportConfig(quantize="int8"))
