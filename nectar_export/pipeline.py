@@ -413,7 +413,7 @@ def open_artifact_session(art: str | Path, device: str = "cpu", dtype: str = "fl
     if dtype != "float32":
         oa.base.model.to(getattr(torch, dtype))
     return ChatSession(oa.base.tokenizer, artifact_backend(oa, sys.stderr),
-                       build_prompt=lambda turns: local_ids(oa.ctx, oa.base.tokenizer, turns))
+                       build_prompt=lambda turns: local_ids(oa.ctx, oa.base.tokenizer, turns), plain_qa=not oa.ctx.chat)
 
 
 def artifact_backend(oa: OpenArtifact, log=None):

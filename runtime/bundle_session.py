@@ -32,6 +32,8 @@ def bundle_backend(bundle: Bundle, threads: int | None = None, provider: str | N
 def open_bundle_session(path: str | Path, threads: int | None = None, provider: str | None = None,
                         verify: bool = True) -> ChatSession:
     """A ChatSession whose turns follow the bundle's document (exact KV or Nectar heads inside)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise NectarError(f"threads (--threads) must be a whole number >= 1 or None for all cores, got {threads!r}")
     bundle = read_bundle(path, verify=verify)
     tok = load_tokenizer(bundle.path)
     text = read_stored_document(bundle.path / "document.txt")
@@ -39,4 +41,4 @@ def open_bundle_session(path: str | Path, threads: int | None = None, provider: 
     if ctx.n != bundle.context_len or ctx.sha256 != bundle.manifest["document"]["sha256"]:
         raise NectarError(f"{bundle.path}: document.txt does not give the manifest's context ({ctx.n} vs {bundle.context_len} tokens); re-export")
     backend = bundle_backend(bundle, threads, provider)
-    return ChatSession(tok, backend, build_prompt=lambda turns: local_ids(ctx, tok, turns))
+    return ChatSession(tok, backend, build_prompt=lambda turns: local_ids(ctx, tok, turns), plain_qa=not ctx.chat)

@@ -7,9 +7,24 @@ the backend holds whatever stands for the document (nothing, exact KV, or Nectar
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .errors import NectarError
 from .generate import GenerationConfig, check_fits, stream_text
+
+
+PLAIN_QA_STOP = "\nQuestion:"
+
+
+def check_turn(prompt, cfg) -> None:
+    """A question must be non-empty text and `cfg` a GenerationConfig (or None): one clear error, before anything runs."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"the question must be a str, got {type(prompt).__name__}")
+    if cfg is not None and not isinstance(cfg, GenerationConfig):
+        raise TypeError(f"cfg must be a nectar_runtime.GenerationConfig or None, got {type(cfg).__name__} "
+                        "(e.g. GenerationConfig(max_new_tokens=64))")
+    if not prompt.strip():
+        raise NectarError("the question is empty; ask something")
 
 
 @dataclass
@@ -23,6 +38,12 @@ class ChatSession:
     window_full: int | None = None
     # set by `stream`: how many of the oldest turns it dropped so the conversation fits the window
     turns_dropped: int = 0
+    # the plain "Question: …\nAnswer:" format of models without a chat template (document.local_text): a base
+    # model runs on into turns of its own, so an answer ends at the next "\nQuestion:", and its leading space
+    # (the format's, after "Answer:") is not shown
+    plain_qa: bool = False
+    # answers started so far: an unfinished stream sees a newer turn by this count
+    turns_started: int = field(default=0, init=False, repr=False)
 
     def prompt_ids(self, prompt: str, chat: bool, system: str | None = None, history: list[dict] | None = None) -> list[int]:
         """Token ids of the local part: the whole prompt, or the chat turns (`history`, by default the
@@ -38,8 +59,16 @@ class ChatSession:
     def stream(self, prompt: str, cfg: GenerationConfig | None = None, chat: bool = True,
                system: str | None = None) -> Iterator[str]:
         """The answer to `prompt` as text pieces while they are generated (greedy, 256 new tokens
-        unless `cfg` says otherwise); the turn joins the history once the answer is complete."""
-        cfg = cfg or GenerationConfig()
+        unless `cfg` says otherwise); the turn joins the history once the answer is complete. The
+        arguments are checked at once (an empty question: NectarError; wrong types: TypeError); a
+        newer `stream`/`ask` on this session supersedes an unfinished one (it then raises if resumed)."""
+        check_turn(prompt, cfg)
+        self.turns_started += 1
+        return self._answer(prompt, cfg or GenerationConfig(), chat, system, self.turns_started)
+
+    def _answer(self, prompt: str, cfg: GenerationConfig, chat: bool, system: str | None, turn: int) -> Iterator[str]:
+        if self.plain_qa:
+            cfg = replace(cfg, stop_strings=(*cfg.stop_strings, PLAIN_QA_STOP))
         keep = self.history
         ids = self.prompt_ids(prompt, chat, system, keep)
         # A long conversation outgrows the local window: drop the oldest question + answer pairs until
@@ -59,8 +88,15 @@ class ChatSession:
             self.window_full = n
 
         for piece in stream_text(self.backend, self.tokenizer, ids, cfg, on_window_full=full):
+            if self.plain_qa and not "".join(answer).strip():
+                piece = piece.lstrip()
+                if not piece:
+                    continue
             answer.append(piece)
             yield piece
+            if self.turns_started != turn:  # resumed after a newer turn reset the backend: its state is gone
+                raise NectarError("this answer was superseded: a newer ask/stream started on the same session before "
+                                  "it finished; finish or drop one answer before asking the next")
         if chat or self.build_prompt is not None:
             self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(answer)}]
 

@@ -120,8 +120,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 DEVICE_HELP = "auto (the default): cuda when torch sees a GPU, else cpu; or cpu, cuda, cuda:N"
-CHAT_HELP = ("/reset clears the conversation, /exit (or Ctrl-D) quits, /help shows this; a question that starts "
-             "with '/' needs a word before it")
+CHAT_HELP = ("/reset clears the conversation, /exit (or Ctrl-D) quits, /help shows this; any other /word opening "
+             "a line is taken for a mistyped command (a path such as /etc/fstab is asked as written)")
 CHAT_COMMAND = re.compile(r"/[A-Za-z?]+")  # "/rest", "/Reset", "/help"; not a path such as /etc/fstab
 
 

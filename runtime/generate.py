@@ -24,7 +24,7 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise NectarError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+            raise NectarError(f"max_new_tokens (--max-new-tokens) must be >= 1, got {self.max_new_tokens}")
 
 
 def check_fits(backend: DecoderBackend, prompt_len: int) -> None:
@@ -90,7 +90,7 @@ class StopMatcher:
         hits = [text.find(s) for s in self.stops if s in text]
         if hits:
             return text[: min(hits)], True
-        return (text[: len(text) - self.hold] if self.hold else text), False
+        return text[: max(0, len(text) - self.hold)], False  # max: a text shorter than the hold shows nothing yet
 
     def final(self, text: str) -> str:
         """Text to show once generation has ended: everything before the first stop string."""

@@ -20,13 +20,13 @@ class SamplingConfig:
 
     def __post_init__(self):
         if not 0 <= self.temperature < float("inf"):  # NaN fails this too
-            raise NectarError(f"--temperature must be a number >= 0, got {self.temperature}")
+            raise NectarError(f"temperature (--temperature) must be a number >= 0, got {self.temperature}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise NectarError(f"--seed must be in [0, 2**64), got {self.seed}")
+            raise NectarError(f"seed (--seed) must be in [0, 2**64), got {self.seed}")
         if self.top_k < 0:
-            raise NectarError(f"--top-k must be >= 0, got {self.top_k}")
+            raise NectarError(f"top_k (--top-k) must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise NectarError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise NectarError(f"top_p (--top-p) must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:

@@ -76,7 +76,7 @@ def select_providers(requested: str | None = None) -> list[str]:
         return [p for p in PREFERRED_PROVIDERS if p in have]
     name = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(requested)
     if name is None:
-        raise NectarError(f"--provider {requested!r}: use cpu, cuda or tensorrt")
+        raise NectarError(f"provider (--provider) {requested!r}: use cpu, cuda or tensorrt")
     if name not in have:
         raise NectarError(f"--provider {requested}: this onnxruntime has only {', '.join(have)}; install onnxruntime-gpu for CUDA/TensorRT")
     return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])

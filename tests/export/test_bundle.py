@@ -133,13 +133,13 @@ def test_nectar_chat_multi_turn_and_reset(bundles):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "nectar_runtime.cli", "chat", str(bundles[1]["full"]), "--max-new-tokens", "12",
-                        "--threads", "2"], input="What is sed?\nAnd grep?\n/reset\n/rest\n/help\nHello\n/exit\n",
+                        "--threads", "2"], input="What is sed?\nAnd grep?\n/reset\n/rest\n/help\n/etc/sed.conf is what?\n/exit\n",
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "(conversation cleared)" in r.stderr and r.stdout.count("> ") >= 6
     assert "unknown command /rest; /reset clears" in r.stderr  # a typo is not sent to the model as a question
     answers = [line for line in r.stdout.split("> ") if line.strip()]
-    assert len(answers) == 3  # What is sed?, And grep?, Hello: /rest and /help got no answer
+    assert len(answers) == 3  # What is sed?, And grep? and the path question: /rest and /help got no answer
 
 
 def _copy(src, tmp_path):

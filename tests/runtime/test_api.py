@@ -51,3 +51,11 @@ def test_an_onnxruntime_too_old_for_the_bundle_is_refused_in_one_line(manifest, 
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("b: ") and f"this one is {version}" in msg and "upgrade" in msg
     assert ("--dtype fp32" in msg) == bool(manifest.get("quantize"))  # the way out for quantized bundles
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_open_bundle_refuses_bad_threads_as_the_cli_does(threads):
+    import nectar_runtime as nr
+
+    with pytest.raises(nr.NectarError, match=r"threads \(--threads\) must be a whole number >= 1"):
+        nr.open_bundle("no_bundle_needed", threads=threads)

@@ -98,6 +98,8 @@ def test_stop_matcher_holds_back_partial_stop_strings():
     assert m.cut("hello ST") == ("hello", False)
     assert m.cut("hello STOP there") == ("hello ", True)
     assert m.final("abc ST") == "abc ST"
+    long = StopMatcher(("\nQuestion:",))  # longer than the text so far: nothing may show early
+    assert [long.cut(t)[0] for t in (" Yes\n", " Yes\nQu", " Yes\nQuestion")] == ["", "", " Yes"]
 
 
 class _ScriptedBackend:
@@ -204,3 +206,47 @@ def test_a_long_conversation_drops_its_oldest_turns_to_fit_the_window():
     with pytest.raises(NectarError, match="does not fit"):  # too long on its own: refused, history kept
         s.ask("x" * 101)
     assert [t["content"] for t in s.history] == ["r" * 90, "abc"]
+
+
+def test_a_session_checks_its_arguments_at_once():
+    from nectar_runtime.chat_session import ChatSession
+    from nectar_runtime.errors import NectarError
+
+    s = ChatSession(_CharTokenizer(), _ScriptedBackend([0, 9]), build_prompt=lambda turns: [1])
+    with pytest.raises(NectarError, match="the question is empty"):
+        s.stream("  \n")  # at the call, not at the first piece
+    with pytest.raises(TypeError, match="must be a str, got NoneType"):
+        s.ask(None)
+    with pytest.raises(TypeError, match="cfg must be a nectar_runtime.GenerationConfig or None, got dict"):
+        s.ask("hi", {"max_new_tokens": 4})
+    assert s.history == [] and s.ask("hi") == "a"
+
+
+def test_a_newer_turn_supersedes_an_unfinished_stream():
+    from nectar_runtime.chat_session import ChatSession
+    from nectar_runtime.errors import NectarError
+
+    s = ChatSession(_CharTokenizer(), _ScriptedBackend([0, 1, 2, 3, 9]), build_prompt=lambda turns: [1])
+    first = s.stream("q1")
+    assert next(first) == "a"
+    assert s.ask("q2") == "abcd"  # the newer turn runs whole
+    with pytest.raises(NectarError, match="superseded"):
+        next(first)
+    assert [t["content"] for t in s.history] == ["q2", "abcd"]  # the unfinished turn never joined the history
+
+
+def test_the_plain_question_answer_format_ends_an_answer_at_the_next_question():
+    """A base model (no chat template) runs on into "\\nQuestion: …" turns of its own: the answer ends there,
+    and the format's space after "Answer:" is not part of it."""
+    from nectar_runtime.chat_session import ChatSession
+
+    class Tok:
+        alphabet, eos_token_ids = " Yes\nQuestion:", {19}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.alphabet[i] for i in ids if i != 19)
+
+    script = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # " Yes\nQuestion:" then more
+    s = ChatSession(Tok(), _ScriptedBackend(script, vocab=20), build_prompt=lambda turns: [1], plain_qa=True)
+    assert s.ask("Is it?") == "Yes"
+    assert s.history[-1] == {"role": "assistant", "content": "Yes"}
