@@ -192,8 +192,8 @@ def add_export_commands(sub) -> None:
     d = FitConfig()
     p = sub.add_parser("fit", help="fit Nectar heads for a document and write an artifact directory")
     p.add_argument("document", metavar="DOC", nargs="+",
-                   help="UTF-8 text file; several files or directories (all files beneath, sorted, hidden ones skipped) "
-                        "make one document, each file under a '# name' heading line")
+                   help="UTF-8 text file; several files or directories (all files beneath, sorted; hidden ones and Nectar "
+                        "artifacts or bundles skipped) make one document, each file under a '# name' heading line")
     p.add_argument("--model", default=None, help="model name, .gguf or HF directory (default smollm2-135m-instruct)")
     p.add_argument("--out", required=True, metavar="ART",
                    help="artifact directory to write: a new or empty directory, or an earlier artifact (replaced once the new one is complete)")

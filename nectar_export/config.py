@@ -136,9 +136,11 @@ class FitConfig:
 
     def for_device(self, device_type: str) -> "FitConfig":
         """This config with `steps` and `batch` resolved (None -> DEFAULT_STEPS / DEFAULT_BATCH of
-        device_type, CPU's for other devices)."""
+        device_type, CPU's for other devices) and `probe_steps` at most `steps`."""
         kind = device_type if device_type in DEFAULT_STEPS else "cpu"
-        return replace(self, steps=self.steps or DEFAULT_STEPS[kind], batch=self.batch or DEFAULT_BATCH[kind])
+        steps = self.steps or DEFAULT_STEPS[kind]
+        # the allocation probe is never longer than the fit itself: a quick `--steps 40` stays quick
+        return replace(self, steps=steps, batch=self.batch or DEFAULT_BATCH[kind], probe_steps=min(self.probe_steps, steps))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -402,8 +402,7 @@ def fit_heads(qs_train: QuerySet, qs_held: QuerySet, spec_for, budget_params: in
     probe = None
     if cfg.allocation == "adaptive" or retarget is not None:
         heads, data = build_heads(spec_for(widths), qs_train, cfg, doc_kv, device)
-        # never longer than the fit itself: a quick `--steps 40` stays quick
-        train_heads(heads, data, cfg, min(cfg.probe_steps, cfg.steps), desc="allocation probe", progress=progress)
+        train_heads(heads, data, cfg, cfg.probe_steps, desc="allocation probe", progress=progress)  # ≤ steps: for_device
         if cfg.allocation == "adaptive":
             errs = layer_errors(heads, qs_held)
             key = "o_rel_error_weighted" if cfg.weighting == "share" else "o_rel_error"

@@ -9,6 +9,7 @@ chat template use a plain `Question:/Answer:` format after the document.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,15 +56,34 @@ class Source:
     chars: int
 
 
+def is_nectar_output(d: Path) -> bool:
+    """Whether directory `d` is an artifact or bundle Nectar wrote (its manifest.json says so): never a source."""
+    from .bundle import BUNDLE_KIND
+
+    mf = d / "manifest.json"
+    try:
+        m = json.loads(mf.read_text("utf-8")) if mf.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and ("heads_sha256" in m or m.get("kind") == BUNDLE_KIND)
+
+
 def source_files(paths: list[str | Path], exclude: str | Path | None = None) -> list[tuple[str, Path]]:
     """(label, file) for every file named or found under a named directory (recursively, sorted by path,
     hidden names skipped, nothing under `exclude`: the artifact being written), each file once. Labels: a
     named file's name; a directory's files `dirname/relative/path`; the path as given where two collide."""
     skip = Path(exclude).resolve() if exclude is not None else None
 
+    outputs: dict[Path, bool] = {}  # directory -> is_nectar_output, each read once
+
     def wanted(f: Path, root: Path) -> bool:
-        return (f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)
-                and (skip is None or skip not in f.resolve().parents))
+        rel = f.relative_to(root)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts):
+            return False
+        if skip is not None and skip in f.resolve().parents:
+            return False
+        dirs = [root / d for d in rel.parents if d != Path(".")]
+        return not any(outputs.setdefault(d, is_nectar_output(d)) for d in dirs)
 
     found: list[tuple[str, Path, Path]] = []  # label, file, the path as the user gave it
     for given in map(Path, paths):

@@ -387,6 +387,8 @@ def test_defaults_depend_on_the_device_the_fit_runs_on():
     assert (cpu.steps, cpu.batch, gpu.steps, gpu.batch) == (1200, 512, 4800, 1024)
     assert FitConfig().for_device("mps") == cpu  # other devices take the CPU's
     assert FitConfig(steps=7, batch=3).for_device("cuda").batch == 3 and FitConfig(steps=7).for_device("cpu").steps == 7
+    # the allocation probe never outlasts the fit (a quick --steps 40), and the manifest records what ran
+    assert FitConfig(steps=40).for_device("cpu").probe_steps == 40 and cpu.probe_steps == gpu.probe_steps == 150
     assert (default_probe_scale("cpu"), default_probe_scale("cuda"), default_probe_scale("mps")) == (0.5, 1.0, 0.5)
     with pytest.raises(ValueError, match="batch"):
         FitConfig(batch=0)

@@ -87,3 +87,20 @@ def test_an_unreadable_file_is_named(corpus, monkeypatch):
     monkeypatch.setattr(type(corpus), "read_bytes", denied)
     with pytest.raises(NectarError, match=r"one\.txt: cannot be read \(Permission denied\); check its permissions"):
         read_documents([corpus / "one.txt"])
+
+
+def test_artifacts_and_bundles_inside_a_document_directory_are_skipped(corpus):
+    """Fitting a directory into an artifact inside it, then fitting the directory again, must not read
+    the first artifact (or any bundle) as part of the document."""
+    import json
+
+    for name, manifest in (("old.nectar", {"heads_sha256": "0" * 64}), ("old.int4", {"kind": "nectar-bundle"})):
+        d = corpus / "corpus" / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        (d / "heads.safetensors").write_bytes(b"\x00\x01weights")
+        (d / "document.txt").write_text("Beta text\n")
+    (corpus / "corpus" / "notes").mkdir()
+    (corpus / "corpus" / "notes" / "manifest.json").write_text('{"name": "my own JSON"}')  # not Nectar's: a source
+    _, sources = read_documents([corpus / "corpus"])
+    assert [s.label for s in sources] == ["corpus/a.md", "corpus/b.txt", "corpus/notes/manifest.json", "corpus/sub/c.txt"]
