@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from nectar_runtime.cli import positive_int
 from nectar_runtime.errors import NectarError
@@ -33,6 +34,8 @@ def profile_config(a: argparse.Namespace) -> ProfileConfig:
     shape = a.shape or (None if a.model else "smollm2-135m")
     if shape is not None and shape not in SHAPES:
         raise NectarError(f"--shape {shape!r}: known shapes are {', '.join(SHAPES)}")
+    if a.dtype and a.backend == "ort":
+        raise NectarError("--dtype is for the torch backend: --backend ort runs each bundle in the dtype it was exported in")
     dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
     if dtype not in DTYPES:
         raise NectarError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -54,6 +57,19 @@ def profile_config(a: argparse.Namespace) -> ProfileConfig:
                          bundles=tuple(a.bundle), threads=a.threads)
 
 
+def check_plot_format(path: str) -> None:
+    """Refuse a --plot file name whose extension matplotlib cannot write (or matplotlib missing)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise NectarError("--plot needs matplotlib (pip install matplotlib)") from None
+    kinds = Figure().canvas.get_supported_filetypes()
+    ext = Path(path).suffix.lstrip(".").lower()
+    if ext not in kinds:
+        raise NectarError(f"--plot {path}: {'.' + ext if ext else 'no extension'} is not an image format matplotlib "
+                          f"writes; use .png (or {', '.join('.' + k for k in sorted(kinds) if k != 'png')})")
+
+
 def cmd_profile(a: argparse.Namespace) -> int:
     from .profile import run_profile
 
@@ -61,6 +77,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     check_output_file(a.json, "--json records")
     if a.plot:
         check_output_file(a.plot, "--plot image")
+        check_plot_format(a.plot)  # before minutes of measuring, not after
     run_profile(cfg, json_out=a.json, plot_out=a.plot)
     return 0
 

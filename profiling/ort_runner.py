@@ -75,6 +75,11 @@ def step_weight_bytes(graph: Path, manifest: dict) -> int:
     return total
 
 
+
+def bundle_model(manifest: dict) -> str:
+    """The model a bundle was exported from, as records and plots name it."""
+    return str(manifest["base_model"].get("name", manifest["model"]["family"]))
+
 class OrtRunner:
     """The runner `nectar profile` drives for --backend ort (see profiling/profile.py)."""
 
@@ -94,7 +99,7 @@ class OrtRunner:
                 raise NectarError(f"{path}: a {b.format} bundle; --backend ort takes ONNX bundles")
             self.bundles.append((b, step_weight_bytes(b.graph_path, b.manifest)))
         m = self.bundles[0][0].manifest
-        self.shape = f"{m['base_model'].get('name', m['model']['family'])}"
+        self.shape = bundle_model(m)
         self.notes = (f"real weights and documents from {len(self.bundles)} bundle(s); onnxruntime CPU provider, "
                       f"{self.threads} threads; each bundle loaded once, alone, for all its batch sizes; peak memory "
                       + ("counted from its load" if can_reset_peak_rss() else "of the whole process (no per-bundle reset here)"))
@@ -163,7 +168,7 @@ class OrtRunner:
         nbytes = wbytes + local_kv
         return {
             "method": method, "backend": "ort", "device": self.device_name(),
-            "dtype": b.manifest["quantize"] or b.manifest["dtype"], "shape": self.shape, "batch": batch, "n": n,
+            "dtype": b.manifest["quantize"] or b.manifest["dtype"], "shape": bundle_model(b.manifest), "batch": batch, "n": n,
             "local_len": cfg.local_len, "latency_ms_median": round(med, 4),
             "latency_ms_p90": round(times[int(0.9 * (len(times) - 1))], 4), "tokens_per_s": round(batch * 1e3 / med, 1),
             "peak_mem_bytes": peak, "floor_ms": round(nbytes / self.bandwidth() * 1e3, 4), "bytes_per_step": nbytes,

@@ -229,13 +229,26 @@ def run_profile(cfg: ProfileConfig, json_out: str | Path, plot_out: str | Path |
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
            "records": records}
     write_text_atomic(json_out, json.dumps(out, indent=1) + "\n", "--json records")
-    if plot_out:
-        plot_records(records, plot_out, title=f"{runner.shape}, {cfg.dtype}, {runner.device_name()}")
+    if plot_out:  # bundles carry their own model and dtype (in each series' label)
+        title = runner.device_name() if cfg.backend == "ort" else f"{runner.shape}, {cfg.dtype}, {runner.device_name()}"
+        plot_records(records, plot_out, title=title)
     return out
 
 
+def series_key(r: dict) -> tuple:
+    """What one plotted line is: a bundle (its own model, dtype and n) and batch, or a synthetic (method, batch)."""
+    return (r.get("bundle") or "", r["method"], r["batch"])
+
+
+def series_label(r: dict) -> str:
+    if r.get("bundle"):
+        return f"{Path(r['bundle']).name}: {r['shape']}, {r['dtype']}, {r['method']}, batch {r['batch']}"
+    return f"{r['method']}, batch {r['batch']}"
+
+
 def plot_records(records: list[dict], out: str | Path, title: str = "") -> None:
-    """Latency vs n (log x), a line per (method, batch), the bandwidth floor dashed."""
+    """Latency vs n (log x), a line per series (`series_key`), the bandwidth floor dashed, with a bar
+    marker at each point so that a series of one point (a bundle: one n) shows its floor too."""
     try:
         import matplotlib
 
@@ -243,19 +256,21 @@ def plot_records(records: list[dict], out: str | Path, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise NectarError("--plot needs matplotlib (pip install matplotlib)") from None
-    shapes = sorted({r["shape"] for r in records})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
+    shapes = sorted({r["shape"] for r in records}) if not any(r.get("bundle") for r in records) else [None]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4.6), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
-        rs = [r for r in records if r["shape"] == shape]
-        for method, batch in sorted({(r["method"], r["batch"]) for r in rs}):
-            pts = sorted((r["n"], r["latency_ms_median"], r["floor_ms"]) for r in rs
-                         if r["method"] == method and r["batch"] == batch)
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method}, batch {batch}")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color(), alpha=0.5)
+        rs = [r for r in records if shape is None or r["shape"] == shape]
+        for key in sorted({series_key(r) for r in rs}):
+            series = sorted((r for r in rs if series_key(r) == key), key=lambda r: r["n"])
+            ns = [r["n"] for r in series]
+            line, = ax.plot(ns, [r["latency_ms_median"] for r in series], marker="o", label=series_label(series[0]))
+            ax.plot(ns, [r["floor_ms"] for r in series], ls="--", marker="_", markersize=14, color=line.get_color(),
+                    alpha=0.6)
+        ax.plot([], [], ls="--", marker="_", color="gray", label="bandwidth floor (same colour)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("document tokens n")
-        ax.set_ylabel("ms per decode step (median); dashed: bandwidth floor")
-        ax.set_title(f"{shape}: {title}" if len(shapes) > 1 else title, fontsize=9)
+        ax.set_ylabel("ms per decode step (median)")
+        ax.set_title(f"{shape}: {title}" if shape is not None and len(shapes) > 1 else title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

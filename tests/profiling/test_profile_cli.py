@@ -46,6 +46,8 @@ def test_profile_cpu_tiny(tmp_path, capsys):
     (["--backend", "tensorrt"], "use one of"),
     (["--model", "x.gguf", "--shape", "tiny"], "not both"),
     (["--methods", "sparse"], "--methods"),
+    (["--backend", "ort", "--bundle", "b", "--dtype", "fp16"], "--dtype is for the torch backend"),
+    (["--plot", "p.txt"], "is not an image format"),  # refused before any measuring, not after
 ])
 def test_profile_bad_input(tmp_path, capsys, args, msg):
     rc = main(["profile", "--shape", "tiny", *args, "--json", str(tmp_path / "p.json")] if "--shape" not in args
@@ -72,3 +74,18 @@ def test_profile_cuda_without_gpu(tmp_path, capsys):
     rc = main(["profile", "--shape", "tiny", "--device", "cuda", "--json", str(tmp_path / "p.json")])
     err = capsys.readouterr().err
     assert rc == 2 and "no CUDA GPU" in err and err.count("\n") == 1
+
+
+def test_plot_draws_each_bundle_as_its_own_series(tmp_path):
+    """Bundles of different models and dtypes are separate series named by bundle, model and dtype (not
+    one line joined across them), and a one-point series still shows its bandwidth floor."""
+    pytest.importorskip("matplotlib")
+    from nectar_profiling.profile import plot_records, series_key, series_label
+
+    base = {"method": "nectar", "batch": 1, "latency_ms_median": 10.0, "floor_ms": 4.0}
+    recs = [dict(base, bundle="/x/gemma.int4", shape="gemma3-270m", dtype="int4", n=459),
+            dict(base, bundle="/x/grep.fp16", shape="smollm2-135m-instruct", dtype="fp16", n=530, latency_ms_median=20.0)]
+    assert len({series_key(r) for r in recs}) == 2
+    assert series_label(recs[0]) == "gemma.int4: gemma3-270m, int4, nectar, batch 1"
+    plot_records(recs, tmp_path / "p.png", title="cpu")
+    assert (tmp_path / "p.png").stat().st_size > 1000
