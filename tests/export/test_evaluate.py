@@ -30,6 +30,9 @@ class CharTokenizer:
     def encode_literal(self, text: str) -> list[int]:
         return self.encode(text, add_special_tokens=False)
 
+    def spells_special(self, text: str) -> bool:  # BOS/EOS have no spelling here
+        return False
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return "".join(chr(i + 30) for i in ids if i >= 2)
 

@@ -266,6 +266,9 @@ class CharTokenizer:
 
     encode_literal = encode
 
+    def spells_special(self, text):  # one token per character: no control token can be spelled
+        return False
+
     def decode(self, ids, skip_special_tokens=False):
         return "".join(map(chr, ids))
 
