@@ -75,10 +75,10 @@ def step_weight_bytes(graph: Path, manifest: dict) -> int:
     return total
 
 
-
 def bundle_model(manifest: dict) -> str:
     """The model a bundle was exported from, as records and plots name it."""
     return str(manifest["base_model"].get("name", manifest["model"]["family"]))
+
 
 class OrtRunner:
     """The runner `nectar profile` drives for --backend ort (see profiling/profile.py)."""

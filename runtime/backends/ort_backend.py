@@ -78,7 +78,7 @@ def select_providers(requested: str | None = None) -> list[str]:
     if name is None:
         raise NectarError(f"provider (--provider) {requested!r}: use cpu, cuda or tensorrt")
     if name not in have:
-        raise NectarError(f"--provider {requested}: this onnxruntime has only {', '.join(have)}; install onnxruntime-gpu for CUDA/TensorRT")
+        raise NectarError(f"provider (--provider) {requested}: this onnxruntime has only {', '.join(have)}; install onnxruntime-gpu for CUDA/TensorRT")
     return [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
 
 
