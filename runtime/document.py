@@ -25,7 +25,7 @@ def read_document(path: str | Path) -> str:
     empty, binary, UTF-16 or other non-UTF-8 files."""
     p = Path(path)
     if p.is_dir():
-        raise NectarError(f"{p}: is a directory; pass one text file (nectar fit takes a directory: read_documents)")
+        raise NectarError(f"{p}: is a directory; pass a text file (nectar fit also takes directories)")
     if not p.is_file():
         raise NectarError(f"{p}: " + ("not a regular file (a pipe or device); save the text to a file first" if p.exists()
                                       else "no such document file"))
@@ -73,7 +73,6 @@ def source_files(paths: list[str | Path], exclude: str | Path | None = None) -> 
     hidden names skipped, nothing under `exclude`: the artifact being written), each file once. Labels: a
     named file's name; a directory's files `dirname/relative/path`; the path as given where two collide."""
     skip = Path(exclude).resolve() if exclude is not None else None
-
     outputs: dict[Path, bool] = {}  # directory -> is_nectar_output, each read once
 
     def wanted(f: Path, root: Path) -> bool:

@@ -12,6 +12,7 @@ that `load_tokenizer` (and transformers) reads back with identical ids.
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +119,9 @@ class TextTokenizer:
         read as that control token."""
         return any(tok in text for tok in self._special_spellings)
 
-    @property
+    @cached_property
     def _special_spellings(self) -> tuple[str, ...]:
-        if not hasattr(self, "_specials"):
-            self._specials = tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
-        return self._specials
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
 
     def encode_marked(self, marked: str, literals: Mapping[str, str]) -> list[int]:
         """Ids of chat markup `marked` in which each marker (a key of `literals`, unique invisible text put
