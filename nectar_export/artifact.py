@@ -8,7 +8,7 @@ when the base model's weights differ from the ones it was fitted on.
                      format}, document: {sha256, n_tokens, prefix_tokens, chat, source, sources: [{label,
                      sha256, chars}, ...]}, variant, spec: {...},
                      widths, param_count, artifact_bytes (all weight files), heads_sha256 (checked
-                     on load), kv_bytes, fit_config, metrics, timings, retained: null | {modules:
+                     on load), kv_bytes, fit_config, metrics, timings_s, retained: null | {modules:
                      [[layer, kv head], ...], dtype (int8 | float16), bytes, sha256,
                      heldout_error_mass_share}}
 """

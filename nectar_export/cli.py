@@ -1,4 +1,4 @@
-"""`nectar fit`, `nectar ask`, `nectar eval`: argument definitions built from the config
+"""`nectar fit`, `nectar ask`, `nectar eval`, `nectar export`: argument definitions built from the config
 dataclasses' defaults (each default defined once). Heavy imports happen inside the handlers."""
 
 from __future__ import annotations

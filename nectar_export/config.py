@@ -56,7 +56,7 @@ class FitConfig:
     distill_tokens: int = 4096  # probe tokens (batch × longest probe) per distillation step
     # KV heads whose document keys/values the artifact keeps (retained.py): the ones the heads serve
     # worst. Their bytes count in the budget. Every backend serves them (torch, the fused CUDA step, ONNX,
-    # TensorRT graphs with those layers in standard ops). None = auto (`auto_retain_heads`):
+    # TensorRT graphs with one NectarRetainedAttention plugin node per such layer). None = auto (`auto_retain_heads`):
     # AUTO_RETAIN_SHARE of the KV heads of global-attention layers, rounded down (18 on SmolLM2: agreement
     # 0.949-0.969 -> 0.973-0.991 on ten manuals, docs/results.md; +3-10% CPU decode time at n = 7,000 since
     # quantized bundles read their int8 KV through MatMulNBits, docs/benchmarks.md); none where the fit

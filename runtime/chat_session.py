@@ -131,9 +131,9 @@ def open_torch_session(model: str | None, artifact: str | None = None, device: s
     return ChatSession(tok, TorchBackend(lm.model))
 
 
-def open_artifact(path: str, device: str = "cpu", dtype: str = "float32", model: str | None = None) -> ChatSession:
+def open_artifact(path: str, device: str = "auto", dtype: str = "float32", model: str | None = None) -> ChatSession:
     """A ChatSession over a Nectar artifact on the torch backend (what `nectar ask` runs; on CUDA with
-    Triton the fused CUDA-graph step). Needs the exporter's extras (torch); the base model comes from
+    Triton the fused CUDA-graph step). `device`: "auto" (CUDA when torch sees a GPU, as the CLI), "cpu", "cuda". Needs the exporter's extras (torch); the base model comes from
     the manifest unless `model` names a local copy of the same weights."""
     try:
         import torch  # noqa: F401

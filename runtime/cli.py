@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", required=True, metavar="QUESTION", help="the question (a user turn after the document)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat over a bundle's document, streaming (/reset, /exit)")
+    p = sub.add_parser("chat", help="interactive multi-turn chat over a bundle's document, streaming (/reset, /exit, /help)")
     add_bundle_args(p)
     p.set_defaults(func=cmd_chat)
 

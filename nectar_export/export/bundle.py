@@ -1,8 +1,9 @@
 """`nectar export ART --format onnx`: artifact (+ its base model) -> a bundle directory.
 
 The bundle is written into a temp dir beside `out` and renamed into place only when complete and
-checked: its graph is run on ONNX Runtime against the torch backend on a probe question, and the
-result (max |Δlogit|, greedy agreement) is recorded in the manifest.
+(unless `ExportConfig.check` is off: `--no-check`) checked: its graph is run on ONNX Runtime against the
+torch backend on a probe question, the result (max |Δlogit|, top-1 agreement, mean KL) is recorded in the
+manifest, and a warning is printed when the answers depart (`check_warning`).
 """
 
 from __future__ import annotations

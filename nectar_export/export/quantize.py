@@ -11,8 +11,8 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
                 x_aug = [x, x·Bd, x·Bd] (Bd: the block indicator) and R at 8 bits as two extra
                 4-bit digits per block sum. The 8-bit grid moves a weight by ≤ 1/510 of R's range
                 over 32 block sums (about one Q4_1 step), 16× finer than int8's rounding
-    int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (168 vs 147 tok/s
-                for int4 on the 2-core CPU of docs/benchmarks.md), but for weights that are already 4-bit (a Q4_1 GGUF) a
+    int4-rtn    round-to-nearest with integer zero points: ORT's fastest path (98.5 vs 89.1 tok/s
+                for int4 at n = 7,000 on the 2-core CPU, docs/benchmarks.md "Bundles on ONNX Runtime"), but for weights that are already 4-bit (a Q4_1 GGUF) a
                 second rounding, with a visible quality cost (docs/results.md)
     int8        every 2-D matmul at 8 bits (integer zero points: within half a step of a Q4_1
                 grid point, 1/32 of a Q4_1 step)

@@ -1,6 +1,6 @@
 """Self-study probes: conversations about the document whose local queries train the Nectar heads.
 
-A probe is a conversation placed after the document (`context.local_ids`); every token of it
+A probe is a conversation placed after the document (`nectar_runtime.document.local_ids`); every token of it
 gives, in every layer, a query q whose exact attention over the document the heads must learn.
 The probes should look like real use, so they come from five sources:
 
