@@ -88,7 +88,7 @@ class ChatSession:
             self.window_full = n
 
         for piece in stream_text(self.backend, self.tokenizer, ids, cfg, on_window_full=full):
-            if self.plain_qa and not "".join(answer).strip():
+            if self.plain_qa and not answer:  # until the first visible text: pieces kept are never blank
                 piece = piece.lstrip()
                 if not piece:
                     continue

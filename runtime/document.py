@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundle import BUNDLE_KIND
 from .errors import NectarError
 from .tokenizer import literal_messages
 
@@ -58,8 +59,6 @@ class Source:
 
 def is_nectar_output(d: Path) -> bool:
     """Whether directory `d` is an artifact or bundle Nectar wrote (its manifest.json says so): never a source."""
-    from .bundle import BUNDLE_KIND
-
     mf = d / "manifest.json"
     try:
         m = json.loads(mf.read_text("utf-8")) if mf.is_file() else None

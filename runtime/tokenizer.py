@@ -117,11 +117,18 @@ class TextTokenizer:
     def spells_special(self, text: str) -> bool:
         """Whether `text` contains the spelling of a special token ("<|im_end|>"), which `encode` would
         read as that control token."""
+        # Gemma 3 has ~6,250 special tokens, nearly all "<…>": most text holds none of their first characters
+        if not any(c in text for c in self._special_firsts):
+            return False
         return any(tok in text for tok in self._special_spellings)
 
     @cached_property
     def _special_spellings(self) -> tuple[str, ...]:
-        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content)
+
+    @cached_property
+    def _special_firsts(self) -> frozenset[str]:
+        return frozenset(tok[0] for tok in self._special_spellings)
 
     def encode_marked(self, marked: str, literals: Mapping[str, str]) -> list[int]:
         """Ids of chat markup `marked` in which each marker (a key of `literals`, unique invisible text put
