@@ -1,4 +1,5 @@
-"""Weights from GGUF files (dequantized with `gguf`) and HF directories (config.json + safetensors).
+"""Weights from GGUF files (dequantized with `gguf`) and HF directories (config.json + safetensors);
+a GGUF's quantization grids as well (read_gguf_weight_grids: what quantized exports keep exactly).
 
 Each source maps its tensor names onto ours through a declarative table; every expected key must
 be present exactly once with the expected shape, and no tensor may be left over.
@@ -17,6 +18,7 @@ import torch
 from nectar_runtime.errors import NectarError
 
 from .config import ModelConfig, config_from_gguf_metadata, config_from_hf
+from .gguf_grids import QuantGrid, read_gguf_grids
 from .llama import Decoder
 from .registry import DECODERS
 
@@ -170,6 +172,24 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             arr = _unpermute_qk(arr, heads)
         state[ours] = torch.from_numpy(arr)
     return cfg, state
+
+
+def read_gguf_weight_grids(path: Path) -> dict[str, QuantGrid]:
+    """{our name: QuantGrid} of the GGUF's 2-D weights that carry a quantization grid (gguf_grids.py),
+    rows in our order (llama's q/k permutation undone, as read_gguf does for the floats)."""
+    from nectar_runtime.gguf_metadata import read_gguf_tensor_table
+
+    meta, table = read_gguf_tensor_table(path)
+    cfg = config_from_gguf_metadata({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}, str(path))
+    block_names = GGUF_BLOCK_NAMES[cfg.family]
+    names = {t.name: ours for t in table if (ours := _gguf_name(t.name, block_names)) is not None}
+    grids = read_gguf_grids(path, names)
+    if meta.get("general.architecture") in GGUF_PERMUTED_QK:
+        for ours, grid in grids.items():
+            if ".q_proj." in ours or ".k_proj." in ours:
+                heads = cfg.num_heads if ".q_proj." in ours else cfg.num_kv_heads
+                grids[ours] = grid.rows(_unpermute_qk(np.arange(grid.shape[0]), heads))
+    return grids
 
 
 def _gguf_name(name: str, block_names: dict[str, str]) -> str | None:

@@ -70,6 +70,27 @@ def decoder_weights(model) -> DecoderWeights:
     )
 
 
+def decoder_grids(grids: dict, model) -> dict:
+    """The GGUF's quantization grids ({our name: QuantGrid}, nectar_models.loading.read_gguf_weight_grids)
+    under the graph's weight names, stacked as decoder_weights stacks the weights (q|k|v, gate|up);
+    a stack whose parts no single grid holds (gguf_grids.concat_rows) is left out, and rounded."""
+    from nectar_models.gguf_grids import concat_rows
+
+    out = {}
+    for i in range(len(model.layers)):
+        p, g = f"model.layers.{i}", lambda name: grids.get(f"layers.{i}.{name}.weight")
+        parts = {"attn.qkv_proj": concat_rows([g("self_attn.q_proj"), g("self_attn.k_proj"), g("self_attn.v_proj")]),
+                 "attn.o_proj": g("self_attn.o_proj"),
+                 "mlp.gate_up_proj": concat_rows([g("mlp.gate_proj"), g("mlp.up_proj")]),
+                 "mlp.down_proj": g("mlp.down_proj")}
+        out.update({f"{p}.{name}.weight": grid for name, grid in parts.items() if grid is not None})
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    head = grids.get("embed_tokens.weight") if tied else grids.get("lm_head.weight")
+    if head is not None:
+        out["model.embed_tokens.weight_t" if tied else "model.lm_head.weight"] = head
+    return out
+
+
 @torch.no_grad()
 def full_contexts(document_contexts: list) -> list[LayerContext]:
     """The document's exact KV per layer (`--method full`), from the torch model's

@@ -17,6 +17,16 @@ com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per blo
     int8        every 2-D matmul at 8 bits (integer zero points: within half a step of a Q4_1
                 grid point, 1/32 of a Q4_1 step)
 
+With a GGUF base model the exporter passes the file's own grids (`grids`: codes, scales, zero points
+per block; nectar_models/gguf_grids.py) and each weight keeps them where the kind allows
+(`weight_form`): int4 writes 4-bit types (Q4_0; Q4_1 and Q4_K through the block-sum digits above) at
+4 bits and 5- to 8-bit types (Q5_0, Q6_K in blocks of 16, Q8_0) at 8 bits, all exactly (up to the
+digits' 8-bit grid); int8 keeps the 5- to 8-bit types and rounds 4-bit types with float zero points;
+int4-rtn keeps only what needs no more bits than it has. So an int4 bundle of Gemma 3 270M's
+Q4_K_M file computes with the weights llama.cpp runs instead of rounding Q5_0/Q6_K/Q8_0 weights to
+4 bits (export check top-1 0.62, KL 0.37 before; docs/onnx.md). Weights without a grid (safetensors
+sources, other GGUF types) are rounded from their floats as above.
+
 Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
 fp32 (the exporter's default: bundle.HEADS_MIN_BYTES): one `MatMulNBits` per KV head between a
@@ -58,6 +68,8 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     levels = (1 << bits) - 1
     wb = w.T.reshape(n, k // block, block).astype(np.float64)
     lo, hi = wb.min(-1), wb.max(-1)
+    if not float_zero:  # an integer zero point must be a code: the range takes in 0
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
     scale = (hi - lo) / levels
     scale = np.where(scale > 0, scale, 1.0)  # a constant block: any scale, q = 0, z = −lo/s
     if bits not in (4, 8) or (float_zero and bits != 4):
@@ -129,10 +141,42 @@ def _q4_1_with_residual_digits(packed: np.ndarray, scales: np.ndarray, zeros: np
             numpy_helper.from_array(_pack_nibbles(all_zeros), f"{base}.zero_points")]
 
 
+def weight_form(kind: str, grid, lm_head: bool) -> tuple[int, str]:
+    """(bits, form) of a 2-D model weight in a `kind` bundle; `grid`: its GGUF quantization grid or None.
+
+    Bits: int8 8; int4-rtn 4 (the LM head 8); int4 the grid's own (4 for 4-bit GGUF types, 8 for
+    Q5_0, Q6_K, Q8_0), else 4 (the LM head 8). Forms:
+      grid          the GGUF's codes, scales and integer zero points as they are (exact)
+      grid-offsets  the GGUF's 4-bit codes, their float zero points through block-sum digits (int4)
+      offsets       4-bit min/max blocks with float zero points through block-sum digits (int4; exact
+                    for a Q4_1 weight read back from floats)
+      rtn           min/max blocks, integer zero points
+    """
+    bits = 8 if kind == "int8" or lm_head else 4
+    if kind == "int4" and grid is not None:
+        bits = grid.bits
+    if grid is not None and grid.integer_zero and grid.bits <= bits:
+        return bits, "grid"
+    if kind == "int4" and bits == 4:
+        return bits, "grid-offsets" if grid is not None and grid.block == BLOCK else "offsets"
+    return bits, "rtn"
+
+
+def _grid_initializers(grid, bits: int):
+    """A grid with integer zero points -> (codes, scales, zero points, block) as MatMulNBits-`bits` takes them."""
+    zero = np.rint(grid.zero).astype(np.uint8)
+    if bits == 4:
+        return _pack_codes(grid.codes), grid.scale.ravel(), _pack_nibbles(zero), grid.block
+    return np.ascontiguousarray(grid.codes), grid.scale.ravel(), zero.ravel(), grid.block
+
+
 def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int,
-                   heads_bits: int = 8, heads_block: int = BLOCK) -> dict:
+                   heads_bits: int = 8, heads_block: int = BLOCK, grids: dict | None = None,
+                   sources: dict | None = None) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
     least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits); returns {node name: bits}.
+    `grids`: {weight name: QuantGrid} of a GGUF source (from_model.decoder_grids), kept exactly where
+    the kind allows (weight_form); `sources`, when given, gets {weight name: GGUF type} of those.
 
     int4: x @ W = MatMulNBits-4(x_aug) with x_aug = [x, block sums of x] (one Concat per input,
     shared by the matmuls reading it): the 4-bit codes with integer zero points, then the zero
@@ -161,12 +205,23 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
         if w is None or len(w.dims) != 2 or w.dims[0] % BLOCK or not w.name.rsplit(".", 1)[-1].startswith("weight"):
             new_nodes.append(node)
             continue
-        bits = 8 if kind == "int8" or "lm_head" in node.name else 4
         k, n = w.dims
-        exact = kind == "int4" and bits == 4
-        packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits, float_zero=exact)
+        grid = (grids or {}).get(w.name)
+        if grid is not None and grid.shape != (n, k):
+            raise ValueError(f"{w.name}: grid of shape {grid.shape}, weight [K, N] = [{k}, {n}]")
+        bits, form = weight_form(kind, grid, "lm_head" in node.name)
         base, name = f"{w.name}.q{bits}", node.name.replace("/MatMul", f"/MatMulNBits{bits}")
-        if exact:  # x_aug = [x, block sums of x]: shared by the matmuls reading x
+        block = BLOCK
+        if form == "grid":  # the source's codes with integer zero points, as they are
+            packed, scales, zeros, block = _grid_initializers(grid, bits)
+        elif form == "grid-offsets":
+            packed, scales, zeros = _pack_codes(grid.codes), grid.scale.ravel(), grid.zero.ravel()
+        else:
+            packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits,
+                                                       float_zero=form == "offsets")
+        if grid is not None and form.startswith("grid") and sources is not None:
+            sources[w.name] = grid.source
+        if form in ("offsets", "grid-offsets"):  # x_aug = [x, block sums of x]: shared by the matmuls reading x
             if node.input[0] not in augmented:
                 new_nodes += _augment_with_block_sums(proto, node.input[0], k, name, augmented)
             x_aug, k_aug = augmented[node.input[0]]
@@ -176,8 +231,8 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
             proto.graph.initializer.extend([numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
                                             numpy_helper.from_array(zeros, f"{base}.zero_points")])
             if bits == 8:
-                eight_bit[w.name] = (base, k, n, scales, zeros)
-            new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level))
+                eight_bit[w.name] = (base, k, n, scales, zeros, block)
+            new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level, block))
         done[node.name] = bits
         users[w.name] -= 1
         if users[w.name] == 0:
@@ -216,8 +271,7 @@ def _quantized_embedding_lookup(proto, nodes: list, eight_bit: dict, users: dict
                 or perm != [[1, 2, 0]]:
             out.append(node)
             continue
-        base, k, n, scales, zeros = eight_bit[node.input[0]]
-        block = BLOCK
+        base, k, n, scales, zeros, block = eight_bit[node.input[0]]
         _const(proto, f"{base}.scales_3d", scales.reshape(n, k // block, 1))
         _const(proto, f"{base}.zero_points_3d", zeros.reshape(n, k // block, 1))
         shape = _const(proto, f"/quantize/const/embed_shape_{k}", np.array([0, 0, k], np.int64))
