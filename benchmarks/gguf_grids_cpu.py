@@ -32,20 +32,21 @@ from default_heads_cpu import manual_of  # noqa: E402
 from ort_decode import THREADS, export, time_bundles  # noqa: E402
 from quant_quality import compare, reference_answers  # noqa: E402
 
-BEGIN, END = "<!-- gguf_grids_cpu:begin -->", "<!-- gguf_grids_cpu:end -->"
 MANUALS = REPO.parent / "shared" / "data" / "manuals"
 # (bundle suffix, ExportConfig fields)
 VARIANTS = [("fp32", {}),
             ("int8", {"quantize": "int8"}), ("int8_rounded", {"quantize": "int8", "source_grids": False}),
             ("int4", {"quantize": "int4"}), ("int4_rounded", {"quantize": "int4", "source_grids": False}),
             ("int4-rtn", {"quantize": "int4-rtn"})]
+TITLE = "Quantized bundles on the GGUF's own codes (CPU)"
 
 
 def log(msg: str) -> None:
-    print(f"[gguf_grids_cpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[{Path(sys.argv[0]).stem} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def plot(report: dict, path: Path) -> None:
+    """Two bar charts per artifact and variant: KL to the fp32 bundle (log scale) and ms per token."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +54,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     arts = [a["name"] for a in report["artifacts"]]
-    names = [v for v, _ in VARIANTS if v != "fp32"]
+    names = report["variants"][1:]
     width = 0.8 / len(names)
     for ax, key, label in ((axes[0], "kl", "mean KL(fp32 ‖ bundle), log scale"), (axes[1], "ms", "ms per decode token (median)")):
         for i, v in enumerate(names):
@@ -67,7 +68,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"GGUF codes kept vs rounded again ({THREADS} CPU threads, ONNX Runtime)")
+    fig.suptitle(f"{report['title'].removesuffix(' (CPU)')} ({THREADS} CPU threads, ONNX Runtime)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
@@ -75,8 +76,8 @@ def plot(report: dict, path: Path) -> None:
 
 def docs_section(report: dict, png_rel: str) -> str:
     m = report["machine"]
-    lines = [BEGIN, "## Quantized bundles on the GGUF's own codes (CPU)", "",
-             f"Command: `python benchmarks/gguf_grids_cpu.py {report['argv']}` — {m['cpu_model']}, {THREADS} threads, "
+    lines = [report["begin"], f"## {report['title']}", "",
+             f"Command: `python benchmarks/{report['script']} {report['argv']}` — {m['cpu_model']}, {THREADS} threads, "
              f"onnxruntime {report['onnxruntime']}, {report['date']}; fidelity against each artifact's fp32 bundle, teacher-forced "
              f"over its greedy answers (≤ {report['max_tokens']} tokens) to the first {report['questions']} questions of the "
              f"manual the document starts with; decode: {report['steps']} greedy tokens after the question, median of "
@@ -86,7 +87,7 @@ def docs_section(report: dict, png_rel: str) -> str:
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for a in report["artifacts"]:
         rows = [r for r in report["bundles"] if r["artifact_name"] == a["name"]]
-        base = next(r for r in rows if r["variant"] == "fp32")
+        base = next(r for r in rows if r["variant"] == report["variants"][0])
         for r in rows:
             q = r.get("fidelity") or {}
             fid = f"{q['agreement']:.3f} | {q['kl']:.4f} | {q['tokens']}" if q else "(reference) | | "
@@ -95,53 +96,58 @@ def docs_section(report: dict, png_rel: str) -> str:
                 f" ({', '.join(f'{t} {c}' for t, c in g['types'].items())})" if g["types"] else "")
             lines.append(f"| {a['model']} | {a['n']} | {r['variant'].replace('_', ', ')} | {on} | {r['bundle_bytes'] / 1e6:.0f} | {fid} | "
                          f"{r['ms_per_token_median']:.2f} | {base['ms_per_token_median'] / r['ms_per_token_median']:.2f}× |")
-    lines += ["", f"![KL and ms per token]({png_rel})", "", END]
+    lines += ["", f"![KL and ms per token]({png_rel})", "", report["end"]]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, variants=VARIANTS, name: str = "gguf_grids_cpu", title: str = TITLE,
+         doc: str | None = None) -> int:
+    """Export, time and compare `variants` ([(bundle suffix, ExportConfig fields)], the first the fp32
+    reference) of each artifact; records `name`.json/.png and the docs/benchmarks.md section `name`."""
+    ap = argparse.ArgumentParser(description=(doc or __doc__).split("\n")[0])
     ap.add_argument("--artifacts", required=True, help="comma-separated artifact directories (fitted on a manual's text)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "gguf_grids"))
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gguf_grids_cpu.json"))
+    ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / name))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"{name}.json"))
     a = ap.parse_args(argv)
     import onnxruntime
 
     work = Path(a.work)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     report = {"date": time.strftime("%Y-%m-%d"), "argv": " ".join(argv if argv is not None else sys.argv[1:]),
+              "script": f"{name}.py", "title": title, "begin": begin, "end": end, "variants": [v for v, _ in variants],
               "machine": machine_info(THREADS), "onnxruntime": onnxruntime.__version__, "steps": a.steps,
               "repeats": a.repeats, "questions": a.questions, "max_tokens": a.max_tokens, "artifacts": [], "bundles": []}
     planned = []
     for art in (Path(p) for p in a.artifacts.split(",")):
         man = json.loads((art / "manifest.json").read_text())
-        name = art.name.removesuffix(".nectar")
-        report["artifacts"].append({"name": name, "path": str(art), "model": man["base_model"]["name"],
+        art_name = art.name.removesuffix(".nectar")
+        report["artifacts"].append({"name": art_name, "path": str(art), "model": man["base_model"]["name"],
                                     "n": man["document"]["n_tokens"], "manual": manual_of(art).name})
-        for v, kw in VARIANTS:
-            planned.append((name, v, export(art, work / f"{name}_{v}", log=log, **kw)))
+        for v, kw in variants:
+            planned.append((art_name, v, export(art, work / f"{art_name}_{v}", log=log, **kw)))
     contention = CpuContention()
     log(f"timing {len(planned)} bundles round-robin …")
-    for (name, v, path), r in zip(planned, time_bundles([p for _, _, p in planned], a.steps, a.repeats, log)):
+    for (art_name, v, path), r in zip(planned, time_bundles([p for _, _, p in planned], a.steps, a.repeats, log)):
         man = json.loads((path / "manifest.json").read_text())
-        r.update(artifact_name=name, variant=v, quantized_weights=man.get("quantized_weights"),
+        r.update(artifact_name=art_name, variant=v, quantized_weights=man.get("quantized_weights"),
                  export_check=man.get("export_check"))
         report["bundles"].append(r)
     report["contention"] = contention.result()
     for art in report["artifacts"]:
         qf = (MANUALS / art["manual"]).with_suffix(".questions.jsonl")
         qs = [json.loads(x)["question"] for x in qf.read_text().splitlines() if x.strip()][: a.questions]
-        ref = work / f"{art['name']}_fp32"
+        ref = work / f"{art['name']}_{variants[0][0]}"
         answers = reference_answers(ref, qs, a.max_tokens)  # the fp32 bundle's greedy answers, once per document
         for r in report["bundles"]:
-            if r["artifact_name"] == art["name"] and r["variant"] != "fp32":
+            if r["artifact_name"] == art["name"] and r["variant"] != variants[0][0]:
                 log(f"fidelity of {r['bundle']} …")
                 r["fidelity"] = compare(ref, work / r["bundle"], answers)
-    png = REPO / "docs" / "img" / "gguf_grids_cpu.png"
-    write_outputs(report, Path(a.out), png, plot, docs_section, BEGIN, END, REPO / "docs" / "benchmarks.md")
+    png = REPO / "docs" / "img" / f"{name}.png"
+    write_outputs(report, Path(a.out), png, plot, docs_section, begin, end, REPO / "docs" / "benchmarks.md")
     log(f"wrote {a.out}, {png}, docs/benchmarks.md")
     return 0
 

@@ -266,7 +266,7 @@ def add_export_commands(sub) -> None:
                    help="nectar: heads stand for the document; full: the document's exact KV baked in (default %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weights and KV cache dtype (default %(default)s)")
     p.add_argument("--quantize", choices=["int8", "int4", "int4-rtn"], default=None,
-                   help="weight-only MatMulNBits; int4 keeps a Q4_1 GGUF's weights exact, int4-rtn rounds again (faster, less accurate); see docs/onnx.md")
+                   help="weight-only MatMulNBits; a GGUF base model's own codes are kept where the kind allows (int4: 4-bit types at 4 bits, 5- to 8-bit types at 8, exactly); int4-rtn rounds to 4 bits again (faster, less accurate); see docs/onnx.md")
     p.add_argument("--max-local-len", type=int, default=4096, help="local tokens (prompt + answer) a session may hold (default %(default)s)")
     p.add_argument("--model", default=None, help="override the base model location (same weights required)")
     p.add_argument("--no-check", action="store_true", help="skip running the graph against the torch backend")

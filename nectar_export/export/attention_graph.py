@@ -89,6 +89,8 @@ def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -
     z = b.op("Add", [b.op("MatMul", [q, b.weight(f"{wn}.wa", heads.wa)], f"{p}/in/MatMul"), b.weight(f"{wn}.ba", heads.ba)], f"{p}/in/Add")
     z, skip = b.op("Split", [z, b.const([heads.hidden, d])], f"{p}/in/Split", outputs=2, axis=-1)
     a = gelu(b.op("MatMul", [gelu(z, f"{p}/act1"), b.weight(f"{wn}.w2", heads.w2)], f"{p}/mid/MatMul"), f"{p}/act2")
-    y = b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul")
-    f, g = b.op("Split", [y, b.const([d, 1])], f"{p}/out/Split", outputs=2, axis=-1)
+    f = b.op("MatMul", [a, b.weight(f"{wn}.w3", np.ascontiguousarray(heads.w3[..., :d]))], f"{p}/out/MatMul")
+    # The log-normalizer column on its own: quantized bundles keep it fp32 (quantize.py), as its error
+    # moves the merge weight σ(g − lse_loc) of every output dimension at once.
+    g = b.op("MatMul", [a, b.weight(f"{wn}.w3_lse", np.ascontiguousarray(heads.w3[..., d:]))], f"{p}/lse/MatMul")
     return b.op("Add", [f, skip], f"{p}/skip/Add"), g

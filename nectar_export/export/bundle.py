@@ -62,6 +62,10 @@ class ExportConfig:
     heads_bits: int | None = None
     # ... in blocks of this many inputs (HEADS_BLOCK; Python API only)
     heads_block: int = HEADS_BLOCK
+    # ... the score networks' output weights (`w3_lse`, one column per KV head) too; False keeps them fp32: at 8 bits
+    # they carried most of the int4 bundles' KL to fp32 in an export check (Gemma 3 270M: 0.032 -> 0.006; SmolLM2,
+    # n = 7,000: 0.0031 -> 0.0023). Python API only, for A/B runs (docs/benchmarks.md, "The log-normalizer column").
+    quantize_lse: bool = False
     # with `quantize`: ONNX Runtime's fused RotaryEmbedding / SkipSimplifiedLayerNormalization
     # (decoder_graph.py, `ort_fused`); the quantized graph is ORT-only anyway. Python API only, for A/B runs.
     ort_fused: bool = True
@@ -69,6 +73,9 @@ class ExportConfig:
     # the kind allows (quantize.weight_form; int4: exact Q4_0/Q4_1/Q4_K at 4 bits, Q5_0/Q6_K/Q8_0 at 8).
     # False rounds the dequantized weights instead. Python API only, for A/B runs.
     source_grids: bool = True
+    # with `quantize`: MatMulNBits' accuracy_level (4: ORT's CPU kernels round activations to int8 per block
+    # and use integer dot products; 0: fp32 activations, far slower on CPUs). Python API only, for A/B runs.
+    accuracy_level: int = 4
     check: bool = True  # run the exported graph against the torch backend before renaming it into place
 
     def __post_init__(self):
@@ -82,6 +89,8 @@ class ExportConfig:
             raise NectarError("--quantize applies to fp32 bundles (activations stay fp32); drop --dtype fp16")
         if self.heads_block not in (16, 32, 64, 128, 256):
             raise NectarError(f"ExportConfig.heads_block = {self.heads_block}: use a power of two from 16 to 256")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise NectarError(f"ExportConfig.accuracy_level = {self.accuracy_level}: use 0 to 4 (MatMulNBits)")
         if self.heads_bits not in (None, 4, 8):
             raise NectarError(f"ExportConfig.heads_bits = {self.heads_bits}: use 4, 8 or None (the --quantize kind's default)")
         if self.max_local_len < 16:
@@ -107,10 +116,12 @@ def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
             "heads_min_bytes": cfg.heads_min_bytes if heads else None,
             "heads_bits": heads_bits(cfg) if heads else None,
             "heads_block": cfg.heads_block if heads else None,
+            "lse_bits": (heads_bits(cfg) if cfg.quantize_lse else 32) if heads else None,
             # how int4 applies a Q4_1 block's float zero point (quantize.py): its residual as 4-bit
             # digits over the input's block sums, inside the weight's own MatMulNBits
             "int4_offsets": "block_sum_digits" if cfg.quantize == "int4" else None,
-            "source_grids": cfg.source_grids if cfg.quantize else None}
+            "source_grids": cfg.source_grids if cfg.quantize else None,
+            "accuracy_level": cfg.accuracy_level if cfg.quantize else None}  # of the weight and heads MatMulNBits
 
 
 def heads_bits(cfg: ExportConfig) -> int:
@@ -149,8 +160,8 @@ def quantize_proto(proto, cfg: ExportConfig, grids: dict | None = None, sources:
     {weight name: GGUF type} of the weights kept on them. See quantize.py."""
     from .quantize import quantize_graph
 
-    return quantize_graph(proto, cfg.quantize, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes,
-                          heads_bits=heads_bits(cfg), heads_block=cfg.heads_block,
+    return quantize_graph(proto, cfg.quantize, accuracy_level=cfg.accuracy_level, heads=cfg.quantize_heads, heads_min_bytes=cfg.heads_min_bytes,
+                          heads_bits=heads_bits(cfg), heads_block=cfg.heads_block, heads_lse=cfg.quantize_lse,
                           grids=grids if cfg.source_grids else None, sources=sources)
 
 
@@ -291,7 +302,8 @@ CHECK_QUESTION = "Summarize the first section in one sentence."
 # Beyond these the bundle's answers visibly differ from the torch backend's: say so at export. Measured (16 tokens):
 # SmolLM2 (Q4_1 GGUF) int4 top-1 0.94-1.00, KL 0.002-0.004; int8 top-1 0.88-0.94, KL 0.002 (a flipped near-tie
 # is 0.06 of top-1, so top-1 alone is a poor sign); int4-rtn top-1 0.81, KL 0.18-0.23; Gemma 3 270M (Q4_K_M GGUF)
-# int4 rounded from floats top-1 0.62, KL 0.37 (kept on the GGUF's own grids since 2026-11-25: 1.00, 0.005).
+# int4 rounded from floats top-1 0.50-0.62, KL 0.37-0.79 (on the GGUF's own codes since 2026-11-25: 1.00, 0.005-0.006;
+# benchmarks/results/gguf_grids_cpu.json).
 CHECK_WARN_TOP1, CHECK_WARN_KL = 0.8, 0.05
 
 

@@ -29,8 +29,10 @@ sources, other GGUF types) are rounded from their floats as above.
 
 Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
-fp32 (the exporter's default: bundle.HEADS_MIN_BYTES): one `MatMulNBits` per KV head between a
-Split and a Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs
+fp32 — but not the log-normalizer column `…w3_lse`, whose error moves the merge weight of every
+output dimension at once (it carried most of an int4 bundle's KL to fp32 at 8 bits) and which is
+small (Hkv × (width + 1) values a layer); the threshold is the exporter's bundle.HEADS_MIN_BYTES.
+Each such weight becomes one `MatMulNBits` per KV head between a Split and a Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs
 neither), in blocks of `heads_block` inputs (the exporter's: bundle.HEADS_BLOCK = 128; ORT's int8
 kernel runs several query rows much faster with larger blocks than with blocks of 32). At the
 default budget the heads hold tens of MB of fp32 weights, read in full at every token; 8 bits keep
@@ -171,12 +173,13 @@ def _grid_initializers(grid, bits: int):
 
 
 def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True, *, heads_min_bytes: int,
-                   heads_bits: int = 8, heads_block: int = BLOCK, grids: dict | None = None,
+                   heads_bits: int = 8, heads_block: int = BLOCK, heads_lse: bool = False, grids: dict | None = None,
                    sources: dict | None = None) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
-    least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits); returns {node name: bits}.
-    `grids`: {weight name: QuantGrid} of a GGUF source (from_model.decoder_grids), kept exactly where
-    the kind allows (weight_form); `sources`, when given, gets {weight name: GGUF type} of those.
+    least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits) except the log-normalizer
+    weights (`…nectar_heads.w3_lse`: fp32 unless `heads_lse`, then as their `…w3`); returns {node
+    name: bits}. `grids`: {weight name: QuantGrid} of a GGUF source (from_model.decoder_grids), kept
+    exactly where the kind allows (weight_form); `sources`, when given, gets {weight name: GGUF type}.
 
     int4: x @ W = MatMulNBits-4(x_aug) with x_aug = [x, block sums of x] (one Concat per input,
     shared by the matmuls reading it): the 4-bit codes with integer zero points, then the zero
@@ -192,8 +195,11 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
     done, new_nodes, drop, augmented, eight_bit, head_weights = {}, [], set(), {}, {}, set()
     for node in proto.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if heads and w is not None and len(w.dims) == 3 and ".nectar_heads." in w.name \
-                and 4 * int(np.prod(w.dims)) >= heads_min_bytes:
+        # a log-normalizer weight (`…w3_lse`) goes with its output weight `…w3`, and only with `heads_lse`
+        lse = w is not None and w.name.endswith("_lse")
+        sized = (inits.get(w.name.removesuffix("_lse")) if heads_lse else None) if lse else w
+        if heads and sized is not None and len(w.dims) == 3 and ".nectar_heads." in w.name \
+                and 4 * int(np.prod(sized.dims)) >= heads_min_bytes:
             new_nodes += _per_head_nbits(proto, node, numpy_helper.to_array(w).astype(np.float32), accuracy_level, head_weights,
                                          heads_bits, heads_block)
             done[node.name] = heads_bits

@@ -471,9 +471,14 @@ def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
     assert not [n for n in small.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
     q = proto
     quantize_proto(q, ExportConfig(quantize="int8", heads_min_bytes=0))
-    assert not [t.name for t in q.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name]
+    # every heads weight but the log-normalizer column (`w3_lse`), which stays fp32 in every kind
+    assert [t.name for t in q.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name] == \
+        [f"model.layers.{i}.nectar_heads.w3_lse" for i in range(model.config.num_layers)]
     per_layer = [n.name for n in q.graph.node if n.name.startswith("/model/layers.0/attn/nectar_heads/") and n.op_type == "MatMulNBits"]
     assert len(per_layer) == 3 * model.config.num_kv_heads  # in, mid, out for each KV head
+    _, _, proto = _backends(model, "nectar", seed=14)
+    quantize_proto(proto, ExportConfig(quantize="int8", heads_min_bytes=0, quantize_lse=True))  # the form before, for A/B runs
+    assert not [t.name for t in proto.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name]
     _, _, proto = _backends(model, "nectar", seed=14)
     kept = proto
     quantize_proto(kept, ExportConfig(quantize="int8", quantize_heads=False))  # the heads stay fp32
@@ -483,9 +488,9 @@ def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
 
 def test_int8_bundle_with_8_bit_heads_tracks_the_torch_model(tiny_model):
     """Every family (Gemma 3's sliding-window layers too): one MatMulNBits per KV head for each heads
-    matmul, and the quantized graph stays within int8 rounding of the fp32 torch model."""
+    matmul but the fp32 log-normalizer column's, and the quantized graph stays within int8 rounding of the fp32 torch model."""
     ref, _, proto = _backends(tiny_model, "nectar", seed=15)
-    batched = [n.name for n in proto.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMul"]
+    batched = [n.name for n in proto.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMul" and "/lse/" not in n.name]
     q = proto
     quantize_proto(q, ExportConfig(quantize="int8", heads_min_bytes=0))
     per_head = [n.name for n in q.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
@@ -501,6 +506,8 @@ def test_export_config_refuses_heads_bits_other_than_4_or_8():
     assert heads_bits(ExportConfig(quantize="int4")) == 8 and heads_bits(ExportConfig(quantize="int8", heads_bits=4)) == 4
     with pytest.raises(NectarError, match="heads_bits = 5"):
         ExportConfig(quantize="int4", heads_bits=5)
+    with pytest.raises(NectarError, match="accuracy_level = 5"):
+        ExportConfig(quantize="int4", accuracy_level=5)
 
 
 def test_real_gemma3_int4_keeps_its_gguf_codes(gemma3_gguf):
