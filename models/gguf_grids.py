@@ -53,13 +53,14 @@ class QuantGrid:
 
     @property
     def integer_zero(self) -> bool:
-        """Whether every zero point is an integer (ORT's fast kernels take integer zero points only)."""
-        return bool(np.all(self.zero == np.rint(self.zero)))
+        """Whether every zero point is an integer code, 0..levels (ORT's fast kernels take integer zero
+        points only, stored in the codes' bits)."""
+        return bool(np.all((self.zero == np.rint(self.zero)) & (self.zero >= 0) & (self.zero <= self.levels)))
 
     def dequantize(self) -> np.ndarray:
-        """-> [N, K] float32."""
-        w = self.scale[..., None].astype(np.float64) * (self.codes.astype(np.float64) - self.zero[..., None])
-        return w.reshape(self.shape).astype(np.float32)
+        """-> [N, K] float32 (computed in float32: within ~1e-7 of the weight, relative)."""
+        w = self.scale[..., None] * (self.codes.astype(np.float32) - self.zero[..., None])
+        return w.reshape(self.shape)
 
     def with_block(self, block: int) -> QuantGrid:
         """The same weight in blocks of `block` inputs (a divisor of B): each block splits, exactly."""

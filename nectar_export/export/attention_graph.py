@@ -84,7 +84,8 @@ class StandardAttention:
 
 
 def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -> tuple[str, str]:
-    """q [B, Hkv, G*T, D] -> f [B, Hkv, G*T, D], g [B, Hkv, G*T, 1] (three fused matmuls)."""
+    """q [B, Hkv, G*T, D] -> f [B, Hkv, G*T, D], g [B, Hkv, G*T, 1] (three fused matmuls, the last
+    split into the output f and the log-normalizer column g)."""
     d = heads.w3.shape[-1] - 1
     z = b.op("Add", [b.op("MatMul", [q, b.weight(f"{wn}.wa", heads.wa)], f"{p}/in/MatMul"), b.weight(f"{wn}.ba", heads.ba)], f"{p}/in/Add")
     z, skip = b.op("Split", [z, b.const([heads.hidden, d])], f"{p}/in/Split", outputs=2, axis=-1)

@@ -116,6 +116,7 @@ def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
             "heads_min_bytes": cfg.heads_min_bytes if heads else None,
             "heads_bits": heads_bits(cfg) if heads else None,
             "heads_block": cfg.heads_block if heads else None,
+            # as configured: a column whose `w3` is under heads_min_bytes stays fp32 whatever this says
             "lse_bits": (heads_bits(cfg) if cfg.quantize_lse else 32) if heads else None,
             # how int4 applies a Q4_1 block's float zero point (quantize.py): its residual as 4-bit
             # digits over the input's block sums, inside the weight's own MatMulNBits
@@ -165,7 +166,7 @@ def quantize_proto(proto, cfg: ExportConfig, grids: dict | None = None, sources:
                           grids=grids if cfg.source_grids else None, sources=sources)
 
 
-def source_grids(lm) -> dict:
+def base_model_grids(lm) -> dict:
     """{graph weight name: QuantGrid} of a GGUF base model (nectar_models.loading.LoadedModel), {} for others."""
     from nectar_models.loading import read_gguf_weight_grids
 
@@ -241,7 +242,7 @@ def export_onnx_bundle(art: str | Path, out: str | Path, cfg: ExportConfig, mode
     if cfg.quantize:
         log(f"[nectar export] quantizing weights to {cfg.quantize} …")
         sources: dict = {}
-        done = quantize_proto(proto, cfg, source_grids(oa.base.lm) if cfg.source_grids else None, sources)
+        done = quantize_proto(proto, cfg, base_model_grids(oa.base.lm) if cfg.source_grids else None, sources)
         heads_quantized = any("/nectar_heads/" in name for name in done)
         quantized_weights = grids_summary(done, sources)
         if sources:

@@ -49,7 +49,8 @@ class MLPHeads:
     z = q @ wa + ba         wa: [Hkv, D, h + hs + 1 + D]  ->  split (z_target|z_score|1, skip)
     a = gelu(gelu(z) @ w2)  w2: [Hkv, h + hs + 1, h + hs + 1] (block-diagonal: target | score | 1)
     y = a @ w3              w3: [Hkv, h + hs + 1, D + 1]     (block-diagonal)
-    f = y[..., :D] + skip,  g = y[..., D]
+    f = y[..., :D] + skip,  g = y[..., D]   (the graph computes the two as separate matmuls: the g column
+                                             stays fp32 in quantized bundles, attention_graph.mlp_heads)
 
     One hidden unit is constant (pre-activation 1, so gelu(1) after each layer): its weight rows
     carry the next layer's biases, so layers 2 and 3 need no bias add.

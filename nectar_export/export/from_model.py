@@ -78,11 +78,15 @@ def decoder_grids(grids: dict, model) -> dict:
 
     out = {}
     for i in range(len(model.layers)):
-        p, g = f"model.layers.{i}", lambda name: grids.get(f"layers.{i}.{name}.weight")
-        parts = {"attn.qkv_proj": concat_rows([g("self_attn.q_proj"), g("self_attn.k_proj"), g("self_attn.v_proj")]),
-                 "attn.o_proj": g("self_attn.o_proj"),
-                 "mlp.gate_up_proj": concat_rows([g("mlp.gate_proj"), g("mlp.up_proj")]),
-                 "mlp.down_proj": g("mlp.down_proj")}
+        p = f"model.layers.{i}"
+
+        def grid_of(name: str, i: int = i):
+            return grids.get(f"layers.{i}.{name}.weight")
+
+        parts = {"attn.qkv_proj": concat_rows([grid_of("self_attn.q_proj"), grid_of("self_attn.k_proj"), grid_of("self_attn.v_proj")]),
+                 "attn.o_proj": grid_of("self_attn.o_proj"),
+                 "mlp.gate_up_proj": concat_rows([grid_of("mlp.gate_proj"), grid_of("mlp.up_proj")]),
+                 "mlp.down_proj": grid_of("mlp.down_proj")}
         out.update({f"{p}.{name}.weight": grid for name, grid in parts.items() if grid is not None})
     tied = model.lm_head.weight is model.embed_tokens.weight
     head = grids.get("embed_tokens.weight") if tied else grids.get("lm_head.weight")

@@ -1,5 +1,6 @@
 """Weight-only quantization of a decoder graph: 2-D weight MatMuls -> `MatMulNBits` (ONNX Runtime's
-com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per block), asymmetric.
+com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per block; 16 where a GGUF
+Q6_K grid is kept), asymmetric.
 
     int4        transformer matmuls at 4 bits, the LM head at 8 bits (the GGUF, too, keeps its tied
                 embedding at Q8_0), reproducing a GGUF Q4_1 weight (w = d·q + m per block of 32
@@ -73,7 +74,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK, float_zero:
     if not float_zero:  # an integer zero point must be a code: the range takes in 0
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
     scale = (hi - lo) / levels
-    scale = np.where(scale > 0, scale, 1.0)  # a constant block: any scale, q = 0, z = −lo/s
+    scale = np.where(scale > 0, scale, 1.0)  # an all-zero block (or constant, float zero): any scale, q = 0, z = −lo/s
     if bits not in (4, 8) or (float_zero and bits != 4):
         raise ValueError("bits must be 4 or 8; float zero points only at 4 bits")
     zero = -lo / scale
@@ -120,7 +121,7 @@ def _augment_with_block_sums(proto, x: str, k: int, name: str, augmented: dict) 
 
 
 def _q4_1_with_residual_digits(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: int, n: int, base: str) -> list:
-    """A Q4_1 weight on the exact float-zero-point grid (`packed` [N, K/32, 16], `scales`, `zeros`
+    """A Q4_1 or Q4_K weight on its exact float-zero-point grid (`packed` [N, K/32, 16], `scales`, `zeros`
     fp32 [N·K/32]) -> MatMulNBits-4 initializers `base`, `.scales`, `.zero_points` over K + 64·nb
     inputs (see _augment_with_block_sums). The first K/32 blocks hold the 4-bit codes as they are
     with the nearest integer zero point z' (ORT's fast kernel); what z' misses per block,
@@ -147,7 +148,7 @@ def weight_form(kind: str, grid, lm_head: bool) -> tuple[int, str]:
     """(bits, form) of a 2-D model weight in a `kind` bundle; `grid`: its GGUF quantization grid or None.
 
     Bits: int8 8; int4-rtn 4 (the LM head 8); int4 the grid's own (4 for 4-bit GGUF types, 8 for
-    Q5_0, Q6_K, Q8_0), else 4 (the LM head 8). Forms:
+    Q5_0, Q6_K, Q8_0; the LM head at least 8), else 4 (the LM head 8). Forms:
       grid          the GGUF's codes, scales and integer zero points as they are (exact)
       grid-offsets  the GGUF's 4-bit codes, their float zero points through block-sum digits (int4)
       offsets       4-bit min/max blocks with float zero points through block-sum digits (int4; exact
@@ -156,12 +157,26 @@ def weight_form(kind: str, grid, lm_head: bool) -> tuple[int, str]:
     """
     bits = 8 if kind == "int8" or lm_head else 4
     if kind == "int4" and grid is not None:
-        bits = grid.bits
+        # the LM head stays >= 8 bits: a tied embedding is looked up in its 8-bit weights (no float table)
+        bits = max(grid.bits, 8) if lm_head else grid.bits
     if grid is not None and grid.integer_zero and grid.bits <= bits:
         return bits, "grid"
     if kind == "int4" and bits == 4:
         return bits, "grid-offsets" if grid is not None and grid.block == BLOCK else "offsets"
     return bits, "rtn"
+
+
+def _heads_weight_sizing(w, inits: dict, heads_lse: bool):
+    """The initializer whose size decides whether heads weight `w` is quantized: `w` itself, except for
+    a log-normalizer column (`…w3_lse`): its output weight `…w3` with `heads_lse`, else None (kept fp32)."""
+    if w is None or not w.name.endswith("_lse"):
+        return w
+    return inits.get(w.name.removesuffix("_lse")) if heads_lse else None
+
+
+def _grid_is_weight(grid, w: np.ndarray) -> bool:
+    """Whether `grid` ([N, K]) dequantizes to the graph's weight `w` ([K, N]) within float32 rounding."""
+    return bool(np.abs(grid.dequantize().T - w).max() <= 1e-5 * max(float(np.abs(w).max()), 1e-30))
 
 
 def _grid_initializers(grid, bits: int):
@@ -195,9 +210,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
     done, new_nodes, drop, augmented, eight_bit, head_weights = {}, [], set(), {}, {}, set()
     for node in proto.graph.node:
         w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        # a log-normalizer weight (`…w3_lse`) goes with its output weight `…w3`, and only with `heads_lse`
-        lse = w is not None and w.name.endswith("_lse")
-        sized = (inits.get(w.name.removesuffix("_lse")) if heads_lse else None) if lse else w
+        sized = _heads_weight_sizing(w, inits, heads_lse)
         if heads and sized is not None and len(w.dims) == 3 and ".nectar_heads." in w.name \
                 and 4 * int(np.prod(sized.dims)) >= heads_min_bytes:
             new_nodes += _per_head_nbits(proto, node, numpy_helper.to_array(w).astype(np.float32), accuracy_level, head_weights,
@@ -215,6 +228,8 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
         grid = (grids or {}).get(w.name)
         if grid is not None and grid.shape != (n, k):
             raise ValueError(f"{w.name}: grid of shape {grid.shape}, weight [K, N] = [{k}, {n}]")
+        if grid is not None and not _grid_is_weight(grid, numpy_helper.to_array(w)):
+            grid = None  # the graph's weight is not the GGUF's (a transform the grid reader missed): round it
         bits, form = weight_form(kind, grid, "lm_head" in node.name)
         base, name = f"{w.name}.q{bits}", node.name.replace("/MatMul", f"/MatMulNBits{bits}")
         block = BLOCK
@@ -258,7 +273,8 @@ def _quantized_embedding_lookup(proto, nodes: list, eight_bit: dict, users: dict
     """A tied embedding whose LM head is now 8-bit: look tokens up in those same 8-bit weights.
 
     The lookup `Gather(table_t [H, V], ids, axis=1) -> Transpose [B, T, H]` becomes
-    `GatherBlockQuantized(q8 [V, H/32, 32], ids) -> Reshape [B, T, H]` on the LM head's own packed
+    `GatherBlockQuantized(q8 [V, H/B, B], ids) -> Reshape [B, T, H]` (B: the LM head's block, 32 or a
+    GGUF Q6_K grid's 16) on the LM head's own packed
     weights, so the fp32 table (113 MB on SmolLM2, more than the rest of an int4 bundle) is no longer
     stored; token embeddings get the LM head's 8-bit rounding. Other layouts are left as they are.
     """

@@ -280,6 +280,72 @@ def test_quantized_matmul_keeps_the_gguf_grid(type_name, kind):
         assert rel_err(None)[0] > 10 * max(err, 1e-4)
 
 
+def test_grid_zero_points_outside_the_codes_and_foreign_grids():
+    """A Q4_1 weight whose zero points are integers outside 0..15 (m = +2d: z = −2) must not be packed
+    as integer zero points (a nibble would wrap): it takes the block-sum digits and stays exact. A grid
+    that is not the graph's weight (e.g. a transform the reader missed) is not used: the weight is rounded."""
+    import onnxruntime as ort
+
+    from nectar_export.export.quantize import quantize_graph, weight_form
+    from nectar_models.gguf_grids import decode_grid
+    from tests.models.test_gguf_grids import _random_tensor
+
+    name, n, k = "model.layers.0.mlp.down_proj.weight", 8, 256
+    raw = _random_tensor("Q4_1", n, k, np.random.default_rng(41)).reshape(-1, 20)
+    d = np.abs(raw[:, :2].copy().view(np.float16).astype(np.float32)) + 0.01
+    raw[:, :2] = d.astype(np.float16).view(np.uint8)
+    raw[:, 2:4] = (2 * d).astype(np.float16).view(np.uint8)  # m = 2d
+    grid = decode_grid(raw.ravel(), "Q4_1", n, k)
+    assert np.allclose(grid.zero, -2, atol=1e-3) and not grid.integer_zero
+    assert weight_form("int4", grid, lm_head=False)[1] == "grid-offsets"
+    w = np.ascontiguousarray(grid.dequantize().T)
+    x = np.random.default_rng(42).standard_normal((1, 5, k)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    for kind in ("int4", "int8"):
+        proto, sources = _one_matmul(w, name), {}
+        quantize_graph(proto, kind, accuracy_level=0, heads_min_bytes=1 << 30, grids={name: grid}, sources=sources)
+        y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(y - exact).max() / np.abs(exact).max() < 3e-3, kind
+        assert sources == ({name: "Q4_1"} if kind == "int4" else {})
+    foreign = decode_grid(_random_tensor("Q8_0", n, k, np.random.default_rng(43)), "Q8_0", n, k)
+    proto, sources = _one_matmul(w, name), {}
+    quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=1 << 30, grids={name: foreign}, sources=sources)
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # rounded from w (a 4-bit rounding: ~1e-2), not written from the foreign grid (an unrelated weight: ~1)
+    assert sources == {} and np.abs(y - exact).max() / np.abs(exact).max() < 5e-2
+
+
+def test_tied_lookup_in_a_q6_k_lm_head():
+    """A tied embedding whose LM head keeps a Q6_K grid (8 bits, blocks of 16): the lookup reads the
+    same blocks of 16 and returns the GGUF's rows exactly, and the LM head computes with them."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from nectar_export.export.quantize import quantize_graph
+    from tests.models.test_gguf_grids import _grid
+
+    v, h = 48, 256
+    grid = _grid("Q6_K", v, h, seed=44)
+    table_t = np.ascontiguousarray(grid.dequantize().T)  # [H, V], as the graph stores a tied embedding
+    name = "model.embed_tokens.weight_t"
+    nodes = [helper.make_node("Gather", [name, "ids"], ["e"], name="/model/embed/Gather", axis=1),
+             helper.make_node("Transpose", ["e"], ["x"], name="/model/embed/Transpose", perm=[1, 2, 0]),
+             helper.make_node("MatMul", ["x", name], ["logits"], name="/model/lm_head/MatMul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 3])],
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(table_t, name)])
+    proto, sources = portable_model(g, [helper.make_opsetid("", 17)]), {}
+    quantize_graph(proto, "int4", accuracy_level=0, heads_min_bytes=1 << 30, grids={name: grid}, sources=sources)
+    gbq = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    assert sources == {name: "Q6_K"} and {a.name: a.i for a in gbq.attribute}["block_size"] == 16
+    ids = np.array([[0, 17, v - 1]], np.int64)
+    x, logits = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    np.testing.assert_allclose(x[0], table_t.T[ids[0]], rtol=1e-6, atol=1e-7)
+    ref = x[0].astype(np.float64) @ table_t.astype(np.float64)
+    assert np.abs(logits[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_gguf_grids_through_the_whole_graph(tmp_path):
     """A tiny llama whose weights lie on GGUF grids (gguf's own quantizers: q, k Q5_0, v Q8_0, o and
     down Q4_1, gate/up Q4_0, the tied embedding Q8_0), exported int4 with the grids (stacked q|k|v and
@@ -514,7 +580,7 @@ def test_real_gemma3_int4_keeps_its_gguf_codes(gemma3_gguf):
     """Gemma 3 270M (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 weights) through the whole graph, document KV baked
     (`--method full`), int4 on the file's own codes: every weight matmul keeps them, and the graph
     follows the torch model (rounding those weights to 4 bits instead checked at top-1 0.62, KL 0.37)."""
-    from nectar_export.export.bundle import source_grids
+    from nectar_export.export.bundle import base_model_grids
     from nectar_export.export.quantize import quantize_graph
     from nectar_models.loading import load_model
     from nectar_runtime.tokenizer import load_tokenizer
@@ -527,7 +593,7 @@ def test_real_gemma3_int4_keeps_its_gguf_codes(gemma3_gguf):
     torch_ctx = lm.model.prefill_document(torch.tensor([doc])).contexts()
     proto = DecoderGraphWriter(graph_spec(lm.model, n), decoder_weights(lm.model), full_contexts(torch_ctx), ort_fused=True).build()
     sources = {}
-    done = quantize_graph(proto, "int4", heads_min_bytes=1 << 30, grids=source_grids(lm), sources=sources)
+    done = quantize_graph(proto, "int4", heads_min_bytes=1 << 30, grids=base_model_grids(lm), sources=sources)
     assert len(sources) == len(done) == 4 * lm.config.num_layers + 1
     assert set(sources.values()) == {"Q4_K", "Q5_0", "Q5_0+Q8_0", "Q6_K", "Q8_0"}
     r = compare_backends(TorchBackend(lm.model, torch_ctx, n), OrtBackend(_session(proto), n, 64),
