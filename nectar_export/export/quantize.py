@@ -22,27 +22,28 @@ With a GGUF base model the exporter passes the file's own grids (`grids`: codes,
 per block; nectar_models/gguf_grids.py) and each weight keeps them where the kind allows
 (`weight_form`): int4 writes 4-bit types (Q4_0; Q4_1 and Q4_K through the block-sum digits above) at
 4 bits and 5- to 8-bit types (Q5_0, Q6_K in blocks of 16, Q8_0) at 8 bits, all exactly (up to the
-digits' 8-bit grid); int8 keeps the 5- to 8-bit types and rounds 4-bit types with float zero points;
-int4-rtn keeps only what needs no more bits than it has. So an int4 bundle of Gemma 3 270M's
-Q4_K_M file computes with the weights llama.cpp runs instead of rounding Q5_0/Q6_K/Q8_0 weights to
-4 bits (export check top-1 0.62, KL 0.37 before; docs/onnx.md). Weights without a grid (safetensors
-sources, other GGUF types) are rounded from their floats as above.
+digits' 8-bit grid); int8 keeps the types with integer zero points (Q4_0, Q5_0, Q6_K, Q8_0) and
+rounds Q4_1/Q4_K; int4-rtn keeps only integer-zero-point grids that fit its bits (the LM head's at
+8). So an int4 bundle of Gemma 3 270M's Q4_K_M file computes with the weights llama.cpp runs instead
+of rounding Q5_0/Q6_K/Q8_0 weights to 4 bits (export check top-1 0.62, KL 0.37 before;
+docs/onnx.md). Weights without a grid (safetensors sources, other GGUF types) are rounded from their
+floats as above.
 
 Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
 fp32 — but not the log-normalizer column `…w3_lse`, whose error moves the merge weight of every
 output dimension at once (it carried most of an int4 bundle's KL to fp32 at 8 bits) and which is
 small (Hkv × (width + 1) values a layer); the threshold is the exporter's bundle.HEADS_MIN_BYTES.
-Each such weight becomes one `MatMulNBits` per KV head between a Split and a Concat over the head axis (ORT's kernel takes 2-D weights only; a single KV head needs
-neither), in blocks of `heads_block` inputs (the exporter's: bundle.HEADS_BLOCK = 128; ORT's int8
-kernel runs several query rows much faster with larger blocks than with blocks of 32). At the
-default budget the heads hold tens of MB of fp32 weights, read in full at every token; 8 bits keep
-their rounding (~1/255 of a block's range) far below the heads' own ~0.15 relative error. Smaller
-weights stay one fp32 MatMul: there the Hkv + 2 nodes cost more than the bytes saved. K need not
-be a multiple of the block: the last block's weight rows are zero-padded (ORT
-reads only K inputs). Baked KV, retained KV and (standard graph form) the RoPE rotation matrix stay
-as they are. `accuracy_level` 4 lets ORT's CPU kernels quantize activations to int8 per block and use
-integer dot products.
+Each such weight becomes one `MatMulNBits` per KV head between a Split and a Concat over the head
+axis (ORT's kernel takes 2-D weights only; a single KV head needs neither), in blocks of
+`heads_block` inputs (the exporter's: bundle.HEADS_BLOCK = 128; ORT's int8 kernel runs several query
+rows much faster with larger blocks than with blocks of 32). At the default budget the heads hold
+tens of MB of fp32 weights, read in full at every token; 8 bits keep their rounding (~1/255 of a
+block's range) far below the heads' own ~0.15 relative error. Smaller weights stay one fp32 MatMul:
+there the Hkv + 2 nodes cost more than the bytes saved. K need not be a multiple of the block: the
+last block's weight rows are zero-padded (ORT reads only K inputs). Baked KV, retained KV and
+(standard graph form) the RoPE rotation matrix stay as they are. `accuracy_level` 4 lets ORT's CPU
+kernels quantize activations to int8 per block and use integer dot products.
 """
 
 from __future__ import annotations
