@@ -11,10 +11,14 @@ runs. Types read here, and their grids:
     Q4_1   B = 32, codes 0..15, zero −m/d (a float)    (w = d·q + m)
     Q4_K   B = 32, codes 0..15, zero dmin·m/(d·sc)     (w = d·sc·q − dmin·m, 6-bit sc, m per 32)
     Q5_0   B = 32, codes 0..31, zero 16                (w = d·(q − 16))
+    Q5_1   B = 32, codes 0..31, zero −m/d (a float)    (w = d·q + m)
+    Q5_K   B = 32, codes 0..31, zero dmin·m/(d·sc)     (as Q4_K, with a fifth bit per code)
     Q6_K   B = 16, codes 0..63, zero 32                (w = d·sc·(q − 32), int8 sc per 16)
     Q8_0   B = 32, codes 0..255, zero 128              (w = d·q, q int8, stored as q + 128)
 
-Others (F32/F16/BF16, Q5_1, Q5_K, Q2_K, Q3_K, …) have no grid here: the exporter rounds those.
+Others (F32/F16/BF16, Q2_K, Q3_K, the IQ types, …) have no grid here: the exporter rounds those.
+Grids with float zero points and 5-bit codes (Q5_1, Q5_K) fit no integer-zero-point MatMulNBits exactly;
+the exporter rounds them to 8 bits (int4 too), never to 4.
 """
 
 from __future__ import annotations
@@ -78,15 +82,13 @@ class QuantGrid:
         return QuantGrid(self.codes[order], self.scale[order], self.zero[order], self.levels, self.source)
 
 
-def concat_rows(grids: list[QuantGrid]) -> QuantGrid | None:
-    """Grids of weights stacked along the outputs (q|k|v, gate|up) as one grid, or None when no
-    single MatMulNBits can hold them exactly: integer zero points take the smallest block and the
-    widest codes; float zero points (4-bit, their residual applied over block sums) need every part
-    4-bit in blocks of the same size."""
+def concat_rows(grids: list[QuantGrid | None]) -> QuantGrid | None:
+    """Grids of weights stacked along the outputs (q|k|v, gate|up) as one grid, in the smallest block
+    and the widest codes (splitting a block is exact); None when a part has no grid or the input
+    widths differ. Whether one MatMulNBits holds the stack exactly is the exporter's question
+    (quantize.weight_form: integer zero points, or 4-bit float ones in blocks of 32); a stack of
+    Q4_K and Q6_K, say, is rounded to 8 bits as a whole rather than to 4."""
     if any(g is None for g in grids) or len({g.shape[1] for g in grids}) != 1:
-        return None
-    if not all(g.integer_zero for g in grids) and not (
-            all(g.bits == 4 for g in grids) and len({g.block for g in grids}) == 1):
         return None
     block = min(g.block for g in grids)
     parts = [g.with_block(block) for g in grids]
@@ -130,13 +132,34 @@ def _q8_0(b):
     return (np.ascontiguousarray(b[:, 2:34]).view(np.int8).astype(np.int16) + 128).astype(np.uint8)[:, None], d, -128 * d
 
 
+def _q5_1(b):
+    high = np.unpackbits(np.ascontiguousarray(b[:, 4:8]), axis=-1, bitorder="little")
+    return (_nibbles_32(b[:, 8:24]) | (high << 4))[:, None], _f16(b[:, :2]), _f16(b[:, 2:4])
+
+
+def _k_scales(b):
+    """The 6-bit scales and mins of a Q4_K/Q5_K super-block's 8 sub-blocks, packed in 12 bytes -> [n, 8] each."""
+    s = b.reshape(b.shape[0], 3, 4)
+    lo, mid, hi = s[:, 0], s[:, 1], s[:, 2]
+    sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)
+    m = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], axis=-1).astype(np.float32)
+    return sc, m
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, m = _k_scales(b[:, 4:16])
+    qh = b[:, 16:48].reshape(n, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)  # bit j: sub-block j
+    qs = b[:, 48:176].reshape(n, 4, 32)
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32) | ((qh & 1).reshape(n, 8, 32) << 4)
+    return codes, d * sc, -(dmin * m)
+
+
 def _q4_k(b):
     n = b.shape[0]
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    s = b[:, 4:16].reshape(n, 3, 4)
-    lo, mid, hi = s[:, 0], s[:, 1], s[:, 2]  # the 6-bit scales and mins of 8 sub-blocks, packed in 12 bytes
-    sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)
-    m = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], axis=-1).astype(np.float32)
+    sc, m = _k_scales(b[:, 4:16])
     qs = b[:, 16:144].reshape(n, 4, 32)  # chunk c: sub-block 2c in the low nibbles, 2c + 1 in the high
     codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)
     return codes, d * sc, -(dmin * m)  # d, dmin: [n, 1]
@@ -158,8 +181,10 @@ DECODERS = {
     "Q4_0": (32, 18, 15, _q4_0),
     "Q4_1": (32, 20, 15, _q4_1),
     "Q5_0": (32, 22, 31, _q5_0),
+    "Q5_1": (32, 24, 31, _q5_1),
     "Q8_0": (32, 34, 255, _q8_0),
     "Q4_K": (QK_K, 144, 15, _q4_k),
+    "Q5_K": (QK_K, 176, 31, _q5_k),
     "Q6_K": (QK_K, 210, 63, _q6_k),
 }
 

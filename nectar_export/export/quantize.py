@@ -22,12 +22,12 @@ With a GGUF base model the exporter passes the file's own grids (`grids`: codes,
 per block; nectar_models/gguf_grids.py) and each weight keeps them where the kind allows
 (`weight_form`): int4 writes 4-bit types (Q4_0; Q4_1 and Q4_K through the block-sum digits above) at
 4 bits and 5- to 8-bit types (Q5_0, Q6_K in blocks of 16, Q8_0) at 8 bits, all exactly (up to the
-digits' 8-bit grid); int8 keeps the types with integer zero points (Q4_0, Q5_0, Q6_K, Q8_0) and
-rounds Q4_1/Q4_K; int4-rtn keeps only integer-zero-point grids that fit its bits (the LM head's at
-8). So an int4 bundle of Gemma 3 270M's Q4_K_M file computes with the weights llama.cpp runs instead
-of rounding Q5_0/Q6_K/Q8_0 weights to 4 bits (export check top-1 0.62, KL 0.37 before;
-docs/onnx.md). Weights without a grid (safetensors sources, other GGUF types) are rounded from their
-floats as above.
+digits' 8-bit grid), and rounds the 5-bit float-zero-point types (Q5_1, Q5_K) to 8 bits, not 4; int8
+keeps the types with integer zero points (Q4_0, Q5_0, Q6_K, Q8_0) and rounds Q4_1/Q4_K; int4-rtn
+keeps only integer-zero-point grids that fit its bits (the LM head's at 8). So an int4 bundle of
+Gemma 3 270M's Q4_K_M file computes with the weights llama.cpp runs instead of rounding
+Q5_0/Q6_K/Q8_0 weights to 4 bits (export check top-1 0.62, KL 0.37 before; docs/onnx.md). Weights
+without a grid (safetensors sources, other GGUF types) are rounded from their floats as above.
 
 Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
@@ -149,7 +149,8 @@ def weight_form(kind: str, grid, lm_head: bool) -> tuple[int, str]:
     """(bits, form) of a 2-D model weight in a `kind` bundle; `grid`: its GGUF quantization grid or None.
 
     Bits: int8 8; int4-rtn 4 (the LM head 8); int4 the grid's own (4 for 4-bit GGUF types, 8 for
-    Q5_0, Q6_K, Q8_0; the LM head at least 8), else 4 (the LM head 8). Forms:
+    Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 and stacks holding any of them; the LM head at least 8), else 4
+    (the LM head 8). Forms:
       grid          the GGUF's codes, scales and integer zero points as they are (exact)
       grid-offsets  the GGUF's 4-bit codes, their float zero points through block-sum digits (int4)
       offsets       4-bit min/max blocks with float zero points through block-sum digits (int4; exact

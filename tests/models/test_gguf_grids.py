@@ -11,7 +11,8 @@ import pytest
 from nectar_models.gguf_grids import DECODERS, QuantGrid, concat_rows, decode_grid
 
 # byte offsets of each type's fp16 fields (random bytes there could be NaN or inf)
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
+F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
+              "Q6_K": [208]}
 
 
 def _random_tensor(type_name: str, n: int, k: int, rng, flat_every: int = 0) -> np.ndarray:
@@ -44,8 +45,9 @@ def test_grid_is_the_gguf_weight(type_name, flat_every):
     ref = _gguf_dequantize(raw, type_name, n, k)
     assert grid.shape == (n, k) and grid.codes.dtype == np.uint8
     assert grid.codes.max() <= grid.levels and grid.bits == (4 if grid.levels == 15 else 8)
+    assert grid.block == (16 if type_name == "Q6_K" else 32)
     np.testing.assert_allclose(grid.dequantize(), ref, rtol=1e-6, atol=1e-7 * np.abs(ref).max())
-    if type_name in ("Q4_1", "Q4_K"):
+    if type_name in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"):
         assert not grid.integer_zero  # float zero points: int4 applies them through block sums
     else:
         assert grid.integer_zero
@@ -75,7 +77,9 @@ def test_stacked_grids():
     np.testing.assert_array_equal(qv.dequantize(), np.concatenate([q.dequantize(), v.dequantize()]))
     a, b = _grid("Q4_1", 3, 256, 3), _grid("Q4_K", 2, 256, 4)
     assert concat_rows([a, b]).bits == 4  # float zero points, all 4-bit, blocks of 32
-    assert concat_rows([a, q]) is None  # a float zero point cannot widen to 8 bits exactly
+    av = concat_rows([a, v])  # a float zero point and 6-bit codes: a true grid, which no integer-zero MatMulNBits holds
+    assert av.bits == 8 and av.block == 16 and not av.integer_zero
+    np.testing.assert_array_equal(av.dequantize(), np.concatenate([a.dequantize(), v.dequantize()]))
     assert concat_rows([a, None]) is None  # an unquantized part: the stack is rounded
     assert concat_rows([q, _grid("Q5_0", 2, 512, 5)]) is None  # different input widths
     order = np.array([1, 0, 3, 2])
