@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_cpu import CpuContention, machine_info, write_outputs  # noqa: E402
 from ort_decode import THREADS, export, time_bundles  # noqa: E402
-from quant_quality import compare, reference_answers  # noqa: E402
+from quant_quality import fidelity_to_reference  # noqa: E402
 
 MANUALS = REPO.parent / "shared" / "data" / "manuals"
 BEGIN, END = "<!-- default_heads_cpu:begin -->", "<!-- default_heads_cpu:end -->"
@@ -143,15 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         r.update(artifact_name=name, variant=v)
         report["bundles"].append(r)
     report["contention"] = contention.result()
-    for art in report["artifacts"]:
-        qf = (MANUALS / art["manual"]).with_suffix(".questions.jsonl")
-        qs = [json.loads(x)["question"] for x in qf.read_text().splitlines() if x.strip()][: a.questions]
-        ref = work / f"{art['name']}_fp32"
-        answers = reference_answers(ref, qs, a.max_tokens)  # the fp32 bundle's greedy answers, once per document
-        for r in report["bundles"]:
-            if r["artifact_name"] == art["name"] and r["variant"] != "fp32":
-                log(f"fidelity of {r['bundle']} …")
-                r["fidelity"] = compare(ref, work / r["bundle"], answers)
+    fidelity_to_reference(report, work, "fp32", a.questions, a.max_tokens, log)
     png = REPO / "docs" / "img" / "default_heads_cpu.png"
     write_outputs(report, Path(a.out), png, plot, docs_section, BEGIN, END, REPO / "docs" / "benchmarks.md")
     log(f"wrote {a.out}, {png}, docs/benchmarks.md")

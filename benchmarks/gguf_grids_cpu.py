@@ -30,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_cpu import CpuContention, machine_info, write_outputs  # noqa: E402
 from default_heads_cpu import manual_of  # noqa: E402
 from ort_decode import THREADS, export, time_bundles  # noqa: E402
-from quant_quality import compare, reference_answers  # noqa: E402
+from quant_quality import fidelity_to_reference  # noqa: E402
 
-MANUALS = REPO.parent / "shared" / "data" / "manuals"
 # (bundle suffix, ExportConfig fields)
 VARIANTS = [("fp32", {}),
             ("int8", {"quantize": "int8"}), ("int8_rounded", {"quantize": "int8", "source_grids": False}),
@@ -137,15 +136,7 @@ def main(argv: list[str] | None = None, variants=VARIANTS, name: str = "gguf_gri
                  export_check=man.get("export_check"))
         report["bundles"].append(r)
     report["contention"] = contention.result()
-    for art in report["artifacts"]:
-        qf = (MANUALS / art["manual"]).with_suffix(".questions.jsonl")
-        qs = [json.loads(x)["question"] for x in qf.read_text().splitlines() if x.strip()][: a.questions]
-        ref = work / f"{art['name']}_{variants[0][0]}"
-        answers = reference_answers(ref, qs, a.max_tokens)  # the fp32 bundle's greedy answers, once per document
-        for r in report["bundles"]:
-            if r["artifact_name"] == art["name"] and r["variant"] != variants[0][0]:
-                log(f"fidelity of {r['bundle']} …")
-                r["fidelity"] = compare(ref, work / r["bundle"], answers)
+    fidelity_to_reference(report, work, variants[0][0], a.questions, a.max_tokens, log)
     png = REPO / "docs" / "img" / f"{name}.png"
     write_outputs(report, Path(a.out), png, plot, docs_section, begin, end, REPO / "docs" / "benchmarks.md")
     log(f"wrote {a.out}, {png}, docs/benchmarks.md")

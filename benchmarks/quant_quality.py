@@ -66,6 +66,21 @@ def reference_answers(answers_from: Path, questions: list[str], max_tokens: int)
     return [pa for pa in (greedy_answer(src, q, max_tokens) for q in questions) if pa[1]]
 
 
+def fidelity_to_reference(report: dict, work: Path, reference: str, questions: int, max_tokens: int, log) -> None:
+    """Per artifact of `report` (`artifacts`: name, manual), the reference bundle `work/{name}_{reference}`'s
+    greedy answers to the first `questions` questions of its manual, then every other bundle record of that
+    artifact (`bundles`: artifact_name, variant, bundle) gets its `fidelity` (`compare`) over those answers."""
+    for art in report["artifacts"]:
+        qf = (MANUALS / art["manual"]).with_suffix(".questions.jsonl")
+        qs = [json.loads(x)["question"] for x in qf.read_text().splitlines() if x.strip()][:questions]
+        ref = work / f"{art['name']}_{reference}"
+        answers = reference_answers(ref, qs, max_tokens)  # once per document
+        for r in report["bundles"]:
+            if r["artifact_name"] == art["name"] and r["variant"] != reference:
+                log(f"fidelity of {r['bundle']} …")
+                r["fidelity"] = compare(ref, work / r["bundle"], answers)
+
+
 def compare(ref_bundle: Path, other: Path, answers: list[tuple[list[int], list[int]]]) -> dict:
     """Teacher-forced over `answers` (`reference_answers`, e.g. of the full-context fp32 bundle of
     the same document): the same token sequences for every method, whatever its own answers."""

@@ -214,15 +214,16 @@ def decode_grid(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantGrid | 
     return QuantGrid(np.ascontiguousarray(codes, np.uint8), scale, zero, levels, type_name)
 
 
-def read_gguf_grids(path: str | Path, names: dict[str, str] | None = None) -> dict[str, QuantGrid]:
+def read_gguf_grids(path: str | Path, names: dict[str, str] | None = None, table: list | None = None) -> dict[str, QuantGrid]:
     """{GGUF tensor name: grid} of every 2-D tensor of `path` whose type has one (`names`: only those,
-    renamed to their values). Rows stay in the file's order (loading.read_gguf undoes llama's q/k
-    permutation; apply the same order with QuantGrid.rows)."""
+    renamed to their values; `table`: the file's tensor table if already read). Rows stay in the
+    file's order (loading.read_gguf undoes llama's q/k permutation; apply the same order with QuantGrid.rows)."""
     from gguf.constants import GGMLQuantizationType
 
     from nectar_runtime.gguf_metadata import read_gguf_tensor_table
 
-    _, table = read_gguf_tensor_table(Path(path))
+    if table is None:
+        _, table = read_gguf_tensor_table(Path(path))
     data = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for t in table:

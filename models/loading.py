@@ -183,7 +183,7 @@ def read_gguf_weight_grids(path: Path) -> dict[str, QuantGrid]:
     cfg = config_from_gguf_metadata({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in meta.items()}, str(path))
     block_names = GGUF_BLOCK_NAMES[cfg.family]
     names = {t.name: ours for t in table if (ours := _gguf_name(t.name, block_names)) is not None}
-    grids = read_gguf_grids(path, names)
+    grids = read_gguf_grids(path, names, table)
     if meta.get("general.architecture") in GGUF_PERMUTED_QK:
         for ours, grid in grids.items():
             if ".q_proj." in ours or ".k_proj." in ours:

@@ -227,10 +227,11 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
             new_nodes.append(node)
             continue
         k, n = w.dims
+        w_array = numpy_helper.to_array(w).astype(np.float32)
         grid = (grids or {}).get(w.name)
         if grid is not None and grid.shape != (n, k):
             raise ValueError(f"{w.name}: grid of shape {grid.shape}, weight [K, N] = [{k}, {n}]")
-        if grid is not None and not _grid_is_weight(grid, numpy_helper.to_array(w)):
+        if grid is not None and not _grid_is_weight(grid, w_array):
             grid = None  # the graph's weight is not the GGUF's (a transform the grid reader missed): round it
         bits, form = weight_form(kind, grid, "lm_head" in node.name)
         base, name = f"{w.name}.q{bits}", node.name.replace("/MatMul", f"/MatMulNBits{bits}")
@@ -240,8 +241,7 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
         elif form == "grid-offsets":
             packed, scales, zeros = _pack_codes(grid.codes), grid.scale.ravel(), grid.zero.ravel()
         else:
-            packed, scales, zeros = quantize_blockwise(numpy_helper.to_array(w).astype(np.float32), bits,
-                                                       float_zero=form == "offsets")
+            packed, scales, zeros = quantize_blockwise(w_array, bits, float_zero=form == "offsets")
         if grid is not None and form.startswith("grid") and sources is not None:
             sources[w.name] = grid.source
         if form in ("offsets", "grid-offsets"):  # x_aug = [x, block sums of x]: shared by the matmuls reading x
