@@ -84,14 +84,16 @@ class StandardAttention:
 
 
 def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -> tuple[str, str]:
-    """q [B, Hkv, G*T, D] -> f [B, Hkv, G*T, D], g [B, Hkv, G*T, 1] (three fused matmuls, the last
-    split into the output f and the log-normalizer column g)."""
-    d = heads.w3.shape[-1] - 1
+    """q [B, Hkv, G*T, D] -> f [B, Hkv, G*T, D], g [B, Hkv, G*T, 1]: one input matmul shared by the
+    target and score networks (and the linear skip), then each network's two matmuls."""
+    d = heads.w3.shape[-1]
     z = b.op("Add", [b.op("MatMul", [q, b.weight(f"{wn}.wa", heads.wa)], f"{p}/in/MatMul"), b.weight(f"{wn}.ba", heads.ba)], f"{p}/in/Add")
-    z, skip = b.op("Split", [z, b.const([heads.hidden, d])], f"{p}/in/Split", outputs=2, axis=-1)
-    a = gelu(b.op("MatMul", [gelu(z, f"{p}/act1"), b.weight(f"{wn}.w2", heads.w2)], f"{p}/mid/MatMul"), f"{p}/act2")
-    f = b.op("MatMul", [a, b.weight(f"{wn}.w3", np.ascontiguousarray(heads.w3[..., :d]))], f"{p}/out/MatMul")
-    # The log-normalizer column on its own: quantized bundles keep it fp32 (quantize.py), as its error
-    # moves the merge weight σ(g − lse_loc) of every output dimension at once.
-    g = b.op("MatMul", [a, b.weight(f"{wn}.w3_lse", np.ascontiguousarray(heads.w3[..., d:]))], f"{p}/lse/MatMul")
+    zt, zs, skip = b.op("Split", [z, b.const([heads.hidden, heads.hidden_lse, d])], f"{p}/in/Split", outputs=3, axis=-1)
+    a = gelu(b.op("MatMul", [gelu(zt, f"{p}/act1"), b.weight(f"{wn}.w2", heads.w2)], f"{p}/mid/MatMul"), f"{p}/act2")
+    f = b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul")
+    # The score network: quantized bundles keep it fp32 (quantize.py), as its error moves the merge
+    # weight σ(g − lse_loc) of every output dimension at once.
+    s = gelu(b.op("MatMul", [gelu(zs, f"{p}/lse_act1"), b.weight(f"{wn}.w2_lse", heads.w2_lse)], f"{p}/lse_mid/MatMul"),
+             f"{p}/lse_act2")
+    g = b.op("MatMul", [s, b.weight(f"{wn}.w3_lse", heads.w3_lse)], f"{p}/lse/MatMul")
     return b.op("Add", [f, skip], f"{p}/skip/Add"), g

@@ -62,9 +62,9 @@ class ExportConfig:
     heads_bits: int | None = None
     # ... in blocks of this many inputs (HEADS_BLOCK; Python API only)
     heads_block: int = HEADS_BLOCK
-    # ... the score networks' output weights (`w3_lse`, one column per KV head) too; False keeps them fp32: at 8 bits
-    # they carried most of Gemma 3 270M's int4/int8 KL to the fp32 bundle (0.057 -> 0.012 over 512 answer tokens;
-    # SmolLM2 unchanged, no decode cost). Python API only, for A/B runs (docs/benchmarks.md, "The log-normalizer column").
+    # ... the score networks' middle and output weights (`w2_lse`, `w3_lse`) too; False keeps them fp32: the
+    # output column at 8 bits carried most of Gemma 3 270M's int4/int8 KL to the fp32 bundle (0.057 -> 0.012
+    # over 512 answer tokens). Python API only, for A/B runs (docs/benchmarks.md, "The score network").
     quantize_lse: bool = False
     # with `quantize`: ONNX Runtime's fused RotaryEmbedding / SkipSimplifiedLayerNormalization
     # (decoder_graph.py, `ort_fused`); the quantized graph is ORT-only anyway. Python API only, for A/B runs.
@@ -116,8 +116,12 @@ def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
             "heads_min_bytes": cfg.heads_min_bytes if heads else None,
             "heads_bits": heads_bits(cfg) if heads else None,
             "heads_block": cfg.heads_block if heads else None,
-            # as configured: a column whose `w3` is under heads_min_bytes stays fp32 whatever this says
+            # the score network's weights, as configured: those whose target-network twin (`w2`, `w3`) is
+            # under heads_min_bytes stay fp32 whatever this says
             "lse_bits": (heads_bits(cfg) if cfg.quantize_lse else 32) if heads else None,
+            # MLP heads: the score network in its own matmuls beside the target network's (since
+            # 2026-11-25; before, one block-diagonal middle and output matmul held both)
+            "heads_form": "separate_score_network",
             # how int4 applies a Q4_1 block's float zero point (quantize.py): its residual as 4-bit
             # digits over the input's block sums, inside the weight's own MatMulNBits
             "int4_offsets": "block_sum_digits" if cfg.quantize == "int4" else None,

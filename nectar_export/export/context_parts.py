@@ -44,26 +44,33 @@ GELU_ONE = 0.8413447460685429  # gelu(1) = Φ(1), the constant unit's activation
 
 @dataclass(frozen=True)
 class MLPHeads:
-    """A layer's MLP heads with standardization folded in, as three fused matmuls per KV head:
+    """A layer's MLP heads with standardization folded in, per KV head:
 
-    z = q @ wa + ba         wa: [Hkv, D, h + hs + 1 + D]  ->  split (z_target|z_score|1, skip)
-    a = gelu(gelu(z) @ w2)  w2: [Hkv, h + hs + 1, h + hs + 1] (block-diagonal: target | score | 1)
-    y = a @ w3              w3: [Hkv, h + hs + 1, D + 1]     (block-diagonal)
-    f = y[..., :D] + skip,  g = y[..., D]   (the graph computes the two as separate matmuls: the g column
-                                             stays fp32 in quantized bundles, attention_graph.mlp_heads)
+    z = q @ wa + ba           wa: [Hkv, D, (h + 1) + (hs + 1) + D]  ->  split (z_target, z_score, skip)
+    f = gelu(gelu(z_target) @ w2) @ w3 + skip          w2: [Hkv, h + 1, h + 1],   w3: [Hkv, h + 1, D]
+    g = gelu(gelu(z_score) @ w2_lse) @ w3_lse          w2_lse: [Hkv, hs + 1, hs + 1], w3_lse: [Hkv, hs + 1, 1]
 
-    One hidden unit is constant (pre-activation 1, so gelu(1) after each layer): its weight rows
-    carry the next layer's biases, so layers 2 and 3 need no bias add.
+    Each network's last hidden unit is constant (pre-activation 1, so gelu(1) after each layer): its
+    weight rows carry the next layer's biases, so layers 2 and 3 need no bias add. The two networks
+    stay separate matmuls (not one block-diagonal one): quantized bundles read no stored zeros, and
+    keep the score network fp32 (its error moves the merge weight σ(g − lse_loc) of every output
+    dimension at once; quantize.py).
     """
 
     wa: np.ndarray
-    ba: np.ndarray  # [Hkv, 1, h + hs + 1 + D]
+    ba: np.ndarray  # [Hkv, 1, (h + 1) + (hs + 1) + D]
     w2: np.ndarray
     w3: np.ndarray
+    w2_lse: np.ndarray
+    w3_lse: np.ndarray
 
     @property
     def hidden(self) -> int:
-        return self.w2.shape[1]  # h + hs + 1
+        return self.w2.shape[1]  # h + 1
+
+    @property
+    def hidden_lse(self) -> int:
+        return self.w2_lse.shape[1]  # hs + 1
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,7 @@ def fold_mlp_heads(group, sel: slice) -> MLPHeads:
     o_mean, o_std, l_mean, l_std = t("o_mean"), t("o_std"), t("l_mean"), t("l_std")  # [M,1,D],[M,1,1],[M,1],[M,1]
     w1, b1, w2, b2, w3, b3, skip = (t(n) for n in ("w1", "b1", "w2", "b2", "w3", "b3", "skip"))
     s1, sb1, s2, sb2, s3, sb3 = (t(n) for n in ("s1", "sb1", "s2", "sb2", "s3", "sb3"))
-    m, d, h = w1.shape
-    hs = s1.shape[2]
+    m, d, _ = w1.shape
 
     def standardize_in(w, b):  # (q − μ)/σ @ w + b = q @ (w/σ) + (b − (μ/σ) @ w)
         return w / q_std, b - (q_mean / q_std) @ w
@@ -110,18 +116,24 @@ def fold_mlp_heads(group, sel: slice) -> MLPHeads:
     w1f, b1f = standardize_in(w1, b1)
     s1f, sb1f = standardize_in(s1, sb1)
     skf, skb = standardize_in(skip, np.zeros((m, 1, d)))
-    c = h + hs  # index of the constant unit
-    wa = np.concatenate([w1f, s1f, np.zeros((m, d, 1)), skf * o_std], axis=2)
-    ba = np.concatenate([b1f, sb1f, np.ones((m, 1, 1)), skb * o_std], axis=2)
-    w2bd = np.zeros((m, c + 1, c + 1))
-    w2bd[:, :h, :h], w2bd[:, h:c, h:c] = w2, s2
-    w2bd[:, c, :c] = np.concatenate([b2, sb2], axis=2)[:, 0] / GELU_ONE
-    w2bd[:, c, c] = 1.0 / GELU_ONE  # keeps the constant unit's pre-activation at 1
-    w3bd = np.zeros((m, c + 1, d + 1))
-    w3bd[:, :h, :d], w3bd[:, h:c, d:] = w3 * o_std, s3 * l_std[..., None]
-    w3bd[:, c, :] = np.concatenate([b3 * o_std + o_mean, sb3 * l_std[..., None] + l_mean[..., None]], axis=2)[:, 0] / GELU_ONE
+    one_w, one_b = np.zeros((m, d, 1)), np.ones((m, 1, 1))  # the constant unit: pre-activation 1
+    wa = np.concatenate([w1f, one_w, s1f, one_w, skf * o_std], axis=2)
+    ba = np.concatenate([b1f, one_b, sb1f, one_b, skb * o_std], axis=2)
+
+    def constant_unit_layer(w, b):  # [M, k, k'], [M, 1, k'] -> [M, k + 1, k' + 1]: bias row, unit kept at 1
+        k, k2 = w.shape[1:]
+        out = np.zeros((m, k + 1, k2 + 1))
+        out[:, :k, :k2], out[:, k, :k2], out[:, k, k2] = w, b[:, 0] / GELU_ONE, 1.0 / GELU_ONE
+        return out
+
+    def output_layer(w, b):  # [M, k, n], [M, 1, n] -> [M, k + 1, n]: the bias as the constant unit's row
+        return np.concatenate([w, b / GELU_ONE], axis=1)
+
+    w2f, s2f = constant_unit_layer(w2, b2), constant_unit_layer(s2, sb2)
+    w3f = output_layer(w3 * o_std, b3 * o_std + o_mean)
+    s3f = output_layer(s3 * l_std[..., None], sb3 * l_std[..., None] + l_mean[..., None])
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-    return MLPHeads(f32(wa), f32(ba), f32(w2bd), f32(w3bd))
+    return MLPHeads(f32(wa), f32(ba), f32(w2f), f32(w3f), f32(s2f), f32(s3f))
 
 
 def quadrature_nodes(group, sel: slice) -> BakedKV:

@@ -31,9 +31,10 @@ without a grid (safetensors sources, other GGUF types) are rounded from their fl
 
 Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applied to queries grouped
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
-fp32 — but not the log-normalizer column `…w3_lse`, whose error moves the merge weight of every
-output dimension at once (it carried most of an int4 bundle's KL to fp32 at 8 bits) and which is
-small (Hkv × (width + 1) values a layer); the threshold is the exporter's bundle.HEADS_MIN_BYTES.
+fp32 — but not the score network's `…{w2,w3}_lse`, whose log-normalizer g moves the merge weight of
+every output dimension at once (its output column carried most of an int4 bundle's KL to fp32 at 8
+bits) and which is small (a quarter of the target network's width); the threshold is the exporter's
+bundle.HEADS_MIN_BYTES.
 Each such weight becomes one `MatMulNBits` per KV head between a Split and a Concat over the head
 axis (ORT's kernel takes 2-D weights only; a single KV head needs neither), in blocks of
 `heads_block` inputs (the exporter's: bundle.HEADS_BLOCK = 128; ORT's int8 kernel runs several query
@@ -170,7 +171,8 @@ def weight_form(kind: str, grid, lm_head: bool) -> tuple[int, str]:
 
 def _heads_weight_sizing(w, inits: dict, heads_lse: bool):
     """The initializer whose size decides whether heads weight `w` is quantized: `w` itself, except for
-    a log-normalizer column (`…w3_lse`): its output weight `…w3` with `heads_lse`, else None (kept fp32)."""
+    the score network's (`…w2_lse`, `…w3_lse`): the target network's `…w2` / `…w3` with `heads_lse`
+    (quantized as those are), else None (kept fp32)."""
     if w is None or not w.name.endswith("_lse"):
         return w
     return inits.get(w.name.removesuffix("_lse")) if heads_lse else None
@@ -193,8 +195,8 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
                    heads_bits: int = 8, heads_block: int = BLOCK, heads_lse: bool = False, grids: dict | None = None,
                    sources: dict | None = None) -> dict:
     """Replace 2-D weight MatMuls of `proto` in place, and the Nectar heads' batched ones of at
-    least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits) except the log-normalizer
-    weights (`…nectar_heads.w3_lse`: fp32 unless `heads_lse`, then as their `…w3`); returns {node
+    least `heads_min_bytes` fp32 bytes (per KV head, `heads_bits` bits) except the score network's
+    (`…nectar_heads.{w2,w3}_lse`: fp32 unless `heads_lse`, then as `…w2` / `…w3`); returns {node
     name: bits}. `grids`: {weight name: QuantGrid} of a GGUF source (from_model.decoder_grids), kept
     exactly where the kind allows (weight_form); `sources`, when given, gets {weight name: GGUF type}.
 
@@ -251,11 +253,14 @@ def quantize_graph(proto, kind: str, accuracy_level: int = 4, heads: bool = True
             proto.graph.initializer.extend(_q4_1_with_residual_digits(packed, scales, zeros, k, n, base))
             new_nodes.append(_nbits(x_aug, base, True, list(node.output), name, k_aug, n, bits, accuracy_level))
         else:
-            proto.graph.initializer.extend([numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales"),
-                                            numpy_helper.from_array(zeros, f"{base}.zero_points")])
+            # 8-bit zero points all at MatMulNBits' default (128: Q8_0, symmetric grids) are left out: ORT then
+            # runs its symmetric kernel, which reads no zero points (the SmolLM2 LM head: 8% faster, same outputs)
+            symmetric = bits == 8 and bool(np.all(zeros == 128))
+            proto.graph.initializer.extend([numpy_helper.from_array(packed, base), numpy_helper.from_array(scales, f"{base}.scales")]
+                                           + ([] if symmetric else [numpy_helper.from_array(zeros, f"{base}.zero_points")]))
             if bits == 8:
                 eight_bit[w.name] = (base, k, n, scales, zeros, block)
-            new_nodes.append(_nbits(node.input[0], base, True, list(node.output), name, k, n, bits, accuracy_level, block))
+            new_nodes.append(_nbits(node.input[0], base, not symmetric, list(node.output), name, k, n, bits, accuracy_level, block))
         done[node.name] = bits
         users[w.name] -= 1
         if users[w.name] == 0:

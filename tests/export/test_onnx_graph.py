@@ -266,13 +266,15 @@ def test_quantized_matmul_keeps_the_gguf_grid(type_name, kind):
         node = next(nd for nd in proto.graph.node if nd.op_type == "MatMulNBits")
         attrs = {a.name: a.i for a in node.attribute}
         y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-        return np.abs(y - exact).max() / np.abs(exact).max(), sources, attrs
+        return np.abs(y - exact).max() / np.abs(exact).max(), sources, {**attrs, "inputs": len(node.input)}
 
     bits, form = weight_form(kind, grid, lm_head=False)
     err, sources, attrs = rel_err({name: grid})
     assert attrs["bits"] == bits
     if form == "grid":
         assert err < 1e-5 and sources == {name: type_name} and attrs["block_size"] == grid.block, (err, attrs)
+        # Q8_0's zero points are all MatMulNBits' default (128): left out, so ORT runs its symmetric kernel
+        assert attrs["inputs"] == (3 if type_name == "Q8_0" else 4), attrs
     elif form == "grid-offsets":
         assert err < 2e-3 and sources == {name: type_name}, err
     else:  # rounded from the floats, at 8 bits
@@ -539,9 +541,9 @@ def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
     assert not [n for n in small.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
     q = proto
     quantize_proto(q, ExportConfig(quantize="int8", heads_min_bytes=0))
-    # every heads weight but the log-normalizer column (`w3_lse`), which stays fp32 in every kind
+    # every heads weight but the score network's (`w2_lse`, `w3_lse`), which stays fp32 in every kind
     assert [t.name for t in q.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name] == \
-        [f"model.layers.{i}.nectar_heads.w3_lse" for i in range(model.config.num_layers)]
+        [f"model.layers.{i}.nectar_heads.{w}_lse" for i in range(model.config.num_layers) for w in ("w2", "w3")]
     per_layer = [n.name for n in q.graph.node if n.name.startswith("/model/layers.0/attn/nectar_heads/") and n.op_type == "MatMulNBits"]
     assert len(per_layer) == 3 * model.config.num_kv_heads  # in, mid, out for each KV head
     _, _, proto = _backends(model, "nectar", seed=14)
@@ -556,9 +558,9 @@ def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
 
 def test_int8_bundle_with_8_bit_heads_tracks_the_torch_model(tiny_model):
     """Every family (Gemma 3's sliding-window layers too): one MatMulNBits per KV head for each heads
-    matmul but the fp32 log-normalizer column's, and the quantized graph stays within int8 rounding of the fp32 torch model."""
+    matmul but the fp32 score network's, and the quantized graph stays within int8 rounding of the fp32 torch model."""
     ref, _, proto = _backends(tiny_model, "nectar", seed=15)
-    batched = [n.name for n in proto.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMul" and "/lse/" not in n.name]
+    batched = [n.name for n in proto.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMul" and "/lse" not in n.name]
     q = proto
     quantize_proto(q, ExportConfig(quantize="int8", heads_min_bytes=0))
     per_head = [n.name for n in q.graph.node if "/nectar_heads/" in n.name and n.op_type == "MatMulNBits"]
