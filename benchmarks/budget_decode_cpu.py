@@ -5,7 +5,10 @@ KV) is ~36 MB, read at every token. This times bundles of the same document expo
 other sizes (`nectar fit --budget-mb B`, `--retain-tokens M`) and llama.cpp (same GGUF, same prompt,
 2 threads, flash attention off and on: which is faster depends on the CPU) round-robin: every round
 times each bundle and each llama.cpp setting once, so a slow spell of the machine falls on all of them
-alike; the paired ratios are to the faster llama.cpp setting of each round. llama.cpp prefills the
+alike; the paired ratios are to the faster llama.cpp setting of each round. Every timed run starts after
+`--settle` seconds of idle (default 1): both engines' threads keep spinning for a while after a run, and
+without the pause the engine timed next ran slower (measured: llama.cpp with flash attention off 31 against
+37–39 tok/s at n = 7,000; the first bundle of a round 0.3–0.9 ms per token slower, docs/benchmarks.md). llama.cpp prefills the
 document once (untimed); each of its rounds reuses that prefix (llama-cpp-python's prefix match) and
 times the decode alone, as the bundles' rounds do.
 
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="seconds of idle before every timed run (another engine's threads may still be spinning)")
     ap.add_argument("--flash-attn", choices=["off", "on", "both"], default="both",
                     help="llama.cpp's flash attention (both: time each, ratios to the faster one of each round)")
     a = ap.parse_args(argv)
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         t.run_once(a.steps, keep=False)  # warm-up; llama.cpp's prefill
     for r in range(a.repeats):
         for t in timers + llamas:
+            time.sleep(a.settle)
             t.run_once(a.steps)
         print(f"round {r + 1}/{a.repeats}: " + ", ".join(f"{t.runs[-1]['tokens_per_s']:.0f}" for t in timers + llamas), flush=True)
     rows, llama_rows = [t.result() for t in timers], [t.result() for t in llamas]

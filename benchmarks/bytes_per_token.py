@@ -1,14 +1,18 @@
-"""Bytes a decode step reads, bundle by bundle, against llama.cpp's: why the CPU speed ratios are what they are.
+"""Bytes and multiply-accumulates of a decode step, bundle by bundle, against llama.cpp's: why the CPU speed
+ratios are what they are.
 
-A 2-core CPU decoding a 135M-parameter model is bound by memory traffic: every weight matmul reads all of its
-weights for one token, and full attention reads the whole KV cache. This counts, per bundle, the initializer
-bytes a decode step reads (every initializer except those only looked up by Gather / GatherBlockQuantized, of
-which one row is read), grouped as model weights, LM head, Nectar heads (target network, score network),
-retained document KV and the rest; and for llama.cpp the GGUF's tensor bytes (the tied embedding is its output
-matrix, read in full) plus its fp16 KV cache at the document's length. The implied speed ratio is llama.cpp's
-bytes over the bundle's; `--record` adds the measured paired ratios of a budget_decode_cpu.py record of the same
-bundles. The counts are a lower bound on traffic: ONNX Runtime repacks MatMulNBits weights at session start
-(with per-block sums for its int8 kernel), activations and the local KV add a little.
+Per bundle: the initializer bytes a decode step reads (every initializer except those only looked up by
+Gather / GatherBlockQuantized, of which one row is read), grouped as model weights, LM head, Nectar heads
+(target network, score network), retained document KV, the baked document KV of `--method full` bundles
+and the rest; and the multiply-accumulates (MACs) of the matmuls over those initializers for one token:
+K × N per model weight, G × K × N for the Nectar heads, retained and baked KV (each KV head's weights serve
+its G query heads: G = 3 on SmolLM2). For llama.cpp: the GGUF's tensor bytes (the tied embedding is its
+output matrix, read in full) plus its fp16 KV cache at the document's length, and MACs = its weights'
+parameters + the attention's Hq × D × 2 per cached token and layer. The implied speed ratios are
+llama.cpp's count over the bundle's; `--record` adds the measured paired ratios of a budget_decode_cpu.py
+record of the same bundles. On 2 cores the quantized kernels are not memory-bound (an int8 bundle reads 40%
+more bytes than int4 and decodes as fast), so the MAC ratio is the one to compare with the measured one.
+Local-token attention, norms and activations are left out of both counts.
 
     python benchmarks/bytes_per_token.py --bundles DIR1,DIR2 [--gguf FILE] [--record benchmarks/results/budget_decode_cpu_NAME.json]
 
@@ -32,6 +36,8 @@ def _group(name: str) -> str:
         return "heads: score network" if "_lse" in name else "heads: target network"
     if ".retained." in name:
         return "retained KV"
+    if ".context.document." in name:
+        return "document KV (full)"
     if name.startswith("model.embed_tokens.") or "lm_head" in name:
         return "LM head"
     if name.startswith("model.layers.") and ".weight" in name:
@@ -39,39 +45,58 @@ def _group(name: str) -> str:
     return "other"
 
 
-def bundle_bytes(bundle: Path) -> dict:
-    """{group: bytes read per decode step} of a bundle's graph (initializer sizes, external data included)."""
+def bundle_counts(bundle: Path, group_size: int) -> tuple[dict, dict]:
+    """({group: bytes}, {group: MACs}) of one decode step of a bundle's graph (initializer sizes, external
+    data included; `group_size` G = query heads per KV head)."""
+    import numpy as np
     import onnx
 
     m = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
     users: dict[str, set[str]] = {}
     for node in m.graph.node:
         for i in node.input:
             users.setdefault(i, set()).add(node.op_type)
-    out: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
     for t in m.graph.initializer:
         if users.get(t.name) and users[t.name] <= LOOKUP_OPS:
             continue  # one row per token
         size = next((int(e.value) for e in t.external_data if e.key == "length"), 0) or len(t.raw_data)
-        out[_group(t.name)] = out.get(_group(t.name), 0) + size
-    return out
+        nbytes[_group(t.name)] = nbytes.get(_group(t.name), 0) + size
+    macs: dict[str, int] = {}
+    for node in m.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            weight, count = node.input[1], attrs["K"] * attrs["N"]
+        elif node.op_type in ("MatMul", "FusedMatMul") and any(i in inits for i in node.input):
+            weight = next(i for i in node.input if i in inits)
+            count = int(np.prod(inits[weight].dims))
+        else:
+            continue
+        group = _group(weight)
+        rows = 1 if group in ("model weights", "LM head") else group_size  # KV-head weights serve G query rows
+        macs[group] = macs.get(group, 0) + rows * count
+    return nbytes, macs
 
 
-def llama_cpp_bytes(gguf: Path, n: int) -> dict:
-    """{'GGUF tensors', 'KV cache (fp16)'}: what llama.cpp reads per decode token after n tokens."""
+def llama_cpp_counts(gguf: Path, n: int) -> tuple[dict, dict, int]:
+    """({'GGUF tensors', 'KV cache (fp16)'} bytes, {'weights', 'attention'} MACs, G) of llama.cpp's decode
+    step after n tokens."""
     from gguf import GGUFReader
 
     r = GGUFReader(str(gguf))
-    tensors = sum(int(t.n_bytes) for t in r.tensors)
-    f = {k: r.fields[k] for k in r.fields}
+    f = r.fields
 
     def field(suffix):
         key = next(k for k in f if k.endswith(suffix))
         return int(f[key].parts[f[key].data[0]][0])
 
-    layers, heads = field(".block_count"), field(".attention.head_count_kv")
-    head_dim = field(".embedding_length") // field(".attention.head_count")
-    return {"GGUF tensors": tensors, "KV cache (fp16)": layers * heads * head_dim * 2 * 2 * n}
+    layers, heads, kv_heads = field(".block_count"), field(".attention.head_count"), field(".attention.head_count_kv")
+    head_dim = field(".embedding_length") // heads
+    nbytes = {"GGUF tensors": sum(int(t.n_bytes) for t in r.tensors), "KV cache (fp16)": layers * kv_heads * head_dim * 2 * 2 * n}
+    params = sum(int(t.n_elements) for t in r.tensors if len(t.shape) == 2)
+    macs = {"weights": params, "attention": layers * heads * head_dim * 2 * n}
+    return nbytes, macs, heads // kv_heads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for p, meas in zip(paths, measured):
         m = read_bundle(p, verify=False).manifest
-        groups = bundle_bytes(p)
         n = m["context_len"]
-        llama = llama_cpp_bytes(gguf, n)
-        total, ltotal = sum(groups.values()), sum(llama.values())
+        lbytes, lmacs, group_size = llama_cpp_counts(gguf, n)
+        nbytes, macs = bundle_counts(p, group_size)
         r = {"bundle": p.name, "path": str(p), "n": n, "quantize": m.get("quantize") or "fp32",
              "artifact_mb": m["artifact"]["artifact_bytes"] / 1e6 if m.get("artifact") else None,
-             "bytes": groups, "total_bytes": total, "llama_cpp_bytes": llama, "llama_cpp_total_bytes": ltotal,
-             "implied_ratio_to_llama_cpp": ltotal / total}
+             "bytes": nbytes, "total_bytes": sum(nbytes.values()), "macs": macs, "total_macs": sum(macs.values()),
+             "llama_cpp_bytes": lbytes, "llama_cpp_macs": lmacs}
+        r["bytes_ratio_to_llama_cpp"] = sum(lbytes.values()) / r["total_bytes"]
+        r["macs_ratio_to_llama_cpp"] = sum(lmacs.values()) / r["total_macs"]
         if meas is not None:
             r["measured_paired_ratio_to_llama_cpp"] = meas.get("paired_ratio_to_llama_cpp")
             r["measured_ms_per_token"] = meas.get("ms_per_token_median")
@@ -110,15 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     out = {"command": "python benchmarks/bytes_per_token.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "gguf": gguf.name, "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    groups = sorted({g for r in rows for g in r["bytes"]})
-    print("| bundle | n | " + " | ".join(groups) + " | total MB | llama.cpp MB (GGUF + fp16 KV) | implied ratio | measured paired ratio |")
-    print("|---|---:|" + "---:|" * (len(groups) + 4))
+    groups = sorted({g for r in rows for g in r["macs"]})
+    print("MACs per token (millions) by part, and llama.cpp's (weights + attention):")
+    print("| bundle | n | " + " | ".join(groups) + " | total M MACs | llama.cpp M MACs | MB read | llama.cpp MB "
+          "(GGUF + fp16 KV) | implied ratio: MACs / bytes | measured paired ratio |")
+    print("|---|---:|" + "---:|" * (len(groups) + 6))
     for r in rows:
-        cells = " | ".join(f"{r['bytes'].get(g, 0) / 1e6:.1f}" for g in groups)
+        cells = " | ".join(f"{r['macs'].get(g, 0) / 1e6:.1f}" for g in groups)
         meas = r.get("measured_paired_ratio_to_llama_cpp")
-        lb = r["llama_cpp_bytes"]
-        print(f"| {r['bundle']} | {r['n']} | {cells} | {r['total_bytes'] / 1e6:.1f} | {lb['GGUF tensors'] / 1e6:.1f} + "
-              f"{lb['KV cache (fp16)'] / 1e6:.1f} | {r['implied_ratio_to_llama_cpp']:.2f}× | "
+        lb, lm = r["llama_cpp_bytes"], r["llama_cpp_macs"]
+        print(f"| {r['bundle']} | {r['n']} | {cells} | {r['total_macs'] / 1e6:.1f} | {lm['weights'] / 1e6:.1f} + "
+              f"{lm['attention'] / 1e6:.1f} | {r['total_bytes'] / 1e6:.1f} | {lb['GGUF tensors'] / 1e6:.1f} + "
+              f"{lb['KV cache (fp16)'] / 1e6:.1f} | {r['macs_ratio_to_llama_cpp']:.2f}× / {r['bytes_ratio_to_llama_cpp']:.2f}× | "
               f"{'' if meas is None else f'{meas:.2f}×'} |")
     print(f"wrote {a.out}")
     return 0

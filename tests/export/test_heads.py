@@ -3,11 +3,12 @@ nodes are the document's keys, width allocation at equal parameters."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nectar_export.config import VARIANTS
 from nectar_export.fit import adaptive_widths, uniform_widths
-from nectar_export.heads import GROUPS, HeadsSpec, NectarContext, NectarHeads
+from nectar_export.heads import GROUPS, HeadsSpec, MLPGroup, NectarContext, NectarHeads
 
 
 def _spec(variant="mlp", widths=(32, 48, 32), kv=2, d=16):
@@ -87,3 +88,39 @@ def test_uniform_and_adaptive_allocation_stay_within_budget():
     assert spec_for(ada).total_params() >= 0.9 * spec_for(uni).total_params()
     assert ada[15] > ada[25] > ada[5]  # more capacity where the error is larger
     assert len(set(ada)) <= 5  # a few width groups, so the batched matmuls stay few
+
+
+def test_folded_mlp_heads_are_the_modules():
+    """The exported form of an MLP group (context_parts.fold_mlp_heads: standardization folded into the
+    weights, biases carried by each network's constant unit, the score network in its own matmuls)
+    computes the module's (o, lse): fp64 numpy against the torch module in fp64, fresh random weights,
+    biases and statistics. Shapes: no block-diagonal zeros (target [h+1]², score [hs+1]²)."""
+    from nectar_export.export.context_parts import fold_mlp_heads
+
+    torch.manual_seed(41)
+    m, d, h = 3, 16, 24
+    grp = MLPGroup(m, d, h).double()
+    with torch.no_grad():
+        for p in grp.parameters():
+            p.normal_(0, 0.3)
+        grp.q_mean.normal_(0, 1), grp.o_mean.normal_(0, 1), grp.l_mean.normal_(5, 1)
+        grp.q_std.uniform_(0.5, 2), grp.o_std.uniform_(0.5, 2), grp.l_std.uniform_(0.5, 2)
+    heads = fold_mlp_heads(grp, slice(None))
+    hs = grp.s1.shape[2]
+    assert heads.w2.shape == (m, h + 1, h + 1) and heads.w3.shape == (m, h + 1, d)
+    assert heads.w2_lse.shape == (m, hs + 1, hs + 1) and heads.w3_lse.shape == (m, hs + 1, 1)
+    q = torch.randn(m, 7, d, dtype=torch.float64) * 2
+    with torch.no_grad():
+        o_ref, lse_ref = grp(q)
+
+    def gelu(x):  # the exact (erf) GELU, as the graph writes it
+        return torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+
+    x = q.numpy()
+    z = x @ heads.wa.astype(np.float64) + heads.ba
+    zt, zs, skip = np.split(z, [heads.hidden, heads.hidden + heads.hidden_lse], axis=-1)
+    f = gelu(gelu(zt) @ heads.w2) @ heads.w3 + skip
+    g = gelu(gelu(zs) @ heads.w2_lse) @ heads.w3_lse
+    # the folded weights are stored fp32: agreement to fp32 rounding of the weights
+    np.testing.assert_allclose(f, o_ref.numpy(), rtol=0, atol=2e-4 * float(o_ref.abs().max()))
+    np.testing.assert_allclose(g[..., 0], lse_ref.numpy(), rtol=0, atol=2e-4 * float(lse_ref.abs().max()))
