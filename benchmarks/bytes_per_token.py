@@ -3,16 +3,19 @@ ratios are what they are.
 
 Per bundle: the initializer bytes a decode step reads (every initializer except those only looked up by
 Gather / GatherBlockQuantized, of which one row is read), grouped as model weights, LM head, Nectar heads
-(target network, score network), retained document KV, the baked document KV of `--method full` bundles
-and the rest; and the multiply-accumulates (MACs) of the matmuls over those initializers for one token:
-K × N per model weight, G × K × N for the Nectar heads, retained and baked KV (each KV head's weights serve
-its G query heads: G = 3 on SmolLM2). For llama.cpp: the GGUF's tensor bytes (the tied embedding is its
-output matrix, read in full) plus its fp16 KV cache at the document's length, and MACs = its weights'
+(target network, score network), retained document KV, the baked document KV of `--method full` bundles,
+the template prefix's KV, the int4 block sums and the rest; and the multiply-accumulates (MACs) of the
+matmuls over those initializers for one token: K × N per model weight, G × K × N for the Nectar heads and
+the retained, baked and prefix KV (each KV head's weights serve its G query heads: G = 3 on SmolLM2;
+"heads: target network" holds the shared input matmul `wa`, which also feeds the score network's first
+layer and the linear skip). For llama.cpp: the GGUF's tensor bytes (a tied embedding is its output
+matrix, read in full) plus its fp16 KV cache at the document's length, and MACs = its weights'
 parameters + the attention's Hq × D × 2 per cached token and layer. The implied speed ratios are
 llama.cpp's count over the bundle's; `--record` adds the measured paired ratios of a budget_decode_cpu.py
-record of the same bundles. On 2 cores the quantized kernels are not memory-bound (an int8 bundle reads 40%
-more bytes than int4 and decodes as fast), so the MAC ratio is the one to compare with the measured one.
-Local-token attention, norms and activations are left out of both counts.
+record of the same bundles. On 2 cores the quantized kernels are not memory-bound (an int8 bundle reads
+40% more bytes than int4 and decodes as fast), so the MAC ratio is the one to compare with the measured
+one. Local-token attention, norms and activations are left out of both counts, and llama.cpp's attention
+is counted over all n tokens in every layer (sliding-window layers, as Gemma 3's, are not modelled).
 
     python benchmarks/bytes_per_token.py --bundles DIR1,DIR2 [--gguf FILE] [--record benchmarks/results/budget_decode_cpu_NAME.json]
 
@@ -29,6 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOOKUP_OPS = {"Gather", "GatherBlockQuantized"}
+# stored per KV head and applied to its G query heads' rows: G × K × N multiply-accumulates a token
+PER_KV_HEAD = {"heads: score network", "heads: target network", "retained KV", "document KV (full)", "prefix KV"}
 
 
 def _group(name: str) -> str:
@@ -38,6 +43,10 @@ def _group(name: str) -> str:
         return "retained KV"
     if ".context.document." in name:
         return "document KV (full)"
+    if ".context.prefix." in name:
+        return "prefix KV"
+    if name.startswith("/quantize/const/block_sums"):
+        return "block sums"
     if name.startswith("model.embed_tokens.") or "lm_head" in name:
         return "LM head"
     if name.startswith("model.layers.") and ".weight" in name:
@@ -74,7 +83,7 @@ def bundle_counts(bundle: Path, group_size: int) -> tuple[dict, dict]:
         else:
             continue
         group = _group(weight)
-        rows = 1 if group in ("model weights", "LM head") else group_size  # KV-head weights serve G query rows
+        rows = group_size if group in PER_KV_HEAD else 1
         macs[group] = macs.get(group, 0) + rows * count
     return nbytes, macs
 
@@ -92,9 +101,13 @@ def llama_cpp_counts(gguf: Path, n: int) -> tuple[dict, dict, int]:
         return int(f[key].parts[f[key].data[0]][0])
 
     layers, heads, kv_heads = field(".block_count"), field(".attention.head_count"), field(".attention.head_count_kv")
-    head_dim = field(".embedding_length") // heads
+    try:
+        head_dim = field(".attention.key_length")  # Gemma 3: 256, not embedding_length / heads
+    except StopIteration:
+        head_dim = field(".embedding_length") // heads
     nbytes = {"GGUF tensors": sum(int(t.n_bytes) for t in r.tensors), "KV cache (fp16)": layers * kv_heads * head_dim * 2 * 2 * n}
-    params = sum(int(t.n_elements) for t in r.tensors if len(t.shape) == 2)
+    untied = any(t.name == "output.weight" for t in r.tensors)  # then token_embd is only looked up, one row a token
+    params = sum(int(t.n_elements) for t in r.tensors if len(t.shape) == 2 and not (untied and t.name == "token_embd.weight"))
     macs = {"weights": params, "attention": layers * heads * head_dim * 2 * n}
     return nbytes, macs, heads // kv_heads
 
@@ -112,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in a.bundles.split(",")]
     gguf = Path(a.gguf) if a.gguf else resolve_model(None, pull_missing=False)
     measured = [None] * len(paths)
-    if a.record:  # the record's bundles in the order given here (bundle names alone may repeat)
+    if a.record:  # the record's bundles in the order given here, or by unique name
         rec = json.loads(Path(a.record).read_text())["bundles"]
-        by_name = {r["bundle"]: r for r in rec}
-        aligned = [r["bundle"] for r in rec] == [p.name for p in paths]
-        measured = rec if aligned else [by_name.get(p.name) for p in paths]
+        names = [r["bundle"] for r in rec]
+        if names == [p.name for p in paths]:
+            measured = rec
+        elif len(set(names)) == len(names):
+            measured = [next((r for r in rec if r["bundle"] == p.name), None) for p in paths]
+        else:
+            raise SystemExit(f"{a.record}: bundle names repeat; give --bundles in the record's order")
     rows = []
     for p, meas in zip(paths, measured):
         m = read_bundle(p, verify=False).manifest
@@ -129,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
              "llama_cpp_bytes": lbytes, "llama_cpp_macs": lmacs}
         r["bytes_ratio_to_llama_cpp"] = sum(lbytes.values()) / r["total_bytes"]
         r["macs_ratio_to_llama_cpp"] = sum(lmacs.values()) / r["total_macs"]
+        if meas is not None and (meas["n"], meas["quantize"]) != (n, r["quantize"]):
+            raise SystemExit(f"{a.record}: {p.name} is n = {meas['n']}, {meas['quantize']} there, n = {n}, {r['quantize']} here")
         if meas is not None:
             r["measured_paired_ratio_to_llama_cpp"] = meas.get("paired_ratio_to_llama_cpp")
             r["measured_ms_per_token"] = meas.get("ms_per_token_median")

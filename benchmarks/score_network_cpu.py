@@ -7,7 +7,8 @@ a third of the middle matmul), and of which quantized bundles kept only g's outp
 (lse_column_cpu.py). The graph now computes g by its own two matmuls
 (`…/nectar_heads/{lse_mid,lse}/MatMul`, weights `…nectar_heads.{w2,w3}_lse`, docs/onnx.md), kept fp32
 in every kind: g's error moves the merge weight σ(g − lse_loc) of all output dimensions at once. Per
-artifact: fp32, int4 and int8 bundles with the score network fp32 and at 8 bits; fidelity to the fp32
+artifact: fp32, int4 and int8 bundles with the score network's middle and output weights fp32 and at 8 bits (its
+first layer shares the input matmul `wa` with the target network); fidelity to the fp32
 bundle over the answers to manual questions, size and round-robin decode time, as gguf_grids_cpu.py
 measures them.
 

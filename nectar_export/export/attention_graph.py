@@ -91,8 +91,8 @@ def mlp_heads(b: GraphBuilder, p: str, wn: str, q: str, heads: MLPHeads, gelu) -
     zt, zs, skip = b.op("Split", [z, b.const([heads.hidden, heads.hidden_lse, d])], f"{p}/in/Split", outputs=3, axis=-1)
     a = gelu(b.op("MatMul", [gelu(zt, f"{p}/act1"), b.weight(f"{wn}.w2", heads.w2)], f"{p}/mid/MatMul"), f"{p}/act2")
     f = b.op("MatMul", [a, b.weight(f"{wn}.w3", heads.w3)], f"{p}/out/MatMul")
-    # The score network: quantized bundles keep it fp32 (quantize.py), as its error moves the merge
-    # weight σ(g − lse_loc) of every output dimension at once.
+    # The score network past the shared input matmul: quantized bundles keep it fp32 (quantize.py), as
+    # its error moves the merge weight σ(g − lse_loc) of every output dimension at once.
     s = gelu(b.op("MatMul", [gelu(zs, f"{p}/lse_act1"), b.weight(f"{wn}.w2_lse", heads.w2_lse)], f"{p}/lse_mid/MatMul"),
              f"{p}/lse_act2")
     g = b.op("MatMul", [s, b.weight(f"{wn}.w3_lse", heads.w3_lse)], f"{p}/lse/MatMul")

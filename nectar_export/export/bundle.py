@@ -119,9 +119,9 @@ def graph_form(cfg: ExportConfig, attention_op=None) -> dict:
             # the score network's weights, as configured: those whose target-network twin (`w2`, `w3`) is
             # under heads_min_bytes stay fp32 whatever this says
             "lse_bits": (heads_bits(cfg) if cfg.quantize_lse else 32) if heads else None,
-            # MLP heads: the score network in its own matmuls beside the target network's (since
-            # 2026-11-25; before, one block-diagonal middle and output matmul held both)
-            "heads_form": "separate_score_network",
+            # MLP heads in ONNX graphs: the score network in its own matmuls beside the target network's
+            # (since 2026-11-25; before, one block-diagonal middle and output matmul held both)
+            "heads_form": "separate_score_network" if cfg.method == "nectar" and attention_op is None else None,
             # how int4 applies a Q4_1 block's float zero point (quantize.py): its residual as 4-bit
             # digits over the input's block sums, inside the weight's own MatMulNBits
             "int4_offsets": "block_sum_digits" if cfg.quantize == "int4" else None,

@@ -51,10 +51,11 @@ class MLPHeads:
     g = gelu(gelu(z_score) @ w2_lse) @ w3_lse          w2_lse: [Hkv, hs + 1, hs + 1], w3_lse: [Hkv, hs + 1, 1]
 
     Each network's last hidden unit is constant (pre-activation 1, so gelu(1) after each layer): its
-    weight rows carry the next layer's biases, so layers 2 and 3 need no bias add. The two networks
-    stay separate matmuls (not one block-diagonal one): quantized bundles read no stored zeros, and
-    keep the score network fp32 (its error moves the merge weight σ(g − lse_loc) of every output
-    dimension at once; quantize.py).
+    weight rows carry the next layer's biases, so layers 2 and 3 need no bias add. Past the shared
+    input matmul the two networks are separate matmuls (not one block-diagonal one): quantized bundles
+    read no stored zeros, and keep the score network's middle and output weights fp32 (its error moves
+    the merge weight σ(g − lse_loc) of every output dimension at once; quantize.py). Its first layer
+    lies in `wa`, quantized with the target network's when `wa` is.
     """
 
     wa: np.ndarray

@@ -1,6 +1,7 @@
 """Weight-only quantization of a decoder graph: 2-D weight MatMuls -> `MatMulNBits` (ONNX Runtime's
 com.microsoft op; CPU, CUDA and DirectML kernels). Block-wise (32 inputs per block; 16 where a GGUF
-Q6_K grid is kept), asymmetric.
+Q6_K grid is kept), asymmetric (8-bit weights whose zero points are all 128, such as Q8_0, leave
+them out: MatMulNBits' default, its symmetric kernel).
 
     int4        transformer matmuls at 4 bits, the LM head at 8 bits (the GGUF, too, keeps its tied
                 embedding at Q8_0), reproducing a GGUF Q4_1 weight (w = d·q + m per block of 32
@@ -33,8 +34,8 @@ Nectar MLP heads (the `[Hkv, K, N]` weights `…nectar_heads.{wa,w2,w3}`, applie
 `[B, Hkv, G*T, K]`) go to 8 bits in every kind when a weight holds at least `heads_min_bytes` of
 fp32 — but not the score network's `…{w2,w3}_lse`, whose log-normalizer g moves the merge weight of
 every output dimension at once (its output column carried most of an int4 bundle's KL to fp32 at 8
-bits) and which is small (a quarter of the target network's width); the threshold is the exporter's
-bundle.HEADS_MIN_BYTES.
+bits) and which is small (a quarter of the target network's width, at least 16; its first layer is
+part of `wa`); the threshold is the exporter's bundle.HEADS_MIN_BYTES.
 Each such weight becomes one `MatMulNBits` per KV head between a Split and a Concat over the head
 axis (ORT's kernel takes 2-D weights only; a single KV head needs neither), in blocks of
 `heads_block` inputs (the exporter's: bundle.HEADS_BLOCK = 128; ORT's int8 kernel runs several query

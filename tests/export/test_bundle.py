@@ -110,7 +110,7 @@ def test_quantized_bundles_track_fp32(bundles, kind):
     _, ref = heads_weights(bundles[1]["nectar"])
     g, have = heads_weights(bundles[1][kind])
     floor = 0 if kind == "int8" else HEADS_MIN_BYTES
-    # the score networks (`w2_lse`, `w3_lse`) stay fp32 in every kind
+    # the score networks past the shared input matmul (`w2_lse`, `w3_lse`) stay fp32 in every kind
     small = {n for n, b in ref.items() if b < floor or n.endswith("_lse")}
     assert {n for n in have if ".q8" not in n} == small
     assert {n.split(".head")[0] for n in have if n.endswith(".q8")} == set(ref) - small

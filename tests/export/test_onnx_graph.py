@@ -547,7 +547,7 @@ def test_quantized_bundle_keeps_no_fp32_heads_weights(tmp_path):
     per_layer = [n.name for n in q.graph.node if n.name.startswith("/model/layers.0/attn/nectar_heads/") and n.op_type == "MatMulNBits"]
     assert len(per_layer) == 3 * model.config.num_kv_heads  # in, mid, out for each KV head
     _, _, proto = _backends(model, "nectar", seed=14)
-    quantize_proto(proto, ExportConfig(quantize="int8", heads_min_bytes=0, quantize_lse=True))  # the form before, for A/B runs
+    quantize_proto(proto, ExportConfig(quantize="int8", heads_min_bytes=0, quantize_lse=True))  # the score network at 8 bits too, for A/B runs
     assert not [t.name for t in proto.graph.initializer if ".nectar_heads.w" in t.name and ".q8" not in t.name]
     _, _, proto = _backends(model, "nectar", seed=14)
     kept = proto
