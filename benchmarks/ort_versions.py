@@ -76,8 +76,22 @@ def worker(a: argparse.Namespace) -> int:
             print(json.dumps({"bundle": bundle, "ok": True, "onnxruntime": onnxruntime.__version__}))
         except Exception as e:  # the release cannot run it: keep the reason
             reason = str(e).replace("\n", " ")
-            print(json.dumps({"bundle": bundle, "ok": False, "error": f"{type(e).__name__}: {reason[:400]}"}))
+            if "needs onnxruntime" in reason:  # the runtime's own version check: what would ORT itself say?
+                reason += " || onnxruntime alone: " + _ort_alone(bundle)
+            print(json.dumps({"bundle": bundle, "ok": False, "error": f"{type(e).__name__}: {reason[:900]}"}))
     return 0
+
+
+def _ort_alone(bundle: str) -> str:
+    """Whether this release's onnxruntime loads the bundle's graph when the runtime's version check is
+    bypassed: "loads", or its error's first words."""
+    import onnxruntime
+
+    try:
+        onnxruntime.InferenceSession(str(Path(bundle) / "model.onnx"), providers=["CPUExecutionProvider"])
+        return "loads"
+    except Exception as e:  # noqa: BLE001 - any load failure is the answer
+        return str(e).replace("\n", " ")[:300]
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -195,10 +209,14 @@ def table(record: dict) -> str:
 
 def _reason(error: str) -> str:
     """What a release lacks, from ORT's load error (as the runtime passes it on), else its first words."""
+    if "needs onnxruntime" in error:  # the runtime's check, then what ORT alone does with the graph
+        need = error.split("needs ", 1)[1].split(" and this one")[0]
+        alone = error.split("|| onnxruntime alone: ", 1)[-1] if "|| onnxruntime alone: " in error else ""
+        return f"refused by the runtime (needs {need}); ORT alone: " + (_reason(alone).removeprefix("refused: ") if alone else "?")
+    if error == "loads":
+        return "loads"
     if "GatherBloc" in error:
         return "refused: " + ("no GatherBlockQuantized op" if "not a regist" in error else "no 8-bit GatherBlockQuantized")
-    if "bundle needs onnxruntime" in error:
-        return "refused by the runtime: " + error.split("needs ", 1)[1].split(";")[0][:60]
     return "refused: " + error.split(": ", 1)[-1][:60]
 
 
