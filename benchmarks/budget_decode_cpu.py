@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds of idle before every timed run (another engine's threads may still be spinning)")
     ap.add_argument("--flash-attn", choices=["off", "on", "both"], default="both",
-                    help="llama.cpp's flash attention (both: time each, ratios to the faster one of each round)")
+                    help="llama.cpp's flash attention (both: time each, pair with the faster one by median)")
     a = ap.parse_args(argv)
     from nectar_runtime.bundle import read_bundle
     from nectar_runtime.document import local_ids, make_context
