@@ -10,6 +10,10 @@ answers to manual questions and round-robin decode time, as gguf_grids_cpu.py me
 
     python benchmarks/lse_column_cpu.py --artifacts A.nectar,B.nectar [--questions 8] [--repeats 5]
 
+Superseded by score_network_cpu.py: since the score network has its own matmuls (2026-11-25, afternoon),
+`quantize_lse=True` rounds its middle weights too and no graph holds the block-diagonal form any more, so a
+rerun of this script measures the new form; its record and docs section are that morning's measurement.
+
 Writes benchmarks/results/lse_column_cpu.json, docs/img/lse_column_cpu.png and the section of
 docs/benchmarks.md between `<!-- lse_column_cpu:begin -->` and `<!-- lse_column_cpu:end -->`.
 """
