@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,28 +89,34 @@ def bundle_counts(bundle: Path, group_size: int) -> tuple[dict, dict]:
     return nbytes, macs
 
 
-def llama_cpp_counts(gguf: Path, n: int) -> tuple[dict, dict, int]:
-    """({'GGUF tensors', 'KV cache (fp16)'} bytes, {'weights', 'attention'} MACs, G) of llama.cpp's decode
-    step after n tokens."""
-    from gguf import GGUFReader
+def llama_cpp_shape(gguf: Path) -> dict:
+    """What llama.cpp's decode step reads and computes, from the GGUF's header (read once; the project's
+    own table reader, no tensor data): tensor bytes, weight parameters, layers, heads, KV heads, head size."""
+    from nectar_runtime.gguf_metadata import read_gguf_tensor_table
 
-    r = GGUFReader(str(gguf))
-    f = r.fields
+    meta, table = read_gguf_tensor_table(gguf)
 
     def field(suffix):
-        key = next(k for k in f if k.endswith(suffix))
-        return int(f[key].parts[f[key].data[0]][0])
+        return int(next(v for k, v in meta.items() if k.endswith(suffix)))
 
-    layers, heads, kv_heads = field(".block_count"), field(".attention.head_count"), field(".attention.head_count_kv")
+    heads = field(".attention.head_count")
     try:
         head_dim = field(".attention.key_length")  # Gemma 3: 256, not embedding_length / heads
     except StopIteration:
         head_dim = field(".embedding_length") // heads
-    nbytes = {"GGUF tensors": sum(int(t.n_bytes) for t in r.tensors), "KV cache (fp16)": layers * kv_heads * head_dim * 2 * 2 * n}
-    untied = any(t.name == "output.weight" for t in r.tensors)  # then token_embd is only looked up, one row a token
-    params = sum(int(t.n_elements) for t in r.tensors if len(t.shape) == 2 and not (untied and t.name == "token_embd.weight"))
-    macs = {"weights": params, "attention": layers * heads * head_dim * 2 * n}
-    return nbytes, macs, heads // kv_heads
+    untied = any(t.name == "output.weight" for t in table)  # then token_embd is only looked up, one row a token
+    params = sum(math.prod(t.dims) for t in table
+                 if len(t.dims) == 2 and not (untied and t.name == "token_embd.weight"))
+    return {"tensor_bytes": sum(t.n_bytes for t in table), "params": params, "layers": field(".block_count"),
+            "heads": heads, "kv_heads": field(".attention.head_count_kv"), "head_dim": head_dim}
+
+
+def llama_cpp_counts(shape: dict, n: int) -> tuple[dict, dict]:
+    """({'GGUF tensors', 'KV cache (fp16)'} bytes, {'weights', 'attention'} MACs) of llama.cpp's decode
+    step after n tokens (`shape`: llama_cpp_shape)."""
+    kv = shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2 * 2 * n
+    return ({"GGUF tensors": shape["tensor_bytes"], "KV cache (fp16)": kv},
+            {"weights": shape["params"], "attention": shape["layers"] * shape["heads"] * shape["head_dim"] * 2 * n})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             measured = [next((r for r in rec if r["bundle"] == p.name), None) for p in paths]
         else:
             raise SystemExit(f"{a.record}: bundle names repeat; give --bundles in the record's order")
+    shape = llama_cpp_shape(gguf)
+    group_size = shape["heads"] // shape["kv_heads"]
     rows = []
     for p, meas in zip(paths, measured):
         m = read_bundle(p, verify=False).manifest
         n = m["context_len"]
-        lbytes, lmacs, group_size = llama_cpp_counts(gguf, n)
+        lbytes, lmacs = llama_cpp_counts(shape, n)
         nbytes, macs = bundle_counts(p, group_size)
         r = {"bundle": p.name, "path": str(p), "n": n, "quantize": m.get("quantize") or "fp32",
              "artifact_mb": m["artifact"]["artifact_bytes"] / 1e6 if m.get("artifact") else None,
