@@ -12,7 +12,9 @@ so `benchmarks/nectar_quality.py run --manuals OUT` scores it like any manual.
         # benchmarks/results/long_documents.json and docs/img/long_documents.png
 
 Pairs (fixed, chosen by length only: as long as fits with >= 600 local tokens): jq + sed and curl + make
-(development manuals), journalctl + tar (held-out manuals, benchmarks/heldout).
+(development manuals), journalctl + tar (held-out manuals, benchmarks/heldout); since 2026-11-25 also
+tmux + sed, ssh + make and xargs + journalctl (6.9K-7.2K tokens), to test the budget cap on more documents.
+`--pairs a_b,c_d` picks some of them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = (("jq", "sed"), ("journalctl", "tar"), ("curl", "make"))
+PAIRS = (("jq", "sed"), ("journalctl", "tar"), ("curl", "make"), ("tmux", "sed"), ("ssh", "make"), ("xargs", "journalctl"))
 
 
 def join_pair(dirs: list[Path], a: str, b: str, out: Path) -> dict:
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=None, metavar="RECORDS_DIR", help="summarize nectar_quality records instead")
     ap.add_argument("--manuals", default=str(ROOT.parent / "shared" / "data" / "manuals"))
     ap.add_argument("--heldout", default=str(ROOT / "benchmarks" / "heldout"))
+    ap.add_argument("--pairs", default=None, help="comma-separated pair names (a_b); default: all")
     a = ap.parse_args(argv)
     if a.report:
         return report(Path(a.report))
@@ -115,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--out or --report")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    docs = [join_pair([Path(a.manuals), Path(a.heldout)], x, y, out) for x, y in PAIRS]
+    pairs = PAIRS
+    if a.pairs:
+        known = {f"{x}_{y}": (x, y) for x, y in PAIRS}
+        unknown = [p for p in a.pairs.split(",") if p not in known]
+        if unknown:
+            ap.error(f"--pairs: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        pairs = [known[p] for p in a.pairs.split(",")]
+    docs = [join_pair([Path(a.manuals), Path(a.heldout)], x, y, out) for x, y in pairs]
     (out / "manifest.json").write_text(json.dumps({"set": "long", "description": __doc__.split("\n")[0],
                                                    "documents": docs}, indent=2) + "\n")
     for d in docs:

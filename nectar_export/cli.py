@@ -13,7 +13,7 @@ from pathlib import Path
 from nectar_runtime.errors import NectarError
 from nectar_runtime.files import check_output_file, write_text_atomic
 
-from .config import (ALLOCATIONS, DEFAULT_BATCH, DEFAULT_PROBE_SCALE, DEFAULT_STEPS, QUERY_DTYPES, RETAIN_DTYPES, VARIANTS,
+from .config import (ALLOCATIONS, AUTO_RETAIN_TOKENS, DEFAULT_BATCH, DEFAULT_PROBE_SCALE, DEFAULT_STEPS, QUERY_DTYPES, RETAIN_DTYPES, VARIANTS,
                      FitConfig, default_probe_scale)
 
 
@@ -30,12 +30,12 @@ def _auto_int(text: str) -> int | None:
 def _fit_config(a: argparse.Namespace) -> FitConfig:
     try:
         return FitConfig(variant=a.variant, allocation=a.allocation, budget_mb=a.budget_mb,
-                         budget_fraction=a.budget_fraction, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed,
+                         budget_fraction=a.budget_fraction, budget_tokens=a.budget_tokens, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed,
                          distill_steps=a.distill_steps, distill_lr=a.distill_lr, query_dtype=a.query_dtype,
                          retain_heads=a.retain_heads, retain_dtype=a.retain_dtype,
                          retain_tokens=a.retain_tokens)
     except ValueError as e:  # the config names its fields; the user typed flags
-        raise NectarError(re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|retain_heads|retain_tokens|retain_dtype|"
+        raise NectarError(re.sub(r"\b(distill_steps|distill_lr|budget_mb|budget_fraction|budget_tokens|retain_heads|retain_tokens|retain_dtype|"
                                  r"query_dtype|steps|batch|lr|seed)\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
@@ -199,8 +199,12 @@ def add_export_commands(sub) -> None:
                    help="artifact directory to write: a new or empty directory, or an earlier artifact (replaced once the new one is complete)")
     p.add_argument("--variant", choices=VARIANTS, default=d.variant, help="(default %(default)s)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation, help="(default %(default)s)")
-    p.add_argument("--budget-mb", type=float, default=d.budget_mb, help="artifact size in MB (default: --budget-fraction of the document's fp16 KV bytes)")
+    p.add_argument("--budget-mb", type=float, default=d.budget_mb,
+                   help="artifact size in MB (default: --budget-fraction of the fp16 KV bytes of the document's first --budget-tokens tokens)")
     p.add_argument("--budget-fraction", type=float, default=d.budget_fraction, help="(default %(default)s)")
+    p.add_argument("--budget-tokens", type=int, default=d.budget_tokens, metavar="N",
+                   help="the default budget counts at most N tokens' KV, so longer documents get the same artifact size and "
+                        "decode cost; 0: every token (default %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps,
                    help="training steps (default " + ", ".join(f"{v:,} on {k}" for k, v in DEFAULT_STEPS.items())
                         + f"); a short allocation probe of min({d.probe_steps}, STEPS) steps comes first")
@@ -225,8 +229,8 @@ def add_export_commands(sub) -> None:
                         "twice the heads in the same bytes (default %(default)s)")
     p.add_argument("--retain-tokens", type=_auto_int, default=d.retain_tokens, metavar="M|auto",
                    help="document tokens each retained head keeps: the M the training probes weigh most (the head's network "
-                        "serves the others), so decode reads K·M stored keys; 0 keeps all (default auto: 2,048, or 45%% of "
-                        "a longer document)")
+                        "serves the others), so decode reads K·M stored keys; 0 keeps all (default auto: all of them, up to "
+                        f"{AUTO_RETAIN_TOKENS:,})")
     p.add_argument("--on-policy", action="store_true", help="re-collect queries with Nectar active and refit")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="end-to-end fine-tuning of all heads against the full-context model's next-token distribution "

@@ -22,12 +22,14 @@ DEFAULT_BATCH = {"cuda": 1024, "cpu": 512}
 DEFAULT_PROBE_SCALE = {"cuda": 1.0, "cpu": 0.5}  # ProbeConfig.scaled factor when `nectar fit` gets none
 AUTO_RETAIN_SHARE = 0.2  # of the retainable KV heads, for --retain-heads auto
 AUTO_RETAIN_MAX_BUDGET = 0.5  # auto keeps at least this share of the budget for the networks
-# --retain-tokens auto: AUTO_RETAIN_TOKENS, or AUTO_RETAIN_TOKEN_SHARE of the document's tokens when that is more.
-# 2,048 was chosen on the ~3-4.5K-token manuals, where it is 46% or more of the document; on ~7.3K-token
-# documents the same share (3,300 tokens) halved KL against 2,048 at equal artifact bytes (docs/results.md,
-# "Longer documents"). Every manual of docs/results.md is short enough that auto gives 2,048.
-AUTO_RETAIN_TOKENS = 2048
-AUTO_RETAIN_TOKEN_SHARE = 0.45
+# The default budget (budget_fraction of the fp16 KV) counts at most BUDGET_TOKENS tokens, so the artifact, and
+# with it the decode cost, stops growing past a 4,096-token document. --retain-tokens auto keeps every document
+# token of the retained heads up to the same count. Since 2026-11-25 (docs/results.md, "Every token of the
+# retained heads, under a capped budget"): on six ~7K-token documents the cap with 4,096 retained tokens gave
+# lower KL than the uncapped 45%-of-n rule on all six, at about half the artifact bytes; keeping every token
+# (up to 4,096) raised exact match on the manuals. Before: 2,048 or 45% of n, and no cap.
+BUDGET_TOKENS = 4096
+AUTO_RETAIN_TOKENS = BUDGET_TOKENS
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class FitConfig:
     allocation: str = "adaptive"  # beat uniform on 6/6 manuals in KL (docs/results.md)
     budget_fraction: float = 0.24  # of the document's fp16 KV bytes, unless budget_mb is set (≤ 25%: issue 3)
     budget_mb: float | None = None
+    # the default budget counts at most this many tokens' KV (BUDGET_TOKENS); 0: every token of the document
+    budget_tokens: int = BUDGET_TOKENS
     steps: int | None = None  # None: DEFAULT_STEPS of the device the fit runs on (`for_device`)
     batch: int | None = None  # samples (query vectors) per module per step; None: DEFAULT_BATCH of the device
     lr: float = 2e-3
@@ -67,10 +71,8 @@ class FitConfig:
     retain_dtype: str = "int8"
     # Per retained head, keep only this many document tokens (0: all n): the ones the training probes'
     # queries weigh most (retained.select_tokens); the head's network serves the others. Decode then reads
-    # retain_heads·retain_tokens stored keys per token. None = auto (`auto_retain_tokens`): 2,048, or 45%
-    # of a longer document. 2,048 rather than 1,024: better agreement on 8 of 10 manuals (mean 0.975 -> 0.981,
-    # exact match 0.32 -> 0.43) for 3-6% more decode time on a 2-core CPU at n = 7,000 (docs/results.md,
-    # docs/benchmarks.md).
+    # retain_heads·retain_tokens stored keys per token. None = auto (`auto_retain_tokens`): every token up
+    # to AUTO_RETAIN_TOKENS (4,096), so decode reads at most 18 × 4,096 stored keys per token on SmolLM2.
     retain_tokens: int | None = None
     seed: int = 0
 
@@ -103,6 +105,8 @@ class FitConfig:
             raise ValueError(f"budget_mb must be positive (got {self.budget_mb}); leave it out to use budget_fraction")
         if self.retain_heads is not None and self.retain_heads < 0:
             raise ValueError(f"retain_heads must be ≥ 0 or auto (got {self.retain_heads})")
+        if self.budget_tokens < 0:
+            raise ValueError(f"budget_tokens must be ≥ 0 (got {self.budget_tokens}; 0 counts every document token)")
         if self.retain_tokens is not None and self.retain_tokens < 0:
             raise ValueError(f"retain_tokens must be ≥ 0 or auto (got {self.retain_tokens}; 0 keeps every document token)")
         if self.retain_dtype not in RETAIN_DTYPES:
@@ -117,10 +121,10 @@ class FitConfig:
 
     def auto_retain_tokens(self, n_doc: int) -> "FitConfig":
         """This config with `retain_tokens` resolved for a document of `n_doc` tokens: unchanged if set,
-        else AUTO_RETAIN_TOKENS or AUTO_RETAIN_TOKEN_SHARE of n_doc, whichever is more."""
+        else every token up to AUTO_RETAIN_TOKENS (min(n_doc, AUTO_RETAIN_TOKENS))."""
         if self.retain_tokens is not None:
             return self
-        return replace(self, retain_tokens=max(AUTO_RETAIN_TOKENS, round(AUTO_RETAIN_TOKEN_SHARE * n_doc)))
+        return replace(self, retain_tokens=min(n_doc, AUTO_RETAIN_TOKENS))
 
     def auto_retain_heads(self, eligible: int, head_bytes: int, budget_bytes: float, on_policy: bool = False) -> "FitConfig":
         """This config with `retain_heads` resolved: unchanged if set, else AUTO_RETAIN_SHARE of the

@@ -114,8 +114,12 @@ def spec_factory(cfg, variant: str):
 
 
 def budget_bytes(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> float:
-    """The artifact's whole byte budget: --budget-mb, else budget_fraction of the document's fp16 KV."""
-    return fit_cfg.budget_mb * 1e6 if fit_cfg.budget_mb else fit_cfg.budget_fraction * kv_bytes(ctx.n, model_cfg)
+    """The artifact's whole byte budget: --budget-mb, else budget_fraction of the fp16 KV of the document's
+    tokens (template opening included), counting at most `budget_tokens` of them (0: all)."""
+    if fit_cfg.budget_mb:
+        return fit_cfg.budget_mb * 1e6
+    counted = min(ctx.n, fit_cfg.budget_tokens) if fit_cfg.budget_tokens else ctx.n
+    return fit_cfg.budget_fraction * kv_bytes(counted, model_cfg)
 
 
 def budget_params(ctx: DocumentContext, model_cfg, fit_cfg: FitConfig) -> tuple[int, int]:

@@ -559,15 +559,33 @@ def test_fit_config_refuses_bad_retain_heads():
     FitConfig(variant="quadrature")  # auto, the default, stays valid for quadrature (it resolves to none)
 
 
-def test_auto_retain_tokens_is_2048_or_45_percent_of_a_longer_document():
+def test_auto_retain_tokens_keeps_every_token_up_to_4096():
     auto = FitConfig()
-    assert auto.auto_retain_tokens(4459).retain_tokens == 2048  # the longest manual of docs/results.md: unchanged
-    assert auto.auto_retain_tokens(500).retain_tokens == 2048  # retained_tokens() then keeps all 500
-    assert auto.auto_retain_tokens(7226).retain_tokens == 3252  # a ~7.3K-token document: 45%
+    assert auto.auto_retain_tokens(4008).retain_tokens == 4008  # a manual: every token, no indices stored
+    assert auto.auto_retain_tokens(500).retain_tokens == 500
+    assert auto.auto_retain_tokens(7226).retain_tokens == 4096  # a ~7.3K-token document: the cap's 4,096
     assert FitConfig(retain_tokens=0).auto_retain_tokens(7226).retain_tokens == 0  # given (0 = all) is kept
     assert FitConfig(retain_tokens=1024).auto_retain_tokens(7226).retain_tokens == 1024
     with pytest.raises(ValueError, match="retain_tokens"):
         FitConfig(retain_tokens=-1)
+
+
+def test_default_budget_counts_at_most_budget_tokens(tiny):
+    from nectar_export.pipeline import budget_bytes
+    from nectar_export.streaming import kv_bytes
+
+    model, _, _ = tiny
+    cfg = model.config
+    short, long = SimpleNamespace(n=3000, prefix_len=10), SimpleNamespace(n=9000, prefix_len=10)
+    d = FitConfig()
+    assert d.budget_tokens == 4096
+    assert budget_bytes(short, cfg, d) == pytest.approx(0.24 * kv_bytes(3000, cfg))  # under the cap: proportional
+    assert budget_bytes(long, cfg, d) == pytest.approx(0.24 * kv_bytes(4096, cfg))  # over it: a 4,096-token document's
+    assert budget_bytes(long, cfg, FitConfig(budget_tokens=0)) == pytest.approx(0.24 * kv_bytes(9000, cfg))
+    assert budget_bytes(long, cfg, FitConfig(budget_tokens=8192)) == pytest.approx(0.24 * kv_bytes(8192, cfg))
+    assert budget_bytes(long, cfg, FitConfig(budget_mb=3.0)) == 3e6  # --budget-mb is taken as given
+    with pytest.raises(ValueError, match="budget_tokens"):
+        FitConfig(budget_tokens=-1)
 
 
 def test_auto_retain_heads_takes_a_fifth_of_the_global_heads_within_half_the_budget():
@@ -594,6 +612,8 @@ def test_fit_cli_takes_auto_or_a_count_of_retained_heads_and_tokens():
         _auto_int("many")
     a = build_parser().parse_args(["fit", "doc.txt", "--out", "x"])
     assert a.retain_heads is None and a.retain_tokens is None  # both auto by default
+    assert a.budget_tokens == 4096
+    assert build_parser().parse_args(["fit", "doc.txt", "--out", "x", "--budget-tokens", "0"]).budget_tokens == 0
     a = build_parser().parse_args(["fit", "doc.txt", "--out", "x", "--retain-tokens", "auto", "--retain-heads", "4"])
     assert a.retain_tokens is None and a.retain_heads == 4
 
@@ -610,7 +630,7 @@ def test_budget_charges_retained_bytes_and_refuses_too_many_heads(tiny):
     assert base_n - kept_n == retained_bytes(390, cfg.head_dim, 2, "int8") // 2  # int8 by default
     budget_n, _ = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2, retain_tokens=100))
     assert base_n - budget_n == retained_bytes(390, cfg.head_dim, 2, "int8", tokens=100) // 2
-    # the default token budget (auto: 2,048 here) holds all 390 tokens: no indices
+    # the default token budget (auto: every token up to 4,096) holds all 390 tokens: no indices
     all_n, _ = budget_params(ctx, cfg, FitConfig(budget_fraction=0.5, retain_heads=2).auto_retain_tokens(390))
     assert all_n == kept_n
     base = SimpleNamespace(config=cfg, name="tiny")
