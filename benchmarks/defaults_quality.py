@@ -1,12 +1,13 @@
 """The defaults against issue 3's targets on all ten manuals (six development, four held out), as
-`nectar fit` makes artifacts since `--retain-heads auto` (18 retained KV heads × 2,048 tokens on
-SmolLM2): per manual Nectar, the equal-bytes StreamingLLM cache and no document, and the verdict per
+`nectar fit` makes artifacts since the budget cap of 2026-11-25 (`--budget-tokens 4096`; 18 retained KV heads
+keeping every document token up to 4,096 on SmolLM2): per manual Nectar, the equal-bytes StreamingLLM cache and no document, and the verdict per
 target (docs/results.md, "The defaults against the targets").
 
 Records: `benchmarks/nectar_quality.py run` with no setting flags on an H100 (4,800 steps), semantic
 similarity filled in on the CPU (`nectar_quality.py report --no-docs --out-dir DIR`):
 
-    benchmarks/results/defaults_retained_h100     one record per manual, and the runs' logs
+    benchmarks/results/defaults_budget_tokens_h100     one record per manual, and the runs' logs
+    (before the cap: benchmarks/results/defaults_retained_h100, 18 heads × 2,048 tokens)
 
     python benchmarks/defaults_quality.py         # JSON summary, PNG, table in docs/results.md
 
@@ -14,7 +15,8 @@ The CPU defaults (`nectar fit --device cpu`: half the probes, 1,200 steps of 512
 fp32 standing in, `nectar_quality.py run --extra-only --steps 1200 --probe-scale 0.5 --extra
 "0.24:adaptive:mlp:0:batch=512;train_dtype=float32"`), section "The CPU defaults against the targets":
 
-    python benchmarks/defaults_quality.py --records benchmarks/results/cpu_defaults_h100 --name cpu
+    python benchmarks/defaults_quality.py --records benchmarks/results/cpu_defaults_budget_tokens_h100 --name cpu
+    (before the cap: benchmarks/results/cpu_defaults_h100)
 
 Documents of other genres (benchmarks/other_genres: a license, a design spec; section "Other genres"):
 
@@ -37,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_cpu import write_docs  # noqa: E402
 
-TITLES = {"": "default settings (18 retained heads × 2,048 tokens), H100 fits",
-          "cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens), H100 fits in fp32",
-          "genres": "default settings (18 retained heads × 2,048 tokens) on documents of other genres, H100 fits",
-          "genres_cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens) on documents of "
-                        "other genres, fitted on this 2-core CPU"}
+TITLES = {"": "default settings (budget capped at 4,096 tokens' KV; 18 retained heads × every token up to 4,096), H100 fits",
+          "cpu": "CPU defaults (half the probes, 1,200 steps × 512; 18 retained heads × every token up to 4,096), H100 fits in fp32",
+          "genres": "default settings of 2026-11-24 (18 retained heads × 2,048 tokens) on documents of other genres, H100 fits",
+          "genres_cpu": "CPU defaults of 2026-11-24 (half the probes, 1,200 steps × 512; 18 retained heads × 2,048 tokens) on "
+                        "documents of other genres, fitted on this 2-core CPU"}
 HELDOUT = ("journalctl", "ssh", "tar", "xargs")
 METRICS = ("agreement", "kl", "exact_match", "rouge_l", "semantic_similarity", "qa_accuracy")
 METHODS = ("nectar", "streaming", "none")
@@ -131,7 +133,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "defaults_retained_h100"))
+    ap.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "defaults_budget_tokens_h100"))
     ap.add_argument("--name", default="", choices=sorted(TITLES),
                     help="which defaults: '' (GPU, section 'defaults'), 'cpu' (section 'defaults_cpu'), 'genres' "
                          "(other genres, section 'defaults_genres') or 'genres_cpu' (the same at the CPU defaults); names the JSON and PNG")
