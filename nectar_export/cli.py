@@ -65,8 +65,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     fit_cfg, note = settle_budget(base, ctx, fit_cfg, a.on_policy)  # a very short document: the smallest heads' budget
     check_budget(base, ctx, fit_cfg, label, a.on_policy)  # too small a --budget-mb: likewise
     print(f"[nectar fit] load model on {base.device}: {load_s:.1f} s", file=sys.stderr)
-    if note:
-        print(note, file=sys.stderr)
+    if note and fit_cfg.budget_mb != a.budget_mb:  # a raised budget is said here, before the stages; fit_document
+        print(note, file=sys.stderr)                 # says a capped one itself (its settle_budget returns that note)
     device = torch.device(base.device).type
     scale = a.probe_scale if a.probe_scale is not None else default_probe_scale(device)
     if a.probe_scale is None and scale != 1:

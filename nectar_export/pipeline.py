@@ -171,9 +171,14 @@ def settle_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, on_pol
         return fit_cfg, None
     given = budget_bytes(ctx, base.config, fit_cfg) / 1e6
     need = smallest_budget_mb(base, ctx, fit_cfg)
-    if given >= need:
-        return fit_cfg, None
     kvb = kv_bytes(ctx.n, base.config)
+    if given >= need:
+        capped = fit_cfg.budget_tokens and ctx.n > fit_cfg.budget_tokens
+        return fit_cfg, (f"[nectar fit] {ctx.n} tokens with the chat template's opening: the default budget counts the first "
+                         f"{fit_cfg.budget_tokens:,} (--budget-tokens), {fit_cfg.budget_fraction:g} of their fp16 KV = {given:.2f} MB "
+                         f"({100 * given * 1e6 / kvb:.0f}% of the whole document's {kvb / 1e6:.2f} MB), so decode costs what it "
+                         f"would after {fit_cfg.budget_tokens:,} tokens; --budget-tokens 0 sizes it by the whole document"
+                         if capped else None)
     note = (f"[nectar fit] {ctx.n - ctx.prefix_len} document tokens (+{ctx.prefix_len} of the chat template's opening): "
             f"{fit_cfg.budget_fraction:g} of their {kvb / 1e6:.2f} MB fp16 KV ({given:.2f} MB) cannot hold the smallest "
             f"Nectar heads; the budget, a ceiling, is raised to {need:.2f} MB ({100 * need * 1e6 / kvb:.0f}% of the KV)"

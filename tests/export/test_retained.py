@@ -653,6 +653,9 @@ def test_settle_budget_raises_only_a_default_budget_too_small_for_the_smallest_h
     ctx = SimpleNamespace(n=400, prefix_len=10)
     roomy = FitConfig(budget_fraction=2.0, retain_heads=2)
     assert settle_budget(base, ctx, roomy) == (roomy.auto_retain_tokens(390), None)  # room enough: unchanged
+    capped, note = settle_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=2, budget_tokens=300))
+    assert capped.budget_mb is None and "counts the first 300 (--budget-tokens)" in note and "\n" not in note
+    assert settle_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=2, budget_tokens=0))[1] is None
     small = FitConfig(budget_fraction=0.01, retain_heads=2)
     with pytest.raises(NectarError):
         check_budget(base, ctx, small, "doc.txt")
