@@ -1,7 +1,7 @@
 """CPU decode cost of int4 bundles by artifact size at one document length, against llama.cpp.
 
-The default budget is 24% of the document's fp16 KV, so at n = 7,000 the artifact (networks + retained
-KV) is ~36 MB, read at every token. This times bundles of the same document exported from artifacts of
+Until 2026-11-25 the default budget was 24% of the document's fp16 KV, so at n = 7,000 the artifact (networks +
+retained KV) was ~36 MB, read at every token; since then it is capped at a 4,096-token document's (~20.5 MB). This times bundles of the same document exported from artifacts of
 other sizes (`nectar fit --budget-mb B`, `--retain-tokens M`) and llama.cpp (same GGUF, same prompt,
 2 threads, flash attention off and on: which is faster depends on the CPU) round-robin: every round
 times each bundle and each llama.cpp setting once, the order rotating round by round, so a slow spell of

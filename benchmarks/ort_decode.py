@@ -7,8 +7,9 @@ a user turn; the question after it is the same for every run.
 Per document:
   * a Nectar artifact fitted with a FIXED budget (--budget-mb, the same for both documents, so
     the heads are the same size: flatness is a property at fixed artifact size), and for the
-    long document also one at the default budget (0.24 of its fp16 KV: the heads a user gets,
-    which grow with n, and since --retain-heads auto the 18 retained heads' int8 KV of 2,048 tokens). The fits are deliberately short (tiny probe set, 30 steps): this benchmark
+    long document also one at the default budget (the artifact a user gets: since 2026-11-25 0.24 of a 4,096-token
+    document's fp16 KV, with the 18 retained heads' int8 KV of 4,096 tokens; before, 0.24 of all n and 2,048 /
+    45% of n retained). A present artifact directory is reused as it is: move it aside after a change of defaults. The fits are deliberately short (tiny probe set, 30 steps): this benchmark
     times decoding, whose cost depends on the heads' sizes, not on how well they were trained;
   * bundles: nectar fp32 / int8 / int4 / int4-rtn (fixed budget), nectar fp32 / int8 / int4 (default
     budget; the quantized bundles hold the heads at 8 bits), full (document KV baked in) fp32 / int4;

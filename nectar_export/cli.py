@@ -201,7 +201,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--allocation", choices=ALLOCATIONS, default=d.allocation, help="(default %(default)s)")
     p.add_argument("--budget-mb", type=float, default=d.budget_mb,
                    help="artifact size in MB (default: --budget-fraction of the fp16 KV bytes of the document's first --budget-tokens tokens)")
-    p.add_argument("--budget-fraction", type=float, default=d.budget_fraction, help="(default %(default)s)")
+    p.add_argument("--budget-fraction", type=float, default=d.budget_fraction,
+                   help="of the fp16 KV of the document's first --budget-tokens tokens (default %(default)s)")
     p.add_argument("--budget-tokens", type=int, default=d.budget_tokens, metavar="N",
                    help="the default budget counts at most N tokens' KV, so longer documents get the same artifact size and "
                         "decode cost; 0: every token (default %(default)s)")

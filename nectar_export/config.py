@@ -24,7 +24,7 @@ AUTO_RETAIN_SHARE = 0.2  # of the retainable KV heads, for --retain-heads auto
 AUTO_RETAIN_MAX_BUDGET = 0.5  # auto keeps at least this share of the budget for the networks
 # The default budget (budget_fraction of the fp16 KV) counts at most BUDGET_TOKENS tokens, so the artifact, and
 # with it the decode cost, stops growing past a 4,096-token document. --retain-tokens auto keeps every document
-# token of the retained heads up to the same count. Since 2026-11-25 (docs/results.md, "Every token of the
+# token of the retained heads up to the same count (`budget_tokens` when set otherwise). Since 2026-11-25 (docs/results.md, "Every token of the
 # retained heads, under a capped budget"): on six ~7K-token documents the cap with 4,096 retained tokens gave
 # lower KL than the uncapped 45%-of-n rule on all six, at about half the artifact bytes; keeping every token
 # (up to 4,096) raised exact match on the manuals. Before: 2,048 or 45% of n, and no cap.
@@ -36,7 +36,7 @@ AUTO_RETAIN_TOKENS = BUDGET_TOKENS
 class FitConfig:
     variant: str = "mlp"
     allocation: str = "adaptive"  # beat uniform on 6/6 manuals in KL (docs/results.md)
-    budget_fraction: float = 0.24  # of the document's fp16 KV bytes, unless budget_mb is set (≤ 25%: issue 3)
+    budget_fraction: float = 0.24  # of the fp16 KV bytes of the first budget_tokens tokens, unless budget_mb is set (≤ 25%: issue 3)
     budget_mb: float | None = None
     # the default budget counts at most this many tokens' KV (BUDGET_TOKENS); 0: every token of the document
     budget_tokens: int = BUDGET_TOKENS
@@ -72,7 +72,7 @@ class FitConfig:
     # Per retained head, keep only this many document tokens (0: all n): the ones the training probes'
     # queries weigh most (retained.select_tokens); the head's network serves the others. Decode then reads
     # retain_heads·retain_tokens stored keys per token. None = auto (`auto_retain_tokens`): every token up
-    # to AUTO_RETAIN_TOKENS (4,096), so decode reads at most 18 × 4,096 stored keys per token on SmolLM2.
+    # to budget_tokens (4,096), so decode reads at most 18 × 4,096 stored keys per token on SmolLM2.
     retain_tokens: int | None = None
     seed: int = 0
 
@@ -121,10 +121,10 @@ class FitConfig:
 
     def auto_retain_tokens(self, n_doc: int) -> "FitConfig":
         """This config with `retain_tokens` resolved for a document of `n_doc` tokens: unchanged if set,
-        else every token up to AUTO_RETAIN_TOKENS (min(n_doc, AUTO_RETAIN_TOKENS))."""
+        else every token up to the budget's token count (`budget_tokens`; AUTO_RETAIN_TOKENS when that is 0)."""
         if self.retain_tokens is not None:
             return self
-        return replace(self, retain_tokens=min(n_doc, AUTO_RETAIN_TOKENS))
+        return replace(self, retain_tokens=min(n_doc, self.budget_tokens or AUTO_RETAIN_TOKENS))
 
     def auto_retain_heads(self, eligible: int, head_bytes: int, budget_bytes: float, on_policy: bool = False) -> "FitConfig":
         """This config with `retain_heads` resolved: unchanged if set, else AUTO_RETAIN_SHARE of the

@@ -163,24 +163,31 @@ def smallest_budget_mb(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig) -
 
 def settle_budget(base: Loaded, ctx: DocumentContext, fit_cfg: FitConfig, on_policy: bool = False
                   ) -> tuple[FitConfig, str | None]:
-    """`fit_cfg` with retention resolved and, for a document so short that the default budget
-    (budget_fraction of its KV) cannot hold the smallest heads, `budget_mb` raised to what they need,
-    with a note saying so. A --budget-mb the user gave is left as is (check_budget refuses it if too small)."""
+    """(`fit_cfg` with retention resolved, a note or None). For a document so short that the default budget
+    (budget_fraction of its KV) cannot hold the smallest heads, `budget_mb` is raised to what they need, and
+    the note says so; for one longer than `budget_tokens` the note says the default budget is capped. A
+    --budget-mb the user gave is left as is (check_budget refuses it if too small)."""
     fit_cfg = resolve_retention(ctx, base.config, fit_cfg, on_policy)
     if fit_cfg.budget_mb:
         return fit_cfg, None
     given = budget_bytes(ctx, base.config, fit_cfg) / 1e6
     need = smallest_budget_mb(base, ctx, fit_cfg)
     kvb = kv_bytes(ctx.n, base.config)
+    capped = bool(fit_cfg.budget_tokens) and ctx.n > fit_cfg.budget_tokens
     if given >= need:
-        capped = fit_cfg.budget_tokens and ctx.n > fit_cfg.budget_tokens
+        if not capped:
+            return fit_cfg, None
+        # retained heads that keep every token (or more than the cap's) still cost more per token as n grows
+        bounded = not fit_cfg.retain_heads or 0 < fit_cfg.retain_tokens <= fit_cfg.budget_tokens
         return fit_cfg, (f"[nectar fit] {ctx.n} tokens with the chat template's opening: the default budget counts the first "
                          f"{fit_cfg.budget_tokens:,} (--budget-tokens), {fit_cfg.budget_fraction:g} of their fp16 KV = {given:.2f} MB "
-                         f"({100 * given * 1e6 / kvb:.0f}% of the whole document's {kvb / 1e6:.2f} MB), so decode costs what it "
-                         f"would after {fit_cfg.budget_tokens:,} tokens; --budget-tokens 0 sizes it by the whole document"
-                         if capped else None)
+                         f"({100 * given * 1e6 / kvb:.0f}% of the whole document's {kvb / 1e6:.2f} MB)"
+                         + (f", so decode costs what it would after {fit_cfg.budget_tokens:,} tokens" if bounded else "")
+                         + "; --budget-tokens 0 sizes it by the whole document")
     note = (f"[nectar fit] {ctx.n - ctx.prefix_len} document tokens (+{ctx.prefix_len} of the chat template's opening): "
-            f"{fit_cfg.budget_fraction:g} of their {kvb / 1e6:.2f} MB fp16 KV ({given:.2f} MB) cannot hold the smallest "
+            + (f"{fit_cfg.budget_fraction:g} of the fp16 KV of their first {fit_cfg.budget_tokens:,} (--budget-tokens; {given:.2f} MB) "
+               if capped else f"{fit_cfg.budget_fraction:g} of their {kvb / 1e6:.2f} MB fp16 KV ({given:.2f} MB) ")
+            + "cannot hold the smallest "
             f"Nectar heads; the budget, a ceiling, is raised to {need:.2f} MB ({100 * need * 1e6 / kvb:.0f}% of the KV)"
             + (" — for a document this short, plain context costs less memory" if need * 1e6 >= kvb else ""))
     return replace(fit_cfg, budget_mb=need), note

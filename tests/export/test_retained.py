@@ -566,6 +566,8 @@ def test_auto_retain_tokens_keeps_every_token_up_to_4096():
     assert auto.auto_retain_tokens(7226).retain_tokens == 4096  # a ~7.3K-token document: the cap's 4,096
     assert FitConfig(retain_tokens=0).auto_retain_tokens(7226).retain_tokens == 0  # given (0 = all) is kept
     assert FitConfig(retain_tokens=1024).auto_retain_tokens(7226).retain_tokens == 1024
+    assert FitConfig(budget_tokens=2048).auto_retain_tokens(7226).retain_tokens == 2048  # follows a smaller cap
+    assert FitConfig(budget_tokens=0).auto_retain_tokens(7226).retain_tokens == 4096  # uncapped budget: still 4,096
     with pytest.raises(ValueError, match="retain_tokens"):
         FitConfig(retain_tokens=-1)
 
@@ -655,6 +657,11 @@ def test_settle_budget_raises_only_a_default_budget_too_small_for_the_smallest_h
     assert settle_budget(base, ctx, roomy) == (roomy.auto_retain_tokens(390), None)  # room enough: unchanged
     capped, note = settle_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=2, budget_tokens=300))
     assert capped.budget_mb is None and "counts the first 300 (--budget-tokens)" in note and "\n" not in note
+    assert "so decode costs what it would after 300 tokens" in note  # auto keeps 300 tokens: bounded
+    note_all = settle_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=2, budget_tokens=300, retain_tokens=0))[1]
+    assert "counts the first 300" in note_all and "decode costs" not in note_all  # every token kept: not bounded
+    tiny_cap, raised = settle_budget(base, ctx, FitConfig(budget_fraction=0.24, retain_heads=0, budget_tokens=20))
+    assert tiny_cap.budget_mb and "of the fp16 KV of their first 20 (--budget-tokens" in raised
     assert settle_budget(base, ctx, FitConfig(budget_fraction=2.0, retain_heads=2, budget_tokens=0))[1] is None
     small = FitConfig(budget_fraction=0.01, retain_heads=2)
     with pytest.raises(NectarError):
